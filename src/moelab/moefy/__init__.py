@@ -1,0 +1,1 @@
+"""MoEfication and sparse upcycling: turn a local dense SwiGLU LM (Llama family) into an MoE."""
