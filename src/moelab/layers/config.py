@@ -17,8 +17,9 @@ ROUTER_TYPES = (
     "sinkhorn",  # Clark et al. 2022 Sinkhorn-BASE balanced assignment
     "deepseek",  # DeepSeek-V3 sigmoid, group-limited, aux-loss-free bias
 )
-EXPERT_ACTS = ("swiglu", "gelu")
+EXPERT_ACTS = ("swiglu", "gelu", "relu")  # relu: Switch Transformers / T5 experts
 CAPACITY_CONVENTIONS = ("switch", "megatron")
+DISPATCH_BACKENDS = ("loop", "grouped_mm")  # see moelab.layers.dispatch
 
 
 @dataclass
@@ -32,6 +33,7 @@ class MoEConfig:
     router: str = "topk"
     expert_act: str = "swiglu"
     norm_topk_prob: bool = True  # renormalise the k selected probabilities (Mixtral: True)
+    unit_weights: bool = False  # combine selected experts with weight 1 (MoEfication: sum of FFN parts)
     router_bias: bool = False
     jitter_noise: float = 0.0  # multiplicative input jitter in training (Switch/Mixtral), not in place
     capacity_factor: float | None = None  # None = no capacity limit (dropless)
@@ -45,7 +47,10 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # DeepSeek aux-loss-free gamma (0 = off)
     vocab_size: int | None = None  # hash routing needs the vocabulary size
     sinkhorn_iters: int = 8
+    expert_capacity: int | None = None  # fixed slots per expert; overrides capacity_factor
+    noise_epsilon: float = 1e-2  # noisy_topk: floor added to softplus noise std (tensor2tensor)
     seed: int = 0  # for fixed random structures (hash table)
+    dispatch_backend: str = "loop"  # loop: one torch.mm per expert; grouped_mm: F.grouped_mm
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,7 +83,21 @@ class MoEConfig:
             "capacity_convention",
             f"must be one of {CAPACITY_CONVENTIONS}",
         )
+        need(
+            self.dispatch_backend in DISPATCH_BACKENDS,
+            "dispatch_backend",
+            f"must be one of {DISPATCH_BACKENDS}",
+        )
         need(self.jitter_noise >= 0, "jitter_noise", "must be >= 0")
+        need(
+            self.expert_capacity is None
+            or (isinstance(self.expert_capacity, int) and self.expert_capacity >= 1),
+            "expert_capacity",
+            "must be an int >= 1 (or None to derive it from capacity_factor)",
+        )
+        need(self.noise_epsilon >= 0, "noise_epsilon", "must be >= 0")
+        need(self.sinkhorn_iters >= 1, "sinkhorn_iters", "must be >= 1")
+        need(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
         need(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
         need(self.n_group >= 1, "n_group", "must be >= 1")
         need(
@@ -107,6 +126,9 @@ class MoEConfig:
             raise ConfigError(f"fine_grained(m={m}): m must be >= 1 and divide d_ff ({self.d_ff})")
         d = self.to_dict()
         d.update(num_experts=self.num_experts * m, d_ff=self.d_ff // m, top_k=self.top_k * m)
+        if self.num_shared_experts > 0 and self.shared_d_ff is None:
+            # shared experts are segmented too (m*K_s of d_ff/m): the same always-on FLOPs
+            d.update(num_shared_experts=self.num_shared_experts * m)
         return MoEConfig(**d)
 
     def to_dict(self) -> dict[str, Any]:
