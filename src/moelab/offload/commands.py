@@ -1,0 +1,209 @@
+"""CLI: `moelab offload simulate` (replay a trace against caches + prefetch on a hardware model)
+and `moelab generate` (live offloaded generation with a resident-expert budget)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from moelab.errors import ConfigError
+
+
+def _parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    """Add `offload simulate` and `generate` to the moelab app."""
+    offload = typer.Typer(help="Expert offloading: replay simulator.", no_args_is_help=True)
+    app.add_typer(offload, name="offload")
+
+    @offload.command("simulate")
+    def simulate_cmd(
+        trace: Path = typer.Option(..., help="TraceStore directory of the test split to replay"),
+        predictor: str = typer.Option("none", help="none | oracle | a saved predictor directory"),
+        cache: str = typer.Option(
+            "10%,25%,50%", help="cache sizes (per layer): percentages or counts"
+        ),
+        hardware: str = typer.Option(
+            "pcie4-mixtral", help="pcie4-mixtral | nvme-ram | this-machine"
+        ),
+        policies: str = typer.Option("lru,lfu,lfru,static,belady", help="policies to compare"),
+        per_layer: bool = typer.Option(True, help="cache per layer (else one global cache)"),
+        model: Path | None = typer.Option(None, help="model dir (this-machine: measure its speed)"),
+        expert_bytes: int | None = typer.Option(None, help="override the expert size in bytes"),
+        static_from: Path | None = typer.Option(
+            None, help="trace whose usage picks static experts"
+        ),
+        budget: int | None = typer.Option(None, help="prefetch budget (experts per token)"),
+        tier: str = typer.Option("auto", help="store tier measured for this-machine"),
+        out: Path | None = typer.Option(None, help="write offload_sim.json + hit-rate PNG here"),
+        seed: int = typer.Option(0, help="random seed"),
+    ) -> None:
+        """Replay a trace against each policy and cache size, with predictor-driven prefetch."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from moelab.offload.cache import parse_capacity, usage_counts
+        from moelab.offload.simulate import get_hardware, oracle_plan, plot_curves, simulate
+        from moelab.trace.store import TraceStore
+
+        tr = TraceStore.open(trace).load()
+        m = tr.meta
+        ids = tr.expert_ids
+        caps = sorted({parse_capacity(c, m.num_layers, m.num_experts) for c in _parse_list(cache)})
+        if predictor == "none":
+            plan = None
+        elif predictor == "oracle":
+            plan = oracle_plan(ids, 1)
+        else:
+            from moelab.offload.simulate import plan_from_predictor
+            from moelab.predict.base import Predictor
+
+            plan = plan_from_predictor(Predictor.load(predictor), tr)
+        if hardware == "this-machine":
+            hw = _measure_machine(model, tier, seed)
+        else:
+            hw = get_hardware(hardware, expert_bytes=expert_bytes)
+        nb = expert_bytes or hw.expert_bytes
+        if nb is None:
+            raise ConfigError(
+                "offload simulate: give --expert-bytes (the preset has no expert size)"
+            )
+        static_counts = usage_counts(
+            TraceStore.open(static_from).load().expert_ids if static_from else ids, m.num_experts
+        )
+        table = Table(
+            title=f"replay of {trace} ({tr.num_tokens} tokens) on {hw.name}, predictor {predictor}"
+        )
+        for col in ("policy", "cache", "hit", "timely", "MB/token", "stall ms/tok", "tok/s"):
+            table.add_column(col)
+        curves: dict[str, list[dict]] = {}
+        for pol in _parse_list(policies):
+            for c in caps:
+                if pol == "static" and c <= m.top_k:
+                    continue
+                r = simulate(
+                    ids,
+                    m.num_experts,
+                    c,
+                    pol,
+                    hw,
+                    plan,
+                    per_layer=per_layer,
+                    expert_bytes=nb,
+                    static_counts=static_counts,
+                    budget=budget,
+                    predictor_name=predictor,
+                ).to_dict()
+                curves.setdefault(pol, []).append(r)
+                table.add_row(
+                    pol,
+                    f"{c}/{m.num_experts}",
+                    f"{r['hit_rate']:.3f}",
+                    f"{r['timely_hit_rate']:.3f}",
+                    f"{r['bytes_per_token'] / 1e6:.2f}",
+                    f"{r['stall_ms_per_token']:.2f}",
+                    f"{r['tokens_per_s']:.2f}",
+                )
+        Console().print(table)
+        if out is not None:
+            from moelab._io import atomic_write_json
+
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                out / "offload_sim.json", {"hardware": hw.to_dict(), "curves": curves}
+            )
+            plot_curves(
+                curves,
+                m.num_experts,
+                out / "hit_rate_vs_cache.png",
+                f"{predictor} prefetch, {hw.name}",
+            )
+            typer.echo(f"wrote {out / 'offload_sim.json'} and {out / 'hit_rate_vs_cache.png'}")
+
+    @app.command("generate")
+    def generate_cmd(
+        model: Path = typer.Option(
+            ..., help="moelab checkpoint or local transformers MoE model dir"
+        ),
+        prompt: str = typer.Option(..., help="prompt text"),
+        max_new_tokens: int = typer.Option(32, help="tokens to generate (greedy)"),
+        resident: str = typer.Option("25%", help="resident experts per layer: percentage or count"),
+        policy: str = typer.Option("lru", help="lru | lfu | lfru"),
+        prefetch: str = typer.Option(
+            "gate", help="none | gate | gate2 | prev | gate+prev | predictor dir"
+        ),
+        store: Path | None = typer.Option(
+            None, help="expert store dir (default <model>/expert_store)"
+        ),
+        tier: str = typer.Option("auto", help="auto | direct | fadvise | throttle | ram"),
+        bandwidth: float | None = typer.Option(None, help="throttle tier: bytes/s"),
+        latency: float = typer.Option(0.0, help="throttle tier: seconds per read"),
+        budget: int | None = typer.Option(None, help="prefetch budget (experts per token)"),
+        tokenizer: Path | None = typer.Option(
+            None, help="tokenizer file/dir (default: beside model)"
+        ),
+        compare: bool = typer.Option(
+            True, help="also run all-resident: check equality, speed ratio"
+        ),
+        device: str = typer.Option("cpu", help="device"),
+        seed: int = typer.Option(0, help="random seed"),
+    ) -> None:
+        """Generate with only `--resident` experts per layer in memory; report prefill and decode."""
+        import torch
+
+        from moelab.offload.live import generate_offloaded
+        from moelab.trace.api import find_tokenizer, load_model, make_encoder
+
+        torch.manual_seed(seed)
+        tok = find_tokenizer(tokenizer or model)
+        if tokenizer is not None and Path(tokenizer).is_file():
+            from moelab.data.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(tokenizer)
+        encode, bos, _ = make_encoder(tok)
+        ids = ([bos] if bos is not None else []) + list(encode(prompt))
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        report = generate_offloaded(
+            lambda: load_model(model, device=device),
+            x,
+            max_new_tokens,
+            resident=resident,
+            policy=policy,
+            prefetch=prefetch,
+            store_dir=store or Path(model) / "expert_store",
+            tier=tier,
+            bandwidth=bandwidth,
+            latency=latency,
+            budget=budget,
+            compare=compare,
+        )
+        text = tok.decode(report.pop("output_ids")[len(ids) :])
+        typer.echo(f"output: {text!r}")
+        typer.echo(json.dumps(report, indent=1, default=float))
+
+
+def _measure_machine(model: Path | None, tier: str, seed: int):
+    """Hardware 'this-machine': store read speed and all-resident per-layer decode time."""
+    import tempfile
+
+    import torch
+
+    from moelab.offload.live import measure_layer_compute
+    from moelab.offload.simulate import measure_this_machine
+    from moelab.offload.store import ExpertStore
+    from moelab.trace.api import load_model
+
+    if model is None:
+        raise ConfigError("--hardware this-machine needs --model DIR to measure compute and reads")
+    m = load_model(model)
+    with tempfile.TemporaryDirectory() as d:
+        ExpertStore.write(m, d)
+        with ExpertStore(d, tier=tier) as st:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randint(0, 50, (1, 16), generator=g)
+            per_layer, overhead = measure_layer_compute(m, x, 16)
+            return measure_this_machine(st, per_layer, overhead, seed=seed)

@@ -1,0 +1,541 @@
+"""Replay simulator: a routing Trace replayed against an ExpertCache + prefetch plan on a hardware
+model (one serial link with bandwidth and latency, a compute time per MoE layer), giving hit
+rate, timely-hit rate, bytes per token, stall time and an estimated tokens/s.
+
+Timeline per token step and MoE layer l: stale queued prefetches (target at or before (step, l))
+are cancelled; each needed expert is either resident and arrived (timely hit), resident but still
+in transfer (late hit: wait), queued-not-started (taken over by a demand load) or absent (miss:
+a demand load that goes ahead of queued prefetches, after the transfer in progress); the layer
+then computes while the predictions issued at this point are queued on the link. This is the
+overlap of loading and computing of Eliseev & Mazur 2023 (arXiv:2312.17238); the upper bound is
+Belady 1966 MIN eviction with the same prefetches.
+
+Hardware presets are assumptions, stated in their descriptions; "this-machine" is measured.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moelab.errors import ConfigError, OffloadError
+from moelab.offload.cache import ExpertCache, Key, static_keys_from_counts, usage_counts
+
+Plan = dict[tuple[int, int], list[tuple[int, int, list[int]]]]  # (step, layer) -> predictions
+
+MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2  # w1, w2, w3 of Mixtral-8x7B in bf16 (336 MiB)
+
+
+@dataclass
+class Hardware:
+    """A link (bandwidth bytes/s, latency s per transfer) and compute time per MoE layer."""
+
+    name: str
+    bandwidth: float
+    latency: float
+    layer_compute: float  # seconds per MoE layer for one decode token (attention + experts)
+    token_overhead: float = 0.0  # seconds per token outside the MoE layers
+    expert_bytes: int | None = None  # None: take the trace's/store's expert size
+    predict_overhead: float = 0.0  # seconds per layer spent running the predictor
+    description: str = ""
+
+    def transfer(self, nbytes: int) -> float:
+        """Seconds to move nbytes over the link."""
+        return self.latency + nbytes / self.bandwidth
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict."""
+        return asdict(self)
+
+
+PRESETS: dict[str, Hardware] = {
+    "pcie4-mixtral": Hardware(
+        "pcie4-mixtral",
+        bandwidth=25e9,
+        latency=10e-6,
+        layer_compute=0.7e-3,
+        expert_bytes=MIXTRAL_EXPERT_BYTES,
+        description=(
+            "PCIe 4.0 x16 host->GPU (32 GB/s peak, 25 GB/s effective assumed, 10 us per transfer); "
+            "Mixtral-8x7B bf16 experts (336 MiB); 0.7 ms per layer all-resident decode (~45 tok/s, "
+            "assumed for a 32-layer model on one large GPU)"
+        ),
+    ),
+    "nvme-ram": Hardware(
+        "nvme-ram",
+        bandwidth=3.5e9,
+        latency=80e-6,
+        layer_compute=4e-3,
+        expert_bytes=MIXTRAL_EXPERT_BYTES,
+        description=(
+            "NVMe SSD (PCIe 4.0 x4, 3.5 GB/s sequential, 80 us per request assumed) -> RAM with "
+            "CPU compute at 4 ms per Mixtral-8x7B layer (~8 tok/s all-resident, assumed)"
+        ),
+    ),
+}
+
+
+def measure_this_machine(
+    store: Any,
+    layer_compute: float,
+    token_overhead: float = 0.0,
+    reads: int = 16,
+    seed: int = 0,
+) -> Hardware:
+    """'this-machine' preset: link measured by timing single-expert reads from `store`'s tier."""
+    m = store.measure(reads=reads, seed=seed)
+    return Hardware(
+        "this-machine",
+        bandwidth=m["expert_bytes"] / m["seconds_per_expert"],
+        latency=0.0,
+        layer_compute=layer_compute,
+        token_overhead=token_overhead,
+        expert_bytes=int(m["expert_bytes"]),
+        description=(
+            f"measured: {store.tier} reads from {store.path} at "
+            f"{m['expert_bytes'] / m['seconds_per_expert'] / 1e6:.1f} MB/s per expert read; "
+            f"{layer_compute * 1e3:.3f} ms per layer measured all-resident"
+        ),
+    )
+
+
+def get_hardware(name: str, **overrides: Any) -> Hardware:
+    """A preset by name with fields overridden (None values ignored)."""
+    if name not in PRESETS:
+        raise ConfigError(
+            f"hardware preset {name!r}: expected one of {sorted(PRESETS)} or 'this-machine' "
+            "(which needs a model and store to measure)"
+        )
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- plans
+def steps_per_row(trace: Any) -> list[np.ndarray]:
+    """One decode step per trace row (every document replayed token by token)."""
+    return [np.array([i]) for i in range(trace.num_tokens)]
+
+
+def oracle_plan(expert_ids: np.ndarray, layers_ahead: int = 1) -> Plan:
+    """Perfect predictions: the true experts of layer l+d issued after layer l (upper bound)."""
+    N, L, _ = expert_ids.shape
+    plan: Plan = {}
+    for n in range(N):
+        for layer in range(L - layers_ahead):
+            t = layer + layers_ahead
+            ex = [int(e) for e in expert_ids[n, t] if e >= 0]
+            plan[(n, layer)] = [(n, t, ex)]
+    return plan
+
+
+def plan_from_scores(
+    trace: Any,
+    scores: dict[int, np.ndarray],
+    layers_ahead: int = 0,
+    tokens_ahead: int = 0,
+    top: int | None = None,
+) -> Plan:
+    """Turn per-target-layer scores [N, E] (NaN = unavailable) into a per-row plan.
+
+    Spatial d: issued after layer l-d of the same row. Temporal t: issued after layer l of the row
+    t positions earlier in the same document (steps = rows).
+    """
+    k = trace.meta.top_k
+    m = top or k
+    plan: Plan = {}
+    src = None
+    if tokens_ahead:
+        src = np.arange(trace.num_tokens) - tokens_ahead
+        ok = src >= 0
+        ok[ok] &= trace.doc_id[src[ok]] == trace.doc_id[ok]
+        src = np.where(ok, src, -1)
+    for layer, s in scores.items():
+        s = np.asarray(s, dtype=np.float32)
+        good = np.isfinite(s).all(1)
+        order = np.argsort(-np.nan_to_num(s, nan=-np.inf), axis=1, kind="stable")[:, :m]
+        for n in np.flatnonzero(good):
+            if tokens_ahead:
+                if src[n] < 0:
+                    continue
+                issue = (int(src[n]), layer)
+            else:
+                if layer - layers_ahead < 0:
+                    continue
+                issue = (int(n), layer - layers_ahead)
+            plan.setdefault(issue, []).append((int(n), layer, order[n].tolist()))
+    return plan
+
+
+def plan_from_predictor(predictor: Any, trace: Any, top: int | None = None) -> Plan:
+    """Score every target layer of `trace` with a fitted moelab.predict Predictor -> plan."""
+    hz = predictor.horizon
+    layers = range(int(hz.layers_ahead), trace.meta.num_layers)
+    scores = {layer: predictor.predict_scores(trace, layer) for layer in layers}
+    return plan_from_scores(trace, scores, int(hz.layers_ahead), int(hz.tokens_ahead), top)
+
+
+def merge_plans(*plans: Plan) -> Plan:
+    """Concatenate plans (earlier plans' predictions are issued first)."""
+    out: Plan = {}
+    for p in plans:
+        for k, v in p.items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+# --------------------------------------------------------------------------- link model
+@dataclass
+class _Transfer:
+    key: Key
+    issue: float
+    start: float
+    end: float
+    target: tuple[int, int]
+
+
+class _Link:
+    """One serial link: queued prefetches are chained after the transfer in progress; a demand
+    load goes ahead of the queue; finished prefetches enter the cache when they complete."""
+
+    def __init__(self, hw: Hardware) -> None:
+        self.hw = hw
+        self.busy_until = 0.0
+        self.pending: deque[_Transfer] = deque()  # queued, not started
+        self.pending_keys: dict[Key, _Transfer] = {}
+        self.inflight: dict[Key, _Transfer] = {}  # started, not completed
+        self.arrival: dict[Key, float] = {}  # completion time of resident keys
+
+    def advance(self, t: float) -> list[_Transfer]:
+        """Start what has started by t; return prefetches completed by t (in completion order)."""
+        while self.pending and self.pending[0].start <= t:
+            tr = self.pending.popleft()
+            self.pending_keys.pop(tr.key, None)
+            self.inflight[tr.key] = tr
+            self.busy_until = max(self.busy_until, tr.end)
+        done = sorted((tr for tr in self.inflight.values() if tr.end <= t), key=lambda tr: tr.end)
+        for tr in done:
+            del self.inflight[tr.key]
+            self.arrival[tr.key] = tr.end
+        return done
+
+    def _rechain(self, cursor: float) -> None:
+        for tr in self.pending:
+            dur = tr.end - tr.start
+            tr.start = max(cursor, tr.issue)
+            tr.end = tr.start + dur
+            cursor = tr.end
+
+    def busy(self, key: Key) -> bool:
+        """Queued or in flight."""
+        return key in self.pending_keys or key in self.inflight
+
+    def prefetch(self, key: Key, t: float, nbytes: int, target: tuple[int, int]) -> None:
+        last = self.pending[-1].end if self.pending else self.busy_until
+        start = max(t, last)
+        tr = _Transfer(key, t, start, start + self.hw.transfer(nbytes), target)
+        self.pending.append(tr)
+        self.pending_keys[key] = tr
+
+    def demand(self, key: Key, t: float, nbytes: int) -> float:
+        start = max(t, self.busy_until)
+        end = start + self.hw.transfer(nbytes)
+        self.busy_until = end
+        self.arrival[key] = end
+        self._rechain(end)
+        return end
+
+    def drop(self, key: Key) -> bool:
+        """Remove a queued (not started) transfer of key; True if there was one."""
+        tr = self.pending_keys.pop(key, None)
+        if tr is None:
+            return False
+        self.pending.remove(tr)
+        self._rechain(self.busy_until)
+        return True
+
+    def stale(self, target: tuple[int, int]) -> list[Key]:
+        """Queued transfers whose target is at or before `target` (not started)."""
+        return [tr.key for tr in self.pending if tr.target <= target]
+
+
+# --------------------------------------------------------------------------- simulate
+@dataclass
+class SimResult:
+    """Outcome of one replay."""
+
+    policy: str
+    capacity: int
+    per_layer: bool
+    hardware: str
+    predictor: str
+    tokens: int = 0
+    seconds: float = 0.0
+    stall_seconds: float = 0.0
+    needed: int = 0
+    timely: int = 0
+    late: int = 0
+    misses: int = 0
+    bytes_loaded: int = 0
+    cancelled: int = 0
+    dropped_budget: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        """Needed experts resident or in transfer when the layer started."""
+        return (self.timely + self.late) / self.needed if self.needed else float("nan")
+
+    @property
+    def timely_hit_rate(self) -> float:
+        """Needed experts resident and arrived when the layer started."""
+        return self.timely / self.needed if self.needed else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Estimated decode throughput."""
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields plus derived rates."""
+        d = asdict(self)
+        t = max(self.tokens, 1)
+        d.update(
+            hit_rate=self.hit_rate,
+            timely_hit_rate=self.timely_hit_rate,
+            tokens_per_s=self.tokens_per_s,
+            stall_ms_per_token=1e3 * self.stall_seconds / t,
+            bytes_per_token=self.bytes_loaded / t,
+        )
+        return d
+
+
+def demand_sequence(expert_ids: np.ndarray, steps: Sequence[np.ndarray]) -> list[Key]:
+    """The demand accesses in simulation order (Belady's future)."""
+    L = expert_ids.shape[1]
+    seq: list[Key] = []
+    for rows in steps:
+        for layer in range(L):
+            ids = expert_ids[rows, layer].reshape(-1)
+            seq += [(layer, int(e)) for e in sorted({int(e) for e in ids if e >= 0})]
+    return seq
+
+
+def simulate(
+    expert_ids: np.ndarray,
+    num_experts: int,
+    capacity: int,
+    policy: str = "lru",
+    hardware: Hardware | None = None,
+    plan: Plan | None = None,
+    per_layer: bool = True,
+    steps: Sequence[np.ndarray] | None = None,
+    timed: Sequence[bool] | None = None,
+    expert_bytes: int | None = None,
+    static_counts: np.ndarray | None = None,
+    budget: int | None = None,
+    max_queue: int = 64,
+    predictor_name: str = "none",
+    warm: Sequence[Key] = (),
+    seed: int = 0,
+) -> SimResult:
+    """Replay routing expert_ids [N, L, k] (steps: row groups, default one per row) -> SimResult.
+
+    capacity is experts per layer (per_layer) or in total; `timed[i]` False replays step i without
+    counting it (e.g. a prefill that only warms the cache); `warm` keys start resident.
+    """
+    expert_ids = np.asarray(expert_ids)
+    if expert_ids.ndim != 3:
+        raise OffloadError(f"simulate: expert_ids must be [N, L, k], got shape {expert_ids.shape}")
+    N, L, k = expert_ids.shape
+    hw = hardware or PRESETS["pcie4-mixtral"]
+    nb = int(expert_bytes or hw.expert_bytes or 0)
+    if nb <= 0:
+        raise ConfigError(
+            "simulate: expert size unknown; give expert_bytes or a hardware preset with it"
+        )
+    steps = list(steps) if steps is not None else [np.array([i]) for i in range(N)]
+    timed = list(timed) if timed is not None else [True] * len(steps)
+    plan = plan or {}
+    static_keys = None
+    if policy == "static":
+        counts = (
+            static_counts if static_counts is not None else usage_counts(expert_ids, num_experts)
+        )
+        slots = capacity - k if per_layer else capacity - k
+        static_keys = static_keys_from_counts(counts, max(slots, 0), per_layer)
+    cache = ExpertCache(
+        capacity,
+        policy,
+        per_layer,
+        num_layers=L,
+        num_experts=num_experts,
+        expert_bytes=nb,
+        top_k=k,
+        static_keys=static_keys,
+        future=demand_sequence(expert_ids, steps) if policy == "belady" else None,
+    )
+    link = _Link(hw)
+    for key in list(cache.pinned) + list(warm):
+        cache.preload(key)
+    res = SimResult(policy, capacity, per_layer, hw.name, predictor_name)
+    t = 0.0
+    tc = hw.layer_compute + hw.predict_overhead
+
+    def complete(upto: float) -> None:
+        for tr in link.advance(upto):
+            cache.insert(tr.key, prefetched=True)
+
+    for si, rows in enumerate(steps):
+        t_step, stall0 = t, res.stall_seconds
+        count = timed[si]
+        left = budget
+        for layer in range(L):
+            ids = expert_ids[rows, layer].reshape(-1)
+            keys = [(layer, e) for e in sorted({int(e) for e in ids if e >= 0})]
+            complete(t)  # transfers done while the previous layer computed (nothing locked)
+            cache.lock(keys)
+            for key in link.stale((si, layer)):
+                link.drop(key)
+                res.cancelled += 1
+            ready = t
+            for key in keys:
+                if key in cache:
+                    kind = "timely"
+                    cache.access(key)
+                elif key in link.inflight:
+                    kind = "late"
+                    tr = link.inflight.pop(key)
+                    link.arrival[key] = tr.end
+                    cache.insert(key, prefetched=True)
+                    cache.access(key)
+                    ready = max(ready, tr.end)
+                else:
+                    kind = "miss"
+                    link.drop(key)
+                    cache.access(key)
+                    ready = max(ready, link.demand(key, t, nb))
+                    cache.insert(key)
+                if count:
+                    res.needed += 1
+                    res.timely += kind == "timely"
+                    res.late += kind == "late"
+                    res.misses += kind == "miss"
+            res.stall_seconds += (ready - t) if count else 0.0
+            t = ready
+            for t_row, t_layer, experts in plan.get((si, layer), []):
+                if per_layer:  # as the live prefetcher: no more than a layer's slots
+                    experts = list(experts)[: cache.slots]
+                for e in experts:
+                    key = (t_layer, int(e))
+                    if key in cache or link.busy(key):
+                        continue
+                    if left is not None and left <= 0:
+                        res.dropped_budget += 1
+                        continue
+                    if len(link.pending) >= max_queue:
+                        continue
+                    link.prefetch(key, t, nb, (t_row, t_layer))
+                    if left is not None:
+                        left -= 1
+            t += tc
+            cache.unlock()
+        t += hw.token_overhead
+        if count:
+            res.tokens += len(rows)
+            res.seconds += t - t_step
+        else:
+            res.stall_seconds = stall0
+    cache.finish()
+    res.cache = cache.summary()
+    res.bytes_loaded = cache.counters.bytes_loaded
+    return res
+
+
+def simulate_trace(
+    trace: Any, capacity: int | str, policy: str = "lru", **kwargs: Any
+) -> SimResult:
+    """simulate() on a moelab Trace (one decode step per row); capacity may be '25%'."""
+    from moelab.offload.cache import parse_capacity
+
+    m = trace.meta
+    cap = (
+        parse_capacity(capacity, m.num_layers, m.num_experts)
+        if isinstance(capacity, str)
+        else capacity
+    )
+    return simulate(trace.expert_ids, m.num_experts, cap, policy, **kwargs)
+
+
+def hit_rate_curves(
+    expert_ids: np.ndarray,
+    num_experts: int,
+    capacities: Sequence[int],
+    policies: Sequence[str],
+    plan: Plan | None = None,
+    hardware: Hardware | None = None,
+    expert_bytes: int | None = None,
+    static_counts: np.ndarray | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """policy -> [SimResult.to_dict() per capacity] (the hit-rate-vs-cache-size curves)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for pol in policies:
+        rows = []
+        for c in capacities:
+            if pol == "static" and c <= expert_ids.shape[2]:
+                continue
+            r = simulate(
+                expert_ids,
+                num_experts,
+                c,
+                pol,
+                hardware,
+                plan,
+                expert_bytes=expert_bytes,
+                static_counts=static_counts,
+            )
+            rows.append(r.to_dict())
+        out[pol] = rows
+    return out
+
+
+def plot_curves(
+    curves: dict[str, list[dict[str, Any]]], num_experts: int, path: str | Path, title: str = ""
+) -> Path:
+    """PNG of hit rate (solid) and timely-hit rate (dashed) vs cache size per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moelab._io import atomic_write_with
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (pol, rows) in enumerate(curves.items()):
+        if not rows:
+            continue
+        x = [100.0 * r["capacity"] / num_experts for r in rows]
+        color = f"C{i}"
+        ax.plot(x, [r["hit_rate"] for r in rows], "-o", color=color, label=f"{pol} hit")
+        ax.plot(
+            x,
+            [r["timely_hit_rate"] for r in rows],
+            "--",
+            color=color,
+            alpha=0.6,
+            label=f"{pol} timely",
+        )
+    ax.set_xlabel("cache size (% of experts per layer)")
+    ax.set_ylabel("rate")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or "hit rate vs cache size")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path

@@ -1,0 +1,397 @@
+"""ExpertStore: a model's routed experts on disk (one safetensors file per MoE layer, each expert's
+tensors contiguous) read back one expert at a time through an honestly slow tier.
+
+Tiers (what `read` costs is reported by `stats()`):
+- "direct":   O_DIRECT pread of the expert's aligned byte range (bypasses the page cache);
+- "fadvise":  buffered pread, then posix_fadvise(DONTNEED) on the range (evicts it again);
+- "throttle": the store is held in RAM and each copy is slowed to a configured bandwidth and
+              latency (a model of a link, e.g. PCIe), sleeping off the difference;
+- "ram":      plain RAM copy (fast tier, for tests and all-resident references);
+- "auto":     "direct" if the filesystem supports it, else "fadvise".
+
+Offloading MoE experts with an LRU cache + speculative loading follows Eliseev & Mazur 2023,
+"Fast Inference of Mixture-of-Experts Language Models with Offloading" (arXiv:2312.17238).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from moelab._io import atomic_write_json, atomic_write_with
+from moelab.errors import ConfigError, OffloadError
+from moelab.offload.sites import EXPERT_TENSORS, ExpertSite, require_sites
+
+FORMAT = "moelab-expert-store"
+VERSION = 1
+TIERS = ("auto", "direct", "fadvise", "throttle", "ram")
+ALIGN = 4096
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+def layer_file(layer: int) -> str:
+    """File name of MoE layer `layer`'s experts."""
+    return f"layer_{layer:03d}.safetensors"
+
+
+def tensor_key(expert: int, name: str) -> str:
+    """Key of one expert tensor; zero-padded so safetensors' name order keeps experts contiguous."""
+    return f"e{expert:05d}.{name}"
+
+
+@dataclass
+class ExpertRange:
+    """Byte range of one expert inside its layer file and where each tensor sits in it."""
+
+    start: int
+    end: int
+    tensors: dict[
+        str, tuple[int, int, tuple[int, ...], torch.dtype]
+    ]  # name -> (off, end, shape, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the expert."""
+        return self.end - self.start
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Parse a safetensors header -> (data start offset, header dict)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise OffloadError(f"{path}: truncated expert file (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            hdr = f.read(n)
+            if len(hdr) < n:
+                raise OffloadError(f"{path}: truncated expert file (header of {n} bytes cut short)")
+    except FileNotFoundError:
+        raise OffloadError(
+            f"{path}: expert file missing; rewrite the store with ExpertStore.write(model, dir)"
+        ) from None
+    try:
+        return 8 + n, json.loads(hdr)
+    except json.JSONDecodeError as exc:
+        raise OffloadError(f"{path}: corrupt safetensors header ({exc})") from exc
+
+
+def supports_o_direct(directory: str | os.PathLike[str]) -> bool:
+    """True if files in `directory` can be opened and read with O_DIRECT."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = Path(directory) / f".odirect_probe_{os.getpid()}_{threading.get_ident()}"
+    try:
+        buf = mmap.mmap(-1, ALIGN)
+        buf.write(b"\0" * ALIGN)
+        fd = os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600)
+        try:
+            os.pwrite(fd, buf, 0)
+            os.preadv(fd, [buf], 0)
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        if probe.exists():
+            probe.unlink()
+
+
+class ExpertStore:
+    """Reads single experts of a written store: `read(layer, expert) -> {name: tensor}`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        tier: str = "auto",
+        bandwidth: float | None = None,
+        latency: float = 0.0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if tier not in TIERS:
+            raise ConfigError(f"ExpertStore tier={tier!r}: expected one of {TIERS}")
+        if tier == "throttle" and (bandwidth is None or bandwidth <= 0):
+            raise ConfigError(
+                f"ExpertStore tier='throttle' needs bandwidth > 0 (bytes/s), got {bandwidth!r}"
+            )
+        if latency < 0:
+            raise ConfigError(f"ExpertStore latency={latency!r}: must be >= 0 seconds")
+        self.path = Path(path)
+        man = self.path / "manifest.json"
+        if not man.exists():
+            raise OffloadError(
+                f"{man}: not an expert store (manifest.json missing); write one with "
+                "ExpertStore.write(model, dir)"
+            )
+        self.manifest = json.loads(man.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise OffloadError(
+                f"{man}: format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+            )
+        if tier == "auto":
+            tier = "direct" if supports_o_direct(self.path) else "fadvise"
+        self.tier = tier
+        self.bandwidth, self.latency = bandwidth, latency
+        self.device = torch.device(device)
+        self.num_layers = int(self.manifest["num_layers"])
+        self.num_experts: list[int] = list(self.manifest["num_experts"])
+        self._ranges: list[list[ExpertRange]] = []
+        self._fds: list[int] = []
+        self._ram: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._seconds = 0.0
+        self._reads = 0
+        for layer in range(self.num_layers):
+            self._open_layer(layer)
+
+    # ----------------------------------------------------------------- opening
+    def _open_layer(self, layer: int) -> None:
+        path = self.path / layer_file(layer)
+        data_start, hdr = _read_header(path)
+        ranges: list[ExpertRange] = []
+        data_end = 0
+        for e in range(self.num_experts[layer]):
+            tensors = {}
+            for name in EXPERT_TENSORS:
+                key = tensor_key(e, name)
+                if key not in hdr:
+                    raise OffloadError(
+                        f"{path}: tensor {key!r} missing (store written for another model?)"
+                    )
+                info = hdr[key]
+                if info["dtype"] not in _DTYPES:
+                    raise OffloadError(f"{path}: {key} has unsupported dtype {info['dtype']}")
+                b, en = info["data_offsets"]
+                tensors[name] = (
+                    data_start + b,
+                    data_start + en,
+                    tuple(info["shape"]),
+                    _DTYPES[info["dtype"]],
+                )
+                data_end = max(data_end, data_start + en)
+            lo = min(t[0] for t in tensors.values())
+            hi = max(t[1] for t in tensors.values())
+            if hi - lo != sum(t[1] - t[0] for t in tensors.values()):
+                raise OffloadError(f"{path}: expert {e}'s tensors are not contiguous")
+            ranges.append(ExpertRange(lo, hi, tensors))
+        size = path.stat().st_size
+        if size < data_end:
+            raise OffloadError(
+                f"{path}: truncated expert file ({size} bytes, header needs {data_end}); rewrite the store"
+            )
+        self._ranges.append(ranges)
+        if self.tier == "direct":
+            self._fds.append(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        elif self.tier == "fadvise":
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # start cold
+            self._fds.append(fd)
+        else:
+            self._ram.append(np.fromfile(path, dtype=np.uint8))
+
+    def close(self) -> None:
+        """Close file descriptors (idempotent)."""
+        for fd in getattr(self, "_fds", []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- reading
+    def expert_nbytes(self, layer: int, expert: int = 0) -> int:
+        """Bytes of one expert (what a load moves over the slow tier)."""
+        return self._ranges[layer][expert].nbytes
+
+    def _check(self, layer: int, expert: int) -> ExpertRange:
+        if not 0 <= layer < self.num_layers:
+            raise OffloadError(
+                f"ExpertStore.read: layer {layer} out of range [0, {self.num_layers})"
+            )
+        if not 0 <= expert < self.num_experts[layer]:
+            raise OffloadError(
+                f"ExpertStore.read: expert {expert} out of range [0, {self.num_experts[layer]}) "
+                f"at layer {layer}"
+            )
+        return self._ranges[layer][expert]
+
+    def read_bytes(self, layer: int, expert: int) -> tuple[torch.Tensor, int]:
+        """Raw bytes covering the expert (uint8 tensor) and the file offset of its first byte."""
+        r = self._check(layer, expert)
+        if self.tier == "direct":
+            a0 = (r.start // ALIGN) * ALIGN
+            a1 = -(-r.end // ALIGN) * ALIGN
+            raw = torch.empty(a1 - a0 + ALIGN, dtype=torch.uint8)
+            shift = (-raw.data_ptr()) % ALIGN
+            buf = raw[shift : shift + a1 - a0]
+            n = os.preadv(self._fds[layer], [memoryview(buf.numpy())], a0)
+            if n < r.end - a0:
+                raise OffloadError(
+                    f"{self.path / layer_file(layer)}: short read for expert {expert} "
+                    f"({n} of {r.end - a0} bytes); file truncated?"
+                )
+            return buf, a0
+        if self.tier == "fadvise":
+            buf = torch.empty(r.nbytes, dtype=torch.uint8)
+            n = os.preadv(self._fds[layer], [memoryview(buf.numpy())], r.start)
+            os.posix_fadvise(self._fds[layer], r.start, r.nbytes, os.POSIX_FADV_DONTNEED)
+            if n < r.nbytes:
+                raise OffloadError(
+                    f"{self.path / layer_file(layer)}: short read for expert {expert} "
+                    f"({n} of {r.nbytes} bytes); file truncated?"
+                )
+            return buf, r.start
+        t0 = time.perf_counter()
+        buf = torch.from_numpy(self._ram[layer][r.start : r.end].copy())
+        if self.tier == "throttle":
+            want = self.latency + r.nbytes / float(self.bandwidth)  # type: ignore[arg-type]
+            left = want - (time.perf_counter() - t0)
+            if left > 0:
+                time.sleep(left)
+        return buf, r.start
+
+    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Load expert `expert` of MoE layer `layer` -> {"gate_up_proj": ..., "down_proj": ...}."""
+        t0 = time.perf_counter()
+        r = self._check(layer, expert)
+        buf, base = self.read_bytes(layer, expert)
+        out = {}
+        for name, (b, e, shape, dtype) in r.tensors.items():
+            t = buf[b - base : e - base].view(dtype).view(shape)
+            out[name] = t.to(self.device) if self.device.type != "cpu" else t
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._bytes += r.nbytes
+            self._seconds += dt
+            self._reads += 1
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Tier used, reads, bytes and measured bytes/s since open (or the last reset)."""
+        with self._lock:
+            return {
+                "tier": self.tier,
+                "reads": self._reads,
+                "bytes": self._bytes,
+                "seconds": self._seconds,
+                "bytes_per_s": self._bytes / self._seconds if self._seconds > 0 else float("nan"),
+            }
+
+    def reset_stats(self) -> None:
+        """Zero the read counters."""
+        with self._lock:
+            self._bytes, self._seconds, self._reads = 0, 0.0, 0
+
+    def measure(self, reads: int = 16, seed: int = 0) -> dict[str, float]:
+        """Time `reads` random single-expert reads -> bandwidth (bytes/s) and latency (s) fit."""
+        rng = np.random.default_rng(seed)
+        sizes, times = [], []
+        for _ in range(reads):
+            layer = int(rng.integers(self.num_layers))
+            e = int(rng.integers(self.num_experts[layer]))
+            t0 = time.perf_counter()
+            self.read(layer, e)
+            times.append(time.perf_counter() - t0)
+            sizes.append(self.expert_nbytes(layer, e))
+        t = float(np.median(times))
+        s = float(np.median(sizes))
+        return {"bandwidth": s / t, "latency": 0.0, "seconds_per_expert": t, "expert_bytes": s}
+
+    # ----------------------------------------------------------------- checking
+    def check_model(self, sites: list[ExpertSite]) -> None:
+        """Raise OffloadError unless the store holds exactly these sites' experts."""
+        man = self.manifest
+        if len(sites) != self.num_layers:
+            raise OffloadError(
+                f"model/store mismatch: model has {len(sites)} MoE layers, store {self.path} has "
+                f"{self.num_layers}"
+            )
+        for s, info in zip(sites, man["layers"], strict=True):
+            want = {n: tuple(v) for n, v in info["shapes"].items()}
+            if s.num_experts != info["num_experts"] or s.expert_shapes() != want:
+                raise OffloadError(
+                    f"model/store mismatch at MoE layer {s.layer}: model has {s.num_experts} experts "
+                    f"of shapes {s.expert_shapes()}, store has {info['num_experts']} of {want}"
+                )
+            fp = s.router_fingerprint()
+            if info.get("router_sha") and fp and fp != info["router_sha"]:
+                raise OffloadError(
+                    f"model/store mismatch at MoE layer {s.layer}: router weights differ "
+                    f"(store {self.path} was written from another checkpoint)"
+                )
+
+    # ----------------------------------------------------------------- writing
+    @staticmethod
+    def write(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
+        """Write every MoE layer's routed experts (one safetensors file per layer) + manifest.json."""
+        sites = require_sites(model)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        layers = []
+        for s in sites:
+            tensors = {}
+            for e in range(s.num_experts):
+                for name in EXPERT_TENSORS:
+                    w = getattr(s.experts, name)[e]
+                    tensors[tensor_key(e, name)] = w.detach().to("cpu").contiguous().clone()
+            target = path / layer_file(s.layer)
+            atomic_write_with(target, lambda tmp, t=tensors: save_file(t, str(tmp)))
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            shapes = s.expert_shapes()
+            layers.append(
+                {
+                    "layer": s.layer,
+                    "transformer_layer": s.transformer_layer,
+                    "num_experts": s.num_experts,
+                    "top_k": s.top_k,
+                    "shapes": {n: list(v) for n, v in shapes.items()},
+                    "dtype": str(s.dtype()).replace("torch.", ""),
+                    "expert_nbytes": sum(int(np.prod(v)) for v in shapes.values())
+                    * s.dtype().itemsize,
+                    "router_sha": s.router_fingerprint(),
+                    "file": layer_file(s.layer),
+                }
+            )
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": sites[0].kind,
+            "model": type(model).__name__,
+            "num_layers": len(sites),
+            "num_experts": [s.num_experts for s in sites],
+            "layer_indices": [s.transformer_layer for s in sites],
+            "layers": layers,
+        }
+        atomic_write_json(path / "manifest.json", manifest)
+        return path

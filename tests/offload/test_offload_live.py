@@ -1,0 +1,208 @@
+"""Live offloaded generation: greedy output identical to the all-resident model (exact mode)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from moelab.errors import OffloadError
+from moelab.offload.cache import ExpertCache
+from moelab.offload.live import OffloadedModel
+from moelab.offload.prefetch import (
+    AdaptiveLookahead,
+    Combined,
+    GateLookahead,
+    Prefetcher,
+    PreviousToken,
+)
+from moelab.offload.store import ExpertStore
+
+
+def wrap(m, d, capacity=2, predictor=None, policy="lru", keep=True, tier="fadvise"):
+    st = ExpertStore(d, tier=tier)
+    cache = ExpertCache(
+        capacity, policy, num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
+    )
+    pf = Prefetcher(st, cache, predictor) if predictor is not None else None
+    return OffloadedModel(m, st, cache, pf, keep=keep)
+
+
+PREDICTORS = {
+    "none": lambda: None,
+    "gate": lambda: GateLookahead(),
+    "prev": lambda: PreviousToken(),
+    "gate+prev": lambda: Combined([GateLookahead(), PreviousToken()]),
+    "adaptive": lambda: AdaptiveLookahead(),
+}
+
+
+@pytest.mark.parametrize("pred", list(PREDICTORS))
+def test_exact_greedy_equality(model_and_store, pred):
+    m, ref, d = model_and_store
+    x = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(1))
+    want = ref.generate(x, 12)
+    with wrap(m, d, predictor=PREDICTORS[pred]()) as om:
+        got = om.generate(x, 12)
+        s = om.stats()
+    assert torch.equal(got, want)
+    for ph, tokens in (("prefill", 7), ("decode", 11)):
+        p = s[ph]
+        assert p["tokens"] == tokens
+        assert p["needed"] == p["timely"] + p["late"] + p["misses"] > 0
+    assert s["decode"]["steps"] == 11 and s["prefill"]["steps"] == 1
+    if pred != "none":
+        assert s["prefetch"]["requested"] > 0
+
+
+def test_logits_bitwise_equal_and_no_cache_baseline(model_and_store):
+    m, ref, d = model_and_store
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(x).logits
+    with wrap(m, d, keep=False) as om:
+        with torch.no_grad():
+            got = om.model(x).logits
+        assert torch.equal(got, want)
+        assert len(om.cache) == 0  # on-demand: nothing kept after a layer
+        assert om.stats()["prefill"]["timely"] == 0
+
+
+def test_full_capacity_is_all_timely_after_warmup(model_and_store):
+    m, ref, d = model_and_store
+    x = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    with wrap(m, d, capacity=8) as om:
+        om.generate(x, 2)
+        om.reset_stats()
+        out = om.generate(x, 5)
+        s = om.stats()
+    assert torch.equal(out, ref.generate(x, 5))
+    assert s["prefill"]["timely_hit_rate"] == 1.0 and s["decode"]["timely_hit_rate"] == 1.0
+    assert s["cache"]["bytes_loaded"] == 0 and s["store"]["tier"] == "fadvise"
+
+
+def test_recorded_routing_matches_reference(model_and_store):
+    m, ref, d = model_and_store
+    x = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(4))
+    with wrap(m, d) as om:
+        out = om.generate(x, 4)
+        rec = om.recorded_expert_ids()
+    with torch.no_grad():
+        r = ref(out[:, :-1]).routing
+    want = torch.stack([r[i].expert_ids for i in (0, 1)], 1).numpy()
+    assert rec.shape == (8, 2, 2) and (rec == want).all()
+
+
+def test_errors(model_and_store, tmp_path):
+    m, _, d = model_and_store
+    other = tiny_model(seed=5)
+    with pytest.raises(OffloadError, match="router weights differ"):
+        wrap(other, d)
+    st = ExpertStore(d, tier="ram")
+    cache = ExpertCache(2, "lru", num_layers=3, num_experts=8, top_k=2)
+    with pytest.raises(OffloadError, match="3 layers"):
+        OffloadedModel(m, st, cache)
+
+
+def test_hf_mixtral_exact(tmp_path):
+    tf = pytest.importorskip("transformers")
+    cfg = tf.MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    m = tf.MixtralForCausalLM(cfg).eval()
+    ref = copy.deepcopy(m)
+    d = ExpertStore.write(m, tmp_path / "mx")
+    st = ExpertStore(d, tier="fadvise")
+    cache = ExpertCache(
+        2, "lru", num_layers=2, num_experts=4, expert_bytes=st.expert_nbytes(0), top_k=2
+    )
+    x = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    want = ref.generate(x, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with OffloadedModel(m, st, cache, Prefetcher(st, cache, GateLookahead())) as om:
+        got = om.generate(x, 6)
+        s = om.stats()
+    assert torch.equal(got, want)
+    assert s["decode"]["tokens"] == 5 and s["decode"]["needed"] > 0
+
+
+def _trace_of(om, tokens):
+    import numpy as np
+
+    from moelab.trace.schema import Trace, TraceMeta
+
+    ids = om.recorded_expert_ids().astype(np.int16)
+    n = ids.shape[0]
+    return Trace(
+        meta=TraceMeta(num_layers=2, num_experts=8, top_k=2),
+        token_id=np.asarray(tokens[:n], dtype=np.int64),
+        doc_id=np.zeros(n, np.int64),
+        position=np.arange(n, dtype=np.int32),
+        domain=np.zeros(n, np.int16),
+        is_bos=np.arange(n) == 0,
+        expert_ids=ids,
+        weights=np.full(ids.shape, 0.5, np.float32),
+    )
+
+
+@pytest.mark.parametrize("which", ["prev-layer", "prev-token"])
+def test_fitted_predictor_live(model_and_store, which):
+    from moelab.offload.prefetch import TracePredictorLive
+    from moelab.predict import PreviousLayer
+    from moelab.predict import PreviousToken as PrevTokenPredictor
+
+    m, ref, d = model_and_store
+    x = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(5))
+    train_model = copy.deepcopy(ref)
+    with wrap(train_model, d) as om:  # record a routing trace to fit on
+        out = om.generate(x, 10)
+        tr = _trace_of(om, out[0].tolist())
+    pred = (PreviousLayer() if which == "prev-layer" else PrevTokenPredictor()).fit(tr)
+    live = TracePredictorLive(pred)
+    st = ExpertStore(d, tier="fadvise")
+    cache = ExpertCache(
+        2, "lru", num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
+    )
+    pf = Prefetcher(st, cache, live)
+    pf.log = []
+    with OffloadedModel(m, st, cache, pf) as om2:
+        got = om2.generate(x, 10)
+        rec = om2.recorded_expert_ids()
+    pf.close()
+    assert torch.equal(got, ref.generate(x, 10))
+    assert pf.log and pf.stats.requested > 0
+    for step, layer, t_step, t_layer, experts in pf.log:
+        row = 5 + step  # the step's last row (prompt of 6 tokens, then one row per step)
+        if which == "prev-layer":
+            assert (t_step, t_layer) == (step, layer + 1)
+            assert set(experts) == set(rec[row, layer].tolist())  # copies the source layer's set
+        else:
+            assert (t_step, t_layer) == (step + 1, layer)
+            assert set(experts) == set(rec[row, layer].tolist())  # copies this token's set
+
+
+def test_adaptive_falls_back_to_reuse_when_gate_is_wrong(model_and_store):
+    from moelab.offload.sites import find_expert_sites
+
+    m, _, _ = model_and_store
+    pred = AdaptiveLookahead(decay=0.5)
+    pred.bind(find_expert_sites(m))
+    x = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+    w = find_expert_sites(m)[1].router_weight()
+    gate_top = set(torch.topk(x @ w.t(), 2).indices[0].tolist())
+    other = [e for e in range(8) if e not in gate_top][:2]
+    pred.on_layer(0, 0, x.repeat(3, 1), torch.tensor([[0, 1]] * 3))  # prefill
+    pred.on_layer(0, 1, x.repeat(3, 1), torch.tensor([other] * 3))
+    for step in range(1, 8):  # layer 1 keeps using `other`, never the gate's choice
+        preds = pred.on_layer(step, 0, x, torch.tensor([[0, 1]]))
+        pred.on_layer(step, 1, x, torch.tensor([other]))
+    assert pred.p_gate < 0.01 and pred.p_prev > 0.99
+    assert preds == [(7, 1, preds[0][2])] and set(preds[0][2]) == set(other)

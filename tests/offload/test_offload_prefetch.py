@@ -1,0 +1,95 @@
+"""Prefetcher: loads in the background, bounded queue, budget, cancellation of stale requests."""
+
+import pytest
+
+from moelab.errors import ConfigError
+from moelab.offload.cache import ExpertCache
+from moelab.offload.prefetch import Prefetcher
+from moelab.offload.store import ExpertStore
+
+
+def make(d, **kw):
+    st = ExpertStore(d, tier="ram")
+    cache = ExpertCache(
+        4, "lru", num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
+    )
+    return st, cache, Prefetcher(st, cache, **kw)
+
+
+def test_background_load_then_prefetch_hit(model_and_store):
+    m, _, d = model_and_store
+    st, cache, pf = make(d)
+    with pf:
+        assert pf.request(1, [3, 5]) == 2
+        pf.drain()
+        assert (1, 3) in cache and (1, 5) in cache
+        value, kind, stall = pf.fetch((1, 3))
+        assert kind == "resident" and stall == 0.0
+        assert value["down_proj"].equal(m.blocks[1].ffn.experts.down_proj[3])
+        assert pf.request(1, [3]) == 0 and pf.stats.skipped_resident == 1
+    c = cache.counters
+    assert (c.prefetch_loads, c.prefetch_hits, c.hits, c.misses) == (2, 1, 1, 0)
+    assert st.stats()["reads"] == 2
+
+
+def test_cancel_stale_requests(model_and_store):
+    _, _, d = model_and_store
+    st, cache, pf = make(d, start=False)
+    with pf:
+        pf.begin_step(3)
+        pf.request(0, [1, 2])  # target (3, 0)
+        pf.request(1, [4], target_step=3)  # (3, 1)
+        pf.request(0, [6], target_step=4)  # next token
+        assert pf.queued == [(0, 1), (0, 2), (1, 4), (0, 6)]
+        assert pf.cancel_stale(3, 0) == 2
+        assert pf.queued == [(1, 4), (0, 6)]
+        assert pf.cancel_stale(3, 1) == 1
+        pf.resume()
+        pf.drain()
+    assert st.stats()["reads"] == 1 and (0, 6) in cache and (0, 1) not in cache
+    assert pf.stats.cancelled == 3 and pf.stats.loaded == 1
+
+
+def test_demand_takes_over_queued_request(model_and_store):
+    _, _, d = model_and_store
+    st, cache, pf = make(d, start=False)
+    with pf:
+        pf.request(0, [2])
+        _, kind, _ = pf.fetch((0, 2))
+        assert kind == "miss" and pf.queued == []
+        pf.resume()
+        pf.drain()
+    assert st.stats()["reads"] == 1  # loaded once, by the demand path
+    assert cache.counters.demand_loads == 1 and cache.counters.prefetch_loads == 0
+
+
+def test_budget_and_bounded_queue(model_and_store):
+    _, _, d = model_and_store
+    _, _, pf = make(d, start=False, budget=3, max_queue=2)
+    with pf:
+        pf.begin_step(0)
+        assert pf.request(0, [0, 1, 2, 3]) == 2  # queue holds 2
+        assert pf.stats.dropped_full == 2
+        pf.cancel_all()
+        assert pf.request(1, [0, 1]) == 1  # budget 3 per step, 2 used
+        assert pf.stats.dropped_budget == 1
+        pf.begin_step(1)
+        pf.cancel_all()
+        assert pf.request(1, [5, 6]) == 2
+    with pytest.raises(ConfigError):
+        make(d, max_queue=0)
+
+
+def test_wasted_prefetch_counted(model_and_store):
+    _, _, d = model_and_store
+    st = ExpertStore(d, tier="ram")
+    cache = ExpertCache(
+        2, "lru", num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
+    )
+    with Prefetcher(st, cache) as pf:
+        pf.request(0, [1, 2])
+        pf.drain()
+        pf.fetch((0, 3))  # evicts one unused prefetched expert
+        pf.fetch((0, 4))
+    cache.finish()
+    assert cache.counters.wasted_prefetches == 2 and cache.counters.prefetch_hits == 0

@@ -1,0 +1,147 @@
+"""Replay simulator: analytic timelines, agreement with the cache alone, Belady bound, plots."""
+
+import numpy as np
+import pytest
+
+from moelab.offload.cache import ExpertCache
+from moelab.offload.simulate import (
+    PRESETS,
+    Hardware,
+    demand_sequence,
+    get_hardware,
+    hit_rate_curves,
+    oracle_plan,
+    plan_from_scores,
+    plot_curves,
+    simulate,
+)
+
+
+def hw(bw=1e6, lat=0.0, compute=1e-3):
+    return Hardware("t", bandwidth=bw, latency=lat, layer_compute=compute, expert_bytes=10_000)
+
+
+def markov_trace(n=300, L=3, E=8, k=2, stay=0.6, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((n, L, k), dtype=np.int16)
+    prev = np.stack([rng.choice(E, k, replace=False) for _ in range(L)])
+    for i in range(n):
+        for layer in range(L):
+            if rng.random() >= stay:
+                prev[layer] = rng.choice(E, k, replace=False)
+            ids[i, layer] = prev[layer]
+    return ids
+
+
+def test_all_miss_timeline_is_analytic():
+    ids = np.array([[[0]], [[1]], [[0]], [[1]]], dtype=np.int16)  # L=1, k=1, alternating
+    r = simulate(ids, 4, 1, "lru", hw(bw=1e6, lat=1e-3, compute=2e-3))
+    # each token: 1 ms latency + 10 kB at 1 MB/s = 11 ms load, then 2 ms compute
+    assert r.misses == 4 and r.timely == 0
+    assert r.stall_seconds == pytest.approx(4 * 0.011)
+    assert r.tokens_per_s == pytest.approx(1 / 0.013)
+    assert r.bytes_loaded == 40_000
+
+
+def test_prefetch_overlaps_compute():
+    # layer 0 always uses expert 0 (resident after the first token); layer 1 alternates 1, 2.
+    ids = np.array([[[0], [1 + (i % 2)]] for i in range(10)], dtype=np.int16)
+    fast = hw(bw=2e7, compute=1e-3)  # 0.5 ms per load < 1 ms compute
+    none = simulate(ids, 4, 1, "lru", fast)
+    pre = simulate(ids, 4, 1, "lru", fast, oracle_plan(ids, 1))
+    assert none.misses == 1 + 10 and none.timely == 9
+    # only token 0's layer-0 cold miss; layer 1 is always prefetched during layer 0's compute
+    assert pre.misses == 1 and pre.timely == 19 and pre.late == 0
+    assert pre.cache["prefetch_hits"] == 10 and pre.cache["wasted_prefetches"] == 0
+    assert pre.tokens_per_s > none.tokens_per_s
+    slow = hw(bw=5e6, compute=1e-3)  # 2 ms per load > 1 ms compute: late hits, partial stall
+    late = simulate(ids, 4, 1, "lru", slow, oracle_plan(ids, 1))
+    assert (late.misses, late.late, late.timely) == (1, 10, 9)
+    assert late.stall_seconds == pytest.approx(0.002 + 10 * 0.001)
+
+
+def test_without_prefetch_matches_plain_cache_replay():
+    ids = markov_trace()
+    steps = [np.array([i]) for i in range(ids.shape[0])]
+    seq = demand_sequence(ids, steps)
+    for pol in ("lru", "lfu", "lfru", "belady"):
+        c = ExpertCache(
+            3, pol, num_layers=3, num_experts=8, top_k=2, future=seq if pol == "belady" else None
+        )
+        hits = 0
+        for rows in steps:
+            for layer in range(3):
+                keys = [(layer, int(e)) for e in sorted(set(ids[rows[0], layer].tolist()))]
+                c.lock(keys)
+                for key in keys:
+                    h, _ = c.access(key)
+                    hits += h
+                    if not h:
+                        c.insert(key)
+                c.unlock()
+        r = simulate(ids, 8, 3, pol, hw())
+        assert r.timely == hits and r.needed == len(seq), pol
+
+
+def test_belady_upper_bound_and_curves(tmp_path):
+    ids = markov_trace(n=150, seed=1)
+    plan = oracle_plan(ids, 1)
+    curves = hit_rate_curves(
+        ids, 8, [2, 3, 4, 6], ["lru", "lfu", "lfru", "static", "belady"], plan, hw(bw=1e9)
+    )
+    for i in range(4):
+        best = curves["belady"][i]["hit_rate"]
+        for pol in ("lru", "lfu", "lfru"):
+            assert curves[pol][i]["hit_rate"] <= best + 1e-9
+    assert [r["capacity"] for r in curves["static"]] == [3, 4, 6]
+    lru = [r["hit_rate"] for r in curves["lru"]]
+    assert lru == sorted(lru)  # more cache, more hits
+    png = plot_curves(curves, 8, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_from_scores_horizons():
+    class Meta:
+        top_k = 1
+
+    class T:
+        meta = Meta()
+        num_tokens = 3
+        doc_id = np.array([0, 0, 1])
+
+    s = np.array([[0.1, 0.9], [0.8, 0.2], [np.nan, np.nan]], dtype=np.float32)
+    sp = plan_from_scores(T(), {1: s}, layers_ahead=1)
+    assert sp == {(0, 0): [(0, 1, [1])], (1, 0): [(1, 1, [0])]}
+    tp = plan_from_scores(T(), {0: s}, tokens_ahead=1)
+    assert tp == {(0, 0): [(1, 0, [0])]}  # row 0 has no source, row 2 is another document
+
+
+def test_presets_and_budget():
+    assert PRESETS["pcie4-mixtral"].expert_bytes == 3 * 4096 * 14336 * 2
+    assert get_hardware("nvme-ram", layer_compute=1.0).layer_compute == 1.0
+    with pytest.raises(Exception, match="hardware preset"):
+        get_hardware("tpu")
+    ids = markov_trace(n=50)
+    r = simulate(ids, 8, 2, "lru", hw(bw=1e9), oracle_plan(ids, 1), budget=1)
+    assert r.dropped_budget > 0
+
+
+def test_simulate_trace_wrapper():
+    from moelab.offload.simulate import simulate_trace
+    from moelab.trace.schema import Trace, TraceMeta
+
+    ids = markov_trace(n=40)
+    n = ids.shape[0]
+    tr = Trace(
+        meta=TraceMeta(num_layers=3, num_experts=8, top_k=2),
+        token_id=np.zeros(n, np.int64),
+        doc_id=np.zeros(n, np.int64),
+        position=np.arange(n, dtype=np.int32),
+        domain=np.zeros(n, np.int16),
+        is_bos=np.arange(n) == 0,
+        expert_ids=ids,
+        weights=np.full(ids.shape, 0.5, np.float32),
+    )
+    a = simulate_trace(tr, "25%", "lru", hardware=hw())
+    b = simulate(ids, 8, 2, "lru", hw())
+    assert a.to_dict() == b.to_dict()

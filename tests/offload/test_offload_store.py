@@ -1,0 +1,105 @@
+"""ExpertStore: byte-identical round trip on every tier, honest slow tier, clear errors."""
+
+import os
+import time
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from moelab.errors import ConfigError, OffloadError
+from moelab.offload.sites import find_expert_sites
+from moelab.offload.store import ExpertStore, layer_file, supports_o_direct
+
+
+@pytest.mark.parametrize("tier", ["auto", "fadvise", "ram", "direct"])
+def test_round_trip_byte_identical(model_and_store, tier):
+    m, _, d = model_and_store
+    if tier == "direct" and not supports_o_direct(d):
+        pytest.skip("filesystem without O_DIRECT")
+    with ExpertStore(d, tier=tier) as st:
+        assert st.tier in ("direct", "fadvise", "ram")
+        sites = find_expert_sites(m)
+        for s in sites:
+            for e in range(s.num_experts):
+                got = st.read(s.layer, e)
+                want = s.experts.expert_params(e)
+                for name in ("gate_up_proj", "down_proj"):
+                    assert got[name].shape == want[name].shape
+                    assert got[name].dtype == want[name].dtype
+                    assert (
+                        got[name]
+                        .contiguous()
+                        .view(torch.uint8)
+                        .equal(want[name].contiguous().view(torch.uint8))
+                    )
+        stats = st.stats()
+        assert stats["reads"] == 16 and stats["bytes"] == 16 * st.expert_nbytes(0)
+        assert st.expert_nbytes(0) == sites[0].experts.expert_nbytes()
+
+
+def test_expert_tensors_contiguous_in_file(model_and_store):
+    _, _, d = model_and_store
+    st = ExpertStore(d, tier="ram")
+    ranges = st._ranges[0]
+    for a, b in zip(ranges, ranges[1:], strict=False):
+        assert a.end == b.start  # expert e's tensors, then expert e+1's
+    assert ranges[0].nbytes == 4 * (128 * 32 + 32 * 64)
+
+
+def test_throttle_tier_is_slow(model_and_store):
+    _, _, d = model_and_store
+    bw = 2e6  # bytes/s
+    st = ExpertStore(d, tier="throttle", bandwidth=bw, latency=0.002)
+    nb = st.expert_nbytes(0)
+    t0 = time.perf_counter()
+    for e in range(4):
+        st.read(0, e)
+    dt = time.perf_counter() - t0
+    assert dt >= 4 * (0.002 + nb / bw) * 0.95
+    assert st.stats()["bytes_per_s"] < bw
+    with pytest.raises(ConfigError, match="bandwidth"):
+        ExpertStore(d, tier="throttle")
+
+
+def test_missing_and_truncated_files(model_and_store):
+    _, _, d = model_and_store
+    f = d / layer_file(1)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(OffloadError, match="truncated"):
+        ExpertStore(d)
+    os.remove(f)
+    with pytest.raises(OffloadError, match="missing"):
+        ExpertStore(d)
+    with pytest.raises(OffloadError, match="manifest.json"):
+        ExpertStore(d / "nowhere")
+
+
+def test_read_out_of_range(model_and_store):
+    _, _, d = model_and_store
+    st = ExpertStore(d, tier="ram")
+    with pytest.raises(OffloadError, match="expert 8 out of range"):
+        st.read(0, 8)
+    with pytest.raises(OffloadError, match="layer 5"):
+        st.read(5, 0)
+
+
+def test_model_store_mismatch(model_and_store):
+    m, _, d = model_and_store
+    st = ExpertStore(d, tier="ram")
+    st.check_model(find_expert_sites(m))  # matches
+    with pytest.raises(OffloadError, match="4 experts"):
+        st.check_model(find_expert_sites(tiny_model(experts=4)))
+    with pytest.raises(OffloadError, match="MoE layers"):
+        st.check_model(find_expert_sites(tiny_model(layers=3)))
+    with pytest.raises(OffloadError, match="router weights differ"):
+        st.check_model(find_expert_sites(tiny_model(seed=1)))
+
+
+def test_shared_experts_stay_resident(tmp_path):
+    m = tiny_model(shared=1)
+    d = ExpertStore.write(m, tmp_path / "s")
+    st = ExpertStore(d, tier="ram")
+    assert st.num_experts == [8, 8]  # routed only; the shared expert is not in the store
+    assert all(b.ffn.shared_experts is not None for b in m.blocks)
