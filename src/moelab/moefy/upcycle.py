@@ -88,7 +88,7 @@ def continue_training(
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            log.append({"step": step + 1, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss)})
+            log.append({"step": step + 1, "lm_loss": out.lm_loss.item(), "aux_loss": out.aux_loss.item()})
             prog.advance(task)
             if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
                 break
