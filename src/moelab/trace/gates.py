@@ -4,7 +4,8 @@ so gate-lookahead prediction (apply layer l+d's router to layer l's hidden state
 Keys in gates.safetensors: `layer.{l}.weight` [E, D] (logits = h @ W.T + bias), optional
 `layer.{l}.bias` [E], `layer.{l}.selection_bias` [E] (DeepSeek-V3: added to scores for
 selection only), `layer.{l}.norm_weight` [D] (the RMSNorm that turns the residual stream into the
-router input, for the residual-stream variant). Metadata: score_fn, norm_eps, top_k.
+router input, for the residual-stream variant), optional `layer.{l}.norm_bias` [D] (LayerNorm
+models such as PhiMoE). Metadata: score_fn, norm_eps, top_k, norm_kind ("rms" | "layer").
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ class GateSet:
     score_fn: str = "softmax"
     norm_eps: float = 1e-6
     top_k: int = 2
+    norm_bias: list[np.ndarray | None] = field(default_factory=list)
+    norm_kind: str = "rms"  # "rms" (RMSNorm, T5 LayerNorm) or "layer" (nn.LayerNorm, PhiMoE)
 
     def __post_init__(self) -> None:
         n = len(self.weights)
-        for name in ("biases", "selection_bias", "norm_weight"):
+        for name in ("biases", "selection_bias", "norm_weight", "norm_bias"):
             lst = getattr(self, name)
             if not lst:
                 setattr(self, name, [None] * n)
@@ -41,6 +44,8 @@ class GateSet:
                 raise TraceError(f"GateSet.{name}: {len(lst)} entries for {n} layers")
         if self.score_fn not in ("softmax", "sigmoid"):
             raise TraceError(f"GateSet.score_fn={self.score_fn!r}: expected 'softmax' or 'sigmoid'")
+        if self.norm_kind not in ("rms", "layer"):
+            raise TraceError(f"GateSet.norm_kind={self.norm_kind!r}: expected 'rms' or 'layer'")
 
     @property
     def num_layers(self) -> int:
@@ -56,11 +61,15 @@ class GateSet:
         return out
 
     def normalize(self, layer: int, residual: np.ndarray) -> np.ndarray:
-        """Apply layer's pre-router RMSNorm to residual-stream states [n, D] (identity if none)."""
+        """Apply layer's pre-router norm (RMSNorm, or LayerNorm if norm_kind="layer") to [n, D]."""
         r = residual.astype(np.float32)
+        if self.norm_kind == "layer":
+            r = r - r.mean(-1, keepdims=True)
         r = r / np.sqrt((r * r).mean(-1, keepdims=True) + self.norm_eps)
         nw = self.norm_weight[layer]
-        return r * nw.astype(np.float32) if nw is not None else r
+        r = r * nw.astype(np.float32) if nw is not None else r
+        nb = self.norm_bias[layer]
+        return r + nb.astype(np.float32) if nb is not None else r
 
     def scores(self, layer: int, h: np.ndarray) -> np.ndarray:
         """Selection scores [n, E]: softmax/sigmoid of logits, plus selection bias if any."""
@@ -84,6 +93,7 @@ class GateSet:
                 ("bias", self.biases),
                 ("selection_bias", self.selection_bias),
                 ("norm_weight", self.norm_weight),
+                ("norm_bias", self.norm_bias),
             ):
                 if lst[i] is not None:
                     tensors[f"layer.{i}.{name}"] = np.ascontiguousarray(lst[i], dtype=np.float32)
@@ -92,6 +102,7 @@ class GateSet:
             "norm_eps": repr(self.norm_eps),
             "top_k": str(self.top_k),
             "num_layers": str(len(self.weights)),
+            "norm_kind": self.norm_kind,
         }
         atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -119,6 +130,8 @@ class GateSet:
             biases=[get(i, "bias") for i in range(n)],
             selection_bias=[get(i, "selection_bias") for i in range(n)],
             norm_weight=[get(i, "norm_weight") for i in range(n)],
+            norm_bias=[get(i, "norm_bias") for i in range(n)],
+            norm_kind=meta.get("norm_kind", "rms"),
             score_fn=meta.get("score_fn", "softmax"),
             norm_eps=float(meta.get("norm_eps", "1e-6")),
             top_k=int(meta.get("top_k", "2")),

@@ -1,0 +1,526 @@
+"""`trace_model`: run an MoE model over documents and write every router decision to a TraceStore.
+
+Documents are tokenized in order (doc_id = index in the given list), a BOS token is prepended
+when the tokenizer has one (row flagged is_bos), and the token budget `max_tokens` cuts the
+stream in document order. A document longer than the context `seq_len` is split into chunks of
+`seq_len` tokens that are run as independent sequences (the model sees at most `seq_len` tokens
+of context); `position` keeps counting across chunks, so it is the token's index in the
+tokenized document. Under torchrun each process takes the documents with doc_id % world_size ==
+rank and writes its own shards. Padding (right-padded batches) is never recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+import moelab
+from moelab._io import atomic_write_with
+from moelab.errors import DataError, ModelError, TraceError
+from moelab.trace.adapters import FAMILIES, UNSUPPORTED, Adapter, get_adapter
+from moelab.trace.schema import TraceMeta
+from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.tracer import Tracer
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map "float32"/"bf16"/... (or a torch.dtype) to a torch.dtype; None keeps the saved one."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} or 'auto'") from None
+
+
+def load_model(
+    path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None
+) -> nn.Module:
+    """Load a moelab checkpoint dir or a local transformers model dir (never the network)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(
+            f"{path}: model path does not exist (expected a moelab checkpoint or HF model dir)"
+        )
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{cfg_file}: not found; expected a model directory with config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{cfg_file}: not valid JSON ({exc})") from None
+    td = resolve_dtype(dtype)
+    model_type = cfg.get("model_type")
+    if model_type == "moelab_transformer":
+        from moelab.models.transformer import MoETransformer
+
+        return MoETransformer.load(path, device=device, dtype=td)
+    if model_type in UNSUPPORTED:
+        raise ModelError(
+            f"{cfg_file}: model family {model_type!r} is not supported: {UNSUPPORTED[model_type]}"
+        )
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        raise ModelError(
+            f"{path}: tracing transformers models needs `pip install moelab[hf]` ({exc})"
+        ) from None
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(
+            f"{cfg_file}: unknown model family model_type={model_type!r} ({exc}); supported: "
+            f"moelab_transformer, {', '.join(FAMILIES)} and other transformers MoE families"
+        ) from None
+    if getattr(hf_cfg, "is_encoder_decoder", False):
+        auto = transformers.AutoModelForSeq2SeqLM
+    else:
+        auto = transformers.AutoModelForCausalLM
+    kw: dict[str, Any] = {"local_files_only": True}
+    if td is not None:
+        kw["dtype"] = td
+    try:
+        model = auto.from_pretrained(str(path), **kw)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is reported with the path
+        raise ModelError(
+            f"{path}: could not load the {model_type} model ({type(exc).__name__}: {exc})"
+        ) from None
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization and planning
+# ---------------------------------------------------------------------------------------------
+def make_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None, str]:
+    """(encode(text) -> ids without specials, bos id or None, description) for a tokenizer."""
+    if tokenizer is None:
+        raise DataError("trace_model: a tokenizer is needed to tokenize documents")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover
+        Tokenizer = None  # type: ignore[assignment,misc]  # noqa: N806
+    if Tokenizer is not None and isinstance(tokenizer, Tokenizer):
+        from moelab.data.tokenizer import special_ids
+
+        bos = special_ids(tokenizer).bos
+        return (
+            (lambda t: tokenizer.encode(t, add_special_tokens=False).ids),
+            bos,
+            "tokenizers.Tokenizer",
+        )
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "bos_token_id"):
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        return (
+            (lambda t: tokenizer.encode(t, add_special_tokens=False)),
+            tokenizer.bos_token_id,
+            str(name),
+        )
+    if callable(tokenizer):
+        return tokenizer, None, getattr(tokenizer, "__name__", "callable")
+    raise DataError(
+        f"tokenizer of type {type(tokenizer).__name__} not understood (expected tokenizers.Tokenizer, "
+        "a transformers tokenizer or a callable text -> ids)"
+    )
+
+
+def find_tokenizer(model_path: str | Path) -> Any:
+    """The tokenizer saved beside a model (transformers files or a tokenizer.json)."""
+    p = Path(model_path)
+    if (p / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if (p / "tokenizer.json").exists():
+        from moelab.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(p / "tokenizer.json")
+    raise DataError(
+        f"{p}: no tokenizer found (tokenizer.json or tokenizer_config.json); pass --tokenizer PATH"
+    )
+
+
+@dataclass
+class Chunk:
+    """A piece of one document run as one sequence."""
+
+    doc_id: int
+    start: int  # position of the first token in the document
+    ids: np.ndarray  # [n] token ids
+    bos: bool  # first token is the document's BOS
+    domain: int
+
+
+@dataclass
+class Plan:
+    """The documents kept under the budget and this rank's chunks."""
+
+    chunks: list[Chunk]
+    doc_table: dict[str, list[Any]]
+    total_tokens: int  # all ranks
+
+
+def plan_chunks(
+    docs: Sequence[Any],
+    encode: Callable[[str], list[int]],
+    bos_id: int | None,
+    seq_len: int,
+    max_tokens: int | None,
+    rank: int,
+    world_size: int,
+    domains: list[str],
+    vocab_size: int | None,
+) -> Plan:
+    """Tokenize documents in order until the budget; cut chunks; keep this rank's share."""
+    dom_code = {d: i for i, d in enumerate(domains)}
+    chunks: list[Chunk] = []
+    table: dict[str, list[Any]] = {"doc_id": [], "name": [], "domain": [], "num_tokens": []}
+    total = 0
+    for i, d in enumerate(docs):
+        if max_tokens is not None and total >= max_tokens:
+            break
+        toks = getattr(d, "token_ids", None)
+        ids = list(toks) if toks is not None else list(encode(d.text))
+        if bos_id is not None:
+            ids = [bos_id, *ids]
+        if max_tokens is not None:
+            ids = ids[: max_tokens - total]
+        if not ids:
+            continue
+        arr = np.asarray(ids, dtype=np.int64)
+        if vocab_size is not None and (arr.max() >= vocab_size or arr.min() < 0):
+            raise DataError(
+                f"document {getattr(d, 'doc_id', i)!r}: token id {int(arr.max())} outside the model's "
+                f"vocabulary [0, {vocab_size}); the tokenizer does not match the model"
+            )
+        total += len(arr)
+        dom = dom_code[getattr(d, "domain", "")]
+        table["doc_id"].append(i)
+        table["name"].append(str(getattr(d, "doc_id", i)))
+        table["domain"].append(dom)
+        table["num_tokens"].append(len(arr))
+        if i % world_size != rank:
+            continue
+        for s in range(0, len(arr), seq_len):
+            chunks.append(Chunk(i, s, arr[s : s + seq_len], bos_id is not None and s == 0, dom))
+    return Plan(chunks, table, total)
+
+
+def hidden_sample(doc_id: np.ndarray, position: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Deterministic Bernoulli(rate) per (doc_id, position) via splitmix64 (same on resume/ranks)."""
+    if rate <= 0:
+        return np.zeros(doc_id.shape, bool)
+    if rate >= 1:
+        return np.ones(doc_id.shape, bool)
+    with np.errstate(over="ignore"):
+        z = (doc_id.astype(np.uint64) << np.uint64(32)) ^ position.astype(np.uint64)
+        z = z + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < rate
+
+
+def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) from the arguments, torch.distributed, or the torchrun environment."""
+    import os
+
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def make_batch(
+    chunks: list[Chunk], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray], torch.Tensor]:
+    """Right-padded input_ids/attention_mask, row columns and flat indices of real tokens."""
+    S = max(len(c.ids) for c in chunks)
+    B = len(chunks)
+    ids = np.zeros((B, S), np.int64)
+    mask = np.zeros((B, S), np.int64)
+    for b, c in enumerate(chunks):
+        ids[b, : len(c.ids)] = c.ids
+        mask[b, : len(c.ids)] = 1
+    rows = {
+        "doc_id": np.concatenate([np.full(len(c.ids), c.doc_id, np.int64) for c in chunks]),
+        "position": np.concatenate(
+            [c.start + np.arange(len(c.ids), dtype=np.int32) for c in chunks]
+        ),
+        "token_id": np.concatenate([c.ids for c in chunks]).astype(np.int32),
+        "domain": np.concatenate([np.full(len(c.ids), c.domain, np.int16) for c in chunks]),
+    }
+    bos = np.zeros(len(rows["doc_id"]), bool)
+    off = 0
+    for c in chunks:
+        bos[off] = c.bos
+        off += len(c.ids)
+    rows["is_bos"] = bos
+    sel = torch.from_numpy(np.flatnonzero(mask.reshape(-1))).to(device)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device), rows, sel
+
+
+def iter_batches(chunks: list[Chunk], batch_size: int) -> list[list[Chunk]]:
+    """Consecutive groups of `batch_size` chunks (fixed, so a resumed run sees the same batches)."""
+    return [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+# ---------------------------------------------------------------------------------------------
+def trace_model(
+    model_or_path: nn.Module | str | Path,
+    docs: Sequence[Any],
+    tokenizer: Any,
+    out: str | Path,
+    split: str = "test",
+    logits: bool = True,
+    hidden_layers: Sequence[int] | None = None,
+    hidden_rate: float = 0.0,
+    hidden_points: Sequence[str] = ("router_input",),
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    shard_tokens: int = 65536,
+    corpus: str = "",
+    add_bos: bool = True,
+    bos_token_id: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    command: str = "",
+    _stop_after_batches: int | None = None,
+) -> TraceStore:
+    """Trace `docs` through the model into the store at `out` (resumes an interrupted run).
+
+    docs: objects with .doc_id, .text, .domain (moelab.data.Document) or with .token_ids.
+    hidden_layers: MoE layers whose hidden states are sampled (None = all) at `hidden_rate`.
+    """
+    if batch_size < 1:
+        raise TraceError(f"batch_size={batch_size} must be >= 1")
+    if not 0.0 <= hidden_rate <= 1.0:
+        raise TraceError(f"hidden_rate={hidden_rate} must be in [0, 1]")
+    torch.manual_seed(seed)
+    rank, world_size = dist_info(rank, world_size)
+    model_name = (
+        str(model_or_path)
+        if isinstance(model_or_path, (str, Path))
+        else type(model_or_path).__name__
+    )
+    model = (
+        model_or_path
+        if isinstance(model_or_path, nn.Module)
+        else load_model(model_or_path, device, dtype)
+    )
+    model.eval()
+    adapter = get_adapter(model)
+    dev = next(model.parameters()).device
+    if seq_len is None:
+        seq_len = min(adapter.max_positions() or 2048, 2048)
+    if adapter.max_positions() and seq_len > adapter.max_positions():
+        raise TraceError(
+            f"seq_len={seq_len} exceeds the model's maximum of {adapter.max_positions()} positions"
+        )
+    any_tokenized = all(getattr(d, "token_ids", None) is not None for d in docs)
+    if any_tokenized and tokenizer is None:
+        encode, tok_bos, tok_name = (lambda t: []), None, "pretokenized"
+    else:
+        encode, tok_bos, tok_name = make_encoder(tokenizer)
+    bos = None
+    if add_bos:  # explicit id, else the tokenizer's BOS, else the model config's
+        bos = next(
+            (b for b in (bos_token_id, tok_bos, adapter.bos_token_id()) if b is not None), None
+        )
+    domains = list(dict.fromkeys(str(getattr(d, "domain", "")) for d in docs))
+    plan = plan_chunks(
+        docs, encode, bos, seq_len, max_tokens, rank, world_size, domains, adapter.vocab_size()
+    )
+    points = tuple(hidden_points) if hidden_rate > 0 else ()
+    meta = TraceMeta(
+        num_layers=len(adapter.sites),
+        num_experts=adapter.num_experts,
+        top_k=adapter.top_k,
+        layer_indices=adapter.layer_indices(),
+        model=model_name,
+        family=adapter.family,
+        tokenizer=tok_name,
+        corpus=corpus,
+        split=split,
+        domains=domains,
+        score_fn=adapter.score_fn,
+        d_model=adapter.d_model,
+        moelab_version=moelab.__version__,
+        command=command or " ".join(sys.argv),
+        extra={
+            "layer_groups": [s.group for s in adapter.sites],
+            "layer_names": [s.name for s in adapter.sites],
+            "num_hidden_layers": adapter.num_model_layers(),
+            "run": {
+                "seq_len": seq_len,
+                "batch_size": batch_size,
+                "max_tokens": max_tokens,
+                "bos_token_id": bos,
+                "hidden_rate": hidden_rate,
+                "seed": seed,
+                "num_docs": len(plan.doc_table["doc_id"]),
+                "total_tokens": plan.total_tokens,
+                "model_fingerprint": adapter.fingerprint(),
+            },
+        },
+    )
+    out = Path(out)
+    writer = TraceWriter(
+        out,
+        meta,
+        shard_tokens=shard_tokens,
+        rank=rank,
+        world_size=world_size,
+        logits=logits,
+        hidden_points=points,
+        hidden_layers=hidden_layers,
+    )
+    if rank == 0:
+        gs = adapter.gate_set()
+        if gs is not None and not (out / "gates.safetensors").exists():
+            gs.save(out / "gates.safetensors")
+        if not (out / "documents.parquet").exists():
+            tab = pa.table(
+                {
+                    "doc_id": pa.array(plan.doc_table["doc_id"], pa.int64()),
+                    "name": pa.array(plan.doc_table["name"], pa.string()),
+                    "domain": pa.array(plan.doc_table["domain"], pa.int16()),
+                    "num_tokens": pa.array(plan.doc_table["num_tokens"], pa.int64()),
+                }
+            )
+            atomic_write_with(out / "documents.parquet", lambda tmp: pq.write_table(tab, str(tmp)))
+    if not writer.is_done:
+        _run(
+            adapter,
+            writer,
+            plan,
+            batch_size,
+            logits,
+            points,
+            hidden_layers,
+            hidden_rate,
+            seed,
+            dev,
+            progress and rank == 0,
+            _stop_after_batches,
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return TraceStore.open(out)
+
+
+def _run(
+    adapter: Adapter,
+    writer: TraceWriter,
+    plan: Plan,
+    batch_size: int,
+    logits: bool,
+    points: tuple[str, ...],
+    hidden_layers: Sequence[int] | None,
+    hidden_rate: float,
+    seed: int,
+    dev: torch.device,
+    progress: bool,
+    stop_after: int | None,
+) -> None:
+    """The tracing loop: skip batches already in complete shards, record the rest."""
+    from tqdm.auto import tqdm
+
+    batches = iter_batches(plan.chunks, batch_size)
+    sizes = np.array([sum(len(c.ids) for c in b) for b in batches], np.int64)
+    ends = np.cumsum(sizes)
+    done = writer.rows_done
+    start = 0
+    if done:
+        hit = np.flatnonzero(ends == done)
+        if hit.size == 0:
+            raise TraceError(
+                f"{writer.path}: {done} rows already written by rank {writer.rank} do not end at a batch "
+                "boundary of this run; the store was written with different options"
+            )
+        start = int(hit[0]) + 1
+        last = batches[start - 1][-1]
+        want = (last.doc_id, last.start + len(last.ids) - 1)
+        if writer.last_key != want:
+            raise TraceError(
+                f"{writer.path}: last stored row is (doc_id, position)={writer.last_key} but this run "
+                f"expects {want}; the store belongs to a different corpus or options"
+            )
+    bar = tqdm(
+        total=int(ends[-1]) if len(ends) else 0,
+        initial=done,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc="trace",
+    )
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending: deque[Future[None]] = deque()
+    try:
+        with Tracer(
+            adapter,
+            logits=logits,
+            hidden_points=points,
+            hidden_layers=None if hidden_layers is None else list(hidden_layers),
+        ) as tracer:
+            for bi in range(start, len(batches)):
+                if stop_after is not None and bi - start >= stop_after:
+                    raise KeyboardInterrupt(f"simulated kill after {stop_after} batches")
+                ids, mask, rows, sel = make_batch(batches[bi], dev)
+                hmask = hidden_sample(rows["doc_id"], rows["position"], hidden_rate, seed)
+                hrows = np.flatnonzero(hmask)
+                hsel = sel[torch.from_numpy(hrows).to(dev)] if points else None
+                rec = tracer.record(ids, mask, sel, hsel)
+                while len(pending) >= 2:
+                    pending.popleft().result()
+                pending.append(
+                    pool.submit(
+                        writer.append,
+                        **rows,
+                        expert_ids=rec.expert_ids,
+                        weights=rec.weights,
+                        logits=rec.logits,
+                        hidden=rec.hidden or None,
+                        hidden_rows=hrows if points else None,
+                    )
+                )
+                bar.update(int(sizes[bi]))
+            while pending:
+                pending.popleft().result()
+            writer.close(done=True)
+    finally:
+        while pending:
+            pending.popleft().result()
+        pool.shutdown(wait=True)
+        bar.close()

@@ -1,0 +1,168 @@
+"""CLI: `moelab trace` (record router decisions into a TraceStore; runs under torchrun) and
+`moelab trace-export` (MoE-Infinity expert activation matrices)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import typer
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    """Parse "0,2,5" or "0-3" into a list of ints (None/"all" = every layer)."""
+    from moelab.errors import ConfigError
+
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(
+            f"--hidden-layers={text!r}: expected MoE layer numbers like '0,3,5' or '0-7'"
+        ) from None
+    return out
+
+
+def _summary(store: object, elapsed: float, tokens_before: int) -> None:
+    """Print the end-of-run table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = store.meta  # type: ignore[attr-defined]
+    n = store.num_tokens  # type: ignore[attr-defined]
+    nbytes = store.nbytes()  # type: ignore[attr-defined]
+    t = Table(title=f"trace written to {store.path}")  # type: ignore[attr-defined]
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    rows = [
+        ("model family", m.family),
+        ("MoE layers x experts x k", f"{m.num_layers} x {m.num_experts} x {m.top_k}"),
+        ("tokens", f"{n:,}"),
+        ("documents", f"{m.extra.get('run', {}).get('num_docs', '?')}"),
+        ("shards", f"{len(store.shards)}"),  # type: ignore[attr-defined]
+        ("logits recorded", str(store.has_logits)),  # type: ignore[attr-defined]
+        ("hidden side store", ", ".join(m.extra.get("hidden_points", [])) or "no"),
+        ("size on disk", f"{nbytes / 1e6:.2f} MB"),
+        ("bytes / token / layer (compressed)", f"{nbytes / max(n, 1) / max(m.num_layers, 1):.2f}"),
+        ("elapsed", f"{elapsed:.1f} s"),
+        ("tokens / s (this run)", f"{(n - tokens_before) / max(elapsed, 1e-9):,.0f}"),
+    ]
+    for a, b in rows:
+        t.add_row(a, b)
+    Console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `trace` and `trace-export` to the moelab app."""
+
+    @app.command("trace")
+    def trace(
+        model: Path = typer.Option(
+            ..., "--model", help="local moelab checkpoint dir or transformers model dir"
+        ),
+        out: Path = typer.Option(..., "--out", help="trace store directory (resumed if it exists)"),
+        corpus: str = typer.Option("default", help="built-in corpus name or a file/folder path"),
+        split: str = typer.Option("test", help="document split: train, validation or test"),
+        max_tokens: int = typer.Option(None, "--max-tokens", help="stop after this many tokens"),
+        max_bytes: int = typer.Option(None, "--max-bytes", help="cap on corpus bytes read"),
+        tokenizer: Path = typer.Option(
+            None, help="tokenizer.json or HF tokenizer dir (default: the model's)"
+        ),
+        logits: bool = typer.Option(
+            False, "--logits/--no-logits", help="record full router logits"
+        ),
+        hidden_layers: str = typer.Option(
+            None, "--hidden-layers", help="MoE layers for hidden states, e.g. 0,4-7"
+        ),
+        hidden_rate: float = typer.Option(
+            0.0, "--hidden-rate", help="fraction of tokens whose hidden states are kept"
+        ),
+        hidden_points: str = typer.Option(
+            "router_input", help="router_input and/or residual, comma separated"
+        ),
+        seq_len: int = typer.Option(
+            None, "--seq-len", help="context length; longer documents are chunked"
+        ),
+        batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
+        shard_tokens: int = typer.Option(65536, "--shard-tokens", help="rows per Parquet shard"),
+        device: str = typer.Option("cpu", help="torch device"),
+        dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (as saved)"),
+        seed: int = typer.Option(0, help="seed for splits and hidden-state sampling"),
+    ) -> None:
+        """Run an MoE model over a corpus split and record every router decision (resumable;
+        under torchrun each process traces a disjoint share of the documents)."""
+        opts = {k: v for k, v in locals().items() if v is not None}
+        import torch
+
+        from moelab.data import load_corpus, load_tokenizer, split_documents
+        from moelab.trace.api import find_tokenizer, trace_model
+        from moelab.trace.store import TraceStore
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
+        docs = load_corpus(corpus, max_bytes=max_bytes, seed=seed)
+        parts = split_documents(docs, seed=seed)
+        if split not in parts:
+            from moelab.errors import ConfigError
+
+            raise ConfigError(f"--split={split!r}: expected one of {sorted(parts)}")
+        tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(model)
+        before = TraceStore.open(out).num_tokens if (out / "meta.json").exists() else 0
+        t0 = time.perf_counter()
+        store = trace_model(
+            model,
+            parts[split],
+            tok,
+            out,
+            split=split,
+            logits=logits,
+            hidden_layers=_int_list(hidden_layers),
+            hidden_rate=hidden_rate,
+            hidden_points=tuple(p.strip() for p in hidden_points.split(",") if p.strip()),
+            device=device,
+            dtype=dtype,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            shard_tokens=shard_tokens,
+            corpus=corpus,
+            seed=seed,
+            command="moelab trace "
+            + " ".join(
+                (
+                    f"--{k.replace('_', '-')}"
+                    if v is True
+                    else f"--no-{k.replace('_', '-')}"
+                    if v is False
+                    else f"--{k.replace('_', '-')} {v}"
+                )
+                for k, v in opts.items()
+            ),
+        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            _summary(store, time.perf_counter() - t0, before)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    @app.command("trace-export")
+    def trace_export(
+        store: Path = typer.Argument(..., help="trace store directory"),
+        out: Path = typer.Option(
+            ..., "--out", help="output .npy (MoE-Infinity expert activation matrices)"
+        ),
+        layer_axis: str = typer.Option(None, help="'model' (all transformer layers) or 'moe'"),
+    ) -> None:
+        """Export per-document expert activation counts in MoE-Infinity's .npy format."""
+        from moelab.trace.export import export_moe_infinity
+
+        path = export_moe_infinity(store, out, layer_axis)
+        typer.echo(f"wrote {path}")

@@ -1,0 +1,641 @@
+"""TraceStore: a directory of Parquet shards + meta.json (+ gates.safetensors, hidden side store).
+
+Layout (docs/CONTRACTS.md "On-disk trace format", docs/trace_schema.md):
+  meta.json                                   TraceMeta.to_dict()
+  gates.safetensors                           GateSet (optional)
+  documents.parquet                           doc_id -> name, domain, num_tokens (optional)
+  shards/part-r{rank:03d}-{index:06d}.parquet token rows, one column per (layer, slot)
+  hidden/part-r{rank:03d}-{index:06d}.safetensors  sampled hidden states of that shard's rows
+  done-r{rank:03d}.json                       written when a rank finished its share
+
+Shards are committed atomically (temp + rename, hidden file before its Parquet shard), so a
+killed run leaves only complete shards; TraceWriter resumes after the last one. Readers never
+need moelab: any Parquet reader sees the columns documented in docs/trace_schema.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moelab._io import atomic_write_json, atomic_write_with
+from moelab.errors import TraceError
+from moelab.trace.gates import GateSet
+from moelab.trace.schema import NO_EXPERT, Trace, TraceMeta
+
+BASE_COLUMNS = ("doc_id", "position", "token_id", "domain", "is_bos")
+BASE_TYPES = {
+    "doc_id": pa.int64(),
+    "position": pa.int32(),
+    "token_id": pa.int32(),
+    "domain": pa.int16(),
+    "is_bos": pa.bool_(),
+}
+SHARD_RE = re.compile(r"^part-r(\d{3})-(\d{6})\.parquet$")
+HIDDEN_POINTS = ("router_input", "residual")
+
+
+def id_dtype(num_experts: int) -> np.dtype:
+    """Unsigned dtype used on disk for expert ids (uint8 if E <= 255 else uint16)."""
+    return np.dtype(np.uint8) if num_experts <= 255 else np.dtype(np.uint16)
+
+
+def shard_name(rank: int, index: int, ext: str = "parquet") -> str:
+    """File name of shard `index` written by process `rank`."""
+    return f"part-r{rank:03d}-{index:06d}.{ext}"
+
+
+def routing_columns(meta: TraceMeta, logits: bool) -> list[str]:
+    """Names of the per-layer columns in shard order."""
+    cols = [f"e{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
+    cols += [f"w{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
+    if logits:
+        cols += [f"logits{li}" for li in range(meta.num_layers)]
+    return cols
+
+
+def arrow_schema(meta: TraceMeta, logits: bool) -> pa.Schema:
+    """The exact Arrow schema of every shard of a store with this meta."""
+    idt = pa.uint8() if meta.num_experts <= 255 else pa.uint16()
+    fields = [pa.field(c, BASE_TYPES[c], nullable=False) for c in BASE_COLUMNS]
+    fields += [
+        pa.field(f"e{li}_{j}", idt, nullable=False)
+        for li in range(meta.num_layers)
+        for j in range(meta.top_k)
+    ]
+    fields += [
+        pa.field(f"w{li}_{j}", pa.float16(), nullable=False)
+        for li in range(meta.num_layers)
+        for j in range(meta.top_k)
+    ]
+    if logits:
+        fields += [
+            pa.field(f"logits{li}", pa.list_(pa.float16(), meta.num_experts), nullable=False)
+            for li in range(meta.num_layers)
+        ]
+    return pa.schema(fields)
+
+
+def build_table(meta: TraceMeta, rows: dict[str, np.ndarray], logits: bool) -> pa.Table:
+    """Turn a dict of row arrays (base columns, expert_ids [n,L,k], weights, logits) into a table."""
+    n = int(rows["doc_id"].shape[0])
+    dt = id_dtype(meta.num_experts)
+    ids = np.asarray(rows["expert_ids"])
+    if ids.shape != (n, meta.num_layers, meta.top_k):
+        raise TraceError(
+            f"expert_ids: expected shape {(n, meta.num_layers, meta.top_k)}, got {ids.shape}"
+        )
+    if ids.size and (ids.max() >= meta.num_experts or ids.min() < NO_EXPERT):
+        raise TraceError(
+            f"expert_ids: values must be in [0, {meta.num_experts}) or NO_EXPERT={NO_EXPERT}, "
+            f"got range [{ids.min()}, {ids.max()}]"
+        )
+    disk_ids = np.where(ids == NO_EXPERT, np.iinfo(dt).max, ids).astype(dt)
+    w = np.asarray(rows["weights"], dtype=np.float16)
+    arrays: list[pa.Array] = []
+    for c in BASE_COLUMNS:
+        arrays.append(
+            pa.array(np.ascontiguousarray(rows[c], dtype=BASE_TYPES[c].to_pandas_dtype()))
+        )
+    for li in range(meta.num_layers):
+        for j in range(meta.top_k):
+            arrays.append(pa.array(np.ascontiguousarray(disk_ids[:, li, j])))
+    for li in range(meta.num_layers):
+        for j in range(meta.top_k):
+            arrays.append(pa.array(np.ascontiguousarray(w[:, li, j])))
+    if logits:
+        lg = rows.get("logits")
+        if lg is None:
+            raise TraceError("this store records logits but append() got logits=None")
+        lg = np.asarray(lg, dtype=np.float16)
+        for li in range(meta.num_layers):
+            flat = pa.array(np.ascontiguousarray(lg[:, li, :]).reshape(-1))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, meta.num_experts))
+    return pa.Table.from_arrays(arrays, schema=arrow_schema(meta, logits))
+
+
+# Fields of meta that must agree between a store and a run that resumes it.
+RESUME_KEYS = ("num_layers", "num_experts", "top_k", "layer_indices", "family", "corpus", "split")
+
+
+class TraceWriter:
+    """Append token rows; cut Parquet shards atomically; resume after the last complete shard.
+
+    Memory holds at most one shard (shard_tokens rows plus the last appended batch).
+    `run_config` (meta.extra["run"]) must match on resume, so a store never mixes two runs.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        meta: TraceMeta,
+        shard_tokens: int = 65536,
+        rank: int = 0,
+        world_size: int = 1,
+        logits: bool = True,
+        hidden_points: Sequence[str] = (),
+        hidden_layers: Sequence[int] | None = None,
+        compression: str = "zstd",
+    ) -> None:
+        if shard_tokens < 1:
+            raise TraceError(f"TraceWriter: shard_tokens={shard_tokens} must be >= 1")
+        for p in hidden_points:
+            if p not in HIDDEN_POINTS:
+                raise TraceError(
+                    f"TraceWriter: hidden point {p!r} unknown; expected {HIDDEN_POINTS}"
+                )
+        self.path = Path(path)
+        self.meta = meta
+        self.shard_tokens = shard_tokens
+        self.rank, self.world_size = rank, world_size
+        self.logits = logits
+        self.hidden_points = tuple(hidden_points)
+        self.hidden_layers = (
+            list(range(meta.num_layers))
+            if hidden_layers is None
+            else [int(x) for x in hidden_layers]
+        )
+        self.compression = compression
+        meta.extra.setdefault("logits", logits)
+        meta.extra.setdefault("hidden_points", list(self.hidden_points))
+        meta.extra.setdefault("hidden_layers", self.hidden_layers if self.hidden_points else [])
+        meta.extra["world_size"] = world_size
+        (self.path / "shards").mkdir(parents=True, exist_ok=True)
+        if self.hidden_points:
+            (self.path / "hidden").mkdir(parents=True, exist_ok=True)
+        self._check_or_write_meta()
+        self.next_index, self.rows_done, self.last_key = self._scan_existing()
+        self._buf: list[dict[str, np.ndarray]] = []
+        self._buf_rows = 0
+        self._hbuf: list[dict[str, np.ndarray]] = []
+        self.closed = False
+
+    # -- setup -------------------------------------------------------------------------------
+    def _check_or_write_meta(self) -> None:
+        mpath = self.path / "meta.json"
+        if mpath.exists():
+            try:
+                old = TraceMeta.from_dict(json.loads(mpath.read_text()))
+            except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+                raise TraceError(f"{mpath}: unreadable meta.json ({exc})") from exc
+            for key in RESUME_KEYS:
+                a, b = getattr(old, key), getattr(self.meta, key)
+                if a != b:
+                    raise TraceError(
+                        f"{mpath}: existing trace has {key}={a!r} but this run has {key}={b!r}; "
+                        "resume with the same model and options or choose a new --out directory"
+                    )
+            old_run, new_run = old.extra.get("run", {}), self.meta.extra.get("run", {})
+            pairs = [
+                (k, old.extra.get(k), self.meta.extra.get(k))
+                for k in ("logits", "hidden_points", "hidden_layers", "world_size")
+            ]
+            pairs += [
+                (k, old_run.get(k), new_run.get(k)) for k in sorted(set(old_run) | set(new_run))
+            ]
+            for key, a, b in pairs:
+                if a != b:
+                    raise TraceError(
+                        f"{mpath}: existing trace has {key}={a!r} but this run has {key}={b!r}; "
+                        "resume with the same options or choose a new --out directory"
+                    )
+        elif self.rank == 0:
+            atomic_write_json(mpath, self.meta.to_dict())
+
+    def _scan_existing(self) -> tuple[int, int, tuple[int, int] | None]:
+        shard_dir = self.path / "shards"
+        for tmp in shard_dir.glob(f".part-r{self.rank:03d}-*.tmp"):
+            tmp.unlink()  # left by a killed run before its atomic rename
+        if self.hidden_points:
+            for tmp in (self.path / "hidden").glob(f".part-r{self.rank:03d}-*.tmp"):
+                tmp.unlink()
+        indices = []
+        for f in shard_dir.iterdir():
+            m = SHARD_RE.match(f.name)
+            if m and int(m.group(1)) == self.rank:
+                indices.append(int(m.group(2)))
+        indices.sort()
+        if indices != list(range(len(indices))):
+            raise TraceError(
+                f"{shard_dir}: shards of rank {self.rank} are not numbered 0..{len(indices) - 1} "
+                f"(found {indices[:10]}); the store was modified outside moelab"
+            )
+        want = arrow_schema(self.meta, self.logits)
+        rows, last = 0, None
+        for i in indices:
+            f = shard_dir / shard_name(self.rank, i)
+            pf = open_shard(f)
+            if not pf.schema_arrow.equals(want):
+                raise TraceError(
+                    f"{f}: schema differs from this run's (expected {want.names[:8]}...)"
+                )
+            rows += pf.metadata.num_rows
+            if i == indices[-1] and pf.metadata.num_rows:
+                t = pf.read(columns=["doc_id", "position"])
+                last = (int(t["doc_id"][-1].as_py()), int(t["position"][-1].as_py()))
+        return len(indices), rows, last
+
+    # -- writing -----------------------------------------------------------------------------
+    def append(
+        self,
+        doc_id: np.ndarray,
+        position: np.ndarray,
+        token_id: np.ndarray,
+        domain: np.ndarray,
+        is_bos: np.ndarray,
+        expert_ids: np.ndarray,
+        weights: np.ndarray,
+        logits: np.ndarray | None = None,
+        hidden: dict[str, np.ndarray] | None = None,
+        hidden_rows: np.ndarray | None = None,
+    ) -> None:
+        """Add n rows (hidden: point -> [m, Lh, D] for batch-local row indices hidden_rows [m])."""
+        if self.closed:
+            raise TraceError(f"{self.path}: append() after close()")
+        n = int(np.asarray(doc_id).shape[0])
+        rows = {
+            "doc_id": np.asarray(doc_id),
+            "position": np.asarray(position),
+            "token_id": np.asarray(token_id),
+            "domain": np.asarray(domain),
+            "is_bos": np.asarray(is_bos),
+            "expert_ids": np.asarray(expert_ids),
+            "weights": np.asarray(weights),
+            "logits": None if logits is None else np.asarray(logits),
+        }
+        for k in BASE_COLUMNS:
+            if rows[k].shape != (n,):
+                raise TraceError(f"append: {k} has shape {rows[k].shape}, expected ({n},)")
+        if self.hidden_points and hidden:
+            hr = np.asarray(hidden_rows, dtype=np.int64)
+            h = {"rows": hr + self.rows_done + self._buf_rows}
+            for p in self.hidden_points:
+                h[p] = np.asarray(hidden[p], dtype=np.float16)
+            h["doc_id"] = rows["doc_id"][hr].astype(np.int64)
+            h["position"] = rows["position"][hr].astype(np.int64)
+            self._hbuf.append(h)
+        self._buf.append(rows)
+        self._buf_rows += n
+        if self._buf_rows >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered rows as the next shard (hidden file first, Parquet shard last)."""
+        if not self._buf_rows:
+            return
+        cat = {
+            k: np.concatenate([b[k] for b in self._buf])
+            for k in self._buf[0]
+            if self._buf[0][k] is not None
+        }
+        table = build_table(self.meta, cat, self.logits)
+        name = shard_name(self.rank, self.next_index)
+        if self.hidden_points:
+            self._write_hidden(shard_name(self.rank, self.next_index, "safetensors"))
+        comp = self.compression
+
+        def write(tmp: Path) -> None:
+            pq.write_table(table, str(tmp), compression=comp)
+
+        atomic_write_with(self.path / "shards" / name, write)
+        self.next_index += 1
+        self.rows_done += self._buf_rows
+        self.last_key = (int(cat["doc_id"][-1]), int(cat["position"][-1]))
+        self._buf, self._buf_rows, self._hbuf = [], 0, []
+
+    def _write_hidden(self, name: str) -> None:
+        from safetensors.numpy import save_file
+
+        d = 0 if not self._hbuf else self._hbuf[0][self.hidden_points[0]].shape[-1]
+        d = d or self.meta.d_model
+        lh = len(self.hidden_layers)
+        out: dict[str, np.ndarray] = {}
+        for k in ("rows", "doc_id", "position"):
+            out[k] = (
+                np.concatenate([h[k] for h in self._hbuf]) if self._hbuf else np.zeros(0, np.int64)
+            )
+        for p in self.hidden_points:
+            out[p] = (
+                np.concatenate([h[p] for h in self._hbuf])
+                if self._hbuf
+                else np.zeros((0, lh, d), np.float16)
+            )
+        out["layers"] = np.asarray(self.hidden_layers, dtype=np.int64)
+        out = {k: np.ascontiguousarray(v) for k, v in out.items()}
+        atomic_write_with(
+            self.path / "hidden" / name,
+            lambda tmp: save_file(out, str(tmp), metadata={"rank": str(self.rank)}),
+        )
+
+    def close(self, done: bool = True) -> None:
+        """Flush the last shard; mark this rank complete when done=True."""
+        if self.closed:
+            return
+        self.flush()
+        if done:
+            atomic_write_json(
+                self.path / f"done-r{self.rank:03d}.json",
+                {"rank": self.rank, "rows": self.rows_done, "shards": self.next_index},
+            )
+        self.closed = True
+
+    @property
+    def is_done(self) -> bool:
+        """True when this rank already finished in a previous run."""
+        return (self.path / f"done-r{self.rank:03d}.json").exists()
+
+
+def open_shard(path: Path) -> pq.ParquetFile:
+    """Open a Parquet shard or raise TraceError naming it (truncated or not Parquet)."""
+    try:
+        return pq.ParquetFile(str(path), memory_map=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise TraceError(
+            f"{path}: corrupt or truncated Parquet shard ({exc}); delete it and rerun the same "
+            "`moelab trace` command to regenerate it"
+        ) from exc
+
+
+class TraceStore:
+    """Read a trace directory: meta, numpy arrays, DuckDB view, gates, hidden side store."""
+
+    def __init__(self, path: Path, meta: TraceMeta, shards: list[Path]) -> None:
+        self.path = path
+        self.meta = meta
+        self.shards = shards
+        self._files = [open_shard(s) for s in shards]
+        self._con: Any = None
+        want_logits = bool(meta.extra.get("logits", False))
+        want = arrow_schema(meta, want_logits)
+        for s, pf in zip(shards, self._files, strict=True):
+            if not pf.schema_arrow.equals(want):
+                raise TraceError(
+                    f"{s}: columns do not match {path / 'meta.json'} "
+                    f"(expected {len(want)} columns for L={meta.num_layers}, k={meta.top_k}, "
+                    f"logits={want_logits}; found {len(pf.schema_arrow)})"
+                )
+
+    @classmethod
+    def open(cls, path: str | Path) -> TraceStore:
+        """Open a store directory; TraceError if it is missing, empty or malformed."""
+        path = Path(path)
+        if not path.exists():
+            raise TraceError(
+                f"{path}: trace directory does not exist (create it with `moelab trace`)"
+            )
+        mpath = path / "meta.json"
+        if not mpath.exists():
+            raise TraceError(f"{mpath}: not found; {path} is not a moelab trace store")
+        try:
+            meta = TraceMeta.from_dict(json.loads(mpath.read_text()))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise TraceError(f"{mpath}: unreadable meta.json ({exc})") from exc
+        shards = sorted(
+            p for p in (path / "shards").glob("part-r*.parquet") if SHARD_RE.match(p.name)
+        )
+        return cls(path, meta, shards)
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        """Total rows over all shards."""
+        return sum(pf.metadata.num_rows for pf in self._files)
+
+    @property
+    def has_logits(self) -> bool:
+        """True if the shards hold full router logits."""
+        return bool(self.meta.extra.get("logits", False))
+
+    @property
+    def has_hidden(self) -> bool:
+        """True if a hidden side store was written."""
+        return bool(self.meta.extra.get("hidden_points")) and (self.path / "hidden").exists()
+
+    def nbytes(self) -> int:
+        """Bytes of the Parquet shards on disk (compressed)."""
+        return sum(s.stat().st_size for s in self.shards)
+
+    # -- loading -----------------------------------------------------------------------------
+    def _row_order(self) -> np.ndarray | None:
+        """Permutation putting rows of several ranks in document order (None if already)."""
+        ranks = {int(SHARD_RE.match(s.name).group(1)) for s in self.shards}  # type: ignore[union-attr]
+        if len(ranks) <= 1:
+            return None
+        doc = np.concatenate(
+            [pf.read(columns=["doc_id"])["doc_id"].to_numpy() for pf in self._files]
+        )
+        if np.all(doc[1:] >= doc[:-1]):
+            return None
+        return np.argsort(doc, kind="stable")
+
+    def load(
+        self,
+        columns: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+        float_dtype: Any = np.float32,
+        hidden: bool = True,
+    ) -> Trace:
+        """Read all shards into a Trace (rows in document order).
+
+        columns: subset of {"logits", "weights", "hidden"} to read besides ids and base columns
+        (None = everything present). Arrays are filled shard by shard into preallocated
+        buffers, so peak memory is the result plus one shard.
+        """
+        m = self.meta
+        want = set(columns) if columns is not None else {"logits", "weights", "hidden"}
+        if layers is not None:
+            raise TraceError(
+                "TraceStore.load(layers=...) is not supported; use .sql() or expert_counts()"
+            )
+        n = self.num_tokens
+        L, k, E = m.num_layers, m.top_k, m.num_experts
+        base = {
+            "doc_id": np.empty(n, np.int64),
+            "position": np.empty(n, np.int32),
+            "token_id": np.empty(n, np.int64),
+            "domain": np.empty(n, np.int16),
+            "is_bos": np.empty(n, bool),
+        }
+        ids = np.empty((n, L, k), np.int16)
+        w = np.zeros((n, L, k), float_dtype)
+        lg = np.empty((n, L, E), float_dtype) if ("logits" in want and self.has_logits) else None
+        sentinel = np.iinfo(id_dtype(E)).max
+        off = 0
+        for pf in self._files:
+            cols = list(BASE_COLUMNS) + [f"e{li}_{j}" for li in range(L) for j in range(k)]
+            if "weights" in want:
+                cols += [f"w{li}_{j}" for li in range(L) for j in range(k)]
+            if lg is not None:
+                cols += [f"logits{li}" for li in range(L)]
+            t = pf.read(columns=cols)
+            r = t.num_rows
+            for c in BASE_COLUMNS:
+                base[c][off : off + r] = t[c].to_numpy()
+            for li in range(L):
+                for j in range(k):
+                    e = t[f"e{li}_{j}"].to_numpy().astype(np.int16)
+                    ids[off : off + r, li, j] = np.where(e == sentinel, NO_EXPERT, e)
+                    if "weights" in want:
+                        w[off : off + r, li, j] = t[f"w{li}_{j}"].to_numpy()
+                if lg is not None:
+                    col = t[f"logits{li}"].combine_chunks()
+                    lg[off : off + r, li, :] = col.flatten().to_numpy().reshape(r, E)
+            off += r
+        order = self._row_order()
+        hid, hrows = ({}, None)
+        if "hidden" in want and hidden and self.has_hidden:
+            hid, hrows = self._load_hidden(n, order)
+        if order is not None:
+            base = {k2: v[order] for k2, v in base.items()}
+            ids, w = ids[order], w[order]
+            lg = None if lg is None else lg[order]
+        return Trace(
+            meta=m,
+            expert_ids=ids,
+            weights=w,
+            logits=lg,
+            hidden=hid,
+            hidden_rows=hrows,
+            **base,
+        )
+
+    def hidden_files(self) -> list[Path]:
+        """Hidden side-store files in shard order."""
+        return [
+            self.path / "hidden" / s.name.replace(".parquet", ".safetensors") for s in self.shards
+        ]
+
+    def read_hidden(self, point: str = "router_input") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(doc_id [M], position [M], states [M, Lh, D] float16) of one point, compact layers.
+
+        The recorded layers are meta.extra["hidden_layers"] (all MoE layers by default).
+        """
+        from safetensors.numpy import load_file
+
+        if not self.has_hidden:
+            raise TraceError(f"{self.path}: no hidden side store (retrace with --hidden-rate > 0)")
+        if point not in self.meta.extra.get("hidden_points", []):
+            raise TraceError(
+                f"{self.path}: hidden point {point!r} not recorded; have {self.meta.extra.get('hidden_points')}"
+            )
+        docs, poss, hs = [], [], []
+        for f in self.hidden_files():
+            if not f.exists():
+                raise TraceError(f"{f}: hidden side-store file missing for its shard")
+            try:
+                t = load_file(str(f))
+            except Exception as exc:  # noqa: BLE001
+                raise TraceError(f"{f}: corrupt hidden side-store file ({exc})") from exc
+            docs.append(t["doc_id"])
+            poss.append(t["position"])
+            hs.append(t[point])
+        return np.concatenate(docs), np.concatenate(poss), np.concatenate(hs)
+
+    def _load_hidden(
+        self, n: int, order: np.ndarray | None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Hidden states expanded to [M, L, D] (NaN for layers not recorded) + trace row ids."""
+        from safetensors.numpy import load_file
+
+        points = self.meta.extra.get("hidden_points", [])
+        rows_all, per_point = [], {p: [] for p in points}
+        offset = 0
+        layers = None
+        rank_rows: dict[int, int] = {}
+        for s, f, pf in zip(self.shards, self.hidden_files(), self._files, strict=True):
+            if not f.exists():
+                raise TraceError(f"{f}: hidden side-store file missing for shard {s.name}")
+            try:
+                t = load_file(str(f))
+            except Exception as exc:  # noqa: BLE001
+                raise TraceError(f"{f}: corrupt hidden side-store file ({exc})") from exc
+            # rows on disk count within the rank's own stream; its shards are consecutive
+            rank = int(SHARD_RE.match(s.name).group(1))  # type: ignore[union-attr]
+            local = t["rows"] - rank_rows.get(rank, 0)
+            rank_rows[rank] = rank_rows.get(rank, 0) + pf.metadata.num_rows
+            if local.size and (local.min() < 0 or local.max() >= pf.metadata.num_rows):
+                raise TraceError(f"{f}: hidden row ids fall outside shard {s.name}")
+            rows_all.append(local + offset)
+            for pt in points:
+                per_point[pt].append(t[pt])
+            layers = t["layers"]
+            offset += pf.metadata.num_rows
+        rows = np.concatenate(rows_all) if rows_all else np.zeros(0, np.int64)
+        if order is not None:
+            inv = np.empty_like(order)
+            inv[order] = np.arange(order.shape[0])
+            rows = inv[rows]
+        srt = np.argsort(rows, kind="stable")
+        rows = rows[srt]
+        out = {}
+        L = self.meta.num_layers
+        for pt in points:
+            h = (
+                np.concatenate(per_point[pt])[srt]
+                if per_point[pt]
+                else np.zeros((0, 0, 0), np.float16)
+            )
+            if layers is not None and len(layers) != L and h.size:
+                full = np.full((h.shape[0], L, h.shape[2]), np.nan, np.float16)
+                full[:, layers] = h
+                h = full
+            out[pt] = h
+        return out, rows
+
+    # -- queries -----------------------------------------------------------------------------
+    def expert_counts(self) -> np.ndarray:
+        """[L, E] int64 number of (token, slot) assignments per expert, reading only id columns."""
+        L, k, E = self.meta.num_layers, self.meta.top_k, self.meta.num_experts
+        out = np.zeros((L, E + 1), np.int64)
+        sentinel = np.iinfo(id_dtype(E)).max
+        for pf in self._files:
+            t = pf.read(columns=[f"e{li}_{j}" for li in range(L) for j in range(k)])
+            for li in range(L):
+                for j in range(k):
+                    e = t[f"e{li}_{j}"].to_numpy()
+                    c = np.bincount(e, minlength=sentinel + 1)
+                    out[li, :E] += c[:E]
+        return out[:, :E]
+
+    def sql(self, query: str) -> Any:
+        """Run DuckDB SQL with a view named `trace` over all shards (streams; larger than RAM ok)."""
+        import duckdb
+
+        if self._con is None:
+            self._con = duckdb.connect()
+            if self.shards:
+                files = ", ".join("'" + str(s).replace("'", "''") + "'" for s in self.shards)
+                self._con.execute(f"create view trace as select * from read_parquet([{files}])")
+            else:
+                cols = ", ".join(f'NULL::INTEGER as "{c}"' for c in BASE_COLUMNS)
+                self._con.execute(f"create view trace as select {cols} where false")
+        try:
+            return self._con.sql(query)
+        except Exception as exc:  # noqa: BLE001
+            raise TraceError(f"{self.path}: DuckDB query failed: {exc}") from exc
+
+    def gates(self) -> GateSet:
+        """The routers saved with the trace (gates.safetensors)."""
+        p = self.path / "gates.safetensors"
+        if not p.exists():
+            raise TraceError(
+                f"{p}: not found; this trace has no gates (its adapter could not export routers). "
+                "Retrace with `moelab trace --model PATH ...` using a model whose adapter exports gates"
+            )
+        return GateSet.load(p)
+
+    def documents(self) -> pa.Table | None:
+        """documents.parquet (doc_id, name, domain, num_tokens) if written."""
+        p = self.path / "documents.parquet"
+        return pq.read_table(str(p)) if p.exists() else None
+
+    def rank_done(self, rank: int) -> bool:
+        """True when process `rank` finished its share."""
+        return (self.path / f"done-r{rank:03d}.json").exists()

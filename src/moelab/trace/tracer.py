@@ -1,0 +1,138 @@
+"""Tracer: forward hooks on an adapter's router sites that record, for one padded batch, the
+top-k expert ids, weights, router logits and sampled hidden states of every real token.
+
+Hooks only read tensors (no model edits); hidden states are taken at the router input (the MoE
+block's input, i.e. the pre-router norm's output) and optionally at the block input (the
+pre-attention residual stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from moelab.errors import ModelError
+from moelab.trace.adapters import Adapter
+
+
+@dataclass
+class BatchRecord:
+    """Routing of the n real tokens of one batch (rows in batch-flat order)."""
+
+    expert_ids: np.ndarray  # [n, L, k] int
+    weights: np.ndarray  # [n, L, k] float16
+    logits: np.ndarray | None  # [n, L, E] float16
+    hidden: dict[str, np.ndarray] = field(default_factory=dict)  # point -> [m, Lh, D] float16
+
+
+class Tracer:
+    """Context manager: `with Tracer(adapter, ...) as t: rec = t.record(ids, mask, sel, hsel)`."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        logits: bool = True,
+        hidden_points: tuple[str, ...] = (),
+        hidden_layers: list[int] | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.logits = logits
+        self.hidden_points = hidden_points
+        L = len(adapter.sites)
+        self.hidden_layers = list(range(L)) if hidden_layers is None else list(hidden_layers)
+        for h in self.hidden_layers:
+            if not 0 <= h < L:
+                raise ModelError(
+                    f"hidden layer {h} out of range: the model has {L} MoE layers (0..{L - 1})"
+                )
+        self._hpos = {layer: i for i, layer in enumerate(self.hidden_layers)}
+        self._handles: list[Any] = []
+        self._out: list[Any] = [None] * L
+        self._hid: dict[str, list[Any]] = {
+            p: [None] * len(self.hidden_layers) for p in hidden_points
+        }
+        self._hsel: torch.Tensor | None = None
+
+    def __enter__(self) -> Tracer:
+        for li, site in enumerate(self.adapter.sites):
+            self._handles.append(
+                site.module.register_forward_hook(self._router_hook(li), with_kwargs=True)
+            )
+            if "residual" in self.hidden_points and li in self._hpos:
+                if site.block is None:
+                    raise ModelError(
+                        f"{site.name}: no transformer block known for residual capture"
+                    )
+                self._handles.append(
+                    site.block.register_forward_pre_hook(self._block_hook(li), with_kwargs=True)
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _router_hook(self, li: int) -> Any:
+        want_h = "router_input" in self.hidden_points and li in self._hpos
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            # keep references only; decoding happens once per batch after the forward
+            self._out[li] = (args, output)
+            if want_h and self._hsel is not None:
+                x = self.adapter.router_input(args, kwargs)
+                self._hid["router_input"][self._hpos[li]] = x[self._hsel].to(torch.float16)
+
+        return hook
+
+    def _block_hook(self, li: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._hsel is None:
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(-1, x.shape[-1])
+            self._hid["residual"][self._hpos[li]] = x[self._hsel].to(torch.float16)
+
+        return hook
+
+    @torch.inference_mode()
+    def record(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sel: torch.Tensor,
+        hidden_sel: torch.Tensor | None = None,
+    ) -> BatchRecord:
+        """Run the model on one batch; return routing of the flat positions `sel` (real tokens)."""
+        self._out = [None] * len(self.adapter.sites)
+        self._hsel = (
+            hidden_sel
+            if (self.hidden_points and hidden_sel is not None and hidden_sel.numel())
+            else None
+        )
+        self.adapter.run(input_ids, attention_mask)
+        ids, ws, lgs = [], [], []
+        for li, site in enumerate(self.adapter.sites):
+            if self._out[li] is None:
+                raise ModelError(f"{site.name}: router hook did not fire during the forward pass")
+            args, output = self._out[li]
+            d = self.adapter.decode(site, args, output)
+            ids.append(d.expert_ids[sel])
+            ws.append(d.weights[sel])
+            if self.logits:
+                lgs.append(d.logits[sel].to(torch.float16))
+        self._out = [None] * len(self.adapter.sites)
+        rec = BatchRecord(
+            expert_ids=torch.stack(ids, 1).cpu().numpy(),
+            weights=torch.stack(ws, 1).to(torch.float16).cpu().numpy(),
+            logits=torch.stack(lgs, 1).cpu().numpy() if self.logits else None,
+        )
+        if self._hsel is not None:
+            for p, lst in self._hid.items():
+                rec.hidden[p] = torch.stack(lst, 1).cpu().numpy()
+                self._hid[p] = [None] * len(self.hidden_layers)
+        self._hsel = None
+        return rec

@@ -1,0 +1,65 @@
+"""moelab's own MoETransformer: traced routing equals ModelOutput.routing on the same batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from trace_testutil import build_moelab, make_docs
+
+from moelab.models.transformer import MoETransformer
+from moelab.trace.adapters import MoelabAdapter, get_adapter
+from moelab.trace.api import iter_batches, make_batch, plan_chunks, trace_model
+
+
+def test_moelab_matches_model_routing(tmp_path: Path) -> None:
+    ckpt = build_moelab(tmp_path)
+    docs = make_docs(5, seed=2)
+    store = trace_model(
+        ckpt,
+        docs,
+        None,
+        tmp_path / "t",
+        seq_len=16,
+        batch_size=2,
+        hidden_rate=1.0,
+        hidden_points=("router_input", "residual"),
+        progress=False,
+    )
+    tr = store.load()
+    assert store.meta.family == "moelab" and store.meta.layer_indices == [1, 2]
+    model = MoETransformer.load(ckpt)
+    assert isinstance(get_adapter(model), MoelabAdapter)
+    plan = plan_chunks(docs, lambda t: [], 2, 16, None, 0, 1, ["prose", "code"], None)
+    ids, ws, lgs = [], [], []
+    for batch in iter_batches(plan.chunks, 2):
+        inp, mask, _, sel = make_batch(batch, torch.device("cpu"))
+        with torch.no_grad():
+            out = model(inp, attention_mask=mask)
+        rs = [r for r in out.routing if r is not None]
+        ids.append(np.stack([r.expert_ids[sel].numpy() for r in rs], 1))
+        ws.append(np.stack([r.weights[sel].float().numpy() for r in rs], 1))
+        lgs.append(np.stack([r.logits[sel].float().numpy() for r in rs], 1))
+    np.testing.assert_array_equal(tr.expert_ids, np.concatenate(ids))
+    np.testing.assert_array_equal(
+        tr.weights, np.concatenate(ws).astype(np.float16).astype(np.float32)
+    )
+    np.testing.assert_array_equal(
+        tr.logits, np.concatenate(lgs).astype(np.float16).astype(np.float32)
+    )
+    # gates: router input hidden states reproduce the logits; residual -> norm -> router input
+    gs = store.gates()
+    for li in range(2):
+        h = tr.hidden["router_input"][:, li].astype(np.float32)
+        assert np.abs(gs.logits(li, h) - tr.logits[tr.hidden_rows, li]).max() < 0.02
+        blk = model.blocks[store.meta.layer_indices[li]]
+        np.testing.assert_array_equal(gs.norm_weight[li], blk.ffn_norm.weight.detach().numpy())
+    assert tr.hidden["residual"].shape == tr.hidden["router_input"].shape
+    # layer-0 residual is the embedding of the token: check against the embedding table
+    emb = model.embed_tokens.weight.detach().numpy()
+    tok = tr.token_id[tr.hidden_rows]
+    blk0 = store.meta.layer_indices[0]
+    if blk0 == 0:
+        np.testing.assert_allclose(tr.hidden["residual"][:, 0], emb[tok], atol=1e-3)
+    assert tr.hidden["residual"][:, 0].std() > 0
