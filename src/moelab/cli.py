@@ -17,7 +17,16 @@ app = typer.Typer(
 
 # One line per stage module; each defines register(app: typer.Typer) -> None.
 COMMAND_MODULES = [
+    "moelab.demo.commands",
+    "moelab.moefy.commands",
     "moelab.layers.commands",
+    "moelab.data.commands",
+    "moelab.train.commands",
+    "moelab.models.commands",
+    "moelab.analysis.commands",
+    "moelab.trace.commands",
+    "moelab.offload.commands",
+    "moelab.predict.commands",
 ]
 
 for _name in COMMAND_MODULES:

@@ -57,3 +57,13 @@ def test_two_processes_union_equals_single(tmp_path: Path) -> None:
     ):
         np.testing.assert_array_equal(getattr(multi, key), getattr(single, key), err_msg=key)
     np.testing.assert_array_equal(multi.hidden["router_input"], single.hidden["router_input"])
+
+
+def test_bare_cuda_maps_to_the_local_rank(monkeypatch):
+    from moelab.trace.api import local_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device("cuda", 4) == "cuda:3"
+    assert local_device("cuda", 1) == "cuda"  # single process: unchanged
+    assert local_device("cuda:1", 4) == "cuda:1"  # explicit index wins
+    assert local_device("cpu", 4) == "cpu"

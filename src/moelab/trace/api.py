@@ -255,6 +255,19 @@ def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_device(device: str, world_size: int) -> str:
+    """Under torchrun with several processes, a bare "cuda" means this process's GPU
+    (cuda:LOCAL_RANK), so N processes use N GPUs instead of all loading onto GPU 0."""
+    import os
+
+    if world_size > 1 and device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
 def make_batch(
     chunks: list[Chunk], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray], torch.Tensor]:
@@ -329,6 +342,7 @@ def trace_model(
         raise TraceError(f"hidden_rate={hidden_rate} must be in [0, 1]")
     torch.manual_seed(seed)
     rank, world_size = dist_info(rank, world_size)
+    device = local_device(device, world_size)
     model_name = (
         str(model_or_path)
         if isinstance(model_or_path, (str, Path))

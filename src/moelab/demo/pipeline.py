@@ -1,0 +1,420 @@
+"""The whole moelab chain on the built-in default corpus, one cached stage at a time:
+
+data + tokenizer -> train MoE and the dense model of equal active FLOPs -> trace the train and
+held-out test splits (router ids, weights, logits, hidden states) -> analyses -> fit predictors on
+the train trace, score them on the test trace -> offload replay sweep + live offloaded generation
+-> one self-contained report.html + summary.json.
+
+Each stage writes under `runs/demo/<stage>/` and a `done.json`; an interrupted run resumes
+(training continues from its last checkpoint) and a second run reuses what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from moelab._io import atomic_write_json
+from moelab.errors import ConfigError
+from moelab.stages import StageRunner
+
+console = Console()
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of every stage; `quick()` is the <= 3 minute variant used by the end-to-end test."""
+
+    out: str = "runs/demo"
+    quick: bool = False
+    seed: int = 0
+    corpus: str = "default"
+    max_bytes: int | None = 3_000_000
+    train_minutes: float | None = 4.5  # per model (MoE and dense); None = max_steps only
+    max_steps: int = 4000
+    trace_train_tokens: int = 120_000
+    trace_test_tokens: int = 60_000
+    hidden_rate: float = 1.0
+    trace_doc_chars: int = 6000  # characters traced per document (spreads the cap over documents)
+    predictor_epochs: int = 30
+    horizons: tuple[int, ...] = (1, 2, 3)
+    offload_tokens: int = 4000  # test-trace rows replayed per offload simulation
+    generate_tokens: int = 48
+    threads: int = 0
+
+    @classmethod
+    def make(cls, quick: bool = False, **overrides: Any) -> DemoConfig:
+        """Default or quick config with overrides (None values ignored)."""
+        base: dict[str, Any] = {}
+        if quick:
+            base = dict(
+                quick=True,
+                max_bytes=400_000,
+                train_minutes=None,
+                max_steps=60,
+                trace_train_tokens=30_000,
+                trace_test_tokens=8_000,
+                trace_doc_chars=1500,
+                predictor_epochs=4,
+                horizons=(1,),
+                offload_tokens=600,
+                generate_tokens=12,
+            )
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+# ------------------------------------------------------------------------------ stages
+def stage_train(cfg: DemoConfig, d: Path) -> dict[str, Any]:
+    """Train the MoE LM and its equal-active-FLOPs dense twin on the same data (moelab compare)."""
+    from moelab.train.compare import compare
+    from moelab.train.config import load_train_config
+
+    tcfg = load_train_config(
+        None,
+        quick=cfg.quick,
+        corpus=cfg.corpus,
+        max_bytes=cfg.max_bytes,
+        max_minutes=cfg.train_minutes,
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        out_dir=str(d),
+        data_dir=str(d / "data"),
+        threads=cfg.threads,
+    )
+    res = compare(tcfg, d, console=console, resume=True)
+    moe, dense = res["runs"]["moe"], res["runs"]["dense"]
+    return {
+        "moe_dir": str(d / "moe" / "model"),
+        "dense_dir": str(d / "dense" / "model"),
+        "data_dir": str(d / "data"),
+        "unigram_ppl": res["unigram_ppl"],
+        "moe_val_ppl": moe["final_val_ppl"],
+        "dense_val_ppl": dense["final_val_ppl"],
+        "moe_ppl_at_equal_flops": moe["val_ppl_at_equal_flops"],
+        "dense_ppl_at_equal_flops": dense["val_ppl_at_equal_flops"],
+        "moe_tokens_per_s": moe["tokens_per_s"],
+        "dense_tokens_per_s": dense["tokens_per_s"],
+        "moe_total_params": moe["total_params"],
+        "moe_active_params": moe["active_params"],
+        "dense_total_params": dense["total_params"],
+        "compare_png": str(d / "compare.png"),
+        "train_config": tcfg.model_dump(),
+    }
+
+
+def split_docs(cfg: DemoConfig, data_dir: str) -> dict[str, list]:
+    """The exact train/validation/test documents the model was trained with (from splits.json)."""
+    from moelab.data.corpora import load_corpus
+    from moelab.data.splits import apply_splits, load_splits
+
+    docs = load_corpus(cfg.corpus, max_bytes=cfg.max_bytes, seed=cfg.seed)
+    return apply_splits(docs, load_splits(Path(data_dir) / "splits.json"))
+
+
+def interleave_domains(docs: list, max_chars: int) -> list:
+    """Round-robin over domains (so a token cap covers every domain), each document cut to
+    max_chars characters (so a few long documents cannot fill the whole cap)."""
+    from dataclasses import replace
+
+    by_dom: dict[str, list] = {}
+    for doc in docs:
+        by_dom.setdefault(doc.domain, []).append(doc)
+    out, queues = [], [list(v) for v in by_dom.values()]
+    while any(queues):
+        for q in queues:
+            if q:
+                doc = q.pop(0)
+                out.append(replace(doc, text=doc.text[:max_chars]))
+    return out
+
+
+def stage_trace(cfg: DemoConfig, d: Path, train: dict[str, Any]) -> dict[str, Any]:
+    """Trace the train split (for fitting predictors) and the test split (for everything else)."""
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.models.transformer import MoETransformer
+    from moelab.trace.api import trace_model
+
+    model = MoETransformer.load(train["moe_dir"])
+    tok = load_tokenizer(Path(train["data_dir"]) / "tokenizer.json")
+    docs = split_docs(cfg, train["data_dir"])
+    out = {}
+    for split, max_tokens in (("train", cfg.trace_train_tokens), ("test", cfg.trace_test_tokens)):
+        store = trace_model(
+            model,
+            interleave_domains(docs[split], cfg.trace_doc_chars),
+            tok,
+            d / split,
+            split=split,
+            logits=True,
+            hidden_rate=cfg.hidden_rate,
+            hidden_points=("router_input", "residual"),
+            max_tokens=max_tokens,
+            corpus=cfg.corpus,
+            seed=cfg.seed,
+            command="moelab demo",
+        )
+        out[f"{split}_trace"] = str(d / split)
+        out[f"{split}_tokens"] = int(store.num_tokens)
+    return out
+
+
+def stage_analyze(cfg: DemoConfig, d: Path, train: dict, traces: dict) -> dict[str, Any]:
+    """All routing analyses on the held-out test trace."""
+    from moelab.analysis.run import analyze
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.trace.store import TraceStore
+
+    test = TraceStore.open(traces["test_trace"]).load()
+    tok = load_tokenizer(Path(train["data_dir"]) / "tokenizer.json")
+    numbers = analyze(test, d, tokenizer=tok, seed=cfg.seed, max_points=1000 if cfg.quick else 2000)
+    return {"numbers": str(d / "numbers.json"), "report": str(d / "report.html"), **headline_analysis(numbers)}
+
+
+def headline_analysis(numbers: dict[str, Any]) -> dict[str, Any]:
+    """Balance and consecutive-token repeat vs chance, averaged over layers (test split)."""
+    out: dict[str, Any] = {}
+    bal = numbers.get("balance", [])
+    if bal:
+        out["balance_norm_entropy"] = float(np.mean([r["norm_entropy"] for r in bal]))
+        out["balance_max_over_mean"] = float(np.max([r["max_over_mean"] for r in bal]))
+        out["dead_experts"] = int(np.sum([r["dead"] for r in bal]))
+    rep = numbers.get("repeat")
+    if rep:
+        out["repeat_same_top1"] = float(np.mean([r["same_top1"] for r in rep["per_layer"]]))
+        out["repeat_any_overlap"] = float(np.mean([r["any_overlap"] for r in rep["per_layer"]]))
+        out["repeat_chance_top1"] = float(rep["chance_top1"])
+        out["repeat_chance_any"] = float(rep["chance_any"])
+    return out
+
+
+def predictor_names(cfg: DemoConfig, horizon, has_hidden: bool) -> list[str]:
+    """The predictor suite for one horizon (smaller in quick mode)."""
+    from moelab.predict import default_suite
+
+    names = default_suite(horizon, has_hidden=has_hidden, has_gates=True, points=("residual",))
+    if cfg.quick:
+        keep = {"prior", "prev-layer", "prev-token", "markov", "ngram2", "gate-lookahead",
+                "probe-linear", "token-mlp"}
+        names = [n for n in names if n in keep]
+    return names
+
+
+def stage_predict(cfg: DemoConfig, d: Path, traces: dict) -> dict[str, Any]:
+    """Fit every predictor on the train trace; score on the held-out test trace, per horizon."""
+    from moelab.predict import Horizon, make_predictor
+    from moelab.predict.evaluate import compare
+    from moelab.trace.store import TraceStore
+
+    tr_store = TraceStore.open(traces["train_trace"])
+    train, test = tr_store.load(), TraceStore.open(traces["test_trace"]).load()
+    gates = tr_store.gates()
+    L = train.meta.num_layers
+    horizons = [Horizon(layers_ahead=h) for h in cfg.horizons if h < L] + [Horizon(tokens_ahead=1)]
+    results: dict[str, Any] = {"split": "test", "fit_split": "train", "horizons": {}}
+    all_rows = []
+    for hz in horizons:
+        preds = []
+        for name in predictor_names(cfg, hz, bool(train.hidden)):
+            opts = {"epochs": cfg.predictor_epochs} if name in NEURAL else {}
+            p = make_predictor(name, hz, gates=gates, seed=cfg.seed, **opts)
+            p.fit(train)
+            p.name = name
+            preds.append(p)
+            if name in ("gate-lookahead", "ngram2", "markov") or name == "probe-mlp":
+                p.save(d / "predictors" / f"{hz}-{name}")
+        res = compare(preds, test, train=train, split_name="test", out_dir=d / str(hz), show=True)
+        all_rows.extend(res.results)
+        held = [r for r in res.results if not r.get("in_sample")]
+        best = max(held, key=lambda r: r["overall"]["recall@k"])
+        gate = next((r for r in held if r["predictor"] == "gate-lookahead"), None)
+        results["horizons"][str(hz)] = {
+            "best": best["predictor"],
+            "best_recall_at_k": best["overall"]["recall@k"],
+            "gate_lookahead_recall_at_k": gate["overall"]["recall@k"] if gate else None,
+            "prior_recall_at_k": next(r["overall"]["recall@k"] for r in held if r["predictor"] == "prior"),
+        }
+    atomic_write_json(d / "all_results.json", all_rows)
+    return results
+
+
+NEURAL = {"token-mlp", "token-mlp-sets", "probe-linear", "probe-mlp", "probe-shared",
+          "probe-residual", "temporal-mlp"}
+
+
+def stage_offload(cfg: DemoConfig, d: Path, train: dict, traces: dict, pred: dict) -> dict[str, Any]:
+    """Replay sweep (policies x cache sizes, with and without predictor prefetch) and a short
+    live offloaded generation checked token-for-token against the all-resident model."""
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.models.transformer import MoETransformer
+    from moelab.offload.live import generate_offloaded
+    from moelab.offload.simulate import get_hardware, oracle_plan, plan_from_predictor, simulate
+    from moelab.predict.base import Predictor
+    from moelab.trace.store import TraceStore
+
+    test = TraceStore.open(traces["test_trace"]).load()
+    n = min(cfg.offload_tokens, test.num_tokens)
+    sub = test.select(np.arange(n))
+    model = MoETransformer.load(train["moe_dir"])
+    expert_bytes = model.blocks[model.moe_layer_indices()[0]].ffn.experts.expert_nbytes()
+    hw = get_hardware("nvme-ram", expert_bytes=expert_bytes)
+    L, E, k = sub.meta.num_layers, sub.meta.num_experts, sub.meta.top_k
+    pdir = d.parent / "predict" / "predictors"
+    plan = None
+    gate_dir = pdir / "d=1-gate-lookahead"
+    if gate_dir.exists():
+        plan = plan_from_predictor(Predictor.load(gate_dir), sub)
+    rows = []
+    for frac in (0.10, 0.25, 0.50):
+        cap = max(k, int(round(frac * E)))
+        for policy in ("lru", "lfu", "lfru", "belady"):
+            for label, p in (("none", None), ("gate-lookahead", plan), ("oracle", oracle_plan(sub.expert_ids, 1))):
+                if p is None and label != "none":
+                    continue
+                r = simulate(sub.expert_ids, E, cap, policy, hardware=hw, plan=p, expert_bytes=expert_bytes)
+                row = {"cache": f"{frac:.0%}", "capacity_per_layer": cap, "policy": policy, "prefetch": label}
+                row.update({kk: v for kk, v in r.to_dict().items() if isinstance(v, (int, float, str))})
+                rows.append(row)
+    atomic_write_json(d / "replay.json", {"split": "test", "rows": rows, "tokens": n,
+                                          "hardware": asdict(hw) if hasattr(hw, "__dataclass_fields__") else str(hw)})
+    tok = load_tokenizer(Path(train["data_dir"]) / "tokenizer.json")
+    docs = split_docs(cfg, train["data_dir"])["test"]
+    prompt = torch.tensor([tok.encode(docs[0].text[:400]).ids[:24]])
+    resident = max(k, int(round(0.25 * E)))  # 25% of experts, but never fewer than k per layer
+    live = generate_offloaded(
+        lambda: MoETransformer.load(train["moe_dir"]),
+        prompt,
+        cfg.generate_tokens,
+        resident=resident,
+        policy="lru",
+        prefetch="adaptive",
+        store_dir=d / "store",
+        compare=True,
+    )
+    atomic_write_json(d / "live.json", live)
+    dec = live["decode"]
+    flat = {
+        "resident": f"{resident} of {E} experts per layer",
+        "policy": "lru",
+        "prefetch": "adaptive",
+        "decode_tokens_per_s": dec["tokens_per_s"],
+        "prefill_tokens_per_s": live["prefill"]["tokens_per_s"],
+        "stall_ms_per_token": dec["stall_ms_per_token"],
+        "bytes_per_token": dec["bytes_per_token"],
+        "timely_hit_rate": dec["timely_hit_rate"],
+        "speed_ratio": live.get("speed_vs_all_resident"),
+        "identical_to_all_resident": live.get("identical_to_all_resident"),
+        "store_tier": live["store"].get("tier") if isinstance(live.get("store"), dict) else None,
+    }
+    return {"replay": str(d / "replay.json"), "live": flat}
+
+
+# ------------------------------------------------------------------------------ report
+def write_report(cfg: DemoConfig, root: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """One self-contained report.html with every stage, plus summary.json (headline numbers)."""
+    from moelab.demo.report import build_report
+
+    summary = headline(res)
+    rep = build_report(cfg, res, summary)
+    rep.write(root / "report.html")
+    atomic_write_json(root / "summary.json", {"config": asdict(cfg), "headline": summary, "stages": res})
+    return summary
+
+
+def headline(res: dict[str, Any]) -> dict[str, Any]:
+    """The five headline numbers."""
+    tr, pr, off = res["train"], res["predict"], res["offload"]
+    an = headline_analysis(json.loads(Path(res["analyze"]["numbers"]).read_text()))
+    h1 = pr["horizons"].get("d=1") or next(iter(pr["horizons"].values()))
+    live = off["live"]
+    return {
+        "perplexity": {"moe": tr["moe_val_ppl"], "dense": tr["dense_val_ppl"], "unigram": tr["unigram_ppl"],
+                       "split": "validation"},
+        "balance": {"normalized_entropy_mean": an.get("balance_norm_entropy"),
+                    "max_over_mean_worst_layer": an.get("balance_max_over_mean")},
+        "repeat_rate": {"same_top1": an.get("repeat_same_top1"), "chance_top1": an.get("repeat_chance_top1"),
+                        "any_overlap": an.get("repeat_any_overlap"), "split": "test"},
+        "predictor": {"best": h1["best"], "best_recall_at_k": h1["best_recall_at_k"],
+                      "gate_lookahead_recall_at_k": h1["gate_lookahead_recall_at_k"], "split": "test"},
+        "offload": {"resident": live.get("resident"),
+                    "tokens_per_s_ratio_vs_all_resident": live.get("speed_ratio"),
+                    "timely_hit_rate": live.get("timely_hit_rate"),
+                    "identical_to_all_resident": live.get("identical_to_all_resident")},
+    }
+
+
+def print_headline(h: dict[str, Any], report: Path) -> None:
+    """Rich table of the five headline numbers."""
+
+    def f(x: Any, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x, fmt) if isinstance(x, (int, float)) else str(x)
+
+    t = Table(title="moelab demo: headline numbers")
+    t.add_column("what")
+    t.add_column("value")
+    p = h["perplexity"]
+    t.add_row("validation perplexity MoE vs dense (equal active FLOPs)",
+              f"{f(p['moe'], '.2f')} vs {f(p['dense'], '.2f')} (unigram {f(p['unigram'], '.1f')})")
+    b = h["balance"]
+    t.add_row("balance: normalised entropy (1 = uniform) / worst max-over-mean",
+              f"{f(b['normalized_entropy_mean'])} / {f(b['max_over_mean_worst_layer'], '.2f')}")
+    r = h["repeat_rate"]
+    t.add_row("consecutive tokens, same top-1 expert vs chance", f"{f(r['same_top1'])} vs {f(r['chance_top1'])}")
+    q = h["predictor"]
+    t.add_row(f"best predictor recall@k, 1 layer ahead, held-out ({q['best']})",
+              f"{f(q['best_recall_at_k'])} vs gate lookahead {f(q['gate_lookahead_recall_at_k'])}")
+    o = h["offload"]
+    t.add_row("offloaded generation (25% resident, LRU + adaptive prefetch) speed vs all-resident",
+              f"{f(o['tokens_per_s_ratio_vs_all_resident'], '.2f')}x, timely hits {f(o['timely_hit_rate'])}, "
+              f"identical output: {o['identical_to_all_resident']}")
+    console.print(t)
+    console.print(f"[bold]report:[/bold] {report}")
+
+
+def run_demo(cfg: DemoConfig | None = None, force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the headline numbers."""
+    cfg = cfg or DemoConfig()
+    if cfg.trace_test_tokens < 100:
+        raise ConfigError(f"trace_test_tokens={cfg.trace_test_tokens}: need at least 100 tokens")
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    runner = StageRunner(root, force=force)
+    p = asdict(cfg)
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {}
+    res["train"] = runner.run("train", _keys(p, "quick seed corpus max_bytes train_minutes max_steps"),
+                              lambda d: stage_train(cfg, d), resumable=True)
+    res["trace"] = runner.run("trace", _keys(p, "quick seed corpus max_bytes trace_train_tokens trace_test_tokens hidden_rate trace_doc_chars"),
+                              lambda d: stage_trace(cfg, d, res["train"]), resumable=True)
+    res["analyze"] = runner.run("analyze", {**_keys(p, "seed"), "trace": res["trace"]},
+                                lambda d: stage_analyze(cfg, d, res["train"], res["trace"]))
+    res["predict"] = runner.run("predict", {**_keys(p, "seed predictor_epochs horizons quick"), "trace": res["trace"]},
+                                lambda d: stage_predict(cfg, d, res["trace"]))
+    res["offload"] = runner.run("offload", {**_keys(p, "seed offload_tokens generate_tokens"), "trace": res["trace"]},
+                                lambda d: stage_offload(cfg, d, res["train"], res["trace"], res["predict"]))
+    summary = write_report(cfg, root, res)
+    res["seconds_total"] = round(time.perf_counter() - t0, 1)
+    print_headline(summary, root / "report.html")
+    return summary
+
+
+def _keys(d: dict[str, Any], names: str) -> dict[str, Any]:
+    return {k: d[k] for k in names.split()}
+
+
+def load_summary(out: str | Path = "runs/demo") -> dict[str, Any]:
+    """Read summary.json of a finished demo."""
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run_demo(DemoConfig.make(quick="--quick" in sys.argv))
