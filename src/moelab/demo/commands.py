@@ -10,9 +10,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(
-        quick: bool = typer.Option(False, "--quick", help="tiny sizes: whole chain in about 3 minutes"),
-        out: str = typer.Option("runs/demo", help="folder for every stage's outputs (cached, resumable)"),
-        model: str = typer.Option("default", help="'default' (train a small MoE LM) or 'smollm2-moe'"),
+        quick: bool = typer.Option(
+            False, "--quick", help="tiny sizes: whole chain in about 3 minutes"
+        ),
+        out: str = typer.Option(
+            "runs/demo", help="folder for every stage's outputs (cached, resumable)"
+        ),
+        model: str = typer.Option(
+            "default", help="'default' (train a small MoE LM) or 'smollm2-moe'"
+        ),
         seed: int = typer.Option(0, help="random seed"),
         force: bool = typer.Option(False, "--force", help="redo every stage even if done"),
         train_minutes: float = typer.Option(None, help="override: minutes of training per model"),

@@ -177,7 +177,11 @@ def stage_analyze(cfg: DemoConfig, d: Path, train: dict, traces: dict) -> dict[s
     test = TraceStore.open(traces["test_trace"]).load()
     tok = load_tokenizer(Path(train["data_dir"]) / "tokenizer.json")
     numbers = analyze(test, d, tokenizer=tok, seed=cfg.seed, max_points=1000 if cfg.quick else 2000)
-    return {"numbers": str(d / "numbers.json"), "report": str(d / "report.html"), **headline_analysis(numbers)}
+    return {
+        "numbers": str(d / "numbers.json"),
+        "report": str(d / "report.html"),
+        **headline_analysis(numbers),
+    }
 
 
 def headline_analysis(numbers: dict[str, Any]) -> dict[str, Any]:
@@ -203,8 +207,16 @@ def predictor_names(cfg: DemoConfig, horizon, has_hidden: bool) -> list[str]:
 
     names = default_suite(horizon, has_hidden=has_hidden, has_gates=True, points=("residual",))
     if cfg.quick:
-        keep = {"prior", "prev-layer", "prev-token", "markov", "ngram2", "gate-lookahead",
-                "probe-linear", "token-mlp"}
+        keep = {
+            "prior",
+            "prev-layer",
+            "prev-token",
+            "markov",
+            "ngram2",
+            "gate-lookahead",
+            "probe-linear",
+            "token-mlp",
+        }
         names = [n for n in names if n in keep]
     return names
 
@@ -241,17 +253,28 @@ def stage_predict(cfg: DemoConfig, d: Path, traces: dict) -> dict[str, Any]:
             "best": best["predictor"],
             "best_recall_at_k": best["overall"]["recall@k"],
             "gate_lookahead_recall_at_k": gate["overall"]["recall@k"] if gate else None,
-            "prior_recall_at_k": next(r["overall"]["recall@k"] for r in held if r["predictor"] == "prior"),
+            "prior_recall_at_k": next(
+                r["overall"]["recall@k"] for r in held if r["predictor"] == "prior"
+            ),
         }
     atomic_write_json(d / "all_results.json", all_rows)
     return results
 
 
-NEURAL = {"token-mlp", "token-mlp-sets", "probe-linear", "probe-mlp", "probe-shared",
-          "probe-residual", "temporal-mlp"}
+NEURAL = {
+    "token-mlp",
+    "token-mlp-sets",
+    "probe-linear",
+    "probe-mlp",
+    "probe-shared",
+    "probe-residual",
+    "temporal-mlp",
+}
 
 
-def stage_offload(cfg: DemoConfig, d: Path, train: dict, traces: dict, pred: dict) -> dict[str, Any]:
+def stage_offload(
+    cfg: DemoConfig, d: Path, train: dict, traces: dict, pred: dict
+) -> dict[str, Any]:
     """Replay sweep (policies x cache sizes, with and without predictor prefetch) and a short
     live offloaded generation checked token-for-token against the all-resident model."""
     from moelab.data.tokenizer import load_tokenizer
@@ -267,7 +290,7 @@ def stage_offload(cfg: DemoConfig, d: Path, train: dict, traces: dict, pred: dic
     model = MoETransformer.load(train["moe_dir"])
     expert_bytes = model.blocks[model.moe_layer_indices()[0]].ffn.experts.expert_nbytes()
     hw = get_hardware("nvme-ram", expert_bytes=expert_bytes)
-    L, E, k = sub.meta.num_layers, sub.meta.num_experts, sub.meta.top_k
+    E, k = sub.meta.num_experts, sub.meta.top_k
     pdir = d.parent / "predict" / "predictors"
     plan = None
     gate_dir = pdir / "d=1-gate-lookahead"
@@ -277,15 +300,35 @@ def stage_offload(cfg: DemoConfig, d: Path, train: dict, traces: dict, pred: dic
     for frac in (0.10, 0.25, 0.50):
         cap = max(k, int(round(frac * E)))
         for policy in ("lru", "lfu", "lfru", "belady"):
-            for label, p in (("none", None), ("gate-lookahead", plan), ("oracle", oracle_plan(sub.expert_ids, 1))):
+            for label, p in (
+                ("none", None),
+                ("gate-lookahead", plan),
+                ("oracle", oracle_plan(sub.expert_ids, 1)),
+            ):
                 if p is None and label != "none":
                     continue
-                r = simulate(sub.expert_ids, E, cap, policy, hardware=hw, plan=p, expert_bytes=expert_bytes)
-                row = {"cache": f"{frac:.0%}", "capacity_per_layer": cap, "policy": policy, "prefetch": label}
-                row.update({kk: v for kk, v in r.to_dict().items() if isinstance(v, (int, float, str))})
+                r = simulate(
+                    sub.expert_ids, E, cap, policy, hardware=hw, plan=p, expert_bytes=expert_bytes
+                )
+                row = {
+                    "cache": f"{frac:.0%}",
+                    "capacity_per_layer": cap,
+                    "policy": policy,
+                    "prefetch": label,
+                }
+                row.update(
+                    {kk: v for kk, v in r.to_dict().items() if isinstance(v, (int, float, str))}
+                )
                 rows.append(row)
-    atomic_write_json(d / "replay.json", {"split": "test", "rows": rows, "tokens": n,
-                                          "hardware": asdict(hw) if hasattr(hw, "__dataclass_fields__") else str(hw)})
+    atomic_write_json(
+        d / "replay.json",
+        {
+            "split": "test",
+            "rows": rows,
+            "tokens": n,
+            "hardware": asdict(hw) if hasattr(hw, "__dataclass_fields__") else str(hw),
+        },
+    )
     tok = load_tokenizer(Path(train["data_dir"]) / "tokenizer.json")
     docs = split_docs(cfg, train["data_dir"])["test"]
     prompt = torch.tensor([tok.encode(docs[0].text[:400]).ids[:24]])
@@ -326,7 +369,9 @@ def write_report(cfg: DemoConfig, root: Path, res: dict[str, Any]) -> dict[str, 
     summary = headline(res)
     rep = build_report(cfg, res, summary)
     rep.write(root / "report.html")
-    atomic_write_json(root / "summary.json", {"config": asdict(cfg), "headline": summary, "stages": res})
+    atomic_write_json(
+        root / "summary.json", {"config": asdict(cfg), "headline": summary, "stages": res}
+    )
     return summary
 
 
@@ -337,18 +382,34 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
     h1 = pr["horizons"].get("d=1") or next(iter(pr["horizons"].values()))
     live = off["live"]
     return {
-        "perplexity": {"moe": tr["moe_val_ppl"], "dense": tr["dense_val_ppl"], "unigram": tr["unigram_ppl"],
-                       "split": "validation"},
-        "balance": {"normalized_entropy_mean": an.get("balance_norm_entropy"),
-                    "max_over_mean_worst_layer": an.get("balance_max_over_mean")},
-        "repeat_rate": {"same_top1": an.get("repeat_same_top1"), "chance_top1": an.get("repeat_chance_top1"),
-                        "any_overlap": an.get("repeat_any_overlap"), "split": "test"},
-        "predictor": {"best": h1["best"], "best_recall_at_k": h1["best_recall_at_k"],
-                      "gate_lookahead_recall_at_k": h1["gate_lookahead_recall_at_k"], "split": "test"},
-        "offload": {"resident": live.get("resident"),
-                    "tokens_per_s_ratio_vs_all_resident": live.get("speed_ratio"),
-                    "timely_hit_rate": live.get("timely_hit_rate"),
-                    "identical_to_all_resident": live.get("identical_to_all_resident")},
+        "perplexity": {
+            "moe": tr["moe_val_ppl"],
+            "dense": tr["dense_val_ppl"],
+            "unigram": tr["unigram_ppl"],
+            "split": "validation",
+        },
+        "balance": {
+            "normalized_entropy_mean": an.get("balance_norm_entropy"),
+            "max_over_mean_worst_layer": an.get("balance_max_over_mean"),
+        },
+        "repeat_rate": {
+            "same_top1": an.get("repeat_same_top1"),
+            "chance_top1": an.get("repeat_chance_top1"),
+            "any_overlap": an.get("repeat_any_overlap"),
+            "split": "test",
+        },
+        "predictor": {
+            "best": h1["best"],
+            "best_recall_at_k": h1["best_recall_at_k"],
+            "gate_lookahead_recall_at_k": h1["gate_lookahead_recall_at_k"],
+            "split": "test",
+        },
+        "offload": {
+            "resident": live.get("resident"),
+            "tokens_per_s_ratio_vs_all_resident": live.get("speed_ratio"),
+            "timely_hit_rate": live.get("timely_hit_rate"),
+            "identical_to_all_resident": live.get("identical_to_all_resident"),
+        },
     }
 
 
@@ -362,20 +423,31 @@ def print_headline(h: dict[str, Any], report: Path) -> None:
     t.add_column("what")
     t.add_column("value")
     p = h["perplexity"]
-    t.add_row("validation perplexity MoE vs dense (equal active FLOPs)",
-              f"{f(p['moe'], '.2f')} vs {f(p['dense'], '.2f')} (unigram {f(p['unigram'], '.1f')})")
+    t.add_row(
+        "validation perplexity MoE vs dense (equal active FLOPs)",
+        f"{f(p['moe'], '.2f')} vs {f(p['dense'], '.2f')} (unigram {f(p['unigram'], '.1f')})",
+    )
     b = h["balance"]
-    t.add_row("balance: normalised entropy (1 = uniform) / worst max-over-mean",
-              f"{f(b['normalized_entropy_mean'])} / {f(b['max_over_mean_worst_layer'], '.2f')}")
+    t.add_row(
+        "balance: normalised entropy (1 = uniform) / worst max-over-mean",
+        f"{f(b['normalized_entropy_mean'])} / {f(b['max_over_mean_worst_layer'], '.2f')}",
+    )
     r = h["repeat_rate"]
-    t.add_row("consecutive tokens, same top-1 expert vs chance", f"{f(r['same_top1'])} vs {f(r['chance_top1'])}")
+    t.add_row(
+        "consecutive tokens, same top-1 expert vs chance",
+        f"{f(r['same_top1'])} vs {f(r['chance_top1'])}",
+    )
     q = h["predictor"]
-    t.add_row(f"best predictor recall@k, 1 layer ahead, held-out ({q['best']})",
-              f"{f(q['best_recall_at_k'])} vs gate lookahead {f(q['gate_lookahead_recall_at_k'])}")
+    t.add_row(
+        f"best predictor recall@k, 1 layer ahead, held-out ({q['best']})",
+        f"{f(q['best_recall_at_k'])} vs gate lookahead {f(q['gate_lookahead_recall_at_k'])}",
+    )
     o = h["offload"]
-    t.add_row("offloaded generation (25% resident, LRU + adaptive prefetch) speed vs all-resident",
-              f"{f(o['tokens_per_s_ratio_vs_all_resident'], '.2f')}x, timely hits {f(o['timely_hit_rate'])}, "
-              f"identical output: {o['identical_to_all_resident']}")
+    t.add_row(
+        "offloaded generation (25% resident, LRU + adaptive prefetch) speed vs all-resident",
+        f"{f(o['tokens_per_s_ratio_vs_all_resident'], '.2f')}x, timely hits {f(o['timely_hit_rate'])}, "
+        f"identical output: {o['identical_to_all_resident']}",
+    )
     console.print(t)
     console.print(f"[bold]report:[/bold] {report}")
 
@@ -391,16 +463,36 @@ def run_demo(cfg: DemoConfig | None = None, force: bool = False) -> dict[str, An
     p = asdict(cfg)
     t0 = time.perf_counter()
     res: dict[str, Any] = {}
-    res["train"] = runner.run("train", _keys(p, "quick seed corpus max_bytes train_minutes max_steps"),
-                              lambda d: stage_train(cfg, d), resumable=True)
-    res["trace"] = runner.run("trace", _keys(p, "quick seed corpus max_bytes trace_train_tokens trace_test_tokens hidden_rate trace_doc_chars"),
-                              lambda d: stage_trace(cfg, d, res["train"]), resumable=True)
-    res["analyze"] = runner.run("analyze", {**_keys(p, "seed"), "trace": res["trace"]},
-                                lambda d: stage_analyze(cfg, d, res["train"], res["trace"]))
-    res["predict"] = runner.run("predict", {**_keys(p, "seed predictor_epochs horizons quick"), "trace": res["trace"]},
-                                lambda d: stage_predict(cfg, d, res["trace"]))
-    res["offload"] = runner.run("offload", {**_keys(p, "seed offload_tokens generate_tokens"), "trace": res["trace"]},
-                                lambda d: stage_offload(cfg, d, res["train"], res["trace"], res["predict"]))
+    res["train"] = runner.run(
+        "train",
+        _keys(p, "quick seed corpus max_bytes train_minutes max_steps"),
+        lambda d: stage_train(cfg, d),
+        resumable=True,
+    )
+    res["trace"] = runner.run(
+        "trace",
+        _keys(
+            p,
+            "quick seed corpus max_bytes trace_train_tokens trace_test_tokens hidden_rate trace_doc_chars",
+        ),
+        lambda d: stage_trace(cfg, d, res["train"]),
+        resumable=True,
+    )
+    res["analyze"] = runner.run(
+        "analyze",
+        {**_keys(p, "seed"), "trace": res["trace"]},
+        lambda d: stage_analyze(cfg, d, res["train"], res["trace"]),
+    )
+    res["predict"] = runner.run(
+        "predict",
+        {**_keys(p, "seed predictor_epochs horizons quick"), "trace": res["trace"]},
+        lambda d: stage_predict(cfg, d, res["trace"]),
+    )
+    res["offload"] = runner.run(
+        "offload",
+        {**_keys(p, "seed offload_tokens generate_tokens"), "trace": res["trace"]},
+        lambda d: stage_offload(cfg, d, res["train"], res["trace"], res["predict"]),
+    )
     summary = write_report(cfg, root, res)
     res["seconds_total"] = round(time.perf_counter() - t0, 1)
     print_headline(summary, root / "report.html")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moelab.report import Report, Section
+from moelab.report import Report
 
 
 def _fmt(x: Any, fmt: str = ".3f") -> str:
@@ -27,26 +27,38 @@ def build_report(cfg: Any, res: dict[str, Any], h: dict[str, Any]) -> Report:
         f"split. Reproduce everything with `moelab demo{q}` (cached under {root}).",
     )
     p, b, r, pr, o = h["perplexity"], h["balance"], h["repeat_rate"], h["predictor"], h["offload"]
-    rep.add_summary([
-        {"what": "validation perplexity, MoE vs dense of equal active FLOPs",
-         "value": f"{_fmt(p['moe'], '.2f')} vs {_fmt(p['dense'], '.2f')} (unigram {_fmt(p['unigram'], '.1f')})",
-         "reproduce": f"moelab compare{q}"},
-        {"what": "expert balance: normalised entropy (1 = uniform), worst max/mean load",
-         "value": f"{_fmt(b['normalized_entropy_mean'])}, {_fmt(b['max_over_mean_worst_layer'], '.2f')}",
-         "reproduce": f"moelab analyze {res['trace']['test_trace']} --out OUT"},
-        {"what": "consecutive tokens with the same top-1 expert (test split) vs chance",
-         "value": f"{_fmt(r['same_top1'])} vs {_fmt(r['chance_top1'])}",
-         "reproduce": f"moelab analyze {res['trace']['test_trace']} --out OUT"},
-        {"what": f"best predictor recall@k one layer ahead, held-out test ({pr['best']})",
-         "value": f"{_fmt(pr['best_recall_at_k'])} vs gate lookahead {_fmt(pr['gate_lookahead_recall_at_k'])}",
-         "reproduce": f"moelab predict compare --train {res['trace']['train_trace']} --test {res['trace']['test_trace']}"},
-        {"what": f"offloaded generation, {o.get('resident', '25%')} resident, LRU + adaptive prefetch (gate lookahead + previous token)",
-         "value": f"{_fmt(o['tokens_per_s_ratio_vs_all_resident'], '.2f')}x all-resident speed, timely hits "
-                  f"{_fmt(o['timely_hit_rate'])}, identical output {o['identical_to_all_resident']}",
-         "reproduce": f"moelab generate --model {res['train']['moe_dir']} --tokenizer "
-                      f"{res['train']['data_dir']}/tokenizer.json --prompt TEXT --resident 25% --policy lru "
-                      "--prefetch adaptive"},
-    ])
+    rep.add_summary(
+        [
+            {
+                "what": "validation perplexity, MoE vs dense of equal active FLOPs",
+                "value": f"{_fmt(p['moe'], '.2f')} vs {_fmt(p['dense'], '.2f')} (unigram {_fmt(p['unigram'], '.1f')})",
+                "reproduce": f"moelab compare{q}",
+            },
+            {
+                "what": "expert balance: normalised entropy (1 = uniform), worst max/mean load",
+                "value": f"{_fmt(b['normalized_entropy_mean'])}, {_fmt(b['max_over_mean_worst_layer'], '.2f')}",
+                "reproduce": f"moelab analyze {res['trace']['test_trace']} --out OUT",
+            },
+            {
+                "what": "consecutive tokens with the same top-1 expert (test split) vs chance",
+                "value": f"{_fmt(r['same_top1'])} vs {_fmt(r['chance_top1'])}",
+                "reproduce": f"moelab analyze {res['trace']['test_trace']} --out OUT",
+            },
+            {
+                "what": f"best predictor recall@k one layer ahead, held-out test ({pr['best']})",
+                "value": f"{_fmt(pr['best_recall_at_k'])} vs gate lookahead {_fmt(pr['gate_lookahead_recall_at_k'])}",
+                "reproduce": f"moelab predict compare --train {res['trace']['train_trace']} --test {res['trace']['test_trace']}",
+            },
+            {
+                "what": f"offloaded generation, {o.get('resident', '25%')} resident, LRU + adaptive prefetch (gate lookahead + previous token)",
+                "value": f"{_fmt(o['tokens_per_s_ratio_vs_all_resident'], '.2f')}x all-resident speed, timely hits "
+                f"{_fmt(o['timely_hit_rate'])}, identical output {o['identical_to_all_resident']}",
+                "reproduce": f"moelab generate --model {res['train']['moe_dir']} --tokenizer "
+                f"{res['train']['data_dir']}/tokenizer.json --prompt TEXT --resident 25% --policy lru "
+                "--prefetch adaptive",
+            },
+        ]
+    )
     _training_section(rep, res["train"], q)
     _analysis_sections(rep, Path(res["analyze"]["numbers"]).parent)
     _predictor_section(rep, root / "predict")
@@ -63,17 +75,33 @@ def _training_section(rep: Report, tr: dict[str, Any], q: str) -> None:
     )
     png = Path(tr["compare_png"])
     if png.exists():
-        sec.png(png.read_bytes(), caption="validation perplexity vs training FLOPs and wall time "
-                                          f"(reproduce: moelab compare{q})")
-    sec.table([
-        {"model": "MoE", "params": tr["moe_total_params"], "active params": tr["moe_active_params"],
-         "val ppl": tr["moe_val_ppl"], "ppl at equal FLOPs": tr["moe_ppl_at_equal_flops"],
-         "tokens/s": tr["moe_tokens_per_s"]},
-        {"model": "dense", "params": tr["dense_total_params"], "active params": tr["dense_total_params"],
-         "val ppl": tr["dense_val_ppl"], "ppl at equal FLOPs": tr["dense_ppl_at_equal_flops"],
-         "tokens/s": tr["dense_tokens_per_s"]},
-        {"model": "unigram baseline", "val ppl": tr["unigram_ppl"]},
-    ], caption="split: validation")
+        sec.png(
+            png.read_bytes(),
+            caption="validation perplexity vs training FLOPs and wall time "
+            f"(reproduce: moelab compare{q})",
+        )
+    sec.table(
+        [
+            {
+                "model": "MoE",
+                "params": tr["moe_total_params"],
+                "active params": tr["moe_active_params"],
+                "val ppl": tr["moe_val_ppl"],
+                "ppl at equal FLOPs": tr["moe_ppl_at_equal_flops"],
+                "tokens/s": tr["moe_tokens_per_s"],
+            },
+            {
+                "model": "dense",
+                "params": tr["dense_total_params"],
+                "active params": tr["dense_total_params"],
+                "val ppl": tr["dense_val_ppl"],
+                "ppl at equal FLOPs": tr["dense_ppl_at_equal_flops"],
+                "tokens/s": tr["dense_tokens_per_s"],
+            },
+            {"model": "unigram baseline", "val ppl": tr["unigram_ppl"]},
+        ],
+        caption="split: validation",
+    )
 
 
 def _analysis_sections(rep: Report, analyze_dir: Path) -> None:
@@ -109,8 +137,20 @@ def _offload_section(rep: Report, odir: Path, off: dict[str, Any]) -> None:
         "of a uniform router would be about the cached share of experts.",
     )
     replay = json.loads((odir / "replay.json").read_text())
-    cols = ["cache", "policy", "prefetch", "hit_rate", "timely_hit_rate", "bytes_per_token",
-            "stall_ms_per_token", "tokens_per_s"]
-    sec.table([{c: row.get(c) for c in cols} for row in replay["rows"]],
-              caption=f"replay on {replay['tokens']} test tokens (split: {replay['split']})")
-    sec.table([off["live"]], caption="live offloaded generation vs all-resident (exact greedy mode)")
+    cols = [
+        "cache",
+        "policy",
+        "prefetch",
+        "hit_rate",
+        "timely_hit_rate",
+        "bytes_per_token",
+        "stall_ms_per_token",
+        "tokens_per_s",
+    ]
+    sec.table(
+        [{c: row.get(c) for c in cols} for row in replay["rows"]],
+        caption=f"replay on {replay['tokens']} test tokens (split: {replay['split']})",
+    )
+    sec.table(
+        [off["live"]], caption="live offloaded generation vs all-resident (exact greedy mode)"
+    )

@@ -52,21 +52,43 @@ def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
     res["moefy"] = runner.run(
         "moefy",
         {"router_tokens": router_tokens, "seed": cfg.seed, "corpus_bytes": corpus_bytes},
-        lambda d: moefy(src, d / "model", GGUF, 8, 2, "cluster", router_tokens,
-                        corpus_bytes=corpus_bytes, eval_tokens=512 if q else 2048, seed=cfg.seed),
+        lambda d: moefy(
+            src,
+            d / "model",
+            GGUF,
+            8,
+            2,
+            "cluster",
+            router_tokens,
+            corpus_bytes=corpus_bytes,
+            eval_tokens=512 if q else 2048,
+            seed=cfg.seed,
+        ),
     )
     model_dir = Path(res["moefy"]["out"])
 
     def do_trace(d: Path) -> dict[str, Any]:
         model = MoETransformer.load(model_dir)
         tok = load_tokenizer(model_dir / "tokenizer.json")
-        splits = split_documents(load_corpus("default", max_bytes=corpus_bytes, seed=cfg.seed), seed=cfg.seed)
+        splits = split_documents(
+            load_corpus("default", max_bytes=corpus_bytes, seed=cfg.seed), seed=cfg.seed
+        )
         out = {}
         for split, n in (("train", 6000 if q else 40_000), ("test", 3000 if q else 20_000)):
-            st = trace_model(model, interleave_domains(splits[split], 1500 if q else 4000), tok, d / split,
-                             split=split, logits=True, hidden_rate=1.0,
-                             hidden_points=("router_input", "residual"), max_tokens=n,
-                             corpus="default", seed=cfg.seed, command="moelab demo --model smollm2-moe")
+            st = trace_model(
+                model,
+                interleave_domains(splits[split], 1500 if q else 4000),
+                tok,
+                d / split,
+                split=split,
+                logits=True,
+                hidden_rate=1.0,
+                hidden_points=("router_input", "residual"),
+                max_tokens=n,
+                corpus="default",
+                seed=cfg.seed,
+                command="moelab demo --model smollm2-moe",
+            )
             out[f"{split}_trace"], out[f"{split}_tokens"] = str(d / split), int(st.num_tokens)
         return out
 
@@ -80,8 +102,11 @@ def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
 
     res["analyze"] = runner.run("analyze", {"trace": res["trace"]}, do_analyze)
     pcfg = DemoConfig.make(quick=q, horizons=(1, 2, 3), predictor_epochs=4 if q else 20)
-    res["predict"] = runner.run("predict", {"trace": res["trace"], "quick": q},
-                                lambda d: stage_predict(pcfg, d, res["trace"]))
+    res["predict"] = runner.run(
+        "predict",
+        {"trace": res["trace"], "quick": q},
+        lambda d: stage_predict(pcfg, d, res["trace"]),
+    )
     atomic_write_json(root / "summary.json", {"config": asdict(cfg), "stages": res})
     console.print(f"[bold]SmolLM2-MoE analysis report:[/bold] {res['analyze']['report']}")
     console.print(f"[bold]summary:[/bold] {root / 'summary.json'}")

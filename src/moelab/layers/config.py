@@ -33,9 +33,13 @@ class MoEConfig:
     router: str = "topk"
     expert_act: str = "swiglu"
     norm_topk_prob: bool = True  # renormalise the k selected probabilities (Mixtral: True)
-    unit_weights: bool = False  # combine selected experts with weight 1 (MoEfication: sum of FFN parts)
+    unit_weights: bool = (
+        False  # combine selected experts with weight 1 (MoEfication: sum of FFN parts)
+    )
     router_bias: bool = False
-    jitter_noise: float = 0.0  # multiplicative input jitter in training (Switch/Mixtral), not in place
+    jitter_noise: float = (
+        0.0  # multiplicative input jitter in training (Switch/Mixtral), not in place
+    )
     capacity_factor: float | None = None  # None = no capacity limit (dropless)
     capacity_convention: str = "switch"  # switch: ceil(T*cf/E); megatron: ceil(T*k*cf/E)
     num_shared_experts: int = 0
@@ -62,9 +66,15 @@ class MoEConfig:
             if not cond:
                 raise ConfigError(f"MoEConfig.{name}={getattr(self, name)!r}: {msg}")
 
-        need(isinstance(self.d_model, int) and self.d_model > 0, "d_model", "must be a positive int")
+        need(
+            isinstance(self.d_model, int) and self.d_model > 0, "d_model", "must be a positive int"
+        )
         need(isinstance(self.d_ff, int) and self.d_ff > 0, "d_ff", "must be a positive int")
-        need(isinstance(self.num_experts, int) and self.num_experts >= 1, "num_experts", "must be >= 1")
+        need(
+            isinstance(self.num_experts, int) and self.num_experts >= 1,
+            "num_experts",
+            "must be >= 1",
+        )
         need(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", "must be >= 1")
         need(
             self.top_k <= self.num_experts,
@@ -105,7 +115,11 @@ class MoEConfig:
             "n_group",
             f"must divide num_experts ({self.num_experts})",
         )
-        need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
+        need(
+            1 <= self.topk_group <= self.n_group,
+            "topk_group",
+            f"must be in [1, n_group={self.n_group}]",
+        )
         if self.router == "hash":
             need(
                 self.vocab_size is not None and self.vocab_size > 0,
@@ -118,7 +132,11 @@ class MoEConfig:
         """Hidden size of the (fused) shared expert(s)."""
         if self.num_shared_experts == 0:
             return 0
-        return self.shared_d_ff if self.shared_d_ff is not None else self.d_ff * self.num_shared_experts
+        return (
+            self.shared_d_ff
+            if self.shared_d_ff is not None
+            else self.d_ff * self.num_shared_experts
+        )
 
     def fine_grained(self, m: int) -> MoEConfig:
         """DeepSeekMoE segmentation: m*E experts of d_ff/m with m*k active (same FLOPs)."""

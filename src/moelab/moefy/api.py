@@ -91,7 +91,9 @@ def moefy(
     train_ids = encode_docs(tok, splits["train"], router_tokens)
     blocks = [b.to(device) for b in token_blocks(train_ids, seq_len, router_tokens)]
     moe, report = moefy_dense(dense, hf_config, blocks, experts, top_k, method, seed)
-    quality = quality_report(dense, moe, tok, splits["test"], seq_len=seq_len, eval_tokens=eval_tokens)
+    quality = quality_report(
+        dense, moe, tok, splits["test"], seq_len=seq_len, eval_tokens=eval_tokens
+    )
     out = save_moefied(moe, report, tok, out)
     summary = {
         "model": str(model),
@@ -160,8 +162,12 @@ def upcycle(
         "steps_done": len(log),
         "train_seconds": round(train_s, 1),
         "tokens_per_second": round(len(log) * batch_size * seq_len / max(train_s, 1e-9), 1),
-        "heldout_perplexity": {"split": "test", "dense": ppl_dense, "upcycled_step0": ppl_step0,
-                               "upcycled_final": perplexity(moe, heldout)},
+        "heldout_perplexity": {
+            "split": "test",
+            "dense": ppl_dense,
+            "upcycled_step0": ppl_step0,
+            "upcycled_final": perplexity(moe, heldout),
+        },
         "total_params": moe.stats().total_params,
         "active_params": moe.stats().active_params,
         "seconds": round(time.perf_counter() - t0, 1),

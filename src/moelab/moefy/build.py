@@ -18,7 +18,7 @@ from moelab._io import atomic_write_json
 from moelab.errors import ConfigError, InputError
 from moelab.layers.config import MoEConfig
 from moelab.models.transformer import MoETransformer
-from moelab.moefy.convert import copy_non_ffn, moelab_config
+from moelab.moefy.convert import moelab_config
 from moelab.moefy.partition import partition_neurons, split_ffn
 from moelab.moefy.router import fit_router, group_output_norms
 
@@ -130,8 +130,12 @@ def moefy_dense(
     ):
         f = dblk.ffn
         groups = partition_neurons(
-            f.gate_proj.weight, f.up_proj.weight, num_experts, method,
-            activations=acts[i] if method == "coactivation" else None, seed=seed + i,
+            f.gate_proj.weight,
+            f.up_proj.weight,
+            num_experts,
+            method,
+            activations=acts[i] if method == "coactivation" else None,
+            seed=seed + i,
         )
         gu, dn = split_ffn(f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight, groups)
         mblk.ffn.experts.gate_up_proj.copy_(gu)
@@ -164,7 +168,9 @@ def perplexity(model, blocks: list[torch.Tensor], batch: int = 4) -> float:
     for s in range(0, len(blocks), batch):
         ids = torch.stack(blocks[s : s + batch])
         logits = model(ids).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         tot += float(loss)
         n += ids[:, 1:].numel()
     return float(np.exp(tot / max(n, 1)))
@@ -174,7 +180,9 @@ def save_moefied(model: MoETransformer, report: MoefyReport, tokenizer, out: str
     """Save the MoEfied model (moelab format), its tokenizer.json and moefy.json."""
     out = Path(out)
     model.save(out)
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is not None:
         from moelab._io import atomic_write_text
 

@@ -29,8 +29,19 @@ def register(app: typer.Typer) -> None:
         """MoEfy a dense SwiGLU LM: partition FFN neurons into experts, train routers, report quality."""
         from moelab.moefy.api import moefy
 
-        s = moefy(model, out, gguf_file, experts, top_k, method, router_tokens, corpus,
-                  seq_len=seq_len, eval_tokens=eval_tokens, seed=seed)
+        s = moefy(
+            model,
+            out,
+            gguf_file,
+            experts,
+            top_k,
+            method,
+            router_tokens,
+            corpus,
+            seq_len=seq_len,
+            eval_tokens=eval_tokens,
+            seed=seed,
+        )
         print_quality(s)
 
     @app.command("upcycle")
@@ -48,7 +59,9 @@ def register(app: typer.Typer) -> None:
         """Sparse upcycling: copy each FFN into E experts, add a router, continue training briefly."""
         from moelab.moefy.api import upcycle
 
-        info = upcycle(model, out, gguf_file, experts, top_k, steps, lr, max_minutes=max_minutes, seed=seed)
+        info = upcycle(
+            model, out, gguf_file, experts, top_k, steps, lr, max_minutes=max_minutes, seed=seed
+        )
         p = info["heldout_perplexity"]
         Console().print(
             f"upcycled {info['experts']} experts, {info['steps_done']} steps "
@@ -65,7 +78,13 @@ def print_quality(summary: dict) -> None:
     for c in ["domain", "tokens", "dense", *cols]:
         t.add_column(c)
     for dom, row in q["domains"].items():
-        t.add_row(dom, str(row["tokens"]), f"{row['dense']:.2f}",
-                  *[f"{row[c]:.2f} ({row[c] / row['dense'] - 1:+.0%})" for c in cols])
+        t.add_row(
+            dom,
+            str(row["tokens"]),
+            f"{row['dense']:.2f}",
+            *[f"{row[c]:.2f} ({row[c] / row['dense'] - 1:+.0%})" for c in cols],
+        )
     Console().print(t)
-    Console().print(f"router held-out top-k recall (mean over layers): {summary['router_recall_mean']}")
+    Console().print(
+        f"router held-out top-k recall (mean over layers): {summary['router_recall_mean']}"
+    )

@@ -32,7 +32,11 @@ def check_supported(hf_config) -> None:
     elif getattr(hf_config, "sliding_window", None):
         why = f"sliding-window attention ({hf_config.sliding_window})"
     else:
-        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        rope = (
+            getattr(hf_config, "rope_parameters", None)
+            or getattr(hf_config, "rope_scaling", None)
+            or {}
+        )
         if rope.get("rope_type", "default") not in ("default", None):
             why = f"rotary scaling {rope.get('rope_type')!r}"
         hd = getattr(hf_config, "head_dim", None)
@@ -46,7 +50,9 @@ def check_supported(hf_config) -> None:
         )
 
 
-def load_dense_lm(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
+def load_dense_lm(
+    path: str | Path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+):
     """Load (model, tokenizer) from a local transformers dir, optionally from a GGUF file in it."""
     import os
 
@@ -73,7 +79,9 @@ def load_dense_lm(path: str | Path, gguf_file: str | None = None, dtype: torch.d
     return model, tok
 
 
-def moelab_config(hf_config, moe: MoEConfig | None, max_seq_len: int | None = None) -> MoETransformerConfig:
+def moelab_config(
+    hf_config, moe: MoEConfig | None, max_seq_len: int | None = None
+) -> MoETransformerConfig:
     """The MoETransformerConfig equal to a Llama-family config (dense if moe is None)."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))

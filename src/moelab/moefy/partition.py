@@ -82,7 +82,9 @@ def partition_neurons(
         feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
     else:
         if activations is None:
-            raise ConfigError("partition method='coactivation' needs recorded activations [tokens, F]")
+            raise ConfigError(
+                "partition method='coactivation' needs recorded activations [tokens, F]"
+            )
         if activations.shape[1] != f:
             raise InputError(
                 f"coactivation: activations have {activations.shape[1]} neurons, the FFN has {f}"

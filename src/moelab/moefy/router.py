@@ -37,7 +37,9 @@ class RouterFit:
 
     weight: torch.Tensor  # [E, D]
     bias: torch.Tensor  # [E]
-    topk_recall: dict[int, float]  # k -> share of true top-k groups inside predicted top-k (held out)
+    topk_recall: dict[
+        int, float
+    ]  # k -> share of true top-k groups inside predicted top-k (held out)
     train_tokens: int
     heldout_tokens: int
 

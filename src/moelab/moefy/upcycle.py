@@ -22,7 +22,9 @@ from moelab.moefy.convert import moelab_config
 
 
 @torch.no_grad()
-def upcycle_dense(dense: MoETransformer, hf_config, experts: int = 8, top_k: int = 2, seed: int = 0) -> MoETransformer:
+def upcycle_dense(
+    dense: MoETransformer, hf_config, experts: int = 8, top_k: int = 2, seed: int = 0
+) -> MoETransformer:
     """MoE copy of a dense moelab model: every FFN duplicated into `experts` experts."""
     if dense.cfg.moe is not None:
         raise ConfigError("upcycle: the input model is already an MoE")
@@ -41,7 +43,9 @@ def upcycle_dense(dense: MoETransformer, hf_config, experts: int = 8, top_k: int
     cfg.aux_loss_coef = 0.01
     cfg.z_loss_coef = 0.001
     model = MoETransformer(cfg, seed=seed)
-    model.load_state_dict({k: v for k, v in dense.state_dict().items() if ".ffn." not in k}, strict=False)
+    model.load_state_dict(
+        {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}, strict=False
+    )
     for d, m in zip(dense.blocks, model.blocks, strict=True):
         gu = torch.cat([d.ffn.gate_proj.weight, d.ffn.up_proj.weight], dim=0)
         m.ffn.experts.gate_up_proj.copy_(gu.expand(experts, *gu.shape))
@@ -78,7 +82,11 @@ def continue_training(
     with Progress() as prog:
         task = prog.add_task("upcycle training", total=steps)
         for step in range(steps):
-            f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+            f = (
+                (step + 1) / warm
+                if step < warm
+                else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+            )
             for pg in opt.param_groups:
                 pg["lr"] = lr * f
             idx = torch.randint(len(blocks), (batch_size,), generator=g)
@@ -88,7 +96,9 @@ def continue_training(
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            log.append({"step": step + 1, "lm_loss": out.lm_loss.item(), "aux_loss": out.aux_loss.item()})
+            log.append(
+                {"step": step + 1, "lm_loss": out.lm_loss.item(), "aux_loss": out.aux_loss.item()}
+            )
             prog.advance(task)
             if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
                 break
@@ -96,7 +106,9 @@ def continue_training(
     return log
 
 
-def save_upcycled(model: MoETransformer, log: list[dict], tokenizer, out: str | Path, info: dict) -> Path:
+def save_upcycled(
+    model: MoETransformer, log: list[dict], tokenizer, out: str | Path, info: dict
+) -> Path:
     """Save the upcycled model, tokenizer.json and upcycle.json (loss log, cost)."""
     from moelab._io import atomic_write_text
 

@@ -105,7 +105,11 @@ class Trace:
             if self.hidden_rows is None:
                 raise TraceError("Trace.hidden given without hidden_rows")
             for point, h in self.hidden.items():
-                if h.ndim != 3 or h.shape[0] != self.hidden_rows.shape[0] or h.shape[1] != m.num_layers:
+                if (
+                    h.ndim != 3
+                    or h.shape[0] != self.hidden_rows.shape[0]
+                    or h.shape[1] != m.num_layers
+                ):
                     raise TraceError(
                         f"Trace.hidden[{point!r}]: expected [M={self.hidden_rows.shape[0]}, L={m.num_layers}, D],"
                         f" got {h.shape}"
@@ -115,7 +119,9 @@ class Trace:
         """[N] index of the previous token of the same document, or -1 at a document start."""
         prev = np.arange(self.num_tokens) - 1
         ok = np.zeros(self.num_tokens, dtype=bool)
-        ok[1:] = (self.doc_id[1:] == self.doc_id[:-1]) & (self.position[1:] == self.position[:-1] + 1)
+        ok[1:] = (self.doc_id[1:] == self.doc_id[:-1]) & (
+            self.position[1:] == self.position[:-1] + 1
+        )
         return np.where(ok, prev, -1)
 
     def select(self, rows: np.ndarray) -> Trace:

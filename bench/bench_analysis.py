@@ -1,0 +1,292 @@
+"""Benchmark of the routing analyses (issue 5 targets).
+
+Part A: analyses 1-7 (usage + balance + routing entropy, transitions (summary + E x E and
+C(E,k)^2 matrices for every layer pair), co-activation (every layer), repeat rate, trajectories,
+specialisation (domain, input/next vocabulary, token class), predictability + OpenMoE spread) over
+a synthetic 1M-token x 32-layer x top-2-of-8 trace with router logits. Target: < 60 s on 2 cores,
+peak RSS < 4 GiB. Reference measured in the same run: one plain numpy pass that bincounts every
+layer's expert ids (the cheapest possible full read), so "ratio" = passes' worth of work.
+
+Part B: DuckDB usage and transition counts straight over Parquet shards (TraceStore format) at
+three sizes; time per million rows should stay flat (linear scaling), and the process's peak RSS
+should not grow with the row count (DuckDB memory_limit fixed at 512 MB: it streams, so traces
+larger than RAM work). Sizes reuse the shards of the largest store.
+
+Usage: .venv/bin/python bench/bench_analysis.py [--tokens 1000000] [--layers 32] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from moelab.analysis import (
+    coactivation,
+    predictability,
+    repeat,
+    specialization,
+    sql,
+    trajectories,
+    transitions,
+    usage,
+)
+from moelab.analysis.synthetic import synthetic_trace
+from moelab.trace.store import TraceWriter
+
+console = Console()
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled every 20 ms from /proc/self/statm."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * PAGE)
+            time.sleep(0.02)
+
+    def __enter__(self) -> RssSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def reference_pass(tr) -> None:
+    """One bincount per layer over all expert ids: the cheapest full read of the routing."""
+    for layer in range(tr.meta.num_layers):
+        np.bincount(
+            tr.expert_ids[:, layer, :].ravel().astype(np.int64) + 1,
+            minlength=tr.meta.num_experts + 1,
+        )
+
+
+def analyses(tr, seed: int) -> dict[str, callable]:
+    """The analyses 1-7, each as a no-argument callable."""
+    num_l = tr.meta.num_layers
+    strings = [" the", ",", " 42", "foo_bar", " ", "x", "\n", "camelCase"]
+
+    def decode(i: int) -> str:
+        return strings[i % len(strings)]
+
+    def do_usage():
+        usage.usage(tr, "slots"), usage.usage(tr, "tokens"), usage.usage(tr, "slots", weighted=True)
+        usage.usage(
+            tr, "tokens", token_id=int(tr.token_id[1]), prev_ids=[int(tr.token_id[0])], seed=seed
+        )
+        usage.balance(tr, seed=seed)
+
+    def do_transitions():
+        transitions.transition_summary(tr, 1, seed=seed)
+        for layer in range(num_l - 1):
+            transitions.expert_transitions(tr, layer, 1, seed=seed)
+            transitions.set_transitions(tr, layer, 1, seed=seed)
+
+    def do_coact():
+        for layer in range(num_l):
+            coactivation.coactivation(tr, layer, seed=seed)
+
+    def do_spec():
+        specialization.by_domain(tr, seed=seed)
+        v = specialization.by_vocab(tr, "input", 10, seed=seed)
+        specialization.by_vocab(tr, "next", 10, seed=seed)
+        specialization.top_tokens(v, num_l // 2, decode=decode)
+        specialization.by_token_class(tr, decode, seed=seed)
+
+    def do_pred():
+        predictability.predictability(tr, min_count=10, seed=seed)
+        predictability.spread_token_vs_position(tr, min_count=10, seed=seed)
+
+    return {
+        "1 usage + balance": do_usage,
+        "1 routing entropy (logits)": lambda: usage.routing_entropy(tr),
+        "2 transitions (all l->l+1)": do_transitions,
+        "3 co-activation (all layers)": do_coact,
+        "4 repeat rate": lambda: repeat.repeat_rate(tr, seed=seed),
+        "5 trajectories": lambda: trajectories.trajectories(tr, "set", seed=seed),
+        "6 specialisation": do_spec,
+        "7 predictability + spread": do_pred,
+    }
+
+
+def part_a(n_tokens: int, num_layers: int, repeats: int, seed: int) -> dict:
+    t0 = time.perf_counter()
+    tr = synthetic_trace(
+        n_tokens, num_layers, 8, 2, vocab=32000, doc_len=512, n_domains=4, logits=True, seed=seed
+    )
+    gen_s = time.perf_counter() - t0
+    data_gib = (tr.expert_ids.nbytes + tr.weights.nbytes + tr.logits.nbytes) / 2**30
+    console.print(
+        f"generated {n_tokens:,} x {num_layers} x top-2/8 trace in {gen_s:.1f} s ({data_gib:.2f} GiB arrays)"
+    )
+    fns = analyses(tr, seed)
+    times: dict[str, list[float]] = {name: [] for name in ["reference pass", *fns]}
+    with RssSampler() as rss:
+        base_rss = rss.peak
+        for _ in range(repeats):
+            for name in times:  # interleave variants across repeats
+                fn = fns.get(name) or partial(reference_pass, tr)
+                gc.collect()
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = med["reference pass"]
+    total = sum(v for k, v in med.items() if k != "reference pass")
+    table = Table(
+        title=f"Analyses 1-7: {n_tokens:,} tokens x {num_layers} layers x top-2 of 8 (median of {repeats})"
+    )
+    for col in ("analysis", "seconds", "ratio vs reference pass"):
+        table.add_column(col, justify="right" if col != "analysis" else "left")
+    for k, v in med.items():
+        table.add_row(k, f"{v:.2f}", f"{v / ref:.1f}")
+    table.add_row("TOTAL 1-7", f"{total:.2f}", f"{total / ref:.1f}")
+    console.print(table)
+    peak_gib = max(rss.peak, base_rss) / 2**30
+    ru_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    console.print(
+        f"peak RSS during analyses {peak_gib:.2f} GiB (process max incl. generation {ru_gib:.2f} GiB);"
+        f" target < 60 s: {'OK' if total < 60 else 'MISSED'}, < 4 GiB: {'OK' if ru_gib < 4 else 'MISSED'}"
+    )
+    return {
+        "seconds": med,
+        "total_s": total,
+        "peak_rss_gib": peak_gib,
+        "max_rss_gib": ru_gib,
+        "gen_s": gen_s,
+    }
+
+
+def part_b(sizes: list[int], num_layers: int, repeats: int, seed: int, workdir: Path) -> dict:
+    chunk = 250_000
+    big = workdir / "store_big"
+    meta = None
+    t0 = time.perf_counter()
+    for i in range(int(np.ceil(max(sizes) / chunk))):
+        tr = synthetic_trace(
+            chunk, num_layers, 8, 2, vocab=32000, doc_len=512, logits=False, seed=seed + i
+        )
+        if meta is None:
+            meta = tr.meta
+            w = TraceWriter(big, meta, shard_tokens=chunk, logits=False)
+        w.append(
+            tr.doc_id + i * chunk,
+            tr.position,
+            tr.token_id,
+            tr.domain,
+            tr.is_bos,
+            tr.expert_ids,
+            tr.weights,
+        )
+        del tr
+    w.close()
+    shards = sorted((big / "shards").glob("*.parquet"))
+    console.print(
+        f"wrote {len(shards)} shards ({sum(s.stat().st_size for s in shards) / 2**20:.0f} MiB) in"
+        f" {time.perf_counter() - t0:.1f} s"
+    )
+    stores = {}
+    for n in sizes:
+        d = workdir / f"store_{n}"
+        (d / "shards").mkdir(parents=True)
+        shutil.copy(big / "meta.json", d / "meta.json")
+        for s in shards[: n // chunk]:
+            os.symlink(s, d / "shards" / s.name)
+        stores[n] = d
+    times: dict[tuple[int, str], list[float]] = {}
+    peaks: dict[int, int] = {}
+    for _ in range(repeats):
+        for n, d in stores.items():
+            with RssSampler() as rss:
+                for what, fn in (
+                    ("usage", lambda d=d: sql.usage_counts_sql(d, memory_limit="512MB", threads=2)),
+                    (
+                        "transitions",
+                        lambda d=d: sql.transition_counts_sql(
+                            d, 1, memory_limit="512MB", threads=2
+                        ),
+                    ),
+                ):
+                    t = time.perf_counter()
+                    fn()
+                    times.setdefault((n, what), []).append(time.perf_counter() - t)
+            peaks[n] = max(peaks.get(n, 0), rss.peak)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    table = Table(
+        title=f"DuckDB over Parquet shards ({num_layers} layers, top-2 of 8; memory_limit 512MB;"
+        f" median of {repeats})"
+    )
+    for col in ("rows", "query", "seconds", "s per M rows", "ratio vs smallest", "peak RSS GiB"):
+        table.add_column(col, justify="right")
+    out = {}
+    for what in ("usage", "transitions"):
+        base = med[(sizes[0], what)] / sizes[0]
+        for n in sizes:
+            per = med[(n, what)] / n
+            table.add_row(
+                f"{n:,}",
+                what,
+                f"{med[(n, what)]:.2f}",
+                f"{per * 1e6:.2f}",
+                f"{per / base:.2f}",
+                f"{peaks[n] / 2**30:.2f}",
+            )
+            out[f"peak_rss_gib_{n}"] = peaks[n] / 2**30
+            out[f"{what}_{n}"] = med[(n, what)]
+    console.print(table)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--sql-sizes", type=str, default="250000,500000,1000000")
+    ap.add_argument("--sql-repeats", type=int, default=3)
+    ap.add_argument("--skip-a", action="store_true")
+    ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    res = {}
+    if not args.skip_a:
+        res["analyses"] = part_a(args.tokens, args.layers, args.repeats, args.seed)
+    if not args.skip_b:
+        work = Path(tempfile.mkdtemp(prefix="moelab-bench-sql-"))
+        try:
+            res["duckdb"] = part_b(
+                [int(s) for s in args.sql_sizes.split(",")],
+                args.layers,
+                args.sql_repeats,
+                args.seed,
+                work,
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    console.print_json(json.dumps(res, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""CLI: `moelab analyze TRACE --out DIR` runs every routing analysis and writes report.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _load(path: Path):  # noqa: ANN202 - returns (Trace, TraceStore)
+    try:
+        from moelab.trace.store import TraceStore
+    except ImportError as exc:  # the store lands with the tracing stage
+        from moelab.errors import TraceError
+
+        raise TraceError(
+            f"cannot read {path}: moelab.trace.store is not available ({exc})"
+        ) from exc
+    store = TraceStore.open(path)
+    return store.load(), store
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `analyze` command to the moelab app."""
+
+    @app.command("analyze")
+    def analyze_cmd(
+        trace: Path = typer.Argument(..., help="TraceStore directory (meta.json + shards/)"),
+        out: Path = typer.Option(
+            ..., "--out", help="output directory for numbers, figures and report.html"
+        ),
+        tokenizer: Path = typer.Option(
+            None, help="tokenizer.json to decode tokens (default: the trace's own)"
+        ),
+        compare: Path = typer.Option(
+            None, help="trace of an earlier checkpoint on the same text (saturation)"
+        ),
+        token: list[int] = typer.Option(None, help="token id(s) for per-token usage (repeatable)"),
+        context: list[int] = typer.Option(
+            None, help="previous id(s) before the first --token, oldest first"
+        ),
+        n: int = typer.Option(1, help="layer distance for transitions (l -> l+n)"),
+        min_count: int = typer.Option(10, help="minimum occurrences for per-token ratios"),
+        doc: int = typer.Option(
+            None, help="document id for the token x layer grid (default: first)"
+        ),
+        max_points: int = typer.Option(2000, help="tokens sampled for projections"),
+        no_projections: bool = typer.Option(False, help="skip PCA/t-SNE/UMAP"),
+        no_figures: bool = typer.Option(
+            False, help="write numbers and tables only (no PNG/plotly)"
+        ),
+        seed: int = typer.Option(0, help="random seed"),
+    ) -> None:
+        """Analyse routing in a trace: usage, balance, transitions, co-activation, repeats,
+        trajectories, specialisation, predictability (and saturation, projections)."""
+        from moelab.analysis.run import analyze
+
+        tr, _ = _load(trace)
+        tok = None
+        tok_path = tokenizer or (Path(tr.meta.tokenizer) if tr.meta.tokenizer else None)
+        if tok_path is not None and tok_path.is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_path))
+        elif tokenizer is not None:
+            from moelab.errors import DataError
+
+            raise DataError(f"--tokenizer {tokenizer}: file not found; expected a tokenizer.json")
+        cmp_trace = _load(compare)[0] if compare is not None else None
+        nums = analyze(
+            tr,
+            out,
+            tokenizer=tok,
+            compare=cmp_trace,
+            token_ids=token or None,
+            context=context or None,
+            n=n,
+            min_count=min_count,
+            text_doc=doc,
+            max_points=max_points,
+            do_projections=not no_projections,
+            figures=not no_figures,
+            seed=seed,
+        )
+        typer.echo(
+            f"wrote {out / 'report.html'} ({len(nums['files'])} files); skipped: {list(nums['skipped']) or 'none'}"
+        )
