@@ -86,3 +86,21 @@ def test_readme_commands_are_what_ci_runs():
     mk = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: .*\n\t\$\(BIN\)/moelab demo$", mk, re.M)
     assert "pytest" in mk.split("\ntest:")[1].split("\n\n")[0]
+
+
+def test_report_renders_in_headless_chromium(demo_run):
+    from moelab.report.browser import check_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip(
+            "Chromium is not installed (Debian package `chromium`; `make corpora` installs it)"
+        )
+    out, _, _ = demo_run
+    page = (out / "report.html").read_text()
+    check = check_page(out / "report.html")
+    assert check.errors == [], check.errors  # loads offline with no console/JS errors
+    n_img = page.count("data:image/png;base64")
+    assert check.dom.count("<img") >= n_img  # every PNG figure is in the rendered page
+    n_plotly = page.count("plotly-fig")
+    assert check.dom.count('class="main-svg"') >= n_plotly  # every plotly figure drew itself
+    assert check.nonblank_fraction > 0.02

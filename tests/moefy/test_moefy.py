@@ -148,3 +148,19 @@ def test_unsupported_models_get_clear_errors(tmp_path):
         check_supported(LlamaConfig(hidden_act="gelu"))
     with pytest.raises(ModelError, match="does not exist"):
         load_dense_lm(tmp_path / "nope")
+
+
+def test_moefied_demo_runs_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    """The `moelab demo --model smollm2-moe` chain (moefy -> trace -> analyze -> predict ->
+    report) on a tiny random Llama, through the same code path as the real SmolLM2."""
+    from moelab.demo.pipeline import DemoConfig
+    from moelab.demo.smollm2 import run_moefied_demo
+
+    cfg = DemoConfig.make(quick=True, out=str(tmp_path))
+    res = run_moefied_demo(cfg, tiny_llama_dir, None, "tiny-moe", experts=4, corpus="python-code")
+    root = tmp_path / "tiny-moe"
+    for stage in ("moefy", "trace", "analyze", "predict"):
+        assert (root / stage / "done.json").exists()
+    assert res["trace"]["test_tokens"] > 0 and res["predict"]["split"] == "test"
+    page = (root / "report.html").read_text()
+    assert "MoEfication quality" in page and "Expert predictors" in page and "2.1 " in page

@@ -32,7 +32,22 @@ def smollm2_dir() -> Path:
 
 
 def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
-    """MoEfy SmolLM2 (8 experts, top-2, cluster split) -> trace -> analyze -> predict -> report."""
+    """MoEfy SmolLM2 (8 experts, top-2, cluster split) -> trace -> analyze -> predict."""
+    return run_moefied_demo(cfg, smollm2_dir(), GGUF, "smollm2-moe", force=force)
+
+
+def run_moefied_demo(
+    cfg: DemoConfig,
+    src: Path,
+    gguf_file: str | None,
+    name: str,
+    experts: int = 8,
+    top_k: int = 2,
+    corpus: str = "default",
+    force: bool = False,
+) -> dict[str, Any]:
+    """MoEfy a local dense Llama-family LM, trace its held-out routing, analyse it and fit
+    predictors, under <cfg.out>/<name>/ (cached stages, like `moelab demo`)."""
     from moelab.analysis.run import analyze
     from moelab.data.corpora import load_corpus
     from moelab.data.splits import split_documents
@@ -42,8 +57,7 @@ def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
     from moelab.trace.api import trace_model
     from moelab.trace.store import TraceStore
 
-    src = smollm2_dir()
-    root = Path(cfg.out) / "smollm2-moe"
+    root = Path(cfg.out) / name
     runner = StageRunner(root, force=force)
     q = cfg.quick
     router_tokens = 4096 if q else 30_000
@@ -55,11 +69,12 @@ def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
         lambda d: moefy(
             src,
             d / "model",
-            GGUF,
-            8,
-            2,
+            gguf_file,
+            experts,
+            top_k,
             "cluster",
             router_tokens,
+            corpus=corpus,
             corpus_bytes=corpus_bytes,
             eval_tokens=512 if q else 2048,
             seed=cfg.seed,
@@ -71,7 +86,7 @@ def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
         model = MoETransformer.load(model_dir)
         tok = load_tokenizer(model_dir / "tokenizer.json")
         splits = split_documents(
-            load_corpus("default", max_bytes=corpus_bytes, seed=cfg.seed), seed=cfg.seed
+            load_corpus(corpus, max_bytes=corpus_bytes, seed=cfg.seed), seed=cfg.seed
         )
         out = {}
         for split, n in (("train", 6000 if q else 40_000), ("test", 3000 if q else 20_000)):
@@ -85,9 +100,9 @@ def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
                 hidden_rate=1.0,
                 hidden_points=("router_input", "residual"),
                 max_tokens=n,
-                corpus="default",
+                corpus=corpus,
                 seed=cfg.seed,
-                command="moelab demo --model smollm2-moe",
+                command=f"moelab demo --model {name}",
             )
             out[f"{split}_trace"], out[f"{split}_tokens"] = str(d / split), int(st.num_tokens)
         return out
@@ -108,6 +123,47 @@ def run_smollm2_demo(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
         lambda d: stage_predict(pcfg, d, res["trace"]),
     )
     atomic_write_json(root / "summary.json", {"config": asdict(cfg), "stages": res})
-    console.print(f"[bold]SmolLM2-MoE analysis report:[/bold] {res['analyze']['report']}")
+    moefied_report(name, res, Path(res["analyze"]["report"]).parent, root / "predict").write(
+        root / "report.html"
+    )
+    console.print(f"[bold]{name} report:[/bold] {root / 'report.html'}")
     console.print(f"[bold]summary:[/bold] {root / 'summary.json'}")
     return res
+
+
+def moefied_report(name: str, res: dict[str, Any], analyze_dir: Path, predict_dir: Path):
+    """Report of a MoEfied model: held-out perplexity vs the dense original, router recall,
+    the routing analyses and the predictor comparison."""
+    import json
+
+    from moelab.predict.evaluate import report_section
+    from moelab.report import Report
+    from moelab.report.persist import load_sections
+
+    m = res["moefy"]
+    rep = Report(
+        f"moelab demo: {name}",
+        f"A real pretrained dense LM ({m['model']}) turned into an MoE by MoEfication: each FFN's "
+        f"neurons split into {m['experts']} experts (balanced k-means, method {m['method']}), "
+        f"a linear router per layer fitted on {m['router_tokens']} training-split tokens, "
+        f"top-{m['top_k']} selection. Its routing is analysed on held-out test documents.",
+    )
+    sec = rep.section(
+        "1. MoEfication quality (held-out test split)",
+        "Perplexity of the dense original and of the MoEfied model using k of the experts; "
+        "k = all experts reproduces the dense model exactly. Router recall = share of the true "
+        "top-k experts (by output norm) the router picks, on held-out tokens (chance = k/E).",
+    )
+    q = m["quality"]
+    sec.table(
+        [{"domain": d, **row} for d, row in q["domains"].items()], caption=f"split: {q['split']}"
+    )
+    sec.table([{"k": k, "router recall (held out)": v} for k, v in m["router_recall_mean"].items()])
+    _, sections = load_sections(analyze_dir / "sections.json")
+    for i, s in enumerate(sections):
+        s.title = f"2.{i + 1} {s.title}"
+        rep.sections.append(s)
+    rows = predict_dir / "all_results.json"
+    if rows.exists():
+        report_section(json.loads(rows.read_text()), rep).title = "3. Expert predictors"
+    return rep
