@@ -290,32 +290,25 @@ def stage_offload(
     model = MoETransformer.load(train["moe_dir"])
     expert_bytes = model.blocks[model.moe_layer_indices()[0]].ffn.experts.expert_nbytes()
     hw = get_hardware("nvme-ram", expert_bytes=expert_bytes)
-    E, k = sub.meta.num_experts, sub.meta.top_k
+    L, E, k = sub.meta.num_layers, sub.meta.num_experts, sub.meta.top_k
     pdir = d.parent / "predict" / "predictors"
-    plan = None
-    gate_dir = pdir / "d=1-gate-lookahead"
-    if gate_dir.exists():
-        plan = plan_from_predictor(Predictor.load(gate_dir), sub)
+    plans: dict[str, Any] = {"none": None}
+    for name in ("gate-lookahead", "probe-mlp"):  # gate lookahead and the usual best predictor
+        if (pdir / f"d=1-{name}").exists():
+            plans[name] = plan_from_predictor(Predictor.load(pdir / f"d=1-{name}"), sub)
+    plans["oracle"] = oracle_plan(sub.expert_ids, 1)
+    # per-layer caches of k, k+1, ... experts, and one global cache of 10% of all experts
+    caches = [(f"{c} of {E} per layer", c, True) for c in range(k, E) if c <= max(k, E // 2)]
+    caches.append((f"10% of all {L * E} (global)", max(k, int(round(0.1 * L * E))), False))
     rows = []
-    for frac in (0.10, 0.25, 0.50):
-        cap = max(k, int(round(frac * E)))
+    for label_c, cap, per_layer in caches:
         for policy in ("lru", "lfu", "lfru", "belady"):
-            for label, p in (
-                ("none", None),
-                ("gate-lookahead", plan),
-                ("oracle", oracle_plan(sub.expert_ids, 1)),
-            ):
-                if p is None and label != "none":
-                    continue
+            for label, plan in plans.items():
                 r = simulate(
-                    sub.expert_ids, E, cap, policy, hardware=hw, plan=p, expert_bytes=expert_bytes
-                )
-                row = {
-                    "cache": f"{frac:.0%}",
-                    "capacity_per_layer": cap,
-                    "policy": policy,
-                    "prefetch": label,
-                }
+                    sub.expert_ids, E, cap, policy, hardware=hw, plan=plan,
+                    expert_bytes=expert_bytes, per_layer=per_layer,
+                )  # fmt: skip
+                row = {"cache": label_c, "policy": policy, "prefetch": label}
                 row.update(
                     {kk: v for kk, v in r.to_dict().items() if isinstance(v, (int, float, str))}
                 )
@@ -383,6 +376,8 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
     live = off["live"]
     return {
         "perplexity": {
+            "moe_at_equal_flops": tr["moe_ppl_at_equal_flops"],
+            "dense_at_equal_flops": tr["dense_ppl_at_equal_flops"],
             "moe": tr["moe_val_ppl"],
             "dense": tr["dense_val_ppl"],
             "unigram": tr["unigram_ppl"],
@@ -424,8 +419,10 @@ def print_headline(h: dict[str, Any], report: Path) -> None:
     t.add_column("value")
     p = h["perplexity"]
     t.add_row(
-        "validation perplexity MoE vs dense (equal active FLOPs)",
-        f"{f(p['moe'], '.2f')} vs {f(p['dense'], '.2f')} (unigram {f(p['unigram'], '.1f')})",
+        "validation perplexity MoE vs dense of equal active FLOPs/token",
+        f"at equal training FLOPs {f(p['moe_at_equal_flops'], '.1f')} vs "
+        f"{f(p['dense_at_equal_flops'], '.1f')}; after equal time {f(p['moe'], '.1f')} vs "
+        f"{f(p['dense'], '.1f')} (unigram {f(p['unigram'], '.1f')})",
     )
     b = h["balance"]
     t.add_row(
@@ -490,7 +487,7 @@ def run_demo(cfg: DemoConfig | None = None, force: bool = False) -> dict[str, An
     )
     res["offload"] = runner.run(
         "offload",
-        {**_keys(p, "seed offload_tokens generate_tokens"), "trace": res["trace"]},
+        {**_keys(p, "seed offload_tokens generate_tokens"), "trace": res["trace"], "v": 2},
         lambda d: stage_offload(cfg, d, res["train"], res["trace"], res["predict"]),
     )
     summary = write_report(cfg, root, res)

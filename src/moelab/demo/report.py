@@ -31,7 +31,9 @@ def build_report(cfg: Any, res: dict[str, Any], h: dict[str, Any]) -> Report:
         [
             {
                 "what": "validation perplexity, MoE vs dense of equal active FLOPs",
-                "value": f"{_fmt(p['moe'], '.2f')} vs {_fmt(p['dense'], '.2f')} (unigram {_fmt(p['unigram'], '.1f')})",
+                "value": f"equal training FLOPs: {_fmt(p.get('moe_at_equal_flops'), '.1f')} vs "
+                f"{_fmt(p.get('dense_at_equal_flops'), '.1f')}; equal time: {_fmt(p['moe'], '.1f')} vs "
+                f"{_fmt(p['dense'], '.1f')} (unigram {_fmt(p['unigram'], '.1f')})",
                 "reproduce": f"moelab compare{q}",
             },
             {
