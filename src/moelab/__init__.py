@@ -64,8 +64,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "generate_offloaded": ("moelab.offload.live", "generate_offloaded"),
     "simulate_offload": ("moelab.offload.simulate", "simulate_trace"),
     # moefy  (`moelab moefy`, `moelab upcycle`)
-    "moefy": ("moelab.moefy.api", "moefy"),
-    "upcycle": ("moelab.moefy.api", "upcycle"),
+    "moefy_model": ("moelab.moefy.api", "moefy"),
+    "upcycle_model": ("moelab.moefy.api", "upcycle"),
     # report and demo
     "Report": ("moelab.report", "Report"),
     "run_demo": ("moelab.demo.pipeline", "run_demo"),

@@ -18,3 +18,10 @@ def test_public_name_resolves(name):
 def test_unknown_name_is_a_clear_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         moelab.nope  # noqa: B018
+
+
+def test_no_public_name_is_shadowed_by_a_subpackage():
+    import pkgutil
+
+    subpackages = {m.name for m in pkgutil.iter_modules(moelab.__path__)}
+    assert not set(moelab._EXPORTS) & subpackages
