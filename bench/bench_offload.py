@@ -51,14 +51,15 @@ CANDIDATES = ["gate", "gate2", "adaptive", "gate+prev"]
 
 # ----------------------------------------------------------------------------- model and data
 def find_checkpoint() -> Path | None:
-    """Newest moelab checkpoint (config.json with model_type moelab_transformer) under runs/."""
+    """Newest moelab MoE checkpoint (config.json with model_type moelab_transformer) under runs/."""
     runs = ROOT / "runs"
     if not runs.exists():
         return None
     found = []
     for cfg in runs.rglob("config.json"):
         try:
-            if json.loads(cfg.read_text()).get("model_type") == "moelab_transformer":
+            d = json.loads(cfg.read_text())
+            if d.get("model_type") == "moelab_transformer" and d.get("moe"):  # MoE models only
                 if (cfg.parent / "model.safetensors").exists():
                     found.append(cfg.parent)
         except (OSError, json.JSONDecodeError):
