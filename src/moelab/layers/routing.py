@@ -197,6 +197,32 @@ class Router(nn.Module):
         check_logits_finite(logits, type(self).__name__)
         return logits
 
+    def softmax_result(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        top_i: torch.Tensor,
+        top_w: torch.Tensor,
+        dropped: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        lb_k: int,
+    ) -> RoutingResult:
+        """RoutingResult of a softmax router, with the Switch/Mixtral load-balancing loss
+        (counting lb_k choices per token) and the router z-loss as aux terms."""
+        aux = {
+            "load_balancing": load_balancing_loss(logits, self.num_experts, lb_k, mask),
+            "z_loss": router_z_loss(logits, mask),
+        }
+        return RoutingResult(
+            expert_ids=top_i,
+            weights=top_w.to(x.dtype),
+            logits=logits,
+            aux=aux,
+            dropped=dropped,
+            scores=probs,
+        )
+
 
 class TopKRouter(Router):
     """Softmax top-k router (Mixtral, Qwen2/3-MoE, OLMoE); aux: load_balancing, z_loss.
@@ -225,18 +251,7 @@ class TopKRouter(Router):
         elif self.cfg.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w, dropped = self.apply_capacity(top_i, top_w, mask)
-        aux = {
-            "load_balancing": load_balancing_loss(logits, self.num_experts, self.top_k, mask),
-            "z_loss": router_z_loss(logits, mask),
-        }
-        return RoutingResult(
-            expert_ids=top_i,
-            weights=top_w.to(x.dtype),
-            logits=logits,
-            aux=aux,
-            dropped=dropped,
-            scores=probs,
-        )
+        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, self.top_k)
 
 
 class NoisyTopKRouter(Router):
@@ -319,18 +334,7 @@ class SwitchRouter(Router):
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         top_w, top_i = probs.max(dim=-1, keepdim=True)
         top_w, dropped = self.apply_capacity(top_i, top_w, mask)
-        aux = {
-            "load_balancing": load_balancing_loss(logits, self.num_experts, 1, mask),
-            "z_loss": router_z_loss(logits, mask),
-        }
-        return RoutingResult(
-            expert_ids=top_i,
-            weights=top_w.to(x.dtype),
-            logits=logits,
-            aux=aux,
-            dropped=dropped,
-            scores=probs,
-        )
+        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, 1)
 
 
 class GShardRouter(Router):
@@ -374,18 +378,7 @@ class GShardRouter(Router):
         top_w, dropped = self.apply_capacity(top_i, top_w, mask, dropped)
         if dropped is not None and not bool(dropped.any()):
             dropped = None
-        aux = {
-            "load_balancing": load_balancing_loss(logits, self.num_experts, 1, mask),
-            "z_loss": router_z_loss(logits, mask),
-        }
-        return RoutingResult(
-            expert_ids=top_i,
-            weights=top_w.to(x.dtype),
-            logits=logits,
-            aux=aux,
-            dropped=dropped,
-            scores=probs,
-        )
+        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, 1)
 
 
 class ExpertChoiceRouter(Router):
