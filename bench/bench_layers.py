@@ -18,24 +18,22 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # must precede torch's first allocation
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _results import RESULTS, write_section  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from moelab._io import atomic_write_text  # noqa: E402
 from moelab.layers.config import MoEConfig  # noqa: E402
 from moelab.layers.experts import grouped_mm_available  # noqa: E402
 from moelab.layers.moe import MoEBlock  # noqa: E402
 
 SECTION = "## Layers (bench_layers.py)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def timed(fn) -> float:
@@ -252,21 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         write_section(RESULTS, SECTION, "\n".join(lines))
         console.print(f"wrote {RESULTS}")
     return 0
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the section starting at `heading` up to the next '## ' heading."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        new = "\n".join([*lines[:start], *body.rstrip("\n").splitlines(), *lines[end:]]) + "\n"
-    atomic_write_text(path, new)
 
 
 if __name__ == "__main__":

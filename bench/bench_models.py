@@ -25,17 +25,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _results import RESULTS, write_section  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from moelab._io import atomic_write_text  # noqa: E402
 from moelab.layers.config import MoEConfig  # noqa: E402
 from moelab.models import MoETransformer, MoETransformerConfig  # noqa: E402
 from moelab.models.export import export_hf  # noqa: E402
 
 SECTION = "## Models (bench_models.py)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def timed(fn) -> float:
@@ -43,21 +42,6 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the section starting at `heading` up to the next '## ' heading."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = text.find("\n## ", start + len(heading))
-        end = len(text) if end < 0 else end + 1
-        text = (
-            text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[end:] if end < len(text) else "")
-        )
-    atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,17 +36,16 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _results import RESULTS, write_section  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from moelab._io import atomic_write_text  # noqa: E402
 from moelab.layers.config import MoEConfig  # noqa: E402
 from moelab.layers.moe import MoEBlock  # noqa: E402
 from moelab.predict import Horizon, compare, default_suite, make_predictor, split_by_document  # noqa: E402
 from moelab.predict.synthetic import make_synthetic_trace  # noqa: E402
 
 SECTION = "## Predictors (bench_predict.py)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BASELINES = {"prior", "prev-layer", "prev-token", "gate-lookahead", "gate-lookahead(residual)"}
 
 
@@ -282,20 +281,8 @@ def main() -> None:
         )
     if args.write:
         text = console.export_text()
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
         body = f"{SECTION}\n\nCommand: `python bench/bench_predict.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`\n\n```\n{text.strip()}\n```\n"
-        if SECTION in old and args.append:
-            start = old.index(SECTION)
-            nxt = old.find("\n## ", start + len(SECTION))
-            cut = nxt + 1 if nxt >= 0 else len(old)
-            new = old[:cut].rstrip() + "\n\n" + body.split("\n", 2)[2] + "\n" + old[cut:]
-        elif SECTION in old:
-            start = old.index(SECTION)
-            nxt = old.find("\n## ", start + len(SECTION))
-            new = old[:start] + body + (old[nxt + 1 :] if nxt >= 0 else "")
-        else:
-            new = old.rstrip() + "\n\n" + body
-        atomic_write_text(RESULTS, new)
+        write_section(RESULTS, SECTION, body, append=args.append)
         console.print(f"wrote {RESULTS}")
 
 

@@ -27,16 +27,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _results import RESULTS, write_section  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from moelab._io import atomic_write_text  # noqa: E402
 from moelab.models import MoETransformer  # noqa: E402
 from moelab.train.config import TrainConfig  # noqa: E402
 from moelab.train.loop import set_threads, train  # noqa: E402
 
 SECTION = "## Training (bench_train.py)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MAX_LOAD = 3.0  # collapse threshold: an expert above 3x uniform load
 
 
@@ -72,21 +71,6 @@ def step_times(cfg: TrainConfig, repeats: int, steps: int, seed: int) -> dict[st
                 one(model, opt, x)
             times[name].append((time.perf_counter() - t0) / steps)
     return times
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the section starting at `heading` up to the next '## ' heading."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        new = "\n".join([*lines[:start], *body.rstrip("\n").splitlines(), *lines[end:]]) + "\n"
-    atomic_write_text(path, new)
 
 
 def main() -> int:
