@@ -138,34 +138,60 @@ def interleave_domains(docs: list, max_chars: int) -> list:
     return out
 
 
-def stage_trace(cfg: DemoConfig, d: Path, train: dict[str, Any]) -> dict[str, Any]:
-    """Trace the train split (for fitting predictors) and the test split (for everything else)."""
-    from moelab.data.tokenizer import load_tokenizer
-    from moelab.models.transformer import MoETransformer
+def trace_splits(
+    model: Any,
+    tok: Any,
+    docs: dict[str, list],
+    d: Path,
+    max_tokens: dict[str, int],
+    doc_chars: int,
+    corpus: str,
+    seed: int,
+    command: str,
+    hidden_rate: float = 1.0,
+) -> dict[str, Any]:
+    """Trace each split named in `max_tokens` (domains interleaved, documents cut to doc_chars)
+    with router logits and router-input + residual hidden states, into d/<split>."""
     from moelab.trace.api import trace_model
 
-    model = MoETransformer.load(train["moe_dir"])
-    tok = load_tokenizer(Path(train["data_dir"]) / "tokenizer.json")
-    docs = split_docs(cfg, train["data_dir"])
-    out = {}
-    for split, max_tokens in (("train", cfg.trace_train_tokens), ("test", cfg.trace_test_tokens)):
+    out: dict[str, Any] = {}
+    for split, n in max_tokens.items():
         store = trace_model(
             model,
-            interleave_domains(docs[split], cfg.trace_doc_chars),
+            interleave_domains(docs[split], doc_chars),
             tok,
             d / split,
             split=split,
             logits=True,
-            hidden_rate=cfg.hidden_rate,
+            hidden_rate=hidden_rate,
             hidden_points=("router_input", "residual"),
-            max_tokens=max_tokens,
-            corpus=cfg.corpus,
-            seed=cfg.seed,
-            command="moelab demo",
+            max_tokens=n,
+            corpus=corpus,
+            seed=seed,
+            command=command,
         )
         out[f"{split}_trace"] = str(d / split)
         out[f"{split}_tokens"] = int(store.num_tokens)
     return out
+
+
+def stage_trace(cfg: DemoConfig, d: Path, train: dict[str, Any]) -> dict[str, Any]:
+    """Trace the train split (for fitting predictors) and the test split (for everything else)."""
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.models.transformer import MoETransformer
+
+    return trace_splits(
+        MoETransformer.load(train["moe_dir"]),
+        load_tokenizer(Path(train["data_dir"]) / "tokenizer.json"),
+        split_docs(cfg, train["data_dir"]),
+        d,
+        {"train": cfg.trace_train_tokens, "test": cfg.trace_test_tokens},
+        cfg.trace_doc_chars,
+        cfg.corpus,
+        cfg.seed,
+        "moelab demo",
+        cfg.hidden_rate,
+    )
 
 
 def stage_analyze(cfg: DemoConfig, d: Path, train: dict, traces: dict) -> dict[str, Any]:

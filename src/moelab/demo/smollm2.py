@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab._io import atomic_write_json
-from moelab.demo.pipeline import DemoConfig, console, interleave_domains, stage_predict
+from moelab.demo.pipeline import DemoConfig, console, stage_predict, trace_splits
 from moelab.errors import ModelError
 from moelab.stages import StageRunner
 
@@ -54,7 +54,6 @@ def run_moefied_demo(
     from moelab.data.tokenizer import load_tokenizer
     from moelab.models.transformer import MoETransformer
     from moelab.moefy.api import moefy
-    from moelab.trace.api import trace_model
     from moelab.trace.store import TraceStore
 
     root = Path(cfg.out) / name
@@ -88,24 +87,17 @@ def run_moefied_demo(
         splits = split_documents(
             load_corpus(corpus, max_bytes=corpus_bytes, seed=cfg.seed), seed=cfg.seed
         )
-        out = {}
-        for split, n in (("train", 6000 if q else 40_000), ("test", 3000 if q else 20_000)):
-            st = trace_model(
-                model,
-                interleave_domains(splits[split], 1500 if q else 4000),
-                tok,
-                d / split,
-                split=split,
-                logits=True,
-                hidden_rate=1.0,
-                hidden_points=("router_input", "residual"),
-                max_tokens=n,
-                corpus=corpus,
-                seed=cfg.seed,
-                command=f"moelab demo --model {name}",
-            )
-            out[f"{split}_trace"], out[f"{split}_tokens"] = str(d / split), int(st.num_tokens)
-        return out
+        return trace_splits(
+            model,
+            tok,
+            splits,
+            d,
+            {"train": 6000 if q else 40_000, "test": 3000 if q else 20_000},
+            1500 if q else 4000,
+            corpus,
+            cfg.seed,
+            f"moelab demo --model {name}",
+        )
 
     res["trace"] = runner.run("trace", {"quick": q, "seed": cfg.seed}, do_trace, resumable=True)
 
