@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from moelab.errors import ConfigError, ModelError
 from moelab.models.transformer import MoETransformer
-from moelab.moefy.build import moefy_dense, perplexity, set_top_k, token_blocks
+from moelab.moefy.build import (
+    ffn_compute_fraction,
+    moefy_dense,
+    perplexity,
+    set_top_k,
+    token_blocks,
+)
+from moelab.moefy.calibrate import LayerWalker, refit_down_proj, selected_features
 from moelab.moefy.convert import dense_to_moelab, load_dense_lm
 from moelab.moefy.partition import balanced_kmeans, partition_neurons, split_ffn
 from moelab.moefy.router import fit_router, topk_recall
@@ -86,43 +93,45 @@ def test_k_equals_e_reproduces_dense_and_k_sweep(tiny_llama_dir):
         set_top_k(moe, 5)
 
 
-def test_moefy_command_end_to_end(tiny_llama_dir, tmp_path):
+def run_moefy_cli(tiny_llama_dir, out, *extra: str):
     from typer.testing import CliRunner
 
     from moelab.cli import app
 
-    out = tmp_path / "moe"
-    res = CliRunner().invoke(
-        app,
-        [
-            "moefy",
-            "--model",
-            str(tiny_llama_dir),
-            "--out",
-            str(out),
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--router-tokens",
-            "4096",
-            "--corpus",
-            "python-code",
-            "--seq-len",
-            "64",
-            "--eval-tokens",
-            "256",
-        ],
-    )
+    args = ["moefy", "--model", str(tiny_llama_dir), "--out", str(out), "--experts", "4"]
+    args += ["--router-tokens", "4096", "--corpus", "python-code", "--seq-len", "64"]
+    res = CliRunner().invoke(app, [*args, "--eval-tokens", "256", *extra])
     assert res.exit_code == 0, res.output
-    q = json.loads((out / "quality.json").read_text())
-    assert q["quality"]["split"] == "test"
+    return json.loads((out / "quality.json").read_text()), res.output
+
+
+def test_moefy_command_end_to_end(tiny_llama_dir, tmp_path):
+    out = tmp_path / "moe"
+    q, _ = run_moefy_cli(tiny_llama_dir, out, "--top-k", "2", "--no-calibrate")
+    assert q["quality"]["split"] == "test" and q["calibrated"] is False
     row = q["quality"]["domains"]["code"]
     assert {"dense", "k=1", "k=2", "k=4"} <= set(row)
     assert row["k=4"] == pytest.approx(row["dense"], rel=1e-4)  # k = E is the dense model
+    assert q["ffn_compute_fraction"] == {"k=1": 0.25, "k=2": 0.5, "k=4": 1.0}
     m = MoETransformer.load(out)
     assert m.cfg.moe.num_experts == 4 and m.moe_layer_indices() == [0, 1]
     assert (out / "tokenizer.json").exists()
+
+
+def test_moefy_command_calibrated_with_a_dense_first_layer(tiny_llama_dir, tmp_path):
+    out = tmp_path / "moe_cal"
+    q, text = run_moefy_cli(tiny_llama_dir, out, "--top-k", "4", "--dense-layers", "1")
+    assert q["calibrated"] is True and q["dense_layers"] == 1
+    row = q["quality"]["domains"]["code"]
+    assert set(row) == {"tokens", "dense", "k=4"}  # calibrated for --top-k only
+    assert row["k=4"] == pytest.approx(row["dense"], rel=1e-4)  # the refit keeps k = E exact
+    assert q["ffn_compute_fraction"] == {"k=4": 1.0}
+    assert q["calibration_rel_err_mean"]["after"] < 1e-8
+    assert "calibration:" in text
+    m = MoETransformer.load(out)
+    assert m.moe_layer_indices() == [1]
+    rep = json.loads((out / "moefy.json").read_text())
+    assert [c["layer"] for c in rep["calibration"]] == [1] and len(rep["router_recall"]) == 1
 
 
 def test_upcycle_step0_equals_dense(tiny_llama_dir):
@@ -164,3 +173,59 @@ def test_moefied_demo_runs_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     assert res["trace"]["test_tokens"] > 0 and res["predict"]["split"] == "test"
     page = (root / "report.html").read_text()
     assert "MoEfication quality" in page and "Expert predictors" in page and "2.1 " in page
+
+
+def test_layer_walker_reproduces_the_model_forward(tiny_llama_dir):
+    hf, _ = load_dense_lm(tiny_llama_dir)
+    dense = dense_to_moelab(hf, max_seq_len=64)
+    blocks = list(torch.randint(0, hf.config.vocab_size, (3, 32)))
+    w = LayerWalker(dense, blocks, batch=2)
+    for blk in dense.blocks:
+        h_attn, x = w.ffn_input(blk)
+        assert x.shape == (96, 64)
+        w.advance(h_attn, blk.ffn(x))
+    with torch.no_grad():
+        ref = dense(torch.stack(blocks)).logits
+        got = dense.lm_head(dense.norm(w.h))
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_refit_down_proj_recovers_a_planted_solution():
+    from moelab.layers.config import MoEConfig
+    from moelab.layers.moe import MoEBlock
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, router_bias=True, unit_weights=True)
+    moe = MoEBlock(cfg)
+    x = torch.randn(4000, 16)
+    with torch.no_grad():
+        planted = moe.experts.down_proj.clone() + 0.5 * torch.randn_like(moe.experts.down_proj)
+        a = selected_features(moe, x)  # [N, E*f]
+        target = a @ planted.permute(0, 2, 1).reshape(32, 16)
+        cal = refit_down_proj(moe, x, target, ridge=1e-8, heldout=0.2, layer=3)
+    assert cal.layer == 3 and (cal.fitted_tokens, cal.heldout_tokens) == (3200, 800)
+    assert cal.rel_err_before > 0.1 and cal.rel_err_after < 1e-8
+    assert torch.allclose(moe.experts.down_proj, planted, atol=1e-4)
+    # the refitted block itself now produces the target
+    y, _ = moe(x)
+    assert torch.allclose(y, target, atol=1e-4)
+    with pytest.raises(ConfigError, match="heldout"):
+        refit_down_proj(moe, x, target, heldout=1.0)
+
+
+def test_calibration_lowers_heldout_reconstruction_error(tiny_llama_dir):
+    hf, _ = load_dense_lm(tiny_llama_dir)
+    dense = dense_to_moelab(hf, max_seq_len=64)
+    blocks = token_blocks(torch.randint(0, hf.config.vocab_size, (8192,)).tolist(), 64, 8192)
+    moe, rep = moefy_dense(dense, hf.config, blocks, 4, 2, router_epochs=5, calibrate=True)
+    assert rep.calibrated and [c["layer"] for c in rep.calibration] == [0, 1]
+    for c in rep.calibration:  # held-out calibration tokens, never fitted
+        assert c["heldout_tokens"] > 0 and c["rel_err_after"] < c["rel_err_before"]
+    assert ffn_compute_fraction(moe) == 0.5
+    plain, _ = moefy_dense(dense, hf.config, blocks, 4, 2, router_epochs=5)
+    # the experts' gate/up halves are the same split; only down projections differ
+    for a, b in zip(moe.blocks, plain.blocks, strict=True):
+        assert torch.equal(a.ffn.experts.gate_up_proj, b.ffn.experts.gate_up_proj)
+        assert not torch.equal(a.ffn.experts.down_proj, b.ffn.experts.down_proj)
+    with pytest.raises(ConfigError, match="dense-layers"):
+        moefy_dense(dense, hf.config, blocks, 4, 2, dense_layers=2)

@@ -12,6 +12,7 @@ from moelab._io import atomic_write_json
 from moelab.data.corpora import load_corpus
 from moelab.data.splits import split_documents
 from moelab.moefy.build import (
+    ffn_compute_fraction,
     moefy_dense,
     perplexity,
     save_moefied,
@@ -78,8 +79,15 @@ def moefy(
     eval_tokens: int = 2048,
     seed: int = 0,
     device: str = "cpu",
+    calibrate: bool = True,
+    dense_layers: int = 0,
+    ridge: float = 1e-2,
 ) -> dict:
-    """MoEfy a local dense Llama-family LM; save a moelab model + quality report in `out`."""
+    """MoEfy a local dense Llama-family LM; save a moelab model + quality report in `out`.
+
+    With calibrate (default) the model is calibrated for top_k and the report covers that k only;
+    without it the split is training-free apart from the routers and k = 1, 2, 4 are reported.
+    """
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     hf, tok = load_dense_lm(model, gguf_file)
@@ -90,9 +98,21 @@ def moefy(
     splits = split_documents(docs, seed=seed)
     train_ids = encode_docs(tok, splits["train"], router_tokens)
     blocks = [b.to(device) for b in token_blocks(train_ids, seq_len, router_tokens)]
-    moe, report = moefy_dense(dense, hf_config, blocks, experts, top_k, method, seed)
+    moe, report = moefy_dense(
+        dense,
+        hf_config,
+        blocks,
+        experts,
+        top_k,
+        method,
+        seed,
+        calibrate=calibrate,
+        dense_layers=dense_layers,
+        ridge=ridge,
+    )
+    ks = (top_k,) if calibrate else tuple(k for k in (1, 2, 4) if k <= experts)
     quality = quality_report(
-        dense, moe, tok, splits["test"], seq_len=seq_len, eval_tokens=eval_tokens
+        dense, moe, tok, splits["test"], ks, seq_len=seq_len, eval_tokens=eval_tokens
     )
     out = save_moefied(moe, report, tok, out)
     summary = {
@@ -102,6 +122,10 @@ def moefy(
         "experts": experts,
         "top_k": top_k,
         "router_tokens": report.router_tokens,
+        "calibrated": calibrate,
+        "dense_layers": dense_layers,
+        "ffn_compute_fraction": {f"k={k}": ffn_compute_fraction(moe, k) for k in ks},
+        "calibration_rel_err_mean": _mean_calibration(report),
         "router_recall_mean": {
             str(k): sum(r[k] for r in report.router_recall) / len(report.router_recall)
             for k in report.router_recall[0]
@@ -112,6 +136,18 @@ def moefy(
     }
     atomic_write_json(Path(out) / "quality.json", summary)
     return summary
+
+
+def _mean_calibration(report) -> dict | None:
+    """Mean held-out reconstruction error over MoE layers, before and after the refit."""
+    if not report.calibration:
+        return None
+    n = len(report.calibration)
+    return {
+        "split": "calibration tokens held out from the refit (train split of the corpus)",
+        "before": sum(c["rel_err_before"] for c in report.calibration) / n,
+        "after": sum(c["rel_err_after"] for c in report.calibration) / n,
+    }
 
 
 def load_summary(out: str | Path) -> dict:

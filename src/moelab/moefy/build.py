@@ -6,7 +6,7 @@ whose experts sum to the original FFN (k = E reproduces the dense model exactly)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from moelab._io import atomic_write_json
 from moelab.errors import ConfigError, InputError
 from moelab.layers.config import MoEConfig
 from moelab.models.transformer import MoETransformer
+from moelab.moefy.calibrate import LayerWalker, refit_down_proj
 from moelab.moefy.convert import moelab_config
 from moelab.moefy.partition import partition_neurons, split_ffn
 from moelab.moefy.router import fit_router, group_output_norms
@@ -25,14 +26,19 @@ from moelab.moefy.router import fit_router, group_output_norms
 
 @dataclass
 class MoefyReport:
-    """What moefy did, per layer: partition method, router held-out recall of the true top-k."""
+    """What moefy did: partition method, per MoE layer the router's held-out recall of the true
+    top-k groups and (if calibrated) the held-out reconstruction error before/after the refit."""
 
     method: str
     num_experts: int
     top_k: int
     router_tokens: int
-    router_recall: list[dict[int, float]] = field(default_factory=list)  # per layer, held out
+    router_recall: list[dict[int, float]] = field(default_factory=list)  # per MoE layer, held out
     seed: int = 0
+    dense_layers: int = 0
+    calibrated: bool = False
+    ridge: float | None = None
+    calibration: list[dict] = field(default_factory=list)  # per MoE layer, held-out rel. error
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict."""
@@ -40,23 +46,13 @@ class MoefyReport:
 
 
 @torch.no_grad()
-def record_ffn_inputs(
-    dense: MoETransformer, blocks: list[torch.Tensor], coact_tokens: int = 0
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Run the dense model over token blocks [n, S]; return per layer FFN inputs [N, D] (float16)
-    and, if coact_tokens > 0, the first coact_tokens tokens' neuron activations [n, F]."""
-    L = len(dense.blocks)
-    xs: list[list[torch.Tensor]] = [[] for _ in range(L)]
-    acts: list[list[torch.Tensor]] = [[] for _ in range(L)]
-    seen = [0]
+def record_ffn_inputs(dense: MoETransformer, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run the dense model over token blocks [n, S]; return per layer FFN inputs [N, D] (float16)."""
+    xs: list[list[torch.Tensor]] = [[] for _ in dense.blocks]
 
     def hook(i):
         def fn(mod, inp):
-            x = inp[0].reshape(-1, inp[0].shape[-1])
-            xs[i].append(x.to(torch.float16))
-            if coact_tokens and seen[0] < coact_tokens:
-                a = F.silu(mod.gate_proj(x)) * mod.up_proj(x)
-                acts[i].append(a[: coact_tokens - seen[0]].float())
+            xs[i].append(inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float16))
 
         return fn
 
@@ -64,11 +60,10 @@ def record_ffn_inputs(
     try:
         for ids in track(blocks, description="recording FFN inputs"):
             dense(ids[None] if ids.dim() == 1 else ids)
-            seen[0] += ids.numel()
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(x) for x in xs], [torch.cat(a) if a else torch.empty(0) for a in acts]
+    return [torch.cat(x) for x in xs]
 
 
 def token_blocks(ids: list[int], seq_len: int, max_tokens: int) -> list[torch.Tensor]:
@@ -83,6 +78,40 @@ def token_blocks(ids: list[int], seq_len: int, max_tokens: int) -> list[torch.Te
     return list(t.view(-1, seq_len))
 
 
+def split_layer(
+    dense_ffn,
+    moe_ffn,
+    x: torch.Tensor,
+    num_experts: int,
+    method: str,
+    seed: int,
+    router_epochs: int,
+    coact_tokens: int = 4096,
+) -> dict[int, float]:
+    """Split one dense SwiGLU FFN into moe_ffn's experts and fit its router on FFN inputs x [n, D].
+
+    Returns the router's held-out top-k recall of the true largest groups.
+    """
+    f = dense_ffn
+    acts = None
+    if method == "coactivation":
+        xa = x[:coact_tokens].float()
+        acts = F.silu(f.gate_proj(xa)) * f.up_proj(xa)
+    groups = partition_neurons(
+        f.gate_proj.weight, f.up_proj.weight, num_experts, method, activations=acts, seed=seed
+    )
+    gu, dn = split_ffn(f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight, groups)
+    moe_ffn.experts.gate_up_proj.copy_(gu)
+    moe_ffn.experts.down_proj.copy_(dn)
+    xf = x.float()
+    norms = group_output_norms(xf, gu, dn)
+    with torch.enable_grad():
+        fit = fit_router(xf, norms, epochs=router_epochs, seed=seed)
+    moe_ffn.router.gate.weight.copy_(fit.weight)
+    moe_ffn.router.gate.bias.copy_(fit.bias)
+    return fit.topk_recall
+
+
 @torch.no_grad()
 def moefy_dense(
     dense: MoETransformer,
@@ -93,9 +122,18 @@ def moefy_dense(
     method: str = "cluster",
     seed: int = 0,
     router_epochs: int = 30,
-    recorded: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    recorded: list[torch.Tensor] | None = None,
+    calibrate: bool = False,
+    dense_layers: int = 0,
+    ridge: float = 1e-2,
 ) -> tuple[MoETransformer, MoefyReport]:
-    """Split every FFN of a dense MoETransformer (a Llama copy) into experts and fit routers."""
+    """Split every FFN of a dense MoETransformer (a Llama copy) into experts and fit routers.
+
+    dense_layers: the first N FFNs stay dense (DeepSeekMoE's first_k_dense).
+    calibrate: convert layers in order on the MoEfied model's own hidden states and ridge-refit
+    the experts' down projections for top_k (moefy/calibrate.py); otherwise routers are fitted on
+    the dense model's FFN inputs, recorded once, and the experts keep the split weights.
+    """
     if dense.cfg.moe is not None:
         raise ConfigError("moefy: the input model is already an MoE")
     d_ff = dense.cfg.d_ff
@@ -103,11 +141,11 @@ def moefy_dense(
         raise ConfigError(f"--experts={num_experts} must divide the FFN size {d_ff}")
     if not 1 <= top_k <= num_experts:
         raise ConfigError(f"--top-k={top_k} must be in [1, --experts={num_experts}]")
-    coact = 4096 if method == "coactivation" else 0
-    if recorded is not None and (coact == 0 or recorded[1][0].numel() > 0):
-        xs, acts = recorded  # reuse FFN inputs recorded once for several methods
-    else:
-        xs, acts = record_ffn_inputs(dense, blocks, coact)
+    L = len(dense.blocks)
+    if not 0 <= dense_layers < L:
+        raise ConfigError(
+            f"--dense-layers={dense_layers} must be in [0, {L - 1}] (model has {L} layers)"
+        )
     moe = MoEConfig(
         d_model=dense.cfg.d_model,
         d_ff=d_ff // num_experts,
@@ -119,35 +157,67 @@ def moefy_dense(
         unit_weights=True,
         seed=seed,
     )
-    cfg = moelab_config(hf_config, moe, dense.cfg.max_seq_len)
+    cfg = replace(moelab_config(hf_config, moe, dense.cfg.max_seq_len), first_k_dense=dense_layers)
     model = MoETransformer(cfg)
     model.load_state_dict(
-        {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}, strict=False
+        {
+            k: v
+            for k, v in dense.state_dict().items()
+            if ".ffn." not in k or int(k.split(".")[1]) < dense_layers
+        },
+        strict=False,
     )
-    report = MoefyReport(method, num_experts, top_k, int(xs[0].shape[0]), seed=seed)
-    for i, (dblk, mblk) in enumerate(
-        track(list(zip(dense.blocks, model.blocks, strict=True)), description="splitting FFNs")
-    ):
-        f = dblk.ffn
-        groups = partition_neurons(
-            f.gate_proj.weight,
-            f.up_proj.weight,
+    report = MoefyReport(
+        method,
+        num_experts,
+        top_k,
+        int(sum(b.numel() for b in blocks)),
+        seed=seed,
+        dense_layers=dense_layers,
+        calibrated=calibrate,
+        ridge=ridge if calibrate else None,
+    )
+    layers = list(range(dense_layers, L))
+    if calibrate:
+        walker = LayerWalker(model, blocks)
+        for i in track(range(L), description="moefy + calibrate, layer by layer"):
+            mblk = model.blocks[i]
+            h_attn, x = walker.ffn_input(mblk)
+            if i < dense_layers:
+                walker.advance(h_attn, mblk.ffn(x))
+                continue
+            dffn = dense.blocks[i].ffn
+            recall = split_layer(dffn, mblk.ffn, x, num_experts, method, seed + i, router_epochs)
+            report.router_recall.append(recall)
+            cal = refit_down_proj(mblk.ffn, x, dffn(x), ridge, layer=i)
+            report.calibration.append(asdict(cal))
+            walker.advance(h_attn, mblk.ffn(x)[0])
+        return model.eval(), report
+    # FFN inputs may be recorded once by the caller and reused for several methods
+    xs = recorded if recorded is not None else record_ffn_inputs(dense, blocks)
+    for i in track(layers, description="splitting FFNs"):
+        recall = split_layer(
+            dense.blocks[i].ffn,
+            model.blocks[i].ffn,
+            xs[i],
             num_experts,
             method,
-            activations=acts[i] if method == "coactivation" else None,
-            seed=seed + i,
+            seed + i,
+            router_epochs,
         )
-        gu, dn = split_ffn(f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight, groups)
-        mblk.ffn.experts.gate_up_proj.copy_(gu)
-        mblk.ffn.experts.down_proj.copy_(dn)
-        x = xs[i].float()
-        norms = group_output_norms(x, gu, dn)
-        with torch.enable_grad():
-            fit = fit_router(x, norms, epochs=router_epochs, seed=seed + i)
-        mblk.ffn.router.gate.weight.copy_(fit.weight)
-        mblk.ffn.router.gate.bias.copy_(fit.bias)
-        report.router_recall.append(fit.topk_recall)
+        report.router_recall.append(recall)
     return model.eval(), report
+
+
+def ffn_compute_fraction(model: MoETransformer, top_k: int | None = None) -> float:
+    """Active FFN neurons per token as a share of the dense model's (router excluded)."""
+    cfg = model.cfg
+    L = cfg.n_layers
+    moe_layers = len(model.moe_layer_indices())
+    m = cfg.moe
+    k = m.top_k if top_k is None else top_k
+    active = (L - moe_layers) * cfg.d_ff + moe_layers * (k * m.d_ff + m.shared_hidden)
+    return active / (L * cfg.d_ff)
 
 
 def set_top_k(model: MoETransformer, k: int) -> None:

@@ -25,6 +25,13 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(256, help="tokens per block"),
         eval_tokens: int = typer.Option(2048, help="held-out tokens per domain for perplexity"),
         seed: int = typer.Option(0, help="random seed"),
+        calibrate: bool = typer.Option(
+            True,
+            help="convert layer by layer on the MoEfied model's own hidden states and ridge-refit "
+            "the experts' down projections for --top-k (--no-calibrate: routers only)",
+        ),
+        dense_layers: int = typer.Option(0, help="keep the first N FFNs dense (first_k_dense)"),
+        ridge: float = typer.Option(1e-2, help="ridge strength of the calibration refit"),
     ) -> None:
         """MoEfy a dense SwiGLU LM: partition FFN neurons into experts, train routers, report quality."""
         from moelab.moefy.api import moefy
@@ -41,6 +48,9 @@ def register(app: typer.Typer) -> None:
             seq_len=seq_len,
             eval_tokens=eval_tokens,
             seed=seed,
+            calibrate=calibrate,
+            dense_layers=dense_layers,
+            ridge=ridge,
         )
         print_quality(s)
 
@@ -88,3 +98,10 @@ def print_quality(summary: dict) -> None:
     Console().print(
         f"router held-out top-k recall (mean over layers): {summary['router_recall_mean']}"
     )
+    Console().print(f"active FFN compute per token vs dense: {summary['ffn_compute_fraction']}")
+    cal = summary.get("calibration_rel_err_mean")
+    if cal:
+        Console().print(
+            f"calibration: mean relative FFN reconstruction error {cal['before']:.3f} -> "
+            f"{cal['after']:.3f} ({cal['split']})"
+        )
