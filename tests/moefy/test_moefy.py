@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab.errors import ConfigError, ModelError
+from moelab.errors import ConfigError, InputError, ModelError
 from moelab.models.transformer import MoETransformer
 from moelab.moefy.build import (
     ffn_compute_fraction,
@@ -229,3 +229,29 @@ def test_calibration_lowers_heldout_reconstruction_error(tiny_llama_dir):
         assert not torch.equal(a.ffn.experts.down_proj, b.ffn.experts.down_proj)
     with pytest.raises(ConfigError, match="dense-layers"):
         moefy_dense(dense, hf.config, blocks, 4, 2, dense_layers=2)
+
+
+class CharTokenizer:
+    """Token id = domain letter's code, so every block tells which domain it came from."""
+
+    eos_token_id = 0
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_domain_balanced_blocks_cover_every_domain_in_equal_shares():
+    from moelab.data.corpora import Document
+    from moelab.moefy.api import domain_balanced_blocks
+
+    # documents listed domain by domain, as splits store them; domain "a" alone has 4000 tokens
+    docs = [Document(f"{d}{i}", d * 399, d) for d in "abc" for i in range(10)]
+    blocks = domain_balanced_blocks(CharTokenizer(), docs, 1200, 100, seed=1)
+    assert all(b.shape == (100,) for b in blocks)
+    first = [chr(int(b[0])) for b in blocks]
+    assert sorted(first) == ["a"] * 4 + ["b"] * 4 + ["c"] * 4  # equal shares of 1200 tokens
+    assert first != sorted(first)  # shuffled: a held-out tail covers several domains
+    again = domain_balanced_blocks(CharTokenizer(), docs, 1200, 100, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(blocks, again, strict=True))
+    with pytest.raises(InputError, match="no domain has 5000 tokens"):
+        domain_balanced_blocks(CharTokenizer(), docs, 1200, 5000)

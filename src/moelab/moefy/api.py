@@ -11,6 +11,7 @@ import torch
 from moelab._io import atomic_write_json
 from moelab.data.corpora import load_corpus
 from moelab.data.splits import split_documents
+from moelab.errors import InputError
 from moelab.moefy.build import (
     ffn_compute_fraction,
     moefy_dense,
@@ -33,6 +34,37 @@ def encode_docs(tokenizer, docs, max_tokens: int | None = None) -> list[int]:
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return ids
+
+
+def domain_balanced_blocks(
+    tokenizer, docs, max_tokens: int, seq_len: int, seed: int = 0
+) -> list[torch.Tensor]:
+    """[seq_len] token blocks drawn in equal shares from every domain of `docs` (at most
+    max_tokens in all), in seeded shuffled order.
+
+    Splits list their documents domain by domain, so the first N tokens of a split would all come
+    from one domain; routers, calibration and fine-tuning must see every domain, and the held-out
+    tail of the blocks must cover them all.
+    """
+    by_domain: dict[str, list] = {}
+    for d in docs:
+        by_domain.setdefault(d.domain, []).append(d)
+    if not by_domain:
+        raise InputError("moefy: the corpus split has no documents")
+    share = max(seq_len, max_tokens // len(by_domain))
+    blocks: list[torch.Tensor] = []
+    for _, ds in sorted(by_domain.items()):
+        ids = encode_docs(tokenizer, ds, share)
+        n = min(len(ids), share) // seq_len
+        if n:
+            blocks.extend(torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len))
+    if not blocks:
+        raise InputError(
+            f"moefy: no domain has {seq_len} tokens of text (use a larger corpus or a smaller "
+            "--seq-len)"
+        )
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return [blocks[int(i)] for i in order]
 
 
 def quality_report(
@@ -96,8 +128,8 @@ def moefy(
     del hf
     docs = load_corpus(corpus, max_bytes=corpus_bytes, seed=seed)
     splits = split_documents(docs, seed=seed)
-    train_ids = encode_docs(tok, splits["train"], router_tokens)
-    blocks = [b.to(device) for b in token_blocks(train_ids, seq_len, router_tokens)]
+    train = domain_balanced_blocks(tok, splits["train"], router_tokens, seq_len, seed)
+    blocks = [b.to(device) for b in train]
     moe, report = moefy_dense(
         dense,
         hf_config,
@@ -183,9 +215,9 @@ def upcycle(
     del hf
     docs = load_corpus(corpus, max_bytes=corpus_bytes, seed=seed)
     splits = split_documents(docs, seed=seed)
-    blocks = token_blocks(encode_docs(tok, splits["train"], train_tokens), seq_len, train_tokens)
+    blocks = domain_balanced_blocks(tok, splits["train"], train_tokens, seq_len, seed)
     moe = upcycle_dense(dense, hf_config, experts, top_k, seed)
-    heldout = token_blocks(encode_docs(tok, splits["test"], eval_tokens), seq_len, eval_tokens)
+    heldout = domain_balanced_blocks(tok, splits["test"], eval_tokens, seq_len, seed)
     ppl_dense = perplexity(dense, heldout)
     ppl_step0 = perplexity(moe, heldout)
     t1 = time.perf_counter()
