@@ -113,7 +113,7 @@ def moefy(
     device: str = "cpu",
     calibrate: bool = True,
     dense_layers: int = 0,
-    ridge: float = 1e-2,
+    ridge: float = 5e-2,
 ) -> dict:
     """MoEfy a local dense Llama-family LM; save a moelab model + quality report in `out`.
 

@@ -125,7 +125,7 @@ def moefy_dense(
     recorded: list[torch.Tensor] | None = None,
     calibrate: bool = False,
     dense_layers: int = 0,
-    ridge: float = 1e-2,
+    ridge: float = 5e-2,
 ) -> tuple[MoETransformer, MoefyReport]:
     """Split every FFN of a dense MoETransformer (a Llama copy) into experts and fit routers.
 

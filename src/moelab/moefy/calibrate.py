@@ -83,7 +83,7 @@ def refit_down_proj(
     moe: MoEBlock,
     x: torch.Tensor,
     target: torch.Tensor,
-    ridge: float = 1e-2,
+    ridge: float = 5e-2,
     heldout: float = 0.1,
     chunk: int = 4096,
     layer: int = -1,

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
             "the experts' down projections for --top-k (--no-calibrate: routers only)",
         ),
         dense_layers: int = typer.Option(0, help="keep the first N FFNs dense (first_k_dense)"),
-        ridge: float = typer.Option(1e-2, help="ridge strength of the calibration refit"),
+        ridge: float = typer.Option(5e-2, help="ridge strength of the calibration refit"),
     ) -> None:
         """MoEfy a dense SwiGLU LM: partition FFN neurons into experts, train routers, report quality."""
         from moelab.moefy.api import moefy
