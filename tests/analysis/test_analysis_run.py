@@ -164,3 +164,13 @@ def test_many_experts_top8_of_64(tmp_path):
     assert 0.0 <= nums["transitions"]["per_layer"][0]["nmi_set"] <= 1.0
     assert nums["repeat"]["per_layer"][0]["load_chance_any"] is None  # too many sets for q^T D q
     assert nums["predictability"]["chance"] == pytest.approx(1 / 4426165368)
+
+
+def test_a_single_moe_layer_gets_every_analysis_that_needs_one_layer(tmp_path):
+    """A MoEfied model with dense first layers can have one MoE layer: no layer-to-layer flow
+    exists, the rest of the report still builds (regression: the Sankey indexed flows[0])."""
+    tr = synthetic_trace(1200, 1, 8, 2, vocab=40, doc_len=100, seed=5)
+    nums = analyze(tr, tmp_path, seed=0, do_projections=False)
+    assert nums["trajectories"]["n_tokens"] > 0 and "usage" in nums
+    assert not (tmp_path / "figures" / "sankey.html").exists()
+    assert (tmp_path / "report.html").exists()

@@ -173,6 +173,9 @@ def test_moefied_demo_runs_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     assert res["trace"]["test_tokens"] > 0 and res["predict"]["split"] == "test"
     page = (root / "report.html").read_text()
     assert "MoEfication quality" in page and "Expert predictors" in page and "2.1 " in page
+    m = res["moefy"]
+    assert m["calibrated"] and m["dense_layers"] == 1 and "(calibration)" in page
+    assert m["ffn_compute_fraction"] == {"k=2": 0.75}  # layer 0 dense, layer 1 at 2 of 4
 
 
 def test_layer_walker_reproduces_the_model_forward(tiny_llama_dir):

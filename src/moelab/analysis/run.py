@@ -621,14 +621,16 @@ def analyze(
         if sec is not None:
             sec.table(top, "Most frequent full paths.")
         sl = list(range(min(num_l, 6)))
-        flows = trajectories.top1_flow(trace, sl)
-        o.plotly(
-            sec,
-            "sankey",
-            plots.sankey(flows, sl, "Top-1 expert flow, first layers"),
-            "Width = number of tokens moving from expert a at one layer to expert b at the next; under"
-            " independence every node splits in proportion to the next layer's loads.",
-        )
+        if len(sl) >= 2:  # a flow needs two layers; a one-MoE-layer model has none
+            flows = trajectories.top1_flow(trace, sl)
+            o.plotly(
+                sec,
+                "sankey",
+                plots.sankey(flows, sl, "Top-1 expert flow, first layers"),
+                "Width = number of tokens moving from expert a at one layer to expert b at the"
+                " next; under independence every node splits in proportion to the next layer's"
+                " loads.",
+            )
         rows_g, grid = trajectories.token_grid(trace, text_doc, max_tokens=48)
         toks = [decode(int(t)) if decode else str(int(t)) for t in trace.token_id[rows_g]]
         o.png(

@@ -64,7 +64,13 @@ def run_moefied_demo(
     res: dict[str, Any] = {}
     res["moefy"] = runner.run(
         "moefy",
-        {"router_tokens": router_tokens, "seed": cfg.seed, "corpus_bytes": corpus_bytes},
+        {
+            "router_tokens": router_tokens,
+            "seed": cfg.seed,
+            "corpus_bytes": corpus_bytes,
+            "calibrate": True,
+            "dense_layers": 1,
+        },
         lambda d: moefy(
             src,
             d / "model",
@@ -77,6 +83,7 @@ def run_moefied_demo(
             corpus_bytes=corpus_bytes,
             eval_tokens=512 if q else 2048,
             seed=cfg.seed,
+            dense_layers=1,
         ),
     )
     model_dir = Path(res["moefy"]["out"])
@@ -138,12 +145,21 @@ def moefied_report(name: str, res: dict[str, Any], analyze_dir: Path, predict_di
         f"A real pretrained dense LM ({m['model']}) turned into an MoE by MoEfication: each FFN's "
         f"neurons split into {m['experts']} experts (balanced k-means, method {m['method']}), "
         f"a linear router per layer fitted on {m['router_tokens']} training-split tokens, "
-        f"top-{m['top_k']} selection. Its routing is analysed on held-out test documents.",
+        f"top-{m['top_k']} selection"
+        + (
+            ", layer by layer with the experts' down projections refitted so the top-k sum matches "
+            "the dense FFN (calibration)"
+            if m.get("calibrated")
+            else ""
+        )
+        + (f"; the first {m['dense_layers']} FFN(s) stay dense" if m.get("dense_layers") else "")
+        + ". Its routing is analysed on held-out test documents.",
     )
     sec = rep.section(
         "1. MoEfication quality (held-out test split)",
-        "Perplexity of the dense original and of the MoEfied model using k of the experts; "
-        "k = all experts reproduces the dense model exactly. Router recall = share of the true "
+        "Perplexity of the dense original and of the MoEfied model using k of the experts "
+        "(a calibrated model is reported at the k it was calibrated for); k = all experts of an "
+        "uncalibrated split reproduces the dense model exactly. Router recall = share of the true "
         "top-k experts (by output norm) the router picks, on held-out tokens (chance = k/E).",
     )
     q = m["quality"]
@@ -151,6 +167,13 @@ def moefied_report(name: str, res: dict[str, Any], analyze_dir: Path, predict_di
         [{"domain": d, **row} for d, row in q["domains"].items()], caption=f"split: {q['split']}"
     )
     sec.table([{"k": k, "router recall (held out)": v} for k, v in m["router_recall_mean"].items()])
+    if m.get("ffn_compute_fraction"):
+        sec.table(
+            [
+                {"k": k, "active FFN compute vs dense": v}
+                for k, v in m["ffn_compute_fraction"].items()
+            ]
+        )
     _, sections = load_sections(analyze_dir / "sections.json")
     for i, s in enumerate(sections):
         s.title = f"2.{i + 1} {s.title}"
