@@ -120,14 +120,19 @@ def test_moefy_command_end_to_end(tiny_llama_dir, tmp_path):
 
 def test_moefy_command_calibrated_with_a_dense_first_layer(tiny_llama_dir, tmp_path):
     out = tmp_path / "moe_cal"
-    q, text = run_moefy_cli(tiny_llama_dir, out, "--top-k", "4", "--dense-layers", "1")
+    q, text = run_moefy_cli(
+        tiny_llama_dir, out, "--top-k", "4", "--dense-layers", "1", "--distill-steps", "2"
+    )
     assert q["calibrated"] is True and q["dense_layers"] == 1
     row = q["quality"]["domains"]["code"]
     assert set(row) == {"tokens", "dense", "k=4"}  # calibrated for --top-k only
     assert row["k=4"] == pytest.approx(row["dense"], rel=1e-4)  # the refit keeps k = E exact
     assert q["ffn_compute_fraction"] == {"k=4": 1.0}
     assert q["calibration_rel_err_mean"]["after"] < 1e-8
-    assert "calibration:" in text
+    assert "calibration:" in text and "distilled 2 steps" in text
+    dis = q["distilled"]
+    assert dis["steps_done"] == 2 and dis["tokens"] == 2 * 2 * 64
+    assert set(dis["quality_before"]["domains"]["code"]) == {"tokens", "dense", "k=4"}
     m = MoETransformer.load(out)
     assert m.moe_layer_indices() == [1]
     rep = json.loads((out / "moefy.json").read_text())
@@ -258,3 +263,25 @@ def test_domain_balanced_blocks_cover_every_domain_in_equal_shares():
     assert all(torch.equal(x, y) for x, y in zip(blocks, again, strict=True))
     with pytest.raises(InputError, match="no domain has 5000 tokens"):
         domain_balanced_blocks(CharTokenizer(), docs, 1200, 5000)
+
+
+def test_distillation_trains_only_the_experts_and_lowers_kl(tiny_llama_dir):
+    from moelab.moefy.distill import distill
+
+    hf, _ = load_dense_lm(tiny_llama_dir)
+    dense = dense_to_moelab(hf, max_seq_len=64)
+    blocks = token_blocks(torch.randint(0, hf.config.vocab_size, (4096,)).tolist(), 64, 4096)
+    moe, _ = moefy_dense(dense, hf.config, blocks, 4, 1, router_epochs=5, calibrate=True)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    log = distill(moe, dense, blocks, steps=30, lr=3e-3, batch_size=4, seed=0)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    first = sum(r["kl"] for r in log[:5]) / 5
+    last = sum(r["kl"] for r in log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    after = moe.state_dict()
+    for k, v in before.items():
+        changed = not torch.equal(v, after[k])
+        assert changed == (".experts." in k), k  # only expert weights move
+    assert all(p.requires_grad for p in moe.parameters()) and not moe.training
+    with pytest.raises(ConfigError, match="no MoE layers"):
+        distill(dense, dense, blocks, steps=1)

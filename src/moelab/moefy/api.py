@@ -114,11 +114,16 @@ def moefy(
     calibrate: bool = True,
     dense_layers: int = 0,
     ridge: float = 5e-2,
+    distill_steps: int = 0,
+    distill_minutes: float | None = None,
+    distill_lr: float = 5e-5,
 ) -> dict:
     """MoEfy a local dense Llama-family LM; save a moelab model + quality report in `out`.
 
     With calibrate (default) the model is calibrated for top_k and the report covers that k only;
     without it the split is training-free apart from the routers and k = 1, 2, 4 are reported.
+    distill_steps > 0 then trains the experts to match the dense model (moefy/distill.py) on the
+    same training-split blocks, and the report gives perplexity before and after.
     """
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -146,6 +151,24 @@ def moefy(
     quality = quality_report(
         dense, moe, tok, splits["test"], ks, seq_len=seq_len, eval_tokens=eval_tokens
     )
+    distilled = None
+    if distill_steps > 0:
+        from moelab.moefy.distill import distill
+
+        t1 = time.perf_counter()
+        log = distill(moe, dense, blocks, distill_steps, distill_lr, max_minutes=distill_minutes)
+        secs = time.perf_counter() - t1
+        distilled = {
+            "steps_done": len(log),
+            "tokens": len(log) * 2 * seq_len,
+            "seconds": round(secs, 1),
+            "kl_first": log[0]["kl"],
+            "kl_last": log[-1]["kl"],
+            "quality_before": quality,
+        }
+        quality = quality_report(
+            dense, moe, tok, splits["test"], ks, seq_len=seq_len, eval_tokens=eval_tokens
+        )
     out = save_moefied(moe, report, tok, out)
     summary = {
         "model": str(model),
@@ -163,6 +186,7 @@ def moefy(
             for k in report.router_recall[0]
         },
         "quality": quality,
+        "distilled": distilled,
         "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
     }

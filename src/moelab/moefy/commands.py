@@ -32,6 +32,10 @@ def register(app: typer.Typer) -> None:
         ),
         dense_layers: int = typer.Option(0, help="keep the first N FFNs dense (first_k_dense)"),
         ridge: float = typer.Option(5e-2, help="ridge strength of the calibration refit"),
+        distill_steps: int = typer.Option(
+            0, help="then train the experts to match the dense model for N steps (0 = no)"
+        ),
+        distill_minutes: float = typer.Option(None, help="wall-clock budget of distillation"),
     ) -> None:
         """MoEfy a dense SwiGLU LM: partition FFN neurons into experts, train routers, report quality."""
         from moelab.moefy.api import moefy
@@ -51,6 +55,8 @@ def register(app: typer.Typer) -> None:
             calibrate=calibrate,
             dense_layers=dense_layers,
             ridge=ridge,
+            distill_steps=distill_steps,
+            distill_minutes=distill_minutes,
         )
         print_quality(s)
 
@@ -99,6 +105,12 @@ def print_quality(summary: dict) -> None:
         f"router held-out top-k recall (mean over layers): {summary['router_recall_mean']}"
     )
     Console().print(f"active FFN compute per token vs dense: {summary['ffn_compute_fraction']}")
+    dis = summary.get("distilled")
+    if dis:
+        Console().print(
+            f"distilled {dis['steps_done']} steps ({dis['tokens']} tokens, {dis['seconds']} s): "
+            f"KL {dis['kl_first']:.3f} -> {dis['kl_last']:.3f}; the table is after distillation"
+        )
     cal = summary.get("calibration_rel_err_mean")
     if cal:
         Console().print(
