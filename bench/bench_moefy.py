@@ -57,7 +57,7 @@ def main() -> None:
     results = {
         "router_tokens": len(blocks) * a.seq_len,
         "record_seconds": rec_s,
-        "tokens_per_second_dense": len(blocks) * a.seq_len / rec_s,
+        "tokens_per_second_dense": len(blocks) * a.seq_len / rec_s if recorded else None,
         "methods": {},
     }
     for method in filter(None, a.methods.split(",")):
@@ -103,10 +103,11 @@ def main() -> None:
 
 def print_tables(results: dict) -> None:
     """Markdown tables of a results dict (also used by --from-json on a partial run)."""
-    if "tokens_per_second_dense" in results:
+    if results.get("tokens_per_second_dense"):  # None when no training-free method recorded
         print(f"dense forward while recording: {results['tokens_per_second_dense']:.0f} tokens/s")
-    print("| method | domain | tokens | dense ppl | k=1 | k=2 | k=4 |")
-    print("|---|---|---|---|---|---|---|")
+    if results["methods"]:
+        print("| method | domain | tokens | dense ppl | k=1 | k=2 | k=4 |")
+        print("|---|---|---|---|---|---|---|")
     for m, r in results["methods"].items():
         for dom, row in r["quality"]["domains"].items():
             cells = [
