@@ -7,7 +7,6 @@ gradient, and the calibration already fitted them.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -16,6 +15,7 @@ from rich.progress import Progress
 
 from moelab.errors import ConfigError
 from moelab.models.transformer import MoETransformer
+from moelab.train.schedule import warmup_cosine
 
 
 def expert_parameters(model: MoETransformer) -> list[torch.nn.Parameter]:
@@ -55,20 +55,13 @@ def distill(
     student.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    warm = max(1, steps // 10)
+    sched = warmup_cosine(opt, max(1, steps // 10), steps, min_ratio=0.0)
     log: list[dict] = []
     t0 = time.perf_counter()
     try:
         with Progress() as prog:
             task = prog.add_task("distilling dense -> MoEfied", total=steps)
             for step in range(steps):
-                f = (
-                    (step + 1) / warm
-                    if step < warm
-                    else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-                )
-                for pg in opt.param_groups:
-                    pg["lr"] = lr * f
                 idx = torch.randint(len(blocks), (batch_size,), generator=g)
                 ids = torch.stack([blocks[int(i)] for i in idx])
                 with torch.no_grad():
@@ -79,6 +72,7 @@ def distill(
                 kl.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                sched.step()
                 log.append({"step": step + 1, "kl": kl.item(), "seconds": time.perf_counter() - t0})
                 prog.advance(task)
                 if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:

@@ -7,7 +7,6 @@ library's load-balancing and z losses so experts diverge.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from moelab.errors import ConfigError
 from moelab.layers.config import MoEConfig
 from moelab.models.transformer import MoETransformer
 from moelab.moefy.convert import moelab_config
+from moelab.train.schedule import warmup_cosine
 
 
 @torch.no_grad()
@@ -76,19 +76,12 @@ def continue_training(
             w.add_(torch.randn(w.shape, generator=g) * 1e-3)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)
+    sched = warmup_cosine(opt, max(1, steps // 10), steps, min_ratio=0.0)
     log: list[dict] = []
     t0 = time.perf_counter()
     with Progress() as prog:
         task = prog.add_task("upcycle training", total=steps)
         for step in range(steps):
-            f = (
-                (step + 1) / warm
-                if step < warm
-                else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-            )
-            for pg in opt.param_groups:
-                pg["lr"] = lr * f
             idx = torch.randint(len(blocks), (batch_size,), generator=g)
             ids = torch.stack([blocks[int(i)] for i in idx])
             out = model(ids, labels=ids)
@@ -96,6 +89,7 @@ def continue_training(
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             log.append(
                 {"step": step + 1, "lm_loss": out.lm_loss.item(), "aux_loss": out.aux_loss.item()}
             )
