@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moelab._io import atomic_write_json
 from moelab.data.corpora import load_corpus
 from moelab.data.splits import split_documents
 from moelab.moefy.api import domain_balanced_blocks, quality_report
@@ -63,10 +64,10 @@ def main() -> None:
     for method in filter(None, a.methods.split(",")):
         moe, rep = moefy_dense(dense, cfg, blocks, 8, 2, method, recorded=recorded)
         q = quality_report(dense, moe, tok, splits["test"], (1, 2, 4), a.seq_len, a.eval_tokens)
-        recall = {
-            k: sum(r[k] for r in rep.router_recall) / len(rep.router_recall) for k in (1, 2, 4)
+        results["methods"][method] = {
+            "quality": q,
+            "router_recall_heldout": rep.mean_router_recall(),
         }
-        results["methods"][method] = {"quality": q, "router_recall_heldout": recall}
     D, F_, E = cfg.hidden_size, cfg.intermediate_size, 8
     results["router_overhead"] = {
         f"k={k}": (2 * D * E) / (2 * 3 * D * F_ * (1 - k / E)) for k in (1, 2, 4)
@@ -80,24 +81,19 @@ def main() -> None:
         )
         build_s = time.perf_counter() - t1
         q = quality_report(dense, moe, tok, splits["test"], (k,), a.seq_len, a.eval_tokens)
-        cal = rep.calibration
+        cal = rep.mean_calibration()
         results["calibrated"][spec] = {
             "top_k": k,
             "dense_layers": n_dense,
             "ffn_compute_fraction": ffn_compute_fraction(moe),
             "quality": q,
             "build_seconds": build_s,
-            "rel_err_heldout_before": sum(c["rel_err_before"] for c in cal) / len(cal),
-            "rel_err_heldout_after": sum(c["rel_err_after"] for c in cal) / len(cal),
-            "router_recall_heldout": {
-                kk: sum(r[kk] for r in rep.router_recall) / len(rep.router_recall)
-                for kk in (1, 2, 4)
-            },
+            "rel_err_heldout_before": cal["before"],
+            "rel_err_heldout_after": cal["after"],
+            "router_recall_heldout": rep.mean_router_recall(),
         }
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=2))  # partial results survive a stop
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
+        atomic_write_json(a.out, results)  # partial results survive a stop
+    atomic_write_json(a.out, results)
     print_tables(results)
 
 

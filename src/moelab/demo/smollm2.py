@@ -61,6 +61,7 @@ def run_moefied_demo(
     q = cfg.quick
     router_tokens = 4096 if q else 30_000
     corpus_bytes = 1_000_000 if q else 4_000_000
+    dense_layers = 1  # SmolLM2's first FFN is by far the most sensitive one to split
     res: dict[str, Any] = {}
     res["moefy"] = runner.run(
         "moefy",
@@ -69,7 +70,7 @@ def run_moefied_demo(
             "seed": cfg.seed,
             "corpus_bytes": corpus_bytes,
             "calibrate": True,
-            "dense_layers": 1,
+            "dense_layers": dense_layers,
         },
         lambda d: moefy(
             src,
@@ -83,7 +84,7 @@ def run_moefied_demo(
             corpus_bytes=corpus_bytes,
             eval_tokens=512 if q else 2048,
             seed=cfg.seed,
-            dense_layers=1,
+            dense_layers=dense_layers,
         ),
     )
     model_dir = Path(res["moefy"]["out"])

@@ -180,11 +180,8 @@ def moefy(
         "calibrated": calibrate,
         "dense_layers": dense_layers,
         "ffn_compute_fraction": {f"k={k}": ffn_compute_fraction(moe, k) for k in ks},
-        "calibration_rel_err_mean": _mean_calibration(report),
-        "router_recall_mean": {
-            str(k): sum(r[k] for r in report.router_recall) / len(report.router_recall)
-            for k in report.router_recall[0]
-        },
+        "calibration_rel_err_mean": report.mean_calibration(),
+        "router_recall_mean": {str(k): v for k, v in report.mean_router_recall().items()},
         "quality": quality,
         "distilled": distilled,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -192,18 +189,6 @@ def moefy(
     }
     atomic_write_json(Path(out) / "quality.json", summary)
     return summary
-
-
-def _mean_calibration(report) -> dict | None:
-    """Mean held-out reconstruction error over MoE layers, before and after the refit."""
-    if not report.calibration:
-        return None
-    n = len(report.calibration)
-    return {
-        "split": "calibration tokens held out from the refit (train split of the corpus)",
-        "before": sum(c["rel_err_before"] for c in report.calibration) / n,
-        "after": sum(c["rel_err_after"] for c in report.calibration) / n,
-    }
 
 
 def load_summary(out: str | Path) -> dict:

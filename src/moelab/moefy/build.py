@@ -44,6 +44,23 @@ class MoefyReport:
         """JSON-serialisable dict."""
         return asdict(self)
 
+    def mean_router_recall(self) -> dict[int, float]:
+        """k -> held-out top-k recall averaged over the MoE layers."""
+        n = len(self.router_recall)
+        return {k: sum(r[k] for r in self.router_recall) / n for k in self.router_recall[0]}
+
+    def mean_calibration(self) -> dict | None:
+        """Held-out reconstruction error averaged over the MoE layers, before and after the
+        refit (None if not calibrated)."""
+        if not self.calibration:
+            return None
+        n = len(self.calibration)
+        return {
+            "split": "calibration tokens held out from the refit (train split of the corpus)",
+            "before": sum(c["rel_err_before"] for c in self.calibration) / n,
+            "after": sum(c["rel_err_after"] for c in self.calibration) / n,
+        }
+
 
 @torch.no_grad()
 def record_ffn_inputs(dense: MoETransformer, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
