@@ -46,8 +46,13 @@ def reference(model, docs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
                 else:
                     o = model(input_ids=inp, attention_mask=mask, output_router_logits=True)
                     lg = list(o.router_logits)
-                    if mtype == "jetmoe":  # attention routers come first within each layer
-                        lg = lg[2::3]
+                    if mtype == "jetmoe":
+                        # router_logits also holds the attention mixture's gating calls, and how
+                        # many per layer differs between transformers releases (2 in 5.23, 1 in
+                        # 5.24): keep the entries that are the MLP routers' own logits tensors.
+                        mlp = [out[4] for out in captured]
+                        lg = [t for t in lg if any(t is m for m in mlp)]
+                        assert len(lg) == len(mlp) == len(routers)
             E = lg[0].shape[-1]
             logits.append(np.stack([x.reshape(-1, E)[sel].float().numpy() for x in lg], 1))
             bi, bw = [], []
