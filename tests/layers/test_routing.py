@@ -411,6 +411,51 @@ def test_deepseek_bias_selects_but_never_weights_and_update_rule():
         r.update_bias(torch.ones(3))
 
 
+def test_topk_selection_bias_selects_but_never_weights_and_update_rule():
+    r = make("topk", num_experts=8, top_k=2, bias_update_rate=0.05)
+    assert "selection_bias" in dict(r.named_buffers())
+    x = torch.randn(64, D)
+    before = r(x)
+    torch.testing.assert_close(  # a zero bias routes exactly like the plain router
+        before.expert_ids, torch.topk(torch.softmax(before.logits, -1), 2).indices
+    )
+    with torch.no_grad():
+        r.selection_bias[5] = 2.0  # larger than any probability gap: expert 5 always chosen
+    after = r(x)
+    assert bool((after.expert_ids == 5).any(dim=-1).all())
+    probs = torch.softmax(after.logits, -1)
+    chosen = probs.gather(1, after.expert_ids)
+    torch.testing.assert_close(after.weights, chosen / chosen.sum(-1, keepdim=True))
+    torch.testing.assert_close(after.logits, before.logits)
+    r.selection_bias.zero_()
+    new = r.update_bias(torch.tensor([10, 2, 4, 4, 4, 4, 4, 0]))  # mean 4
+    torch.testing.assert_close(new, torch.tensor([-0.05, 0.05, 0, 0, 0, 0, 0, 0.05]))
+    with pytest.raises(InputError, match="counts"):
+        r.update_bias(torch.ones(3))
+    plain = make("topk", num_experts=8, top_k=2)
+    assert "selection_bias" not in dict(plain.named_buffers())  # old checkpoints still load
+    with pytest.raises(ConfigError, match="no selection bias"):
+        plain.update_bias(torch.ones(8))
+
+
+def test_selection_bias_updates_balance_a_skewed_router():
+    torch.manual_seed(0)
+    r = make("topk", num_experts=8, top_k=2, bias_update_rate=0.01)
+    with torch.no_grad():
+        r.gate.weight[0] += 0.05  # expert 0 favoured by every input direction...
+        r.gate.bias = None
+    x = torch.randn(512, D) + 1.0  # ...for inputs with a positive mean
+
+    def max_over_uniform() -> float:
+        c = r(x).expert_counts().float()
+        return float(c.max() / c.mean())
+
+    start = max_over_uniform()
+    for _ in range(300):
+        r.update_bias(r(x).expert_counts())
+    assert start > 3.5 and max_over_uniform() < 1.5
+
+
 def test_topk_jitter_is_not_in_place_and_only_in_training():
     r = make("topk", num_experts=4, top_k=2, jitter_noise=0.1)
     x = torch.randn(10, D)

@@ -128,6 +128,7 @@ def test_export_overwrites_existing_dir(tmp_path) -> None:
         ({"expert_act": "gelu"}, {}, "expert_act='gelu'"),
         ({"capacity_factor": 1.25}, {}, "capacity"),
         ({"router_bias": True}, {}, "router_bias"),
+        ({"bias_update_rate": 1e-3}, {}, "bias_update_rate"),
         ({}, {"moe_every": 3}, "moe_every=1"),
         ({"norm_topk_prob": False}, {}, "norm_topk_prob=True"),
         (None, {"dense_act": "gelu"}, "dense_act='gelu'"),

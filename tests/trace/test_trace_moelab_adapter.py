@@ -63,3 +63,37 @@ def test_moelab_matches_model_routing(tmp_path: Path) -> None:
     if blk0 == 0:
         np.testing.assert_allclose(tr.hidden["residual"][:, 0], emb[tok], atol=1e-3)
     assert tr.hidden["residual"][:, 0].std() > 0
+
+
+def test_selection_bias_is_traced_and_exported_with_the_gates(tmp_path: Path) -> None:
+    """A topk router with an aux-loss-free selection bias: the trace records its biased choice,
+    and gates.safetensors carries the bias so gate lookahead reproduces that choice."""
+    import dataclasses
+
+    model = MoETransformer.load(build_moelab(tmp_path))
+    cfg = dataclasses.replace(
+        model.cfg, moe=dataclasses.replace(model.cfg.moe, bias_update_rate=1e-3)
+    )
+    biased = MoETransformer(cfg, seed=0)
+    biased.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for b in biased.blocks:
+            if b.is_moe:
+                b.ffn.router.selection_bias.copy_(torch.linspace(0.3, -0.3, 6))
+    ckpt = biased.save(tmp_path / "biased")
+    store = trace_model(
+        ckpt, make_docs(4, seed=3), None, tmp_path / "t", seq_len=16, batch_size=2,
+        hidden_rate=1.0, progress=False,
+    )  # fmt: skip
+    tr, gs = store.load(), store.gates()
+    plain = trace_model(
+        build_moelab(tmp_path / "p"), make_docs(4, seed=3), None, tmp_path / "tp", seq_len=16,
+        batch_size=2, progress=False,
+    ).load()  # fmt: skip
+    assert (tr.expert_ids != plain.expert_ids).any()  # the bias changed the choice
+    for li in range(2):
+        np.testing.assert_allclose(gs.selection_bias[li], np.linspace(0.3, -0.3, 6), atol=1e-6)
+        h = tr.hidden["router_input"][:, li].astype(np.float32)
+        pick = np.sort(np.argsort(-gs.scores(li, h), axis=1)[:, :2], axis=1)
+        agree = (pick == np.sort(tr.expert_ids[tr.hidden_rows, li], axis=1)).all(1).mean()
+        assert agree > 0.97  # fp16 hidden states may flip near-ties

@@ -191,6 +191,29 @@ class Router(nn.Module):
         keep = capacity_keep(expert_ids, candidate, self.num_experts, cap)
         return weights.masked_fill(~keep, 0.0), ~keep
 
+    def selection_bias_buffer(self) -> torch.Tensor | None:
+        """The [E] bias this router adds to its scores for selection only (aux-loss-free
+        balancing), or None if it has none."""
+        return None
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> torch.Tensor:
+        """Aux-loss-free step b_e += gamma*sign(mean_load - load_e) (gamma = bias_update_rate;
+        Wang et al. 2024, DeepSeek-V3 Sec. 2.1.2) on this router's selection bias."""
+        bias = self.selection_bias_buffer()
+        where = f"{type(self).__name__}.update_bias"
+        if bias is None:
+            raise ConfigError(
+                f"{where}: this router has no selection bias (MoEConfig.bias_update_rate=0)"
+            )
+        counts = torch.as_tensor(counts, device=bias.device)
+        if counts.shape != (self.num_experts,):
+            raise InputError(
+                f"{where}: counts must have shape [{self.num_experts}], got {tuple(counts.shape)}"
+            )
+        bias.copy_(aux_free_bias_update(bias, counts, self.cfg.bias_update_rate))
+        return bias
+
     def logits_of(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits of the (jittered in training) input, checked finite."""
         logits = self.gate(self.jitter(x))
@@ -229,11 +252,20 @@ class TopKRouter(Router):
 
     With cfg.unit_weights every selected expert gets weight 1 (MoEfication, Zhang et al. 2022:
     a dense FFN split into experts is the plain sum of its selected parts).
+    With cfg.bias_update_rate > 0 a `selection_bias` buffer [E] is added to the probabilities
+    for choosing the top-k only (the weights stay the unbiased probabilities): auxiliary-loss-free
+    balancing (Wang et al. 2024, arXiv:2408.15664), updated by `update_bias` after each step.
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=cfg.router_bias)
+        if cfg.bias_update_rate > 0:
+            self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
+
+    def selection_bias_buffer(self) -> torch.Tensor | None:
+        """The `selection_bias` buffer (None unless bias_update_rate > 0)."""
+        return getattr(self, "selection_bias", None)
 
     def forward(
         self,
@@ -245,7 +277,12 @@ class TopKRouter(Router):
         mask = self.check_inputs(x, token_ids, mask)
         logits = self.logits_of(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
+        bias = self.selection_bias_buffer()
+        if bias is None:
+            top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
+        else:  # choose by biased score, weigh by the unbiased probability
+            top_i = torch.topk(probs + bias.float(), self.top_k, dim=-1).indices
+            top_w = probs.gather(-1, top_i)
         if self.cfg.unit_weights:  # MoEfication: the selected parts of the FFN sum with weight 1
             top_w = torch.ones_like(top_w)
         elif self.cfg.norm_topk_prob:
@@ -629,17 +666,8 @@ class DeepSeekRouter(Router):
             scores=scores,
         )
 
-    @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor) -> torch.Tensor:
-        """Aux-loss-free step b_e += gamma*sign(mean_load - load_e) (gamma = bias_update_rate)."""
-        counts = torch.as_tensor(counts, device=self.e_score_correction_bias.device)
-        if counts.shape != (self.num_experts,):
-            raise InputError(
-                f"DeepSeekRouter.update_bias: counts must have shape [{self.num_experts}], "
-                f"got {tuple(counts.shape)}"
-            )
-        new = aux_free_bias_update(self.e_score_correction_bias, counts, self.cfg.bias_update_rate)
-        self.e_score_correction_bias.copy_(new)
+    def selection_bias_buffer(self) -> torch.Tensor | None:
+        """The `e_score_correction_bias` buffer (transformers' name)."""
         return self.e_score_correction_bias
 
 

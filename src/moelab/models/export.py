@@ -17,6 +17,7 @@ ModelError saying why.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moelab._io import default_mode
 from moelab.errors import ModelError
 
 if TYPE_CHECKING:
@@ -49,6 +51,10 @@ def hf_family(model: MoETransformer) -> str:
         why.append(f"moe.expert_act={m.expert_act!r} (Mixtral/Qwen2-MoE experts are SwiGLU)")
     if m.router_bias:
         why.append("moe.router_bias=True (their routers have no bias)")
+    if m.bias_update_rate > 0 and m.router == "topk":
+        why.append(
+            "moe.bias_update_rate>0 (a selection bias on softmax scores: their routers have none)"
+        )
     if m.capacity_factor is not None or getattr(m, "expert_capacity", None) is not None:
         why.append("a capacity limit is set (their MoE blocks are dropless)")
     if m.routed_scaling_factor != 1.0:
@@ -185,6 +191,7 @@ def export_hf(model: MoETransformer, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         hf.save_pretrained(tmp)
+        os.chmod(tmp, default_mode(directory=True))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
