@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from moelab.data import load_tokenizer
 from moelab.errors import ConfigError
@@ -61,8 +63,27 @@ def test_resume_refuses_changed_model(tiny) -> None:
 
 def test_time_budget_stops_early(tiny) -> None:
     r = train(load_train_config(**{**tiny, "max_steps": 1000, "max_minutes": 0.0001}))
-    assert r.stopped == "max_minutes" and r.steps < 1000
+    assert r.stopped == "time_cap" and r.time_capped and r.steps < 1000
+    assert r.warning == f"stopped by the time cap (max_minutes=0.0001) after {r.steps} of 1000 " + (
+        "steps: numbers are not comparable with a run that completed its step budget"
+    )
+    summary = json.loads((Path(r.run_dir) / "summary.json").read_text())
+    assert summary["stopped"] == "time_cap" and summary["warning"] == r.warning
     assert r.evals and r.evals[-1]["step"] == r.steps
     assert latest_checkpoint(r.run_dir).name == f"step-{r.steps:07d}"
     if r.steps:  # routing statistics of the last partial window are kept
         assert r.expert_load is not None and r.expert_load["layers"] == [0, 1]
+
+
+def test_bias_update_rate_moves_selection_biases_and_saves_them(tiny) -> None:
+    rate = 0.01
+    r = train(load_train_config(**{**tiny, "max_steps": 6, "bias_update_rate": rate}))
+    m = MoETransformer.load(r.model_dir)
+    for i in m.moe_layer_indices():
+        b = m.blocks[i].ffn.router.selection_bias
+        assert b.abs().max() > 0  # updated every step...
+        steps = (b / rate).round()
+        torch.testing.assert_close(b, steps * rate)  # ...by +-rate or 0 per expert and step
+        assert steps.abs().max() <= 6
+    with pytest.raises(ConfigError, match="bias_update_rate"):
+        load_train_config(**{**tiny, "bias_update_rate": 0.01, "router": "switch", "top_k": 1})

@@ -105,6 +105,8 @@ def print_train_summary(result: Any) -> None:
         e = result.evals[-1]
         t.add_row("tokens / training s", f"{e['tokens']:,} / {e['train_seconds']:.1f}")
     con.print(t)
+    if result.warning:
+        con.print(f"[bold red]WARNING[/bold red]: {result.warning}")
     if result.expert_load:
         lt = Table(title="expert load in the last logging window")
         for col in ("layer", "max load / uniform", "dead experts", "load per expert"):

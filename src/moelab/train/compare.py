@@ -96,6 +96,8 @@ def compare(
             "active_params": r.stats["active_params"],
             "flops_per_token_train": r.stats["flops_per_token_train"],
             "steps": r.steps,
+            "max_steps": r.max_steps,
+            "stopped": r.stopped,
             "tokens": r.evals[-1]["tokens"],
             "train_seconds": r.evals[-1]["train_seconds"],
             "tokens_per_s": r.evals[-1]["tokens"] / max(r.evals[-1]["train_seconds"], 1e-9),
@@ -104,7 +106,9 @@ def compare(
             "val_ppl_at_equal_time": _ppl_at(r, time_budget, "train_seconds"),
             "evals": r.evals,
         }
+    warnings = [f"{name}: {r.warning}" for name, r in runs.items() if r.warning]
     result = {
+        "warnings": warnings,
         "unigram_ppl": uni,
         "flop_budget": flop_budget,
         "time_budget_s": time_budget,
@@ -136,5 +140,7 @@ def compare(
             fmt(row["final_val_ppl"]), fmt(row["val_ppl_at_equal_flops"]), fmt(row["val_ppl_at_equal_time"]),
         )  # fmt: skip
     console.print(table)
+    for w in warnings:
+        console.print(f"[bold red]WARNING[/bold red] {w}")
     console.print(f"plot: {out / 'compare.png'}  numbers: {out / 'compare.json'}")
     return result

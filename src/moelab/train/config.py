@@ -69,6 +69,12 @@ class TrainConfig(BaseModel):
     )
     aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss coefficient")
     z_loss_coef: float = Field(0.001, ge=0, description="router z-loss coefficient")
+    bias_update_rate: float = Field(
+        0.0,
+        ge=0,
+        description="aux-loss-free balancing: per-step update of each router's selection bias "
+        "(topk and deepseek routers; 0 = off)",
+    )
     seq_len: int = Field(128, ge=2, description="tokens per training block")
     mlm_prob: float = Field(0.15, gt=0, lt=1, description="MLM masking probability")
     # optimisation
@@ -80,7 +86,10 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
     max_steps: int = Field(2000, gt=0, description="optimizer steps")
     max_minutes: float | None = Field(
-        None, gt=0, description="wall-clock budget in minutes (stops early)"
+        None,
+        gt=0,
+        description="wall-clock safety cap in minutes: the budget is max_steps; a run the cap "
+        "stops early is marked time-capped (its numbers are not comparable)",
     )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only)")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
@@ -109,6 +118,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         if self.router not in ROUTER_TYPES:
             raise ValueError(f"router={self.router!r} must be one of {ROUTER_TYPES}")
+        if self.bias_update_rate > 0 and self.router not in ("topk", "deepseek"):
+            raise ValueError(
+                f"bias_update_rate={self.bias_update_rate} needs router 'topk' or 'deepseek', "
+                f"got {self.router!r}"
+            )
         if self.first_k_dense >= self.n_layers:
             raise ValueError(
                 f"first_k_dense={self.first_k_dense} must be < n_layers={self.n_layers}"
@@ -140,6 +154,7 @@ class TrainConfig(BaseModel):
             expert_act=self.expert_act,
             capacity_factor=self.capacity_factor,
             num_shared_experts=self.num_shared_experts,
+            bias_update_rate=self.bias_update_rate,
             vocab_size=vocab_size if self.router == "hash" else None,
             seed=self.seed,
         )

@@ -44,7 +44,7 @@ from moelab.train.config import TrainConfig
 from moelab.train.metrics import ExpertLoad, unigram_logprobs, unigram_perplexity
 from moelab.train.schedule import warmup_cosine
 
-__all__ = ["TrainResult", "train", "evaluate", "build_model", "set_threads"]
+__all__ = ["TrainResult", "train", "evaluate", "build_model", "set_threads", "time_cap_warning"]
 
 # fields that must not change when a run is resumed (they define the model or its data)
 _RESUME_KEYS = (
@@ -67,9 +67,24 @@ class TrainResult:
     unigram_ppl: float
     final_val_ppl: float
     expert_load: dict[str, Any] | None  # last logging window (None for dense)
-    stopped: str  # "max_steps" or "max_minutes"
+    stopped: str  # "max_steps" (the work budget) or "time_cap" (the wall-clock safety limit)
     stats: dict[str, int] = field(default_factory=dict)
     resumed_from: int = 0
+    max_steps: int = 0  # the step budget asked for
+    warning: str | None = None  # set when the time cap stopped the run before its step budget
+
+    @property
+    def time_capped(self) -> bool:
+        """True when the wall-clock safety cap, not the step budget, ended the run."""
+        return self.stopped == "time_cap"
+
+
+def time_cap_warning(steps: int, max_steps: int, max_minutes: float | None) -> str:
+    """The loud message every output carries when the time cap cut a run short."""
+    return (
+        f"stopped by the time cap (max_minutes={max_minutes}) after {steps} of {max_steps} "
+        "steps: numbers are not comparable with a run that completed its step budget"
+    )
 
 
 def set_threads(threads: int = 0) -> int:
@@ -88,6 +103,14 @@ def build_model(cfg: TrainConfig, data: PreparedData, device: torch.device) -> M
         raise ConfigError("mode='mlm' needs a tokenizer with a <mask>/[MASK] token")
     mcfg = cfg.build_model_config(data.tokenizer.get_vocab_size(), sp.pad, sp.mask, sp.bos)
     return MoETransformer(mcfg, seed=cfg.seed).to(device)
+
+
+def update_selection_biases(model: MoETransformer, routing: list) -> None:
+    """Aux-loss-free balancing: move each MoE router's selection bias towards equal load, from
+    the expert counts of this step (padding excluded)."""
+    for block, r in zip(model.blocks, routing, strict=True):
+        if r is not None:
+            block.ffn.router.update_bias(r.expert_counts())
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -304,7 +327,7 @@ def train(
                 if cfg.max_minutes is not None:
                     spent = state["elapsed"] + time.perf_counter() - session_start
                     if spent >= cfg.max_minutes * 60:
-                        stopped = "max_minutes"
+                        stopped = "time_cap"
                         break
                 if state["batch_in_epoch"] >= per_epoch:
                     state["epoch"] += 1
@@ -327,6 +350,8 @@ def train(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
+                if cfg.bias_update_rate > 0:
+                    update_selection_biases(model, out.routing)
                 dt = time.perf_counter() - t0
                 step += 1
                 state["batch_in_epoch"] += 1
@@ -372,11 +397,9 @@ def train(
                     on_step(step, lm)
             if load is not None and int(load.counts.sum()) > 0:
                 last_load = load.summary()  # the last (possibly partial) logging window
-            if stopped == "max_minutes" and (
-                not state["evals"] or state["evals"][-1]["step"] != step
-            ):
+            if stopped == "time_cap" and (not state["evals"] or state["evals"][-1]["step"] != step):
                 run_eval()
-            if stopped == "max_minutes":
+            if stopped == "time_cap":
                 checkpoint()
     finally:
         loggers.close()
@@ -385,10 +408,14 @@ def train(
     model.save(model_dir)
     shutil.copyfile(data.tokenizer_path, model_dir / "tokenizer.json")
     final_ppl = state["evals"][-1]["val_ppl"] if state["evals"] else float("nan")
+    warning = None
+    if stopped == "time_cap":
+        warning = time_cap_warning(step, cfg.max_steps, cfg.max_minutes)
+        console.print(f"[bold red]WARNING[/bold red] {run_dir}: {warning}")
     result = TrainResult(
         run_dir=run_dir, model_dir=model_dir, steps=step, losses=list(state["losses"]), evals=list(state["evals"]),
         unigram_ppl=uni_ppl, final_val_ppl=final_ppl, expert_load=last_load, stopped=stopped,
-        stats=stats.to_dict(), resumed_from=resumed_from,
+        stats=stats.to_dict(), resumed_from=resumed_from, max_steps=cfg.max_steps, warning=warning,
     )  # fmt: skip
     summary = {k: v for k, v in asdict(result).items() if k != "losses"}
     atomic_write_json(run_dir / "summary.json", summary)
