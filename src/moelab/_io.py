@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Any
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() give a new file (0o666) or folder (0o777) under the process umask;
+    mkstemp/mkdtemp give 0600/0700, so atomically written outputs are chmod-ed to this."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
@@ -23,6 +31,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, default_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

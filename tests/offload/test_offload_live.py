@@ -206,3 +206,19 @@ def test_adaptive_falls_back_to_reuse_when_gate_is_wrong(model_and_store):
         pred.on_layer(step, 1, x, torch.tensor([other]))
     assert pred.p_gate < 0.01 and pred.p_prev > 0.99
     assert preds == [(7, 1, preds[0][2])] and set(preds[0][2]) == set(other)
+
+
+def test_generate_offloaded_interleaved_repeats(tmp_path):
+    from moelab.offload.live import generate_offloaded
+
+    x = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    rep = generate_offloaded(
+        tiny_model, x, 5, resident=2, prefetch="gate", store_dir=tmp_path / "s", repeats=3
+    )
+    ratios = rep["speed_vs_all_resident_repeats"]
+    assert rep["repeats"] == 3 and len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert min(ratios) <= rep["speed_vs_all_resident"] <= max(ratios)
+    assert rep["identical_to_all_resident"] is True
+    assert rep["decode"]["tokens"] == 4  # counters are one run's, not summed over repeats
+    with pytest.raises(OffloadError, match="repeats=0"):
+        generate_offloaded(tiny_model, x, 5, store_dir=tmp_path / "s", repeats=0)

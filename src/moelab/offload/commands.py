@@ -149,6 +149,9 @@ def register(app: typer.Typer) -> None:
         compare: bool = typer.Option(
             True, help="also run all-resident: check equality, speed ratio"
         ),
+        repeats: int = typer.Option(
+            3, help="interleaved all-resident / offloaded repeats for the speed ratio"
+        ),
         device: str = typer.Option("cpu", help="device"),
         seed: int = typer.Option(0, help="random seed"),
     ) -> None:
@@ -180,10 +183,16 @@ def register(app: typer.Typer) -> None:
             latency=latency,
             budget=budget,
             compare=compare,
+            repeats=repeats,
         )
         text = tok.decode(report.pop("output_ids")[len(ids) :])
         typer.echo(f"output: {text!r}")
         typer.echo(json.dumps(report, indent=1, default=float))
+        if compare:
+            from moelab.timing import RatioSummary
+
+            speed = RatioSummary(tuple(report["speed_vs_all_resident_repeats"]), True)
+            typer.echo(f"speed vs all-resident: {speed.text()}")
 
 
 def _measure_machine(model: Path | None, tier: str, seed: int):

@@ -377,53 +377,67 @@ def generate_offloaded(
     latency: float = 0.0,
     budget: int | None = None,
     compare: bool = True,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Load a model (callable), offload its experts, generate greedily and report; with
-    `compare` also run the all-resident model and check token-for-token equality."""
+    `compare` also run the all-resident model and check token-for-token equality.
+
+    With repeats > 1 the all-resident and the offloaded run (a fresh cold cache each time) alternate
+    `repeats` times; times are medians and `speed_vs_all_resident_repeats` keeps each repeat's
+    ratio (see moelab.timing.RatioSummary). Counters (hits, bytes, stalls) are the first repeat's.
+    """
     from pathlib import Path
 
     from moelab.offload.cache import parse_capacity
     from moelab.offload.prefetch import make_live_predictor
 
+    if repeats < 1:
+        raise OffloadError(f"generate_offloaded: repeats={repeats} must be >= 1")
     model = load_model()
     sites = require_sites(model)
     store_dir = Path(store_dir)
     if not (store_dir / "manifest.json").exists():
         ExpertStore.write(model, store_dir)
     report: dict[str, Any] = {}
-    ref_out = None
+    ref = None
     if compare:
         ref = load_model()
         greedy(ref, x[:, :4], 1)  # warm-up
-        t0 = time.perf_counter()
-        ref_out = greedy(ref, x, max_new_tokens)
-        report["all_resident_seconds"] = time.perf_counter() - t0
-        del ref
-    st = ExpertStore(store_dir, tier=tier, bandwidth=bandwidth, latency=latency)
     L, E, k = len(sites), max(s.num_experts for s in sites), max(s.top_k for s in sites)
-    cache = ExpertCache(
-        parse_capacity(resident, L, E),
-        policy,
-        num_layers=L,
-        num_experts=E,
-        expert_bytes=[st.expert_nbytes(i) for i in range(L)],
-        top_k=k,
-    )
-    pf = Prefetcher(st, cache, make_live_predictor(prefetch), budget=budget)
-    om = OffloadedModel(model, st, cache, pf)
-    try:
-        t0 = time.perf_counter()
-        out = om.generate(x, max_new_tokens)
-        report["offloaded_seconds"] = time.perf_counter() - t0
-        report.update(om.stats())
-    finally:
-        om.close()
-        pf.close()
-        st.close()
-    if ref_out is not None:
-        report["identical_to_all_resident"] = bool(torch.equal(out, ref_out))
-        report["speed_vs_all_resident"] = (
-            report["all_resident_seconds"] / report["offloaded_seconds"]
-        )
+    ref_times, off_times, identical = [], [], []
+    for rep in range(repeats):
+        if ref is not None:
+            t0 = time.perf_counter()
+            ref_out = greedy(ref, x, max_new_tokens)
+            ref_times.append(time.perf_counter() - t0)
+        if rep > 0:
+            model = load_model()  # a fresh model whose experts are offloaded anew
+        st = ExpertStore(store_dir, tier=tier, bandwidth=bandwidth, latency=latency)
+        cache = ExpertCache(
+            parse_capacity(resident, L, E), policy, num_layers=L, num_experts=E,
+            expert_bytes=[st.expert_nbytes(i) for i in range(L)], top_k=k,
+        )  # fmt: skip
+        pf = Prefetcher(st, cache, make_live_predictor(prefetch), budget=budget)
+        om = OffloadedModel(model, st, cache, pf)
+        try:
+            t0 = time.perf_counter()
+            out = om.generate(x, max_new_tokens)
+            off_times.append(time.perf_counter() - t0)
+            if rep == 0:
+                report.update(om.stats())
+        finally:
+            om.close()
+            pf.close()
+            st.close()
+        if ref is not None:
+            identical.append(bool(torch.equal(out, ref_out)))
+    report["repeats"] = repeats
+    report["offloaded_seconds"] = float(np.median(off_times))
+    if ref is not None:
+        report["all_resident_seconds"] = float(np.median(ref_times))
+        report["identical_to_all_resident"] = all(identical)
+        ratios = [a / b for a, b in zip(ref_times, off_times, strict=True)]
+        report["speed_vs_all_resident"] = float(np.median(ratios))
+        report["speed_vs_all_resident_repeats"] = ratios
     report["output_ids"] = out[0].tolist()
     return report

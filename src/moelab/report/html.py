@@ -36,6 +36,8 @@ table.data{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}
 table.data th,table.data td{border:1px solid #ccd;padding:.2rem .5rem;text-align:right}
 table.data th{background:#eef}table.data td:first-child,table.data th:first-child{text-align:left}
 nav ul{columns:2;font-size:.9rem}.meta{color:#777;font-size:.8rem}
+.warning{background:#fde8e8;border:2px solid #b00;color:#700;padding:.5rem .8rem}
+ul.facts{font-size:.85rem;color:#333}
 """
 
 
@@ -132,6 +134,16 @@ class Report:
         self.intro = intro
         self.summary: list[dict[str, Any]] = []
         self.sections: list[Section] = []
+        self.warnings: list[str] = []  # shown in a banner above everything else
+        self.facts: list[tuple[str, str]] = []  # (name, value) lines under the title
+
+    def add_warning(self, text: str) -> None:
+        """A loud banner at the top of the page (e.g. a run stopped by its time cap)."""
+        self.warnings.append(text)
+
+    def add_fact(self, name: str, value: Any) -> None:
+        """One 'name: value' line in the header (corpus, splits, seed, version, commit)."""
+        self.facts.append((name, str(value)))
 
     def section(self, title: str, caption: str = "") -> Section:
         """Append and return a new section."""
@@ -161,6 +173,14 @@ class Report:
         )
         summary = f"<h2>Summary</h2>{_table_html(self.summary)}" if self.summary else ""
         intro = f"<p>{html.escape(self.intro)}</p>" if self.intro else ""
+        intro += "".join(
+            f'<p class="warning"><b>WARNING:</b> {html.escape(w)}</p>' for w in self.warnings
+        )
+        if self.facts:
+            intro += '<ul class="facts">' + "".join(
+                f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in self.facts
+            )
+            intro += "</ul>"
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         body = "".join(s.html(f"s{i}") for i, s in enumerate(self.sections))
         return (
