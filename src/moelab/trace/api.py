@@ -115,6 +115,43 @@ def load_model(
 # ---------------------------------------------------------------------------------------------
 # tokenization and planning
 # ---------------------------------------------------------------------------------------------
+def check_router_params(adapter: Adapter) -> None:
+    """Refuse a model whose router projections (weight, bias, selection bias) hold NaN/Inf."""
+    for li, site in enumerate(adapter.sites):
+        gate = site.gate
+        if not isinstance(gate, nn.Module):
+            continue
+        tensors = list(gate.named_parameters(recurse=False)) + list(
+            gate.named_buffers(recurse=False)
+        )
+        for name, t in tensors:
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+                n_bad = int((~torch.isfinite(t.detach())).sum())
+                raise ModelError(
+                    f"{site.name} (MoE layer {li}, transformer layer {site.layer_index}): router"
+                    f" parameter {name!r} {tuple(t.shape)} holds {n_bad} non-finite values"
+                    " (NaN/Inf); every token would be routed by NaN. Fix or re-export the model"
+                    " weights; nothing was traced"
+                )
+
+
+def _remove_new_entries(out: Path, existed: bool, before: set[str]) -> None:
+    """Delete what a failed first run created in `out` (the whole folder if it made it)."""
+    import shutil
+
+    if not out.exists():
+        return
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        if p.name not in before:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def make_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None, str]:
     """(encode(text) -> ids without specials, bos id or None, description) for a tokenizer."""
     if tokenizer is None:
@@ -355,6 +392,7 @@ def trace_model(
     )
     model.eval()
     adapter = get_adapter(model)
+    check_router_params(adapter)
     dev = next(model.parameters()).device
     if seq_len is None:
         seq_len = min(adapter.max_positions() or 2048, 2048)
@@ -410,45 +448,58 @@ def trace_model(
         },
     )
     out = Path(out)
-    writer = TraceWriter(
-        out,
-        meta,
-        shard_tokens=shard_tokens,
-        rank=rank,
-        world_size=world_size,
-        logits=logits,
-        hidden_points=points,
-        hidden_layers=hidden_layers,
-    )
-    if rank == 0:
-        gs = adapter.gate_set()
-        if gs is not None and not (out / "gates.safetensors").exists():
-            gs.save(out / "gates.safetensors")
-        if not (out / "documents.parquet").exists():
-            tab = pa.table(
-                {
-                    "doc_id": pa.array(plan.doc_table["doc_id"], pa.int64()),
-                    "name": pa.array(plan.doc_table["name"], pa.string()),
-                    "domain": pa.array(plan.doc_table["domain"], pa.int16()),
-                    "num_tokens": pa.array(plan.doc_table["num_tokens"], pa.int64()),
-                }
-            )
-            atomic_write_with(out / "documents.parquet", lambda tmp: pq.write_table(tab, str(tmp)))
-    if not writer.is_done:
-        _run(
-            adapter,
-            writer,
-            plan,
-            batch_size,
-            logits,
-            points,
-            hidden_layers,
-            hidden_rate,
-            seed,
-            dev,
-            progress and rank == 0,
-            _stop_after_batches,
+    # A first run that fails before committing a shard (NaN routers, an undecodable router
+    # output, a bad option) removes what it created, so nothing half-written blocks a rerun.
+    fresh = not (out / "meta.json").exists()
+    existed = out.exists()
+    before = {p.name for p in out.iterdir()} if existed and out.is_dir() else set()
+    writer: TraceWriter | None = None
+    try:
+        writer = TraceWriter(
+            out,
+            meta,
+            shard_tokens=shard_tokens,
+            rank=rank,
+            world_size=world_size,
+            logits=logits,
+            hidden_points=points,
+            hidden_layers=hidden_layers,
         )
+        if rank == 0:
+            gs = adapter.gate_set()
+            if gs is not None and not (out / "gates.safetensors").exists():
+                gs.save(out / "gates.safetensors")
+            if not (out / "documents.parquet").exists():
+                tab = pa.table(
+                    {
+                        "doc_id": pa.array(plan.doc_table["doc_id"], pa.int64()),
+                        "name": pa.array(plan.doc_table["name"], pa.string()),
+                        "domain": pa.array(plan.doc_table["domain"], pa.int16()),
+                        "num_tokens": pa.array(plan.doc_table["num_tokens"], pa.int64()),
+                    }
+                )
+                atomic_write_with(
+                    out / "documents.parquet", lambda tmp: pq.write_table(tab, str(tmp))
+                )
+        if not writer.is_done:
+            _run(
+                adapter,
+                writer,
+                plan,
+                batch_size,
+                logits,
+                points,
+                hidden_layers,
+                hidden_rate,
+                seed,
+                dev,
+                progress and rank == 0,
+                _stop_after_batches,
+            )
+    except Exception:
+        if fresh and world_size == 1 and (writer is None or writer.next_index == 0):
+            _remove_new_entries(out, existed, before)
+        raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return TraceStore.open(out)

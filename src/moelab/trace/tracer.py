@@ -3,7 +3,9 @@ top-k expert ids, weights, router logits and sampled hidden states of every real
 
 Hooks only read tensors (no model edits); hidden states are taken at the router input (the MoE
 block's input, i.e. the pre-router norm's output) and optionally at the block input (the
-pre-attention residual stream).
+pre-attention residual stream). Non-finite router logits or weights (NaN/Inf) are refused with
+the first layer that produced them: a NaN router still "selects" experts (top-k of NaN picks
+fixed indices), so recording it would be a silently wrong trace.
 """
 
 from __future__ import annotations
@@ -26,6 +28,21 @@ class BatchRecord:
     weights: np.ndarray  # [n, L, k] float16
     logits: np.ndarray | None  # [n, L, E] float16
     hidden: dict[str, np.ndarray] = field(default_factory=dict)  # point -> [m, Lh, D] float16
+
+
+def check_finite(site: Any, li: int, logits: torch.Tensor, weights: torch.Tensor) -> None:
+    """Raise ModelError naming the MoE layer if any real token's router logits/weights are NaN/Inf."""
+    for what, t in (("logits", logits), ("weights", weights)):
+        bad = ~torch.isfinite(t.detach()).all(dim=-1)
+        n_bad = int(bad.sum())
+        if n_bad:
+            raise ModelError(
+                f"{site.name} (MoE layer {li}, transformer layer {site.layer_index}): router {what}"
+                f" are not finite (NaN/Inf) for {n_bad} of {t.shape[0]} tokens; refusing to record"
+                " routing decided by NaN. Check the model's weights for NaN/Inf (e.g. the router"
+                " weight of this layer or anything before it), or trace in float32"
+                " (--dtype float32) if float16 overflows"
+            )
 
 
 class Tracer:
@@ -120,6 +137,7 @@ class Tracer:
                 raise ModelError(f"{site.name}: router hook did not fire during the forward pass")
             args, output = self._out[li]
             d = self.adapter.decode(site, args, output)
+            check_finite(site, li, d.logits[sel], d.weights[sel])
             ids.append(d.expert_ids[sel])
             ws.append(d.weights[sel])
             if self.logits:
