@@ -33,8 +33,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from moelab._io import atomic_write_json, atomic_write_with
-from moelab.errors import ConfigError, PredictorError
-from moelab.trace.schema import NO_EXPERT, Trace, TraceMeta
+from moelab.errors import ConfigError, PredictorError, TraceError
+from moelab.trace.schema import NO_EXPERT, Trace, TraceMeta, check_same_model
 
 FORMAT_VERSION = 1
 STATE_FILE = "predictor.json"
@@ -231,6 +231,9 @@ class Predictor(ABC):
             )
         self.num_layers, self.num_experts, self.top_k = m.num_layers, m.num_experts, m.top_k
         self.fit_info = {"train_split": m.split or "train", "train_tokens": train.num_tokens}
+        if m.model_fingerprint:  # evaluation refuses traces of another model
+            self.fit_info["model"] = m.model
+            self.fit_info["model_fingerprint"] = m.model_fingerprint
         self._fit(train)
         self.fitted = True
         self._cost_sample = train.select(np.arange(min(train.num_tokens, 1024)))
@@ -338,6 +341,27 @@ class Predictor(ABC):
             )
         if not 0 <= layer < self.num_layers:
             raise PredictorError(f"{self.label}: layer={layer} outside 0..{self.num_layers - 1}")
+        self.check_model(trace)
+
+    def check_model(
+        self,
+        trace: Trace | TraceMeta,
+        what: str = "the trace it is asked to score",
+        name: str | None = None,
+    ) -> None:
+        """PredictorError if `trace` comes from another model than the one this was fitted on."""
+        meta = trace.meta if isinstance(trace, Trace) else trace
+        try:
+            check_same_model(
+                self.fit_info.get("model_fingerprint"),
+                str(self.fit_info.get("model", "")),
+                f"predictor {name or self.label} was fitted on a trace that",
+                meta.model_fingerprint,
+                meta.model,
+                what,
+            )
+        except TraceError as exc:
+            raise PredictorError(str(exc)) from None
 
     # ------------------------------------------------------------------ cost
     def clear_cache(self) -> None:

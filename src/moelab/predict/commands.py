@@ -33,16 +33,31 @@ def _parse_opts(opts: list[str] | None) -> dict[str, Any]:
 def load_splits(
     train: Path, test: Path | None, holdout: float, seed: int
 ) -> tuple[Any, Any, str, Any]:
-    """(train Trace, test Trace, description of the test split, GateSet or None)."""
+    """(train Trace, test Trace, description of the test split, GateSet or None).
+
+    A --test trace of another model than --train (router fingerprints differ) is refused.
+    """
     from moelab.errors import ConfigError
     from moelab.predict.base import split_by_document
+    from moelab.trace.schema import check_same_model
     from moelab.trace.store import TraceStore
 
     store = TraceStore.open(train)
+    if test is not None:
+        test_store = TraceStore.open(test)
+        a, b = store.meta, test_store.meta
+        check_same_model(
+            a.model_fingerprint,
+            a.model,
+            f"--train trace {train}",
+            b.model_fingerprint,
+            b.model,
+            f"--test trace {test}",
+        )
     full = store.load()
     gates = store.gates() if (Path(train) / "gates.safetensors").exists() else None
     if test is not None:
-        te = TraceStore.open(test).load()
+        te = test_store.load()
         return full, te, f"{te.meta.split or 'test'} ({test})", gates
     if not 0 < holdout < 1:
         raise ConfigError(
@@ -111,6 +126,7 @@ def register(app: typer.Typer) -> None:
         from moelab._io import atomic_write_json
         from moelab.errors import ConfigError
         from moelab.predict import Predictor, TokenBuckets, evaluate
+        from moelab.trace.store import TraceStore
 
         p = Predictor.load(model)
         src = trace or (Path(p.fit_info["trace"]) if "trace" in p.fit_info else None)
@@ -118,15 +134,21 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(
                 "predict eval: give --test TRACE_DIR (or --trace, the trace it was fitted on)"
             )
-        tr, te, desc, _ = load_splits(
-            src or test,
-            test,
-            float(p.fit_info.get("holdout", 0.2)),
-            int(p.fit_info.get("split_seed", 0)),
-        )
-        res = evaluate(
-            p, te, split_name=desc, buckets=TokenBuckets.from_trace(tr) if test is None else None
-        )
+        if test is not None:  # the fit trace is not needed (and may have moved)
+            st = TraceStore.open(test)
+            p.check_model(st.meta, f"--test trace {test}", str(model))
+            te = st.load()
+            desc, buckets = f"{te.meta.split or 'test'} ({test})", None
+        else:
+            tr, te, desc, _ = load_splits(
+                src,
+                None,
+                float(p.fit_info.get("holdout", 0.2)),
+                int(p.fit_info.get("split_seed", 0)),
+            )
+            p.check_model(te, f"--trace {src}", str(model))
+            buckets = TokenBuckets.from_trace(tr)
+        res = evaluate(p, te, split_name=desc, buckets=buckets)
         if out is not None:
             atomic_write_json(out, res)
         o = res["overall"]

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from moelab._io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from moelab.errors import PredictorError
+from moelab.errors import PredictorError, TraceError
 from moelab.predict import metrics as M
 from moelab.predict.base import Horizon, Predictor
-from moelab.trace.schema import Trace
+from moelab.trace.schema import Trace, check_same_model
 
 TOP_TOKENS = 100
 RARE_MAX = 5
@@ -273,6 +273,18 @@ def compare(
     """
     if not predictors:
         raise PredictorError("compare: no predictors given")
+    if train is not None:
+        try:
+            check_same_model(
+                train.meta.model_fingerprint,
+                train.meta.model,
+                "the train trace",
+                test.meta.model_fingerprint,
+                test.meta.model,
+                "the test trace",
+            )
+        except TraceError as exc:
+            raise PredictorError(str(exc)) from None
     buckets = TokenBuckets.from_trace(train) if train is not None else None
     results = []
     splits = [(test, split_name, False)]

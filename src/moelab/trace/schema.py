@@ -44,6 +44,13 @@ class TraceMeta:
         """JSON-serialisable dict."""
         return asdict(self)
 
+    @property
+    def model_fingerprint(self) -> str | None:
+        """Hash of the traced model's router weights (meta.extra["run"]), None if not recorded."""
+        run = self.extra.get("run") or {}
+        fp = run.get("model_fingerprint") if isinstance(run, dict) else None
+        return str(fp) if fp else None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TraceMeta:
         """Inverse of to_dict; ignores no key silently (unknown keys go to extra)."""
@@ -51,6 +58,24 @@ class TraceMeta:
         extra = dict(d.get("extra", {}))
         extra.update({k: v for k, v in d.items() if k not in known})
         return cls(**{k: v for k, v in d.items() if k in known and k != "extra"}, extra=extra)
+
+
+def check_same_model(
+    a_fp: str | None, a_model: str, a_what: str, b_fp: str | None, b_model: str, b_what: str
+) -> None:
+    """Raise TraceError when two traces (or a predictor and a trace) come from different models.
+
+    Compares router fingerprints; skipped when either side has none (synthetic traces).
+    """
+    if a_fp and b_fp and a_fp != b_fp:
+        raise TraceError(
+            f"{a_what} comes from model {a_model or '?'} (router fingerprint {a_fp}) but"
+            f" {b_what} comes from model {b_model or '?'} (router fingerprint {b_fp}): routing"
+            " of one model does not predict another's experts, the scores would be"
+            " chance-level. Use traces of the same model (the same checkpoint and --dtype; a"
+            " trace in another dtype has another fingerprint), or fit again on a trace of"
+            f" {b_model or 'the second model'}"
+        )
 
 
 @dataclass
