@@ -465,6 +465,8 @@ def trace_model(
             hidden_points=points,
             hidden_layers=hidden_layers,
         )
+        if writer.repair_note and progress:
+            print(f"repairing: {writer.repair_note}", file=sys.stderr)
         if rank == 0:
             gs = adapter.gate_set()
             if gs is not None and not (out / "gates.safetensors").exists():

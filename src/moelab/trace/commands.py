@@ -1,5 +1,6 @@
-"""CLI: `moelab trace` (record router decisions into a TraceStore; runs under torchrun) and
-`moelab trace-export` (MoE-Infinity expert activation matrices)."""
+"""CLI: `moelab trace` (record router decisions into a TraceStore; runs under torchrun),
+`moelab trace-verify` (full integrity check of a store) and `moelab trace-export`
+(MoE-Infinity expert activation matrices)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _summary(store: object, elapsed: float, tokens_before: int) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `trace` and `trace-export` to the moelab app."""
+    """Add `trace`, `trace-verify` and `trace-export` to the moelab app."""
 
     @app.command("trace")
     def trace(
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
 
         from moelab.data import load_corpus, load_tokenizer, split_documents
         from moelab.trace.api import find_tokenizer, trace_model
-        from moelab.trace.store import TraceStore
+        from moelab.trace.store import rows_on_disk
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not torch.distributed.is_initialized():
@@ -116,7 +117,7 @@ def register(app: typer.Typer) -> None:
 
             raise ConfigError(f"--split={split!r}: expected one of {sorted(parts)}")
         tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(model)
-        before = TraceStore.open(out).num_tokens if (out / "meta.json").exists() else 0
+        before = rows_on_disk(out)  # tolerant: a damaged store is repaired by this run
         t0 = time.perf_counter()
         store = trace_model(
             model,
@@ -152,6 +153,28 @@ def register(app: typer.Typer) -> None:
             _summary(store, time.perf_counter() - t0, before)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    @app.command("trace-verify")
+    def trace_verify(
+        store: Path = typer.Argument(..., help="trace store directory"),
+    ) -> None:
+        """Check a trace store completely (every shard and row, done markers, documents, hidden
+        files): exit 0 with a summary, or exit 2 listing what is wrong and what to do."""
+        from moelab.trace.store import verify_store
+
+        rep = verify_store(store)
+        if not rep.ok:
+            typer.echo(f"{store}: {len(rep.problems)} problem(s)", err=True)
+            for prob in rep.problems:
+                typer.echo(f"error: {prob}", err=True)
+            raise typer.Exit(2)
+        s = rep.summary
+        typer.echo(
+            f"{store}: ok: {s['tokens']:,} tokens in {s['shards']} shards, {s['documents']}"
+            f" documents, {s['layers x experts x k']} (MoE layers x experts x k), logits"
+            f" {s['logits']}, hidden {s['hidden']}, model {s['model']} (fingerprint"
+            f" {s['model fingerprint']})"
+        )
 
     @app.command("trace-export")
     def trace_export(

@@ -11,6 +11,12 @@ Layout (docs/CONTRACTS.md "On-disk trace format", docs/trace_schema.md):
 Shards are committed atomically (temp + rename, hidden file before its Parquet shard), so a
 killed run leaves only complete shards; TraceWriter resumes after the last one. Readers never
 need moelab: any Parquet reader sees the columns documented in docs/trace_schema.md.
+
+`TraceStore.open` checks the cheap invariants (shards numbered 0..n-1 per rank, schema, row
+and shard counts against the done markers, total rows against meta.json, hidden files present)
+and refuses a damaged store; `verify_store` (`moelab trace-verify`) also reads every row. A
+store whose last shards were lost is repaired by rerunning the same `moelab trace` command:
+TraceWriter sees fewer rows than the done marker, drops the marker and retraces what is missing.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ BASE_TYPES = {
     "is_bos": pa.bool_(),
 }
 SHARD_RE = re.compile(r"^part-r(\d{3})-(\d{6})\.parquet$")
+DONE_RE = re.compile(r"^done-r(\d{3})\.json$")
 HIDDEN_POINTS = ("router_input", "residual")
 
 
@@ -119,6 +127,54 @@ def build_table(meta: TraceMeta, rows: dict[str, np.ndarray], logits: bool) -> p
             flat = pa.array(np.ascontiguousarray(lg[:, li, :]).reshape(-1))
             arrays.append(pa.FixedSizeListArray.from_arrays(flat, meta.num_experts))
     return pa.Table.from_arrays(arrays, schema=arrow_schema(meta, logits))
+
+
+def done_name(rank: int) -> str:
+    """File name of the marker rank `rank` writes when it finished its share."""
+    return f"done-r{rank:03d}.json"
+
+
+def shard_indices(path: Path) -> dict[int, list[int]]:
+    """rank -> sorted shard indices present under path/shards."""
+    out: dict[int, list[int]] = {}
+    d = path / "shards"
+    if d.is_dir():
+        for f in d.iterdir():
+            m = SHARD_RE.match(f.name)
+            if m:
+                out.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    return {r: sorted(v) for r, v in sorted(out.items())}
+
+
+def read_done(path: Path, rank: int) -> dict[str, Any] | None:
+    """The done marker of `rank` ({"rank", "rows", "shards"}) or None; TraceError if unreadable."""
+    f = path / done_name(rank)
+    if not f.exists():
+        return None
+    try:
+        doc = json.loads(f.read_text())
+        return {"rows": int(doc["rows"]), "shards": int(doc["shards"]), "rank": int(doc["rank"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TraceError(
+            f"{f}: unreadable done marker ({exc!r}); delete it and rerun the same `moelab trace`"
+            " command (it checks the shards and finishes the store)"
+        ) from None
+
+
+def retrace_hint(path: Path, rank: int, first_bad: int, present: list[int]) -> str:
+    """What to do when rank `rank` lost shard `first_bad` (and maybe more)."""
+    later = [i for i in present if i > first_bad]
+    if not later:
+        return (
+            "rerun the same `moelab trace` command: it retraces exactly the missing rows"
+            f" (`moelab trace-verify {path}` lists every problem)"
+        )
+    names = ", ".join(shard_name(rank, i) for i in later[:3]) + (" ..." if len(later) > 3 else "")
+    return (
+        f"delete the {len(later)} shard(s) of rank {rank} after the gap in {path / 'shards'}"
+        f" ({names}), their hidden/ files if any, and {path / done_name(rank)}; then rerun the"
+        f" same `moelab trace` command: it retraces from shard {shard_name(rank, first_bad)} on"
+    )
 
 
 # Fields of meta that must agree between a store and a run that resumes it.
@@ -223,9 +279,11 @@ class TraceWriter:
                 indices.append(int(m.group(2)))
         indices.sort()
         if indices != list(range(len(indices))):
+            gap = next(i for i in range(len(indices) + 1) if i not in indices)
             raise TraceError(
-                f"{shard_dir}: shards of rank {self.rank} are not numbered 0..{len(indices) - 1} "
-                f"(found {indices[:10]}); the store was modified outside moelab"
+                f"{shard_dir}: shard {shard_name(self.rank, gap)} of rank {self.rank} is missing"
+                f" (found {len(indices)} shards numbered {indices[:6]}...); "
+                + retrace_hint(self.path, self.rank, gap, indices)
             )
         want = arrow_schema(self.meta, self.logits)
         rows, last = 0, None
@@ -240,6 +298,25 @@ class TraceWriter:
             if i == indices[-1] and pf.metadata.num_rows:
                 t = pf.read(columns=["doc_id", "position"])
                 last = (int(t["doc_id"][-1].as_py()), int(t["position"][-1].as_py()))
+        self.repair_note: str | None = None
+        done = read_done(self.path, self.rank)
+        if done is not None and (done["rows"], done["shards"]) != (rows, len(indices)):
+            marker = self.path / done_name(self.rank)
+            if rows < done["rows"] and len(indices) < done["shards"]:
+                # trailing shards were lost: forget the marker, the run resumes after them
+                self.repair_note = (
+                    f"{self.path}: rank {self.rank} had finished with {done['rows']} rows in"
+                    f" {done['shards']} shards but only {rows} rows in {len(indices)} shards are"
+                    f" left; retracing the missing {done['rows'] - rows} rows"
+                )
+                marker.unlink()
+            else:
+                raise TraceError(
+                    f"{marker}: rank {self.rank} finished with {done['rows']} rows in"
+                    f" {done['shards']} shards but {shard_dir} holds {rows} rows in"
+                    f" {len(indices)} shards; the store was modified outside moelab: delete"
+                    f" {self.path} and trace again"
+                )
         return len(indices), rows, last
 
     # -- writing -----------------------------------------------------------------------------
@@ -341,7 +418,7 @@ class TraceWriter:
         self.flush()
         if done:
             atomic_write_json(
-                self.path / f"done-r{self.rank:03d}.json",
+                self.path / done_name(self.rank),
                 {"rank": self.rank, "rows": self.rows_done, "shards": self.next_index},
             )
         self.closed = True
@@ -349,7 +426,7 @@ class TraceWriter:
     @property
     def is_done(self) -> bool:
         """True when this rank already finished in a previous run."""
-        return (self.path / f"done-r{self.rank:03d}.json").exists()
+        return (self.path / done_name(self.rank)).exists()
 
 
 def open_shard(path: Path) -> pq.ParquetFile:
@@ -366,11 +443,17 @@ def open_shard(path: Path) -> pq.ParquetFile:
 class TraceStore:
     """Read a trace directory: meta, numpy arrays, DuckDB view, gates, hidden side store."""
 
-    def __init__(self, path: Path, meta: TraceMeta, shards: list[Path]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        meta: TraceMeta,
+        shards: list[Path],
+        files: list[pq.ParquetFile] | None = None,
+    ) -> None:
         self.path = path
         self.meta = meta
         self.shards = shards
-        self._files = [open_shard(s) for s in shards]
+        self._files = files if files is not None else [open_shard(s) for s in shards]
         self._con: Any = None
         want_logits = bool(meta.extra.get("logits", False))
         want = arrow_schema(meta, want_logits)
@@ -384,23 +467,102 @@ class TraceStore:
 
     @classmethod
     def open(cls, path: str | Path) -> TraceStore:
-        """Open a store directory; TraceError if it is missing, empty or malformed."""
+        """Open a store directory; TraceError if it is missing, empty, malformed or damaged.
+
+        Checks the cheap invariants (shard numbering, schema, done markers, totals, hidden
+        files); `verify_store` reads every row as well.
+        """
         path = Path(path)
-        if not path.exists():
-            raise TraceError(
-                f"{path}: trace directory does not exist (create it with `moelab trace`)"
-            )
-        mpath = path / "meta.json"
-        if not mpath.exists():
-            raise TraceError(f"{mpath}: not found; {path} is not a moelab trace store")
-        try:
-            meta = TraceMeta.from_dict(json.loads(mpath.read_text()))
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise TraceError(f"{mpath}: unreadable meta.json ({exc})") from exc
+        meta = read_meta(path)
         shards = sorted(
             p for p in (path / "shards").glob("part-r*.parquet") if SHARD_RE.match(p.name)
         )
-        return cls(path, meta, shards)
+        files = [open_shard(s) for s in shards]
+        store = cls(path, meta, shards, files)
+        problems = store.check()
+        if problems:
+            more = (
+                f" ({len(problems) - 1} more problem(s): run `moelab trace-verify {path}`)"
+                if len(problems) > 1
+                else ""
+            )
+            raise TraceError(problems[0] + more)
+        return store
+
+    def check(self) -> list[str]:
+        """Problems with the cheap invariants (numbering, done markers, totals, hidden files)."""
+        problems: list[str] = []
+        path, meta = self.path, self.meta
+        world = int(meta.extra.get("world_size", 1) or 1)
+        present = shard_indices(path)
+        rows_of = {s: pf.metadata.num_rows for s, pf in zip(self.shards, self._files, strict=True)}
+        marker_ranks = {
+            int(m.group(1)) for f in path.iterdir() if (m := DONE_RE.match(f.name)) is not None
+        }
+        total, all_done = 0, True
+        for r in sorted(set(present) | marker_ranks | set(range(world))):
+            idx = present.get(r, [])
+            if r >= world:
+                problems.append(
+                    f"{path}: files of rank {r} found but meta.json says world_size={world};"
+                    " the store mixes runs: delete it and trace again"
+                )
+                continue
+            if idx != list(range(len(idx))):
+                gap = next(i for i in range(len(idx) + 1) if i not in idx)
+                problems.append(
+                    f"{path / 'shards' / shard_name(r, gap)}: missing (rank {r} has"
+                    f" {len(idx)} shards numbered up to {idx[-1]}); "
+                    + retrace_hint(path, r, gap, idx)
+                )
+                all_done = False
+                continue
+            rows = sum(rows_of[path / "shards" / shard_name(r, i)] for i in idx)
+            total += rows
+            try:
+                done = read_done(path, r)
+            except TraceError as exc:
+                problems.append(str(exc))
+                all_done = False
+                continue
+            if done is None:
+                all_done = False
+                continue
+            if (done["rows"], done["shards"]) != (rows, len(idx)):
+                lost = done["shards"] > len(idx) and done["rows"] > rows
+                problems.append(
+                    f"{path / done_name(r)}: rank {r} finished with {done['rows']} rows in"
+                    f" {done['shards']} shards, but {path / 'shards'} holds {rows} rows in"
+                    f" {len(idx)} shards"
+                    + (
+                        f" (shard {shard_name(r, len(idx))} and later are missing); "
+                        + retrace_hint(path, r, len(idx), idx)
+                        if lost
+                        else "; the store was modified outside moelab: delete it and trace again"
+                    )
+                )
+        want_total = (meta.extra.get("run") or {}).get("total_tokens")
+        if all_done and not problems and want_total is not None and total != int(want_total):
+            problems.append(
+                f"{path}: every rank finished but the shards hold {total} rows; meta.json"
+                f" (run.total_tokens) says {want_total}: delete the store and trace again"
+            )
+        if self.has_hidden:
+            for s, f in zip(self.shards, self.hidden_files(), strict=True):
+                if not f.exists():
+                    m = SHARD_RE.match(s.name)
+                    r, i = int(m.group(1)), int(m.group(2))  # type: ignore[union-attr]
+                    problems.append(
+                        f"{f}: hidden side-store file missing for shard {s.name}; delete"
+                        f" {s} and " + retrace_hint(path, r, i, present.get(r, []))
+                    )
+        return problems
+
+    @property
+    def complete(self) -> bool:
+        """True when every rank of the run wrote its done marker."""
+        world = int(self.meta.extra.get("world_size", 1) or 1)
+        return all(self.rank_done(r) for r in range(world))
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -638,4 +800,170 @@ class TraceStore:
 
     def rank_done(self, rank: int) -> bool:
         """True when process `rank` finished its share."""
-        return (self.path / f"done-r{rank:03d}.json").exists()
+        return (self.path / done_name(rank)).exists()
+
+
+def rows_on_disk(path: str | Path) -> int:
+    """Rows in the readable shards of a (possibly damaged) store, 0 if there is none."""
+    n = 0
+    for f in (Path(path) / "shards").glob("part-r*.parquet"):
+        if SHARD_RE.match(f.name):
+            try:
+                n += pq.ParquetFile(str(f)).metadata.num_rows
+            except Exception:  # noqa: BLE001, S112 - a damaged shard counts as no rows here
+                continue
+    return n
+
+
+def read_meta(path: Path) -> TraceMeta:
+    """meta.json of a store; TraceError if the folder or the file is missing or unreadable."""
+    if not path.exists():
+        raise TraceError(f"{path}: trace directory does not exist (create it with `moelab trace`)")
+    mpath = path / "meta.json"
+    if not mpath.exists():
+        raise TraceError(f"{mpath}: not found; {path} is not a moelab trace store")
+    try:
+        return TraceMeta.from_dict(json.loads(mpath.read_text()))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise TraceError(f"{mpath}: unreadable meta.json ({exc})") from exc
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_store` found: problems (empty = healthy) and a summary of the store."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+def verify_store(path: str | Path) -> VerifyReport:
+    """Full check of a store: the cheap invariants of `open`, then every row of every shard
+    (readable, ids in range, finite weights/logits, rows in document order per rank), the
+    per-document counts of documents.parquet and the hidden side store."""
+    path = Path(path)
+    rep = VerifyReport(path)
+    try:
+        meta = read_meta(path)
+    except TraceError as exc:
+        rep.problems.append(str(exc))
+        return rep
+    shards = sorted(p for p in (path / "shards").glob("part-r*.parquet") if SHARD_RE.match(p.name))
+    files: list[pq.ParquetFile] = []
+    good: list[Path] = []
+    for s in shards:
+        try:
+            files.append(open_shard(s))
+            good.append(s)
+        except TraceError as exc:
+            rep.problems.append(str(exc))
+    store = TraceStore.__new__(TraceStore)
+    store.path, store.meta, store.shards, store._files, store._con = path, meta, good, files, None
+    want = arrow_schema(meta, store.has_logits)
+    L, k, E = meta.num_layers, meta.top_k, meta.num_experts
+    sentinel = np.iinfo(id_dtype(E)).max
+    last_key: dict[int, tuple[int, int]] = {}
+    per_doc: dict[int, int] = {}
+    for s, pf in zip(good, files, strict=True):
+        if not pf.schema_arrow.equals(want):
+            rep.problems.append(
+                f"{s}: columns do not match {path / 'meta.json'} (expected {len(want)} columns"
+                f" for L={L}, k={k}, logits={store.has_logits}; found {len(pf.schema_arrow)})"
+            )
+            continue
+        try:
+            t = pf.read()
+        except Exception as exc:  # noqa: BLE001 - reported with the file named
+            rep.problems.append(
+                f"{s}: corrupt data ({exc}); " + "delete it and rerun the same `moelab trace`"
+            )
+            continue
+        rank = int(SHARD_RE.match(s.name).group(1))  # type: ignore[union-attr]
+        doc = t["doc_id"].to_numpy()
+        pos = t["position"].to_numpy().astype(np.int64)
+        if doc.size:
+            key = np.stack([doc, pos], 1)
+            prev = last_key.get(rank)
+            if prev is not None:
+                key = np.concatenate([np.array([prev]), key])
+            bad = (key[1:, 0] < key[:-1, 0]) | (
+                (key[1:, 0] == key[:-1, 0]) & (key[1:, 1] <= key[:-1, 1])
+            )
+            if bad.any():
+                rep.problems.append(
+                    f"{s}: rows are not in (doc_id, position) order within rank {rank} (first at"
+                    f" row {int(np.flatnonzero(bad)[0])}); the store mixes runs or was edited"
+                )
+            last_key[rank] = (int(doc[-1]), int(pos[-1]))
+            ud, uc = np.unique(doc, return_counts=True)
+            for d_, c_ in zip(ud.tolist(), uc.tolist(), strict=True):
+                per_doc[d_] = per_doc.get(d_, 0) + c_
+        for li in range(L):
+            for j in range(k):
+                e = t[f"e{li}_{j}"].to_numpy()
+                if ((e >= E) & (e != sentinel)).any():
+                    rep.problems.append(
+                        f"{s}: column e{li}_{j} holds expert ids >= E={E}; the shard is corrupt"
+                    )
+                w = t[f"w{li}_{j}"].to_numpy()
+                if not np.isfinite(w).all():
+                    rep.problems.append(
+                        f"{s}: column w{li}_{j} holds {int((~np.isfinite(w)).sum())} non-finite"
+                        " weights (NaN/Inf)"
+                    )
+            if store.has_logits:
+                lg = t[f"logits{li}"].combine_chunks().flatten().to_numpy()
+                if not np.isfinite(lg).all():
+                    rep.problems.append(
+                        f"{s}: column logits{li} holds {int((~np.isfinite(lg)).sum())}"
+                        " non-finite router logits (NaN/Inf)"
+                    )
+    if len(good) == len(shards):
+        rep.problems.extend(store.check())
+    docs = path / "documents.parquet"
+    if docs.exists() and store.complete and not rep.problems:
+        try:
+            dt = pq.read_table(str(docs))
+            want_docs = dict(
+                zip(dt["doc_id"].to_pylist(), dt["num_tokens"].to_pylist(), strict=True)
+            )
+        except Exception as exc:  # noqa: BLE001
+            rep.problems.append(f"{docs}: unreadable ({exc})")
+        else:
+            wrong = [d for d in set(want_docs) | set(per_doc) if want_docs.get(d) != per_doc.get(d)]
+            if wrong:
+                d0 = sorted(wrong)[0]
+                rep.problems.append(
+                    f"{path}: {len(wrong)} document(s) hold another number of rows than"
+                    f" {docs.name} says (e.g. doc_id {d0}: {per_doc.get(d0, 0)} rows,"
+                    f" expected {want_docs.get(d0, 0)}): delete the store and trace again"
+                )
+    if store.has_hidden and not rep.problems:
+        try:
+            store._load_hidden(store.num_tokens, None)
+        except TraceError as exc:
+            rep.problems.append(str(exc))
+    rep.summary = {
+        "tokens": int(sum(pf.metadata.num_rows for pf in files)),
+        "shards": len(shards),
+        "documents": len(per_doc),
+        "ranks": int(meta.extra.get("world_size", 1) or 1),
+        "complete": store.complete,
+        "layers x experts x k": f"{L} x {E} x {k}",
+        "logits": store.has_logits,
+        "hidden": ", ".join(meta.extra.get("hidden_points", [])) or "no",
+        "model": meta.model,
+        "model fingerprint": meta.model_fingerprint or "-",
+    }
+    if not store.complete and not rep.problems:
+        unfinished = [r for r in range(rep.summary["ranks"]) if not store.rank_done(r)]
+        rep.problems.append(
+            f"{path}: rank(s) {unfinished} have not finished (no {done_name(unfinished[0])});"
+            " rerun the same `moelab trace` command to finish the store"
+        )
+    return rep
