@@ -14,10 +14,17 @@
 - `cv_squared`, `importance_loss`, `smooth_load`, `load_loss`: Shazeer et al. 2017 Sec. 4 and
   Appendix A (importance = sum of gate values, load via the normal CDF, CV^2 losses).
 - `sequence_balance_loss`: DeepSeek-V3 complementary sequence-wise auxiliary loss (Eq. 17-20).
+- `sequence_balance_loss(length="mean")`: Megatron-Core's `seq_aux_loss` (every sequence's
+  length taken as n_valid / B, the sum divided by B).
+- `row_balance_loss`: the first-choice balance loss per batch row, mean over rows: transformers'
+  Switch `load_balancing_loss_func`, lucidrains' GShard `Top2Gating` (first choices as chosen)
+  and st-moe-pytorch's `TopNGating` (`kept=`: only first choices that survive capacity).
 - `aux_free_bias_update`: DeepSeek-V3 auxiliary-loss-free bias step (Sec. 2.1.2).
 
-Every loss takes an optional mask (True = real token): padding tokens never count. Values are
-raw (no coefficient applied).
+Masks: the positional `mask` (True / 1 = real token) is taken as is; by keyword,
+`attention_mask=` (1 = real token, transformers) or `padding_mask=` (True = padding,
+Megatron-Core) are checked and refused when they look inverted (`moelab.layers.masks`).
+Padding tokens never count. Values are raw (no coefficient applied).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.errors import ConfigError, InputError
+from moelab.layers.masks import resolve_mask
 
 TensorOrLayers = torch.Tensor | Sequence[torch.Tensor]
 
@@ -70,6 +78,29 @@ def _flat_mask(
     return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
 
 
+def _mask_arg(
+    mask: torch.Tensor | None,
+    padding_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    padding_side: str,
+    num_tokens: int,
+    device: torch.device,
+    where: str,
+) -> torch.Tensor | None:
+    """Float [T] mask (1 = real token) from the positional mask or an explicit, checked one."""
+    if padding_mask is None and attention_mask is None:
+        return _flat_mask(mask, num_tokens, device, where)
+    valid = resolve_mask(
+        num_tokens,
+        where,
+        mask=mask,
+        padding_mask=padding_mask,
+        attention_mask=attention_mask,
+        padding_side=padding_side,
+    )
+    return valid.to(device=device, dtype=torch.float32)
+
+
 def _check_k(num_experts: int, top_k: int, logits_e: int, where: str) -> None:
     """Validate num_experts against the logits and 1 <= top_k <= num_experts."""
     if num_experts != logits_e:
@@ -84,18 +115,24 @@ def load_balancing_loss(
     router_logits: TensorOrLayers,
     num_experts: int,
     top_k: int = 2,
-    attention_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     pooled: bool = True,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    padding_side: str = "right",
 ) -> torch.Tensor:
     """transformers' load_balancing_loss_func: E * sum_e f_e P_e over pooled layers (k if uniform)."""
     where = "load_balancing_loss"
     layers = _layers(router_logits, where)
     _check_k(num_experts, top_k, layers[0].shape[-1], where)
-    if not pooled:
-        per = [load_balancing_loss(t, num_experts, top_k, attention_mask) for t in layers]
-        return torch.stack(per).mean()
     device = layers[0].device
-    mask = _flat_mask(attention_mask, layers[0].shape[0], device, where)
+    mask = _mask_arg(
+        mask, padding_mask, attention_mask, padding_side, layers[0].shape[0], device, where
+    )
+    if not pooled:
+        per = [load_balancing_loss(t, num_experts, top_k, mask) for t in layers]
+        return torch.stack(per).mean()
     flat_mask = mask if mask is not None else torch.ones(layers[0].shape[0], device=device)
     tokens_per_expert_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
     router_prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
@@ -119,21 +156,46 @@ def megatron_load_balancing_loss(
     router_logits: TensorOrLayers,
     num_experts: int,
     top_k: int = 2,
+    mask: torch.Tensor | None = None,
+    *,
     attention_mask: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    padding_side: str = "right",
 ) -> torch.Tensor:
     """Megatron-Core form: per-layer E/(k T^2) sum_e P_sum_e count_e, mean over layers (1 if uniform)."""
-    return (
-        load_balancing_loss(router_logits, num_experts, top_k, attention_mask, pooled=False) / top_k
+    loss = load_balancing_loss(
+        router_logits,
+        num_experts,
+        top_k,
+        mask,
+        pooled=False,
+        attention_mask=attention_mask,
+        padding_mask=padding_mask,
+        padding_side=padding_side,
     )
+    return loss / top_k
 
 
 def router_z_loss(
-    router_logits: TensorOrLayers, attention_mask: torch.Tensor | None = None
+    router_logits: TensorOrLayers,
+    mask: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    padding_side: str = "right",
 ) -> torch.Tensor:
     """ST-MoE router z-loss: mean over real tokens (and pooled layers) of logsumexp(logits)^2."""
     where = "router_z_loss"
     layers = _layers(router_logits, where)
-    mask = _flat_mask(attention_mask, layers[0].shape[0], layers[0].device, where)
+    mask = _mask_arg(
+        mask,
+        padding_mask,
+        attention_mask,
+        padding_side,
+        layers[0].shape[0],
+        layers[0].device,
+        where,
+    )
     total = layers[0].new_zeros((), dtype=torch.float32)
     count = 0.0
     for t in layers:
@@ -217,14 +279,25 @@ def sequence_balance_loss(
     scores: torch.Tensor,
     expert_ids: torch.Tensor,
     num_experts: int,
+    mask: torch.Tensor | None = None,
+    *,
     attention_mask: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    padding_side: str = "right",
+    length: str = "own",
 ) -> torch.Tensor:
     """DeepSeek-V3 Eq. 17-20 (alpha = 1): sum_i f_i P_i per sequence, mean over sequences.
 
     scores [B, S, E] (or [T, E] = one sequence) are the sigmoid affinities s_{i,t};
     expert_ids [B, S, k] the selected experts; f_i = E/(k S) * #{t: i selected at t},
     P_i = mean_t s_{i,t} / sum_j s_{j,t}. Equals 1 under perfectly uniform routing.
-    Padding (mask False) is excluded; sequences without real tokens are skipped.
+    Padding (mask False) is excluded.
+
+    length="own" (default): S is each sequence's own number of real tokens and sequences
+    without real tokens are skipped. length="mean": Megatron-Core's `seq_aux_loss` -- every
+    sequence uses S = n_valid / B (all real tokens over all B rows) and the sum over
+    sequences is divided by B (`_apply_seq_aux_loss` with a padding mask); the two agree
+    without padding.
     """
     where = "sequence_balance_loss"
     if scores.dim() == 2:
@@ -237,10 +310,10 @@ def sequence_balance_loss(
     B, S, E = scores.shape
     k = expert_ids.shape[-1]
     _check_k(num_experts, k, E, where)
-    if attention_mask is None:
-        mask = torch.ones(B, S, device=scores.device)
-    else:
-        mask = _flat_mask(attention_mask, B * S, scores.device, where).reshape(B, S)
+    if length not in ("own", "mean"):
+        raise ConfigError(f"{where}: length={length!r}; expected 'own' or 'mean'")
+    flat = _mask_arg(mask, padding_mask, attention_mask, padding_side, B * S, scores.device, where)
+    mask = torch.ones(B, S, device=scores.device) if flat is None else flat.reshape(B, S)
     n = mask.sum(dim=1)  # real tokens per sequence
     onehot = F.one_hot(expert_ids, E).sum(dim=2).float()  # [B, S, E]
     counts = (onehot * mask[..., None]).sum(dim=1)  # [B, E]
@@ -249,10 +322,62 @@ def sequence_balance_loss(
     valid = n > 0
     if not bool(valid.any()):
         return p_sum.sum() * 0.0
+    if length == "mean":  # Megatron: one length n_valid/B for every sequence, sum / B
+        t = n.sum() / B
+        return (p_sum * counts).sum() * (E / (k * t * t)) / B
     n_v = n[valid][:, None]
     f = counts[valid] * E / (k * n_v)
     p = p_sum[valid] / n_v
     return (f * p).sum(dim=-1).mean()
+
+
+def row_balance_loss(
+    router_logits: torch.Tensor,
+    first_choice: torch.Tensor,
+    num_experts: int,
+    rows: int = 1,
+    mask: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    padding_side: str = "right",
+) -> torch.Tensor:
+    """First-choice balance loss per batch row, mean over rows: E * sum_e f_e P_e per row.
+
+    router_logits [T, E] (T = rows * S, row-major) or [B, S, E]; first_choice [T] the first
+    expert of each token; f_e = fraction of the row's real tokens whose first choice is e
+    (only those with `kept` True when given: st-moe-pytorch's TopNGating, whose `mask_1` is
+    trimmed by capacity in place), P_e = the row's mean softmax probability of e. Equals
+    transformers' Switch `load_balancing_loss_func` (mean(f * P) * E^2 over [B, E]) and
+    lucidrains' `Top2Gating` loss; rows without real tokens are skipped.
+    """
+    where = "row_balance_loss"
+    lg = router_logits.reshape(-1, router_logits.shape[-1])
+    T, E = lg.shape
+    _check_k(num_experts, 1, E, where)
+    if router_logits.dim() == 3:
+        rows = router_logits.shape[0]
+    if rows < 1 or T % rows != 0:
+        raise InputError(f"{where}: rows={rows} must divide the {T} tokens")
+    first = first_choice.reshape(-1)
+    if first.numel() != T:
+        raise InputError(f"{where}: first_choice must have {T} entries, got {first.numel()}")
+    flat = _mask_arg(mask, padding_mask, attention_mask, padding_side, T, lg.device, where)
+    m = torch.ones(T, device=lg.device) if flat is None else flat
+    probs = F.softmax(lg.float(), dim=-1)
+    onehot = F.one_hot(first, E).float()
+    if kept is not None:
+        onehot = onehot * kept.reshape(-1, 1).to(onehot.dtype)
+    S = T // rows
+    m = m.reshape(rows, S, 1)
+    n = m.sum(dim=1)  # [rows, 1]
+    valid = n[:, 0] > 0
+    if not bool(valid.any()):
+        return probs.sum() * 0.0
+    f = (onehot.reshape(rows, S, E) * m).sum(dim=1)[valid] / n[valid]
+    p = (probs.reshape(rows, S, E) * m).sum(dim=1)[valid] / n[valid]
+    return (f * p).sum(dim=-1).mean() * E
 
 
 def aux_free_bias_update(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ from moelab.errors import ConfigError, InputError
 from moelab.layers.config import MoEConfig
 from moelab.layers.dispatch import BACKENDS, dispatch_combine
 from moelab.layers.experts import ExpertBank
+from moelab.layers.masks import resolve_mask
 from moelab.layers.routing import build_router
 from moelab.layers.types import RoutingResult
 
@@ -35,6 +36,10 @@ def expert_flops_per_token(cfg: MoEConfig) -> int:
 class MoEBlock(nn.Module):
     """forward(x [..., D], token_ids=None, mask=None) -> (y [..., D], RoutingResult over flat tokens).
 
+    Masks: `mask` (True = real token, taken as is) or, by keyword, `padding_mask=` (True =
+    padding, Megatron-Core) / `attention_mask=` (1 = real token, transformers), refused when
+    they look inverted (`moelab.layers.masks`; `padding_side="left"` for left-padded rows).
+    A [B, S, D] input tells the router its B rows (per-row capacity, per-sequence losses).
     `backend` ("loop" | "grouped_mm") overrides `cfg.dispatch_backend`.
     """
 
@@ -77,6 +82,10 @@ class MoEBlock(nn.Module):
         x: torch.Tensor,
         token_ids: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        padding_side: str = "right",
     ) -> tuple[torch.Tensor, RoutingResult]:
         """Route, run the chosen experts (+ shared experts) and return (y, routing)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.cfg.d_model:
@@ -88,6 +97,17 @@ class MoEBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])
         n = flat.shape[0]
         tid = token_ids.reshape(-1) if token_ids is not None else None
+        rows = int(shape[0]) if x.dim() >= 3 and n > 0 else None
+        if padding_mask is not None or attention_mask is not None:
+            mask = resolve_mask(
+                n,
+                "MoEBlock",
+                mask=mask,
+                padding_mask=padding_mask,
+                attention_mask=attention_mask,
+                rows=rows,
+                padding_side=padding_side,
+            )
         m = mask.reshape(-1).to(torch.bool) if mask is not None else None
         for name, t in (("token_ids", tid), ("mask", m)):
             if t is not None and t.numel() != n:
@@ -95,7 +115,7 @@ class MoEBlock(nn.Module):
                     f"MoEBlock: {name} has {t.numel()} entries but the input has {n} tokens "
                     f"(shape {tuple(shape)})"
                 )
-        routing = self.router(flat, token_ids=tid, mask=m)
+        routing = self.router(flat, token_ids=tid, mask=m, rows=rows)
         y = dispatch_combine(flat, routing, self.experts, backend=self.backend, mask=m)
         if self.shared_experts is not None:
             s = self.shared_experts.forward_one(0, flat)

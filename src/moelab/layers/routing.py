@@ -28,10 +28,32 @@ Every router is registered in `ROUTERS` under its `MoEConfig.router` name and bu
   (auxiliary-loss-free balancing: bias used for selection only, b_e += gamma * sign(mean - load_e)).
 
 Capacity (any token-choice router, when `capacity_factor` or `expert_capacity` is set):
-`expert_capacity()` gives ceil(T*cf/E) (Switch convention) or ceil(T*k*cf/E) (Megatron
-convention); slots compete slot-major (all first choices in token order, then all second
-choices, ... as GShard Algorithm 1) and slots beyond capacity are `dropped` with weight 0.
-Padding tokens (mask False) never take capacity: they are dropped wherever capacity applies.
+`expert_capacity()` gives ceil(T*cf/E) (Switch convention) or ceil((T*k/E)*cf) (Megatron's
+`get_capacity(T*k, E, cf)`), or the floor (`capacity_rounding="floor"`: lucidrains /
+st-moe-pytorch `int(S*cf/E)`), raised to `min_capacity` if set. Who keeps a slot
+(`MoEConfig.drop_policy`):
+
+- "slot" (default): slot-major first come first served (all first choices in token order,
+  then all second choices, ... as GShard Algorithm 1, lucidrains and st-moe-pytorch);
+- "probs": Megatron-Core's default -- each expert keeps its `capacity` highest-weight tokens
+  (`apply_router_token_dropping`: `torch.topk(routing_probs, capacity, dim=0)`);
+- "position": Megatron-Core's "position" policy, computed as Megatron does
+  (`torch.topk(routing_map.int(), capacity, dim=0, sorted=False)`): which of the tied tokens
+  an expert keeps is torch.topk's choice, not token order (it matches Megatron on the same
+  torch build and device).
+
+`pad_to_capacity` (Megatron `moe_pad_expert_input_to_capacity`) records the padded [T, E]
+map in `RoutingResult.capacity_map` (every expert filled to capacity with zero-weight
+tokens); the combine is unchanged because padded slots weigh 0. `capacity_scope="row"`
+applies capacity per batch row (transformers' Switch router, lucidrains / st-moe), the first-
+choice balance loss too. Slots beyond capacity are `dropped` with weight 0. Padding tokens
+(mask False) never take capacity and capacity counts only real tokens (Megatron and
+transformers count padding as tokens: match them on unpadded batches).
+
+Masks: routers take the positional `mask` (True = real token, as is) or, by keyword,
+`padding_mask=` (True = padding) / `attention_mask=` (1 = real), refused when they look
+inverted (`moelab.layers.masks`). `rows` (MoEBlock passes the batch size of a [B, S, D]
+input) gives the row structure of the flat tokens for per-row capacity and losses.
 """
 
 from __future__ import annotations
@@ -49,9 +71,11 @@ from moelab.layers.losses import (
     cv_squared,
     load_balancing_loss,
     router_z_loss,
+    row_balance_loss,
     sequence_balance_loss,
     smooth_load,
 )
+from moelab.layers.masks import resolve_mask
 from moelab.layers.types import RoutingResult
 
 # Logit given to experts a hash router does not pick (finite, representable in float16).
@@ -86,21 +110,41 @@ def expert_capacity(
     top_k: int,
     capacity_factor: float,
     convention: str = "switch",
+    rounding: str = "ceil",
+    min_capacity: int | None = None,
 ) -> int:
-    """Slots per expert: ceil(T*cf/E) ("switch") or ceil(T*k*cf/E) ("megatron")."""
+    """Slots per expert: ceil(T*cf/E) ("switch") or ceil((T*k/E)*cf) ("megatron", Megatron's
+    operation order), floor instead of ceil with rounding="floor", at least min_capacity."""
     if capacity_factor is None or not capacity_factor > 0:
         raise ConfigError(f"capacity_factor={capacity_factor!r}: must be > 0")
     if convention == "switch":
-        return math.ceil(num_tokens * capacity_factor / num_experts)
-    if convention == "megatron":
-        return math.ceil(num_tokens * top_k * capacity_factor / num_experts)
-    raise ConfigError(f"capacity_convention={convention!r}: must be 'switch' or 'megatron'")
+        raw = num_tokens * capacity_factor / num_experts
+    elif convention == "megatron":
+        raw = (num_tokens * top_k / num_experts) * capacity_factor
+    else:
+        raise ConfigError(f"capacity_convention={convention!r}: must be 'switch' or 'megatron'")
+    if rounding == "ceil":
+        cap = math.ceil(raw)
+    elif rounding == "floor":
+        cap = int(raw)
+    else:
+        raise ConfigError(f"capacity_rounding={rounding!r}: must be 'ceil' or 'floor'")
+    if min_capacity is not None and cap < min_capacity:
+        cap = int(min_capacity)
+    return cap
 
 
 def capacity_keep(
-    expert_ids: torch.Tensor, candidate: torch.Tensor, num_experts: int, capacity: int
+    expert_ids: torch.Tensor,
+    candidate: torch.Tensor,
+    num_experts: int,
+    capacity: int | torch.Tensor,
 ) -> torch.Tensor:
-    """[T, k] bool: candidate slots that fit in `capacity` per expert, slot-major then token order."""
+    """[T, k] bool: candidate slots that fit in `capacity` per expert, slot-major then token order.
+
+    `capacity` is one int, or a [num_experts] tensor (one capacity per expert id, used with
+    row-offset ids for per-row capacity).
+    """
     T, k = expert_ids.shape
     cand = candidate.t().reshape(-1)  # slot-major: slot 0 of every token first
     ids = expert_ids.t().reshape(-1).masked_fill(~cand, num_experts)  # non-candidates sort last
@@ -110,15 +154,59 @@ def capacity_keep(
     starts = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(ids)
     position[order] = torch.arange(ids.numel(), device=ids.device) - starts[sorted_ids]
-    keep = cand & (position < capacity)
+    if isinstance(capacity, torch.Tensor):
+        cap = torch.cat([capacity.to(ids.device), capacity.new_zeros(1).to(ids.device)])[ids]
+        keep = cand & (position < cap)
+    else:
+        keep = cand & (position < capacity)
     return keep.reshape(k, T).t()
 
 
+def megatron_capacity_mask(
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    candidate: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    policy: str,
+    real: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[T, E] bool capacity mask of Megatron-Core's `apply_router_token_dropping`.
+
+    Builds Megatron's routing_probs / routing_map [T, E] from the candidate slots and keeps,
+    per expert, the `capacity` tokens torch.topk picks over dim 0 ("probs": by weight;
+    "position": over the int map, ties as torch.topk breaks them); all tokens when capacity
+    exceeds the real token count. Padding rows (`real` False) rank below every real token.
+    """
+    T = expert_ids.shape[0]
+    n_real = T if real is None else int(real.sum())
+    if capacity > n_real:
+        return torch.ones(T, num_experts, dtype=torch.bool, device=expert_ids.device)
+    if policy == "probs":
+        w = weights.detach().float().masked_fill(~candidate, 0.0)
+        score = torch.zeros(T, num_experts, device=weights.device).scatter(1, expert_ids, w)
+    elif policy == "position":
+        score = torch.zeros(T, num_experts, dtype=torch.int32, device=expert_ids.device)
+        score = score.scatter(1, expert_ids, candidate.to(torch.int32))
+    else:
+        raise ConfigError(f"drop_policy={policy!r}: expected 'position' or 'probs'")
+    if real is not None and not bool(real.all()):
+        score = score.masked_fill(~real[:, None], -1)
+    idx = torch.topk(score, k=capacity, dim=0, sorted=False).indices
+    return torch.zeros(T, num_experts, dtype=torch.bool, device=expert_ids.device).scatter(
+        0, idx, True
+    )
+
+
 class Router(nn.Module):
-    """Base class: `forward(x [T, D], token_ids=None, mask=None) -> RoutingResult`.
+    """Base class: `forward(x [T, D], token_ids=None, mask=None, *, padding_mask=None,
+    attention_mask=None, rows=None, padding_side="right") -> RoutingResult`.
 
     `mask` [T] bool marks real tokens (False = padding); padding never counts in aux losses.
-    Subclasses set `self.gate` (nn.Linear D->E) when they have a learned linear router.
+    `padding_mask` (True = padding) / `attention_mask` (1 = real) are the checked, explicit
+    forms (`moelab.layers.masks`); `rows` is the number of batch rows of the flat tokens.
+    Subclasses implement `route(x, token_ids, mask, rows)` and set `self.gate`
+    (nn.Linear D->E) when they have a learned linear router.
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -158,6 +246,45 @@ class Router(nn.Module):
             raise InputError(f"{where}: mask must be a [T={T}] bool tensor, got shape {shape}")
         return mask.to(device=x.device, dtype=torch.bool)
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rows: int | None = None,
+        padding_side: str = "right",
+    ) -> RoutingResult:
+        """Validate inputs and masks, then `route` the flat tokens x [T, D]."""
+        where = type(self).__name__
+        check_router_input(x, self.d_model, where)
+        T = x.shape[0]
+        if rows is not None and (not isinstance(rows, int) or rows < 1 or T % rows != 0):
+            raise InputError(f"{where}: rows={rows!r} must be a positive int dividing T={T}")
+        mask = resolve_mask(
+            T,
+            where,
+            mask=mask,
+            padding_mask=padding_mask,
+            attention_mask=attention_mask,
+            rows=rows,
+            padding_side=padding_side,
+        )
+        mask = self.check_inputs(x, token_ids, mask)
+        return self.route(x, token_ids, mask, rows)
+
+    def route(
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
+    ) -> RoutingResult:
+        """Route validated inputs (subclasses implement this)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement route()")
+
     def capacity(self, num_tokens: int, k: int) -> int | None:
         """Per-expert capacity for num_tokens real tokens with k slots each, or None (dropless)."""
         if self.cfg.expert_capacity is not None:
@@ -165,8 +292,18 @@ class Router(nn.Module):
         if self.cfg.capacity_factor is None:
             return None
         return expert_capacity(
-            num_tokens, self.num_experts, k, self.cfg.capacity_factor, self.cfg.capacity_convention
+            num_tokens,
+            self.num_experts,
+            k,
+            self.cfg.capacity_factor,
+            self.cfg.capacity_convention,
+            self.cfg.capacity_rounding,
+            self.cfg.min_capacity,
         )
+
+    def row_count(self, rows: int | None) -> int:
+        """Rows capacity and the first-choice balance loss work over (1 = the whole batch)."""
+        return rows if self.cfg.capacity_scope == "row" and rows is not None else 1
 
     def apply_capacity(
         self,
@@ -174,22 +311,50 @@ class Router(nn.Module):
         weights: torch.Tensor,
         mask: torch.Tensor | None,
         dropped: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drop slots beyond capacity (and padding when capacity applies); zero their weights."""
+        rows: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Drop slots beyond capacity (and padding when capacity applies); zero their weights.
+
+        Returns (weights, dropped, capacity_map); capacity_map is Megatron's padded [T, E] map
+        with cfg.pad_to_capacity, else None.
+        """
         T, k = expert_ids.shape
-        n_real = T if mask is None else int(mask.sum())
-        cap = self.capacity(n_real, k)
-        if cap is None:
+        E = self.num_experts
+        R = self.row_count(rows)
+        if self.cfg.expert_capacity is None and self.cfg.capacity_factor is None:
             if dropped is not None:
                 weights = weights.masked_fill(dropped, 0.0)
-            return weights, dropped
+            return weights, dropped, None
         candidate = torch.ones_like(expert_ids, dtype=torch.bool)
         if dropped is not None:
             candidate &= ~dropped
         if mask is not None:
             candidate &= mask.unsqueeze(-1)
-        keep = capacity_keep(expert_ids, candidate, self.num_experts, cap)
-        return weights.masked_fill(~keep, 0.0), ~keep
+        capacity_map = None
+        if R > 1:  # per batch row: row r's expert e is bucket r*E + e
+            S = T // R
+            n_rows = [S] * R if mask is None else mask.reshape(R, S).sum(dim=1).tolist()
+            caps = torch.tensor([self.capacity(int(n), k) for n in n_rows], device=weights.device)
+            offset = (torch.arange(T, device=expert_ids.device) // S * E).unsqueeze(-1)
+            keep = capacity_keep(expert_ids + offset, candidate, E * R, caps.repeat_interleave(E))
+        elif self.cfg.drop_policy == "slot":
+            n_real = T if mask is None else int(mask.sum())
+            keep = capacity_keep(expert_ids, candidate, E, self.capacity(n_real, k))
+        else:
+            n_real = T if mask is None else int(mask.sum())
+            cmask = megatron_capacity_mask(
+                expert_ids,
+                weights,
+                candidate,
+                E,
+                self.capacity(n_real, k),
+                self.cfg.drop_policy,
+                mask,
+            )
+            keep = candidate & cmask.gather(1, expert_ids)
+            if self.cfg.pad_to_capacity:
+                capacity_map = cmask if mask is None else cmask & mask[:, None]
+        return weights.masked_fill(~keep, 0.0), ~keep, capacity_map
 
     def selection_bias_buffer(self) -> torch.Tensor | None:
         """The [E] bias this router adds to its scores for selection only (aux-loss-free
@@ -230,13 +395,25 @@ class Router(nn.Module):
         dropped: torch.Tensor | None,
         mask: torch.Tensor | None,
         lb_k: int,
+        rows: int | None = None,
+        capacity_map: torch.Tensor | None = None,
     ) -> RoutingResult:
         """RoutingResult of a softmax router, with the Switch/Mixtral load-balancing loss
-        (counting lb_k choices per token) and the router z-loss as aux terms."""
-        aux = {
-            "load_balancing": load_balancing_loss(logits, self.num_experts, lb_k, mask),
-            "z_loss": router_z_loss(logits, mask),
-        }
+        (counting lb_k choices per token) and the router z-loss as aux terms.
+
+        First-choice routers (lb_k = 1: Switch, GShard) with capacity_scope="row" or
+        balance_count="kept" use `row_balance_loss` (per batch row; only the first choices
+        kept by capacity with "kept", as st-moe-pytorch)."""
+        R = self.row_count(rows)
+        kept_only = self.cfg.balance_count == "kept"
+        if lb_k == 1 and (R > 1 or kept_only):
+            kept = None
+            if kept_only and dropped is not None:
+                kept = ~dropped[:, 0]
+            balance = row_balance_loss(logits, top_i[:, 0], self.num_experts, R, mask, kept)
+        else:
+            balance = load_balancing_loss(logits, self.num_experts, lb_k, mask)
+        aux = {"load_balancing": balance, "z_loss": router_z_loss(logits, mask)}
         return RoutingResult(
             expert_ids=top_i,
             weights=top_w.to(x.dtype),
@@ -244,6 +421,7 @@ class Router(nn.Module):
             aux=aux,
             dropped=dropped,
             scores=probs,
+            capacity_map=capacity_map,
         )
 
 
@@ -267,14 +445,14 @@ class TopKRouter(Router):
         """The `selection_bias` buffer (None unless bias_update_rate > 0)."""
         return getattr(self, "selection_bias", None)
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Route x [T, D]: softmax (float32) over E, top-k, optional renormalisation."""
-        mask = self.check_inputs(x, token_ids, mask)
         logits = self.logits_of(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         bias = self.selection_bias_buffer()
@@ -287,8 +465,10 @@ class TopKRouter(Router):
             top_w = torch.ones_like(top_w)
         elif self.cfg.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        top_w, dropped = self.apply_capacity(top_i, top_w, mask)
-        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, self.top_k)
+        top_w, dropped, cmap = self.apply_capacity(top_i, top_w, mask, rows=rows)
+        return self.softmax_result(
+            x, logits, probs, top_i, top_w, dropped, mask, self.top_k, rows, cmap
+        )
 
 
 class NoisyTopKRouter(Router):
@@ -309,14 +489,14 @@ class NoisyTopKRouter(Router):
         self.w_noise = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         nn.init.zeros_(self.w_noise.weight)
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Route x [T, D] with noisy top-k gating; logits are the noisy H(x) used for selection."""
-        mask = self.check_inputs(x, token_ids, mask)
         clean = self.gate(x)
         check_logits_finite(clean, type(self).__name__)
         k, E = self.top_k, self.num_experts
@@ -335,10 +515,15 @@ class NoisyTopKRouter(Router):
             load = smooth_load(clean, logits, noise_std, k, mask)
         else:
             load = ((gates > 0).to(gates.dtype) if m is None else (gates > 0) * m).sum(dim=0)
-        top_w, dropped = self.apply_capacity(top_i, top_w, mask)
+        top_w, dropped, cmap = self.apply_capacity(top_i, top_w, mask, rows=rows)
         aux = {"importance": cv_squared(importance), "load": cv_squared(load)}
         return RoutingResult(
-            expert_ids=top_i, weights=top_w.to(x.dtype), logits=logits, aux=aux, dropped=dropped
+            expert_ids=top_i,
+            weights=top_w.to(x.dtype),
+            logits=logits,
+            aux=aux,
+            dropped=dropped,
+            capacity_map=cmap,
         )
 
 
@@ -359,19 +544,19 @@ class SwitchRouter(Router):
             )
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=cfg.router_bias)
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Route x [T, D] to its argmax expert, dropping overflow beyond capacity."""
-        mask = self.check_inputs(x, token_ids, mask)
         logits = self.logits_of(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         top_w, top_i = probs.max(dim=-1, keepdim=True)
-        top_w, dropped = self.apply_capacity(top_i, top_w, mask)
-        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, 1)
+        top_w, dropped, cmap = self.apply_capacity(top_i, top_w, mask, rows=rows)
+        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, 1, rows, cmap)
 
 
 class GShardRouter(Router):
@@ -396,14 +581,14 @@ class GShardRouter(Router):
             )
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=cfg.router_bias)
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Route x [T, D] top-2 with random routing of the second expert in training."""
-        mask = self.check_inputs(x, token_ids, mask)
         logits = self.logits_of(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         top_g, top_i = torch.topk(probs, 2, dim=-1)
@@ -412,10 +597,10 @@ class GShardRouter(Router):
         if self.training:
             u = torch.rand(top_w.shape[0], device=x.device)
             dropped[:, 1] = ~(u < 2.0 * top_w[:, 1].detach())
-        top_w, dropped = self.apply_capacity(top_i, top_w, mask, dropped)
+        top_w, dropped, cmap = self.apply_capacity(top_i, top_w, mask, dropped, rows=rows)
         if dropped is not None and not bool(dropped.any()):
             dropped = None
-        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, 1)
+        return self.softmax_result(x, logits, probs, top_i, top_w, dropped, mask, 1, rows, cmap)
 
 
 class ExpertChoiceRouter(Router):
@@ -443,14 +628,14 @@ class ExpertChoiceRouter(Router):
             c = expert_capacity(num_tokens, self.num_experts, 1, cf, "switch")
         return min(c, num_tokens)
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Route x [T, D]: experts pick tokens; returns E slots per token with `dropped`."""
-        mask = self.check_inputs(x, token_ids, mask)
         logits = self.logits_of(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         T, E = probs.shape
@@ -508,14 +693,14 @@ class HashRouter(Router):
         table = balanced_hash_table(cfg.vocab_size, cfg.num_experts, cfg.top_k, cfg.seed)
         self.register_buffer("table", table)
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Look the experts of each token id up in the fixed table."""
-        mask = self.check_inputs(x, token_ids, mask)
         where = type(self).__name__
         if token_ids is None:
             raise InputError(
@@ -536,9 +721,14 @@ class HashRouter(Router):
             (T, self.num_experts), HASH_OFF_LOGIT, dtype=torch.float32, device=x.device
         )
         logits = logits.masked_fill(hit, 0.0)
-        weights, dropped = self.apply_capacity(ids, weights, mask)
+        weights, dropped, cmap = self.apply_capacity(ids, weights, mask, rows=rows)
         return RoutingResult(
-            expert_ids=ids, weights=weights, logits=logits, aux={}, dropped=dropped
+            expert_ids=ids,
+            weights=weights,
+            logits=logits,
+            aux={},
+            dropped=dropped,
+            capacity_map=cmap,
         )
 
 
@@ -552,16 +742,44 @@ def sinkhorn_log(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return log_p
 
 
+def sinkhorn_tolerance(
+    logits: torch.Tensor, tol: float = 1e-4, max_iters: int = 1000
+) -> torch.Tensor:
+    """Megatron-Core's `moe_utils.sinkhorn`: the balanced plan d1 * exp(logits) * d0 [n, E].
+
+    Scalings d0 (rows) and d1 (columns) alternate, with eps = 1e-8, until the mean absolute
+    change of d1 is <= tol (Megatron loops without a cap; here at most max_iters steps).
+    """
+    cost = torch.exp(logits.float())
+    d0 = torch.ones(cost.size(0), device=cost.device, dtype=cost.dtype)
+    d1 = torch.ones(cost.size(1), device=cost.device, dtype=cost.dtype)
+    eps = 0.00000001
+    error = 1e9
+    d1_old = d1
+    steps = 0
+    while error > tol and steps < max_iters:
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + eps)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + eps)
+        error = torch.mean(torch.abs(d1_old - d1))
+        d1_old = d1
+        steps += 1
+    return d1 * cost * d0.unsqueeze(1)
+
+
 class SinkhornRouter(Router):
     """Sinkhorn-BASE router (Clark et al. 2022, Sec. 3 / App. A.1); aux: none.
 
-    Training: `cfg.sinkhorn_iters` Sinkhorn iterations (log space, no gradient) turn
-    exp(logits) over the real tokens into a plan with uniform token and expert marginals;
-    each token takes the top-k experts of its row of that plan (an approximately balanced
-    assignment). Inference: plain top-k of softmax(logits). Either way the weights are the
-    softmax probabilities of the original logits at the chosen experts, renormalised over
-    the k if cfg.norm_topk_prob and k > 1 (never for k = 1, where it would make every weight 1
-    and cut the router's gradient), so gradients reach the router through the weights.
+    Training: Sinkhorn iterations (no gradient) turn exp(logits) over the real tokens into a
+    plan with uniform token and expert marginals; each token takes the top-k experts of its
+    row of that plan (an approximately balanced assignment). With cfg.sinkhorn_tol None:
+    `cfg.sinkhorn_iters` log-space iterations (`sinkhorn_log`); with a tolerance: Megatron-
+    Core's multiplicative loop until the column scaling changes by <= tol
+    (`sinkhorn_tolerance`, at most cfg.sinkhorn_max_iters). Inference: plain top-k of
+    softmax(logits). The weights are the softmax probabilities of the original logits at
+    the chosen experts, renormalised over the k if cfg.norm_topk_prob and k > 1 (never for
+    k = 1, where it would make every weight 1 and cut the router's gradient), so gradients
+    reach the router through the weights. For k = 1, cfg.sinkhorn_k1_weight="sigmoid" gives
+    sigmoid(logit) instead (Megatron's `sinkhorn_load_balancing`).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -570,32 +788,42 @@ class SinkhornRouter(Router):
             raise ConfigError(f"MoEConfig.sinkhorn_iters={cfg.sinkhorn_iters}: must be >= 1")
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=cfg.router_bias)
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Route x [T, D] by a Sinkhorn-balanced plan (training) or top-k (inference)."""
-        mask = self.check_inputs(x, token_ids, mask)
         logits = self.logits_of(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         top_i = torch.topk(probs, self.top_k, dim=-1).indices
         if self.training:
             with torch.no_grad():
-                rows = (
+                real = (
                     torch.arange(x.shape[0], device=x.device)
                     if mask is None
                     else mask.nonzero()[:, 0]
                 )
-                if rows.numel() > 0:
-                    plan = sinkhorn_log(logits.detach()[rows], self.cfg.sinkhorn_iters)
+                if real.numel() > 0:
+                    if self.cfg.sinkhorn_tol is None:
+                        plan = sinkhorn_log(logits.detach()[real], self.cfg.sinkhorn_iters)
+                    else:
+                        plan = sinkhorn_tolerance(
+                            logits.detach()[real],
+                            self.cfg.sinkhorn_tol,
+                            self.cfg.sinkhorn_max_iters,
+                        )
                     top_i = top_i.clone()
-                    top_i[rows] = torch.topk(plan, self.top_k, dim=-1).indices
-        top_w = probs.gather(1, top_i)
+                    top_i[real] = torch.topk(plan, self.top_k, dim=-1).indices
+        if self.top_k == 1 and self.cfg.sinkhorn_k1_weight == "sigmoid":
+            top_w = torch.sigmoid(logits.float()).gather(1, top_i)
+        else:
+            top_w = probs.gather(1, top_i)
         if self.cfg.norm_topk_prob and self.top_k > 1:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        top_w, dropped = self.apply_capacity(top_i, top_w, mask)
+        top_w, dropped, cmap = self.apply_capacity(top_i, top_w, mask, rows=rows)
         return RoutingResult(
             expert_ids=top_i,
             weights=top_w.to(x.dtype),
@@ -603,6 +831,7 @@ class SinkhornRouter(Router):
             aux={},
             dropped=dropped,
             scores=probs,
+            capacity_map=cmap,
         )
 
 
@@ -611,10 +840,18 @@ class DeepSeekRouter(Router):
 
     Computed in float32 like transformers' `DeepseekV3TopkRouter`: s = sigmoid(x W^T);
     selection uses s + b (`e_score_correction_bias` buffer) restricted to the `topk_group`
-    groups (of `n_group`) with the largest sum of their top-2 biased scores; weights are the
+    groups (of `n_group`) with the largest sum of their top-2 biased scores
+    (cfg.group_score="top2"; "topk_sum": of their top top_k // topk_group, Megatron-Core's
+    `group_limited_topk`); weights are the
     unbiased s of the chosen experts, divided by their sum (+1e-20) if cfg.norm_topk_prob,
     times cfg.routed_scaling_factor. Slots are ordered by biased score (transformers returns
     them unsorted; the set is the same). `update_bias(counts)` is the aux-loss-free update.
+
+    seq_aux: `sequence_balance_loss` of the normalised affinities over the chosen experts
+    (cfg.seq_aux_choice="routed") or the plain top-k of the unbiased affinities, no groups
+    ("topk", Megatron's `compute_routing_scores_for_aux_loss`); over the flat batch as one
+    sequence (cfg.seq_aux_length="flat"), or per batch row (`rows`) with each row's own
+    length ("own") or Megatron's n_valid / B for every row ("mean").
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -628,14 +865,14 @@ class DeepSeekRouter(Router):
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
 
-    def forward(
+    def route(
         self,
         x: torch.Tensor,
-        token_ids: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int | None,
     ) -> RoutingResult:
         """Route x [T, D] by sigmoid affinity with group limit and selection bias."""
-        mask = self.check_inputs(x, token_ids, mask)
         logits = F.linear(self.jitter(x).float(), self.gate.weight.float())
         check_logits_finite(logits, type(self).__name__)
         scores = logits.sigmoid()
@@ -644,7 +881,12 @@ class DeepSeekRouter(Router):
         if G > 1:
             T, E = choice.shape
             grouped = choice.view(T, G, E // G)
-            group_scores = grouped.topk(min(2, E // G), dim=-1).values.sum(dim=-1)
+            n_top = (
+                min(2, E // G)
+                if self.cfg.group_score == "top2"
+                else self.top_k // self.cfg.topk_group
+            )
+            group_scores = grouped.topk(n_top, dim=-1).values.sum(dim=-1)
             group_idx = torch.topk(group_scores, self.cfg.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(
                 1, group_idx, True
@@ -655,8 +897,8 @@ class DeepSeekRouter(Router):
         if self.cfg.norm_topk_prob:
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
         top_w = top_w * self.cfg.routed_scaling_factor
-        top_w, dropped = self.apply_capacity(top_i, top_w, mask)
-        aux = {"seq_aux": sequence_balance_loss(scores, top_i, self.num_experts, mask)}
+        top_w, dropped, cmap = self.apply_capacity(top_i, top_w, mask, rows=rows)
+        aux = {"seq_aux": self.seq_aux(scores, top_i, mask, rows)}
         return RoutingResult(
             expert_ids=top_i,
             weights=top_w.to(x.dtype),
@@ -664,6 +906,31 @@ class DeepSeekRouter(Router):
             aux=aux,
             dropped=dropped,
             scores=scores,
+            capacity_map=cmap,
+        )
+
+    def seq_aux(
+        self,
+        scores: torch.Tensor,
+        top_i: torch.Tensor,
+        mask: torch.Tensor | None,
+        rows: int | None,
+    ) -> torch.Tensor:
+        """The sequence-wise balance loss under cfg.seq_aux_choice / cfg.seq_aux_length."""
+        ids = top_i
+        if self.cfg.seq_aux_choice == "topk":
+            ids = torch.topk(scores.detach(), self.top_k, dim=-1).indices
+        if self.cfg.seq_aux_length == "flat":
+            return sequence_balance_loss(scores, ids, self.num_experts, mask)
+        R = rows if rows is not None else 1
+        T, E = scores.shape
+        m = None if mask is None else mask.reshape(R, T // R)
+        return sequence_balance_loss(
+            scores.reshape(R, T // R, E),
+            ids.reshape(R, T // R, -1),
+            self.num_experts,
+            m,
+            length=self.cfg.seq_aux_length,
         )
 
     def selection_bias_buffer(self) -> torch.Tensor | None:

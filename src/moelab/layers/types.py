@@ -19,6 +19,9 @@ class RoutingResult:
                 unused slot in expert-choice routing). None means no slot is dropped.
     scores:     [T, E] the probabilities/affinities the selection used (softmax or sigmoid),
                 before any selection bias; None if identical to softmax(logits).
+    capacity_map: [T, E] bool, Megatron-Core's padded routing map when
+                `MoEConfig.pad_to_capacity` (every expert filled to its capacity; padded
+                (token, expert) pairs carry weight 0, so the combine is unchanged); else None.
     """
 
     expert_ids: torch.Tensor
@@ -27,6 +30,7 @@ class RoutingResult:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     dropped: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    capacity_map: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
