@@ -16,16 +16,101 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def run_quick_demo(out: Path, *extra: str) -> str:
+    """`moelab demo --quick --out OUT [extra]` in a subprocess; returns its stdout."""
+    cmd = [sys.executable, "-m", "moelab.cli", "demo", "--quick", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "runs"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "THP_MEM_ALLOC_ENABLE": "1"}
-    cmd = [sys.executable, "-m", "moelab.cli", "demo", "--quick", "--out", str(out)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    return out, first.stdout, second.stdout
+    first = run_quick_demo(out)
+    second = run_quick_demo(out)
+    return out, first, second
+
+
+# wall-clock measurements: the only values allowed to differ between two runs with one seed
+TIMING_KEYS = {"seconds", "seconds_total", "moe_tokens_per_s", "dense_tokens_per_s", "timings"}
+
+
+def without_timings(obj, root: str, path: str = ""):
+    """`obj` with timing entries, the live offloaded run's counters (prefetch timing decides
+    its hits) and the run folder removed."""
+    if isinstance(obj, dict):
+        return {
+            k: without_timings(v, root, f"{path}/{k}")
+            for k, v in obj.items()
+            if k not in TIMING_KEYS and f"{path}/{k}" != "/stages/offload/live"
+        }
+    if isinstance(obj, list):
+        return [without_timings(v, root, path) for v in obj]
+    return obj.replace(root, "OUT") if isinstance(obj, str) else obj
+
+
+def test_same_seed_gives_the_same_summary_apart_from_timings(demo_run, tmp_path):
+    out, _, _ = demo_run
+    other = tmp_path / "runs"
+    # the second run shares the machine with a busy process: only timings may change
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        run_quick_demo(other)
+    finally:
+        hog.kill()
+        hog.wait()
+    a = json.loads((out / "summary.json").read_text())
+    b = json.loads((other / "summary.json").read_text())
+    assert without_timings(a, str(out)) == without_timings(b, str(other))
+    # the comparison is not empty: perplexities, balance, recall and replay hit rates are in it
+    h = without_timings(a, str(out))["headline"]
+    assert h["perplexity"]["moe"] > 0 and h["predictor"]["best_recall_at_k"] > 0
+    assert 0 <= h["offload"]["replay_hit_rate_lru"] <= 1
+
+
+def test_time_cap_is_reported_loudly(tmp_path):
+    out = tmp_path / "capped"
+    stdout = run_quick_demo(out, "--time-cap-minutes", "0.0001")
+    s = json.loads((out / "summary.json").read_text())
+    warnings = s["headline"]["warnings"]
+    assert len(warnings) == 2, warnings  # the MoE and the dense run
+    assert all("stopped by the time cap" in w and "not comparable" in w for w in warnings)
+    assert s["headline"]["perplexity"]["moe_steps"] < 60
+    page = (out / "report.html").read_text()
+    assert page.count('class="warning"') == 2 and "stopped by the time cap" in page
+    assert "WARNING" in stdout and "stopped by the time cap" in stdout
+
+
+def test_output_files_have_normal_permissions(demo_run):
+    out, _, _ = demo_run
+    mask = os.umask(0)
+    os.umask(mask)
+    for rel in ("summary.json", "report.html", "analyze/numbers.json", "train/compare.json",
+                "trace/test/meta.json", "train/moe/model/model.safetensors"):  # fmt: skip
+        mode = (out / rel).stat().st_mode & 0o777
+        assert mode == 0o666 & ~mask, f"{rel}: {oct(mode)}"
+
+
+def test_headline_carries_provenance_and_honest_speed(demo_run):
+    out, _, _ = demo_run
+    h = json.loads((out / "summary.json").read_text())["headline"]
+    run = h["run"]
+    assert run["corpus"] == "default" and run["seed"] == 0 and run["moelab_version"]
+    assert set(run["split_tokens"]) == {"train", "validation", "test"}
+    assert h["warnings"] == []
+    speed = h["timings"]["offload_speed_vs_all_resident"]
+    assert speed["repeats"] == 3 and len(speed["ratios"]) == 3
+    assert speed["min"] <= speed["median"] <= speed["max"]
+    if speed["min"] <= 1 <= speed["max"]:
+        assert speed["verdict"] == "no measurable difference"
+    elif speed["median"] > 1:
+        assert speed["verdict"].startswith("measurement noise")
+    page = (out / "report.html").read_text()
+    assert speed["text"] in page and "Mixtral" in page and f"seed</b>: {run['seed']}" in page
 
 
 def test_every_stage_output_exists(demo_run):
@@ -53,6 +138,7 @@ def test_summary_headline_numbers_are_real(demo_run):
     assert 0 <= h["repeat_rate"]["same_top1"] <= 1 and h["repeat_rate"]["chance_top1"] > 0
     assert 0 < h["predictor"]["best_recall_at_k"] <= 1 and h["predictor"]["split"] == "test"
     assert h["offload"]["identical_to_all_resident"] is True
+    assert h["perplexity"]["moe_steps"] == h["perplexity"]["dense_steps"] == 60
     assert "headline numbers" in stdout and "report.html" in stdout
 
 
@@ -86,6 +172,32 @@ def test_readme_commands_are_what_ci_runs():
     mk = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: .*\n\t\$\(BIN\)/moelab demo$", mk, re.M)
     assert "pytest" in mk.split("\ntest:")[1].split("\n\n")[0]
+
+
+def test_makefile_installs_from_the_lock_file():
+    mk = (ROOT / "Makefile").read_text()
+    assert re.search(
+        r"^\$\(STAMP\): pyproject.toml \$\(LOCK\)\n\t\$\(call install,\$\(VENV\),--constraint \$\(LOCK\)\)",
+        mk,
+        re.M,
+    )
+    assert re.search(r"^LOCK := constraints.txt$", mk, re.M)
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            pins[name.lower().replace("_", "-")] = version
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for deps in project["optional-dependencies"].values():
+        reqs += [d for d in deps if not d.startswith("moelab[")]
+    for req in reqs:
+        name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+        assert name in pins, f"{name} (pyproject) has no pin in constraints.txt"
+    assert pins["torch"].startswith("2.13.0")
 
 
 def test_report_renders_in_headless_chromium(demo_run):

@@ -21,13 +21,22 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, help="random seed"),
         force: bool = typer.Option(False, "--force", help="redo every stage even if done"),
-        train_minutes: float = typer.Option(None, help="override: minutes of training per model"),
+        max_steps: int = typer.Option(
+            None, help="override: training steps per model (the work budget)"
+        ),
+        time_cap_minutes: float = typer.Option(
+            None,
+            help="override: wall-clock safety cap per trained model; a run it stops is flagged "
+            "as not comparable",
+        ),
     ) -> None:
         """Run the whole chain: corpora -> tokenizer -> train MoE (+ dense) -> trace -> analyses ->
         predictors -> offload replay + live offloaded generation -> report.html + summary.json."""
         from moelab.demo.pipeline import DemoConfig, run_demo
 
-        cfg = DemoConfig.make(quick=quick, out=out, seed=seed, train_minutes=train_minutes)
+        cfg = DemoConfig.make(
+            quick=quick, out=out, seed=seed, max_steps=max_steps, time_cap_minutes=time_cap_minutes
+        )
         if model == "smollm2-moe":
             from moelab.demo.smollm2 import run_smollm2_demo
 

@@ -26,35 +26,66 @@ def build_report(cfg: Any, res: dict[str, Any], h: dict[str, Any]) -> Report:
         "the training split only, and run with most experts offloaded. Every number names its "
         f"split. Reproduce everything with `moelab demo{q}` (cached under {root}).",
     )
+    for w in h["warnings"]:
+        rep.add_warning(w)
+    run = h["run"]
+    rep.add_fact("corpus", f"{run['corpus']} (first {run['max_bytes']:,} bytes)")
+    rep.add_fact(
+        "splits (by document)",
+        ", ".join(
+            f"{s}: {run['split_documents'][s]:,} documents, {run['split_tokens'][s]:,} tokens"
+            for s in run["split_tokens"]
+        ),
+    )
+    rep.add_fact("seed", run["seed"])
+    rep.add_fact("training budget", f"{run['max_steps']:,} steps per model")
+    rep.add_fact("moelab", f"{run['moelab_version']} (commit {run['moelab_commit'] or 'unknown'})")
+    rep.add_fact(
+        "environment",
+        f"torch {run['torch']}, transformers {run['transformers']}, numpy {run['numpy']}, "
+        f"Python {run['python']}",
+    )
     p, b, r, pr, o = h["perplexity"], h["balance"], h["repeat_rate"], h["predictor"], h["offload"]
+    pub, speed = r["published_mixtral_same_top1"], h["timings"]["offload_speed_vs_all_resident"]
+    trace = res["trace"]["test_trace"]
     rep.add_summary(
         [
             {
-                "what": "validation perplexity, MoE vs dense of equal active FLOPs",
-                "value": f"equal training FLOPs: {_fmt(p.get('moe_at_equal_flops'), '.1f')} vs "
-                f"{_fmt(p.get('dense_at_equal_flops'), '.1f')}; equal time: {_fmt(p['moe'], '.1f')} vs "
-                f"{_fmt(p['dense'], '.1f')} (unigram {_fmt(p['unigram'], '.1f')})",
+                "what": "validation perplexity, MoE vs dense of equal active FLOPs, at equal training FLOPs",
+                "value": f"{_fmt(p.get('moe_at_equal_flops'), '.1f')} vs "
+                f"{_fmt(p.get('dense_at_equal_flops'), '.1f')} after {p['moe_steps']} / "
+                f"{p['dense_steps']} steps (unigram {_fmt(p['unigram'], '.1f')})",
                 "reproduce": f"moelab compare{q}",
             },
             {
-                "what": "expert balance: normalised entropy (1 = uniform), worst max/mean load",
-                "value": f"{_fmt(b['normalized_entropy_mean'])}, {_fmt(b['max_over_mean_worst_layer'], '.2f')}",
-                "reproduce": f"moelab analyze {res['trace']['test_trace']} --out OUT",
+                "what": "expert balance (test): normalised entropy (1 = uniform), worst max/mean load, dead experts",
+                "value": f"{_fmt(b['normalized_entropy_mean'])}, "
+                f"{_fmt(b['max_over_mean_worst_layer'], '.2f')}, {_fmt(b['dead_experts'], 'd')}",
+                "reproduce": f"moelab analyze {trace} --out OUT",
             },
             {
-                "what": "consecutive tokens with the same top-1 expert (test split) vs chance",
-                "value": f"{_fmt(r['same_top1'])} vs {_fmt(r['chance_top1'])}",
-                "reproduce": f"moelab analyze {res['trace']['test_trace']} --out OUT",
+                "what": "consecutive tokens with the same top-1 expert (test split) vs chance and "
+                "the published Mixtral 8x7B range",
+                "value": f"{_fmt(r['same_top1'])} vs chance {_fmt(r['chance_top1'])}; Mixtral "
+                f"{pub['low']:.2f}-{pub['high']:.2f}",
+                "reproduce": f"moelab analyze {trace} --out OUT",
             },
             {
                 "what": f"best predictor recall@k one layer ahead, held-out test ({pr['best']})",
                 "value": f"{_fmt(pr['best_recall_at_k'])} vs gate lookahead {_fmt(pr['gate_lookahead_recall_at_k'])}",
-                "reproduce": f"moelab predict compare --train {res['trace']['train_trace']} --test {res['trace']['test_trace']}",
+                "reproduce": f"moelab predict compare --train {res['trace']['train_trace']} --test {trace}",
             },
             {
-                "what": f"offloaded generation, {o.get('resident', '25%')} resident, LRU + adaptive prefetch (gate lookahead + previous token)",
-                "value": f"{_fmt(o['tokens_per_s_ratio_vs_all_resident'], '.2f')}x all-resident speed, timely hits "
-                f"{_fmt(o['timely_hit_rate'])}, identical output {o['identical_to_all_resident']}",
+                "what": f"offload replay, {o['resident']} resident, LRU: hit rate without / with "
+                "gate-lookahead prefetch (test)",
+                "value": f"{_fmt(o['replay_hit_rate_lru'])} / "
+                f"{_fmt(o['replay_hit_rate_lru_gate_prefetch'])}",
+                "reproduce": f"moelab offload simulate --trace {trace}",
+            },
+            {
+                "what": f"live offloaded generation, {o['resident']} resident, LRU + adaptive "
+                "prefetch: speed vs all-resident (median, min-max of interleaved repeats)",
+                "value": f"{speed['text']}; identical output {o['identical_to_all_resident']}",
                 "reproduce": f"moelab generate --model {res['train']['moe_dir']} --tokenizer "
                 f"{res['train']['data_dir']}/tokenizer.json --prompt TEXT --resident 25% --policy lru "
                 "--prefetch adaptive",
