@@ -28,7 +28,7 @@ from torch import nn
 
 import moelab
 from moelab._io import atomic_write_with
-from moelab.errors import DataError, ModelError, TraceError
+from moelab.errors import ConfigError, DataError, ModelError, TraceError
 from moelab.trace.adapters import FAMILIES, UNSUPPORTED, Adapter, get_adapter
 from moelab.trace.schema import TraceMeta
 from moelab.trace.store import TraceStore, TraceWriter
@@ -135,6 +135,31 @@ def check_router_params(adapter: Adapter) -> None:
                 )
 
 
+def check_trace_options(
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    shard_tokens: int = 1,
+    hidden_rate: float = 0.0,
+) -> None:
+    """ConfigError (naming the CLI flag) for a value that would trace nothing or fail later."""
+    checks = [
+        ("--seq-len", seq_len, seq_len is None or seq_len >= 1, "an integer >= 1 (tokens)"),
+        (
+            "--max-tokens",
+            max_tokens,
+            max_tokens is None or max_tokens >= 1,
+            "an integer >= 1 (or leave it out for no cap)",
+        ),
+        ("--batch-size", batch_size, batch_size >= 1, "an integer >= 1"),
+        ("--shard-tokens", shard_tokens, shard_tokens >= 1, "an integer >= 1"),
+        ("--hidden-rate", hidden_rate, 0.0 <= hidden_rate <= 1.0, "a fraction in [0, 1]"),
+    ]
+    for flag, value, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"{flag} {value}: expected {want}; nothing was traced")
+
+
 def _remove_new_entries(out: Path, existed: bool, before: set[str]) -> None:
     """Delete what a failed first run created in `out` (the whole folder if it made it)."""
     import shutil
@@ -187,6 +212,11 @@ def make_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None
 def find_tokenizer(model_path: str | Path) -> Any:
     """The tokenizer saved beside a model (transformers files or a tokenizer.json)."""
     p = Path(model_path)
+    if not p.exists():
+        raise ModelError(
+            f"--model {p}: model path does not exist (expected a moelab checkpoint dir or a"
+            " local transformers model dir)"
+        )
     if (p / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
@@ -373,10 +403,7 @@ def trace_model(
     docs: objects with .doc_id, .text, .domain (moelab.data.Document) or with .token_ids.
     hidden_layers: MoE layers whose hidden states are sampled (None = all) at `hidden_rate`.
     """
-    if batch_size < 1:
-        raise TraceError(f"batch_size={batch_size} must be >= 1")
-    if not 0.0 <= hidden_rate <= 1.0:
-        raise TraceError(f"hidden_rate={hidden_rate} must be in [0, 1]")
+    check_trace_options(seq_len, max_tokens, batch_size, shard_tokens, hidden_rate)
     torch.manual_seed(seed)
     rank, world_size = dist_info(rank, world_size)
     device = local_device(device, world_size)
@@ -414,6 +441,11 @@ def trace_model(
     plan = plan_chunks(
         docs, encode, bos, seq_len, max_tokens, rank, world_size, domains, adapter.vocab_size()
     )
+    if plan.total_tokens == 0:
+        raise DataError(
+            f"nothing to trace: the {len(docs)} document(s) given tokenize to 0 tokens"
+            " (none given, or every text is empty); nothing was written"
+        )
     points = tuple(hidden_points) if hidden_rate > 0 else ()
     meta = TraceMeta(
         num_layers=len(adapter.sites),

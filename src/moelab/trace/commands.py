@@ -32,6 +32,30 @@ def _int_list(text: str | None) -> list[int] | None:
     return out
 
 
+SPLIT_CHOICES = ("train", "validation", "test", "all")
+
+
+def select_split(docs: list, split: str, corpus: str, seed: int) -> list:
+    """The documents of `split` ("all" = every document); ConfigError if it selects none."""
+    from moelab.data import split_documents
+    from moelab.errors import ConfigError
+
+    if split not in SPLIT_CHOICES:
+        raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
+    if split == "all":
+        return list(docs)
+    parts = split_documents(docs, seed=seed)
+    if not parts[split]:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in parts.items())
+        raise ConfigError(
+            f"--split {split}: selects no documents: corpus {corpus!r} has {len(docs)}"
+            f" document(s), split by document (80/10/10 by a seeded hash of each id, seed {seed})"
+            f" into {sizes}. Pass --split all to trace every document (or another split,"
+            " or a larger corpus); nothing was traced"
+        )
+    return parts[split]
+
+
 def _summary(store: object, elapsed: float, tokens_before: int) -> None:
     """Print the end-of-run table."""
     from rich.console import Console
@@ -71,7 +95,14 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(..., "--out", help="trace store directory (resumed if it exists)"),
         corpus: str = typer.Option("default", help="built-in corpus name or a file/folder path"),
-        split: str = typer.Option("test", help="document split: train, validation or test"),
+        split: str = typer.Option(
+            "test",
+            help="document split: train, validation, test (80/10/10 by document, seeded) or all"
+            " (every document, e.g. for a user corpus)",
+        ),
+        text_column: str = typer.Option(
+            "text", "--text-column", help="text field of JSONL/Parquet/datasets corpora"
+        ),
         max_tokens: int = typer.Option(None, "--max-tokens", help="stop after this many tokens"),
         max_bytes: int = typer.Option(None, "--max-bytes", help="cap on corpus bytes read"),
         tokenizer: Path = typer.Option(
@@ -103,25 +134,33 @@ def register(app: typer.Typer) -> None:
         opts = {k: v for k, v in locals().items() if v is not None}
         import torch
 
-        from moelab.data import load_corpus, load_tokenizer, split_documents
-        from moelab.trace.api import find_tokenizer, trace_model
+        from moelab.data import load_corpus, load_tokenizer
+        from moelab.errors import ConfigError, ModelError
+        from moelab.trace.api import check_trace_options, find_tokenizer, trace_model
         from moelab.trace.store import rows_on_disk
 
+        # validate everything cheap before reading the corpus or writing anything
+        check_trace_options(seq_len, max_tokens, batch_size, shard_tokens, hidden_rate)
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigError(f"--max-bytes {max_bytes}: expected an integer >= 1 (bytes)")
+        if split not in SPLIT_CHOICES:
+            raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
-        docs = load_corpus(corpus, max_bytes=max_bytes, seed=seed)
-        parts = split_documents(docs, seed=seed)
-        if split not in parts:
-            from moelab.errors import ConfigError
-
-            raise ConfigError(f"--split={split!r}: expected one of {sorted(parts)}")
+        docs = load_corpus(corpus, max_bytes=max_bytes, seed=seed, text_column=text_column)
+        selected = select_split(docs, split, corpus, seed)
+        if not model.exists():
+            raise ModelError(
+                f"--model {model}: model path does not exist (expected a moelab checkpoint dir"
+                " or a local transformers model dir)"
+            )
         tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(model)
         before = rows_on_disk(out)  # tolerant: a damaged store is repaired by this run
         t0 = time.perf_counter()
         store = trace_model(
             model,
-            parts[split],
+            selected,
             tok,
             out,
             split=split,
