@@ -53,8 +53,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Analyse routing in a trace: usage, balance, transitions, co-activation, repeats,
         trajectories, specialisation, predictability (and saturation, projections)."""
-        from moelab.analysis.run import analyze
+        from moelab.analysis.run import analyze, check_analyze_options
 
+        check_analyze_options(n, max_points, min_count)  # before reading or writing anything
         tr, _ = _load(trace)
         tok = None
         tok_path = tokenizer or (Path(tr.meta.tokenizer) if tr.meta.tokenizer else None)

@@ -31,7 +31,7 @@ from moelab.analysis import (
     usage,
 )
 from moelab.analysis._common import check_trace, set_members
-from moelab.errors import AnalysisError
+from moelab.errors import AnalysisError, ConfigError
 from moelab.report import Report
 from moelab.trace.schema import Trace
 
@@ -121,6 +121,28 @@ class _Out:
         self.files.append(f"{name}.csv")
 
 
+MIN_POINTS = 10  # projections need at least this many tokens (5-NN with cross-validation)
+
+
+def check_analyze_options(n: int = 1, max_points: int = 2000, min_count: int = 10) -> None:
+    """ConfigError (naming the CLI flag) for analysis options no trace can satisfy."""
+    if n < 1:
+        raise ConfigError(
+            f"--n {n}: expected a layer distance >= 1 (transitions go from MoE layer l to l+n);"
+            " nothing was written"
+        )
+    if max_points < MIN_POINTS:
+        raise ConfigError(
+            f"--max-points {max_points}: expected an integer >= {MIN_POINTS} (tokens sampled for"
+            " the projections; use --no-projections to skip them); nothing was written"
+        )
+    if min_count < 1:
+        raise ConfigError(
+            f"--min-count {min_count}: expected an integer >= 1 (minimum occurrences of a token);"
+            " nothing was written"
+        )
+
+
 def analyze(
     trace: Trace,
     out_dir: str | Path,
@@ -142,6 +164,12 @@ def analyze(
     (router saturation); `token_ids` = ids for per-token usage; `context` = previous ids for the
     first of `token_ids` (e.g. "I" before "can"); `figures=False` writes numbers and tables only."""
     check_trace(trace, "analyze")
+    check_analyze_options(n, max_points, min_count)
+    if text_doc is not None and not (trace.doc_id == text_doc).any():
+        raise ConfigError(
+            f"--doc {text_doc}: document id not in the trace (it holds doc ids"
+            f" {int(trace.doc_id.min())}..{int(trace.doc_id.max())}); nothing was written"
+        )
     out = Path(out_dir)
     meta = trace.meta
     num_l, num_e, k = meta.num_layers, meta.num_experts, meta.top_k

@@ -138,7 +138,11 @@ def transition_summary(trace: Trace, n: int = 1, seed: int = 0) -> TransitionSum
     """NMI and top-1 predictability from layer l to l+n for every l."""
     check_trace(trace, "transition summary")
     num_l, num_e, k = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
-    if n < 1 or n >= num_l:
+    if n < 1:
+        raise AnalysisError(
+            f"transition summary: n={n}: the layer distance must be >= 1 (MoE layer l to l+n)"
+        )
+    if n >= num_l:
         raise AnalysisError(
             f"transition summary: n={n} needs at least n+1 MoE layers; the trace has {num_l}"
         )
