@@ -192,15 +192,18 @@ class BeladyPolicy(Policy):
 
 
 # --------------------------------------------------------------------------- the cache
-def parse_capacity(spec: str | int | float, num_layers: int, num_experts: int) -> int:
-    """'25%' / 0.25 -> experts per layer (rounded, >= 1); an int is returned as is (per layer)."""
+def parse_capacity(
+    spec: str | int | float, num_layers: int, num_experts: int, top_k: int = 1
+) -> int:
+    """'25%' / 0.25 -> experts per layer (rounded, then raised to at least `top_k`, the fewest
+    experts that hold one token's choices in a layer); an explicit count must be >= top_k."""
     if isinstance(spec, str):
         s = spec.strip()
         m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
         if m:
             frac = float(m.group(1)) / 100.0
         elif re.fullmatch(r"\d+", s):
-            return int(s)
+            return _check_count(int(s), spec, num_experts, top_k)
         elif re.fullmatch(r"0?\.\d+|1\.0*", s):
             frac = float(s)
         else:
@@ -211,10 +214,21 @@ def parse_capacity(spec: str | int | float, num_layers: int, num_experts: int) -
     elif isinstance(spec, float):
         frac = spec
     else:
-        return int(spec)
+        return _check_count(int(spec), spec, num_experts, top_k)
     if not 0 < frac <= 1:
         raise ConfigError(f"capacity {spec!r}: fraction must be in (0, 1]")
-    return max(1, int(round(frac * num_experts)))
+    return min(num_experts, max(1, top_k, int(round(frac * num_experts))))
+
+
+def _check_count(n: int, spec: object, num_experts: int, top_k: int) -> int:
+    """An explicit expert count: at least top_k (one token's experts of a layer)."""
+    if n < max(1, top_k):
+        raise ConfigError(
+            f"capacity {spec!r}: {n} experts per layer cannot hold one token's top_k={top_k}"
+            f" experts; give a count >= {max(1, top_k)} (of {num_experts}) or a percentage"
+            " (percentages are raised to top_k)"
+        )
+    return n
 
 
 class ExpertCache:

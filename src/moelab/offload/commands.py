@@ -25,7 +25,10 @@ def register(app: typer.Typer) -> None:
         trace: Path = typer.Option(..., help="TraceStore directory of the test split to replay"),
         predictor: str = typer.Option("none", help="none | oracle | a saved predictor directory"),
         cache: str = typer.Option(
-            "10%,25%,50%", help="cache sizes (per layer): percentages or counts"
+            "10%,25%,50%",
+            help="cache sizes (per layer): percentages of the experts or counts; a percentage"
+            " is raised to at least top_k experts (the fewest that hold one token's experts of"
+            " a layer), so the defaults work on every model; a count must be >= top_k",
         ),
         hardware: str = typer.Option(
             "pcie4-mixtral", help="pcie4-mixtral | nvme-ram | this-machine"
@@ -53,7 +56,17 @@ def register(app: typer.Typer) -> None:
         tr = TraceStore.open(trace).load()
         m = tr.meta
         ids = tr.expert_ids
-        caps = sorted({parse_capacity(c, m.num_layers, m.num_experts) for c in _parse_list(cache)})
+        specs = _parse_list(cache)
+        if not specs:
+            raise ConfigError(f"--cache {cache!r}: expected sizes like '10%,25%' or '2,4'")
+        resolved = {c: parse_capacity(c, m.num_layers, m.num_experts, m.top_k) for c in specs}
+        for c, n in resolved.items():
+            if c.endswith("%") and n == m.top_k and round(float(c[:-1]) / 100 * m.num_experts) < n:
+                typer.echo(
+                    f"note: cache {c} of {m.num_experts} experts is fewer than top_k={m.top_k};"
+                    f" using {n} experts per layer (the fewest that hold one token's experts)"
+                )
+        caps = sorted(set(resolved.values()))
         if predictor == "none":
             plan = None
         elif predictor == "oracle":

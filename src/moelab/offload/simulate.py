@@ -463,7 +463,7 @@ def simulate_trace(
 
     m = trace.meta
     cap = (
-        parse_capacity(capacity, m.num_layers, m.num_experts)
+        parse_capacity(capacity, m.num_layers, m.num_experts, top_k=m.top_k)
         if isinstance(capacity, str)
         else capacity
     )
