@@ -222,3 +222,15 @@ def test_generate_offloaded_interleaved_repeats(tmp_path):
     assert rep["decode"]["tokens"] == 4  # counters are one run's, not summed over repeats
     with pytest.raises(OffloadError, match="repeats=0"):
         generate_offloaded(tiny_model, x, 5, store_dir=tmp_path / "s", repeats=0)
+
+
+def test_default_resident_share_works_on_a_four_expert_top2_model(tmp_path):
+    """25% of 4 experts is 1 < k = 2: the resident share is raised to k, not an error."""
+    from moelab.offload.live import generate_offloaded
+
+    x = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(4))
+    rep = generate_offloaded(
+        lambda: tiny_model(experts=4), x, 4, resident="25%", store_dir=tmp_path / "s"
+    )
+    assert rep["identical_to_all_resident"] is True
+    assert rep["cache"]["capacity"] == 2  # k experts per layer

@@ -414,7 +414,7 @@ def generate_offloaded(
             model = load_model()  # a fresh model whose experts are offloaded anew
         st = ExpertStore(store_dir, tier=tier, bandwidth=bandwidth, latency=latency)
         cache = ExpertCache(
-            parse_capacity(resident, L, E), policy, num_layers=L, num_experts=E,
+            parse_capacity(resident, L, E, top_k=k), policy, num_layers=L, num_experts=E,
             expert_bytes=[st.expert_nbytes(i) for i in range(L)], top_k=k,
         )  # fmt: skip
         pf = Prefetcher(st, cache, make_live_predictor(prefetch), budget=budget)
