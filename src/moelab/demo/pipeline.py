@@ -43,7 +43,11 @@ class DemoConfig:
     seed: int = 0
     corpus: str = "default"
     max_bytes: int | None = 3_000_000
-    max_steps: int = 500  # optimizer steps per model (MoE and dense): the training budget
+    max_steps: int = 600  # optimizer steps per model (MoE and dense): the training budget
+    # 16 experts of hidden 64, top-2 (dense twin: FFN hidden 128): many small experts, where
+    # MoE pays at this budget (bench/RESULTS.md, "Demo model"); None = TrainConfig's default
+    num_experts: int | None = 16
+    expert_d_ff: int | None = 64
     # aux-loss-free balancing (Wang et al. 2024) on top of the aux loss: without it the busiest
     # expert took 3.8x its uniform share and experts died (bench/RESULTS.md, demo model section)
     bias_update_rate: float = 1e-3
@@ -52,7 +56,7 @@ class DemoConfig:
     trace_test_tokens: int = 60_000
     hidden_rate: float = 1.0
     trace_doc_chars: int = 6000  # characters traced per document (spreads the cap over documents)
-    predictor_epochs: int = 30
+    predictor_epochs: int = 12
     horizons: tuple[int, ...] = (1, 2, 3)
     offload_tokens: int = 4000  # test-trace rows replayed per offload simulation
     generate_tokens: int = 48
@@ -68,6 +72,8 @@ class DemoConfig:
                 quick=True,
                 max_bytes=400_000,
                 max_steps=60,
+                num_experts=None,  # the --quick model's own (4 experts)
+                expert_d_ff=None,
                 trace_train_tokens=30_000,
                 trace_test_tokens=8_000,
                 trace_doc_chars=1500,
@@ -95,6 +101,8 @@ def stage_train(cfg: DemoConfig, d: Path) -> dict[str, Any]:
         max_minutes=cfg.time_cap_minutes,
         max_steps=cfg.max_steps,
         bias_update_rate=cfg.bias_update_rate,
+        num_experts=cfg.num_experts,
+        d_ff=cfg.expert_d_ff,
         eval_every=None if cfg.quick else 100,
         seed=cfg.seed,
         out_dir=str(d),
@@ -341,7 +349,8 @@ def stage_offload(
             plans[name] = plan_from_predictor(Predictor.load(pdir / f"d=1-{name}"), sub)
     plans["oracle"] = oracle_plan(sub.expert_ids, 1)
     # per-layer caches of k, k+1, ... experts, and one global cache of 10% of all experts
-    caches = [(f"{c} of {E} per layer", c, True) for c in range(k, E) if c <= max(k, E // 2)]
+    sizes = sorted({k, max(k, round(E / 4)), max(k, E // 2)})  # k, 25% and 50% of a layer
+    caches = [(f"{c} of {E} per layer", c, True) for c in sizes]
     caches.append((f"10% of all {L * E} (global)", max(k, int(round(0.1 * L * E))), False))
     rows = []
     for label_c, cap, per_layer in caches:
@@ -558,7 +567,11 @@ def run_demo(cfg: DemoConfig | None = None, force: bool = False) -> dict[str, An
     res: dict[str, Any] = {}
     res["train"] = runner.run(
         "train",
-        _keys(p, "quick seed corpus max_bytes max_steps bias_update_rate time_cap_minutes"),
+        _keys(
+            p,
+            "quick seed corpus max_bytes max_steps num_experts expert_d_ff bias_update_rate "
+            "time_cap_minutes",
+        ),
         lambda d: stage_train(cfg, d),
         resumable=True,
     )
