@@ -54,7 +54,7 @@ def dense(res, E: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, E], computed map [T, E]) of a RoutingResult."""
     T = res.expert_ids.shape[0]
     active = res.active_mask()
-    w = torch.zeros(T, E).scatter(1, res.expert_ids, res.weights.float() * active)
+    w = torch.zeros(T, E).scatter(1, res.expert_ids, res.weights.detach().float() * active)
     m = torch.zeros(T, E, dtype=torch.bool).scatter(1, res.expert_ids, active)
     return w, m
 
