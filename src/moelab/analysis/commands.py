@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -18,6 +19,42 @@ def _load(path: Path):  # noqa: ANN202 - returns (Trace, TraceStore)
         ) from exc
     store = TraceStore.open(path)
     return store.load(), store
+
+
+def trace_tokenizer(store: Path, meta: Any, tokenizer: Path | None) -> tuple[Any, str]:
+    """(tokenizers.Tokenizer or None, a note when none could be loaded).
+
+    --tokenizer wins (a tokenizer.json, or a dir holding one); else the copy `moelab trace`
+    keeps in the store; else meta.tokenizer when it names an existing file or dir."""
+    from tokenizers import Tokenizer
+
+    from moelab.errors import DataError
+
+    def load(p: Path) -> Any:
+        f = p / "tokenizer.json" if p.is_dir() else p
+        try:
+            return Tokenizer.from_file(str(f))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is one clear error
+            raise DataError(
+                f"tokenizer {f}: cannot be read as a tokenizer.json ({str(exc)[:120]})"
+            ) from None
+
+    if tokenizer is not None:
+        f = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+        if not f.is_file():
+            raise DataError(f"--tokenizer {tokenizer}: file not found; expected a tokenizer.json")
+        return load(f), ""
+    cands = [Path(store) / "tokenizer.json"]
+    if meta.tokenizer:
+        cands.append(Path(meta.tokenizer))
+    for c in cands:
+        if (c / "tokenizer.json" if c.is_dir() else c).is_file():
+            return load(c), ""
+    return None, (
+        f"note: no tokenizer could be loaded for this trace (meta.json says"
+        f" {meta.tokenizer or 'nothing'!r}; no tokenizer.json in {store}): expert top tokens"
+        " show raw token ids and token classes are skipped. Pass --tokenizer PATH/tokenizer.json."
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -57,16 +94,9 @@ def register(app: typer.Typer) -> None:
 
         check_analyze_options(n, max_points, min_count)  # before reading or writing anything
         tr, _ = _load(trace)
-        tok = None
-        tok_path = tokenizer or (Path(tr.meta.tokenizer) if tr.meta.tokenizer else None)
-        if tok_path is not None and tok_path.is_file():
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(tok_path))
-        elif tokenizer is not None:
-            from moelab.errors import DataError
-
-            raise DataError(f"--tokenizer {tokenizer}: file not found; expected a tokenizer.json")
+        tok, tok_note = trace_tokenizer(trace, tr.meta, tokenizer)
+        if tok_note:
+            typer.echo(tok_note)
         cmp_trace = _load(compare)[0] if compare is not None else None
         nums = analyze(
             tr,

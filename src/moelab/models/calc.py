@@ -237,7 +237,7 @@ def calculate(
     if seq_len < 1:
         raise InputError(f"seq_len={seq_len}: must be >= 1")
     if memory_gib is not None and memory_gib <= 0:
-        raise InputError(f"memory_gib={memory_gib}: must be > 0")
+        raise InputError(f"memory_gib={memory_gib} (calc --memory-gb): expected a size in GiB > 0")
     total, active, embedding, experts, flops = count(s, seq_len)
     weights = {
         d: int(total * b)
@@ -306,8 +306,8 @@ def load_spec(path: str | Path) -> ArchSpec:
         raise InputError(
             f"calc --config: {p} does not exist (expected a JSON/YAML file or model dir)"
         )
-    text = p.read_text()
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix in (".yaml", ".yml"):
             import yaml
 

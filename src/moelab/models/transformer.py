@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab._io import atomic_write_json, atomic_write_with
-from moelab.errors import InputError, ModelError
+from moelab.errors import InputError, ModelError, MoelabError
 from moelab.layers.experts import ExpertBank
 from moelab.layers.moe import MoEBlock
 from moelab.layers.types import RoutingResult
@@ -443,9 +443,22 @@ class MoETransformer(nn.Module):
                     f"MoETransformer.load: {p} is missing (expected a dir written by save())"
                 )
         try:
-            cfg = MoETransformerConfig.from_dict(json.loads(cfg_path.read_text()))
-        except json.JSONDecodeError as exc:
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelError(f"MoETransformer.load: {cfg_path} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ModelError(
+                f"MoETransformer.load: {cfg_path} holds a JSON {type(raw).__name__}; expected the"
+                " object of config fields that MoETransformer.save() writes"
+            )
+        try:
+            cfg = MoETransformerConfig.from_dict(raw)
+        except (TypeError, ValueError, KeyError) as exc:
+            if isinstance(exc, MoelabError):
+                raise
+            raise ModelError(
+                f"MoETransformer.load: {cfg_path} is not a moelab model config ({exc})"
+            ) from None
         model = cls(cfg)
         try:
             load_model(model, str(w_path), strict=True)

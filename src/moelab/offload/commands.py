@@ -75,7 +75,9 @@ def register(app: typer.Typer) -> None:
             from moelab.offload.simulate import plan_from_predictor
             from moelab.predict.base import Predictor
 
-            plan = plan_from_predictor(Predictor.load(predictor), tr)
+            pred = Predictor.load(predictor)
+            pred.check_model(tr.meta, f"--trace {trace}", str(predictor))
+            plan = plan_from_predictor(pred, tr)
         if hardware == "this-machine":
             hw = _measure_machine(model, tier, seed)
         else:

@@ -30,6 +30,35 @@ def _parse_opts(opts: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def document_keys(store: Any) -> set[tuple[str, str]]:
+    """(corpus, document name) of every document a store traced (doc ids when unnamed)."""
+    corpus = str(store.meta.corpus or "")
+    tab = store.documents()
+    if tab is not None and "name" in tab.column_names:
+        return {(corpus, str(n)) for n in tab.column("name").to_pylist()}
+    ids = store.load().doc_id
+    return {(corpus, f"{store.meta.split}:{int(i)}") for i in set(ids.tolist())}
+
+
+def shared_documents(train_store: Any, test_store: Any) -> float:
+    """Share of the test trace's documents that the train trace also holds (0 = held-out)."""
+    te = document_keys(test_store)
+    return len(te & document_keys(train_store)) / len(te) if te else 0.0
+
+
+def test_trace_label(test: Path, split: str | None, shared: float) -> str:
+    """How a --test trace is named in tables: its path, the split it traced, and held-out
+    only when no document of it is also in the train trace."""
+    held = (
+        "held-out"
+        if shared == 0
+        else "in-sample: same documents as --train"
+        if shared == 1
+        else f"NOT held-out: {shared:.0%} of its documents are also in --train"
+    )
+    return f"--test trace {test} (traced split {split or '?'!r}; {held})"
+
+
 def load_splits(
     train: Path, test: Path | None, holdout: float, seed: int
 ) -> tuple[Any, Any, str, Any]:
@@ -58,7 +87,8 @@ def load_splits(
     gates = store.gates() if (Path(train) / "gates.safetensors").exists() else None
     if test is not None:
         te = test_store.load()
-        return full, te, f"{te.meta.split or 'test'} ({test})", gates
+        shared = shared_documents(store, test_store)
+        return full, te, test_trace_label(test, te.meta.split, shared), gates
     if not 0 < holdout < 1:
         raise ConfigError(
             f"--holdout={holdout}: expected a fraction in (0, 1) when --test is not given"
@@ -149,6 +179,7 @@ def register(app: typer.Typer) -> None:
             p.check_model(te, f"--trace {src}", str(model))
             buckets = TokenBuckets.from_trace(tr)
         res = evaluate(p, te, split_name=desc, buckets=buckets)
+        res["seed"] = int(p.fit_info.get("split_seed", 0))
         if out is not None:
             atomic_write_json(out, res)
         o = res["overall"]
@@ -205,8 +236,16 @@ def register(app: typer.Typer) -> None:
                     else {}
                 )
                 fitted.append(make_predictor(name, h, gates=gates, seed=seed, **kw).fit(tr))
-        res = compare(fitted, te, train=tr, split_name=desc, out_dir=out)
-        atomic_write_text(out / "README.txt", f"train: {train}\ntest: {desc}\n")
+        res = compare(
+            fitted,
+            te,
+            train=tr,
+            split_name=desc,
+            out_dir=out,
+            test_in_sample=test is not None and "held-out)" not in desc,
+            seed=seed,
+        )
+        atomic_write_text(out / "README.txt", f"train: {train}\ntest: {desc}\nseed: {seed}\n")
         typer.echo(f"wrote {', '.join(res.files.values())}")
 
     @sub.command("list")

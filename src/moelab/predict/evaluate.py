@@ -63,6 +63,57 @@ class TokenBuckets:
         }
 
 
+NOT_HELD_OUT = ("in-sample", "NOT held-out")
+
+
+def held_out(split_name: str, in_sample: bool) -> bool:
+    """True only when the scored rows are documents the predictor was not fitted on."""
+    return not in_sample and not any(w in split_name for w in NOT_HELD_OUT)
+
+
+def scored_on_label(split_name: str, in_sample: bool) -> str:
+    """The split as named by the caller, with held-out/in-sample added unless it says so."""
+    if any(w in split_name for w in ("held-out", "held out", *NOT_HELD_OUT)):
+        return split_name
+    return f"{split_name} ({'in-sample' if in_sample else 'held-out'})"
+
+
+def domain_masks(trace: Trace) -> dict[str, np.ndarray]:
+    """Row mask per domain name of the trace (empty when it has a single domain)."""
+    names = list(trace.meta.domains or [])
+    if len(names) < 2:
+        return {}
+    dom = np.asarray(trace.domain)
+    return {str(n): dom == i for i, n in enumerate(names)}
+
+
+BASELINES = {"prior": "any", "prev-layer": "d", "prev-token": "t"}
+
+
+def baseline_verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Per result: "yes", "no (loses to X)" or "baseline"/"" against the baselines (prior;
+    prev-layer for d>=1; prev-token for t+1) scored on the same split and horizon."""
+    out = []
+    for r in results:
+        if r["predictor"] in BASELINES:
+            out.append("baseline")
+            continue
+        hz = str(r["horizon"])
+        mine = r["overall"].get("recall@k", float("nan"))
+        lost, seen = [], 0
+        for b in results:
+            kind = BASELINES.get(b["predictor"])
+            if kind is None or b["horizon"] != hz or b["scored_on"] != r["scored_on"]:
+                continue
+            if kind != "any" and not hz.startswith(kind):
+                continue
+            seen += 1
+            if not mine > b["overall"].get("recall@k", float("nan")):
+                lost.append(b["predictor"])
+        out.append("" if not seen else f"NO (loses to {', '.join(lost)})" if lost else "yes")
+    return out
+
+
 def evaluate(
     predictor: Predictor,
     test: Trace,
@@ -85,9 +136,11 @@ def evaluate(
     k, e = test.meta.top_k, test.meta.num_experts
     b = list(budgets) if budgets is not None else M.default_budgets(k, e)
     bmask = buckets.assign(test.token_id) if buckets is not None else {}
+    dmask = domain_masks(test)
     per_layer: dict[int, dict[str, float]] = {}
     total: dict[str, float] = {}
     bucket_tot: dict[str, dict[str, float]] = {name: {} for name in bmask}
+    domain_tot: dict[str, dict[str, float]] = {name: {} for name in dmask}
     for layer in layers if layers is not None else predictor.target_layers():
         s = predictor.predict_scores(test, layer)
         keep = ~np.isnan(s).any(1)
@@ -101,17 +154,25 @@ def evaluate(
             sel = bm[keep]
             sub = M.RowHits(h.set_size[sel], h.true_ranks[sel], h.k, h.num_experts)
             bucket_tot[name] = M.add_sums(bucket_tot[name], M.metric_sums(sub, b))
+        for name, dm in dmask.items():
+            sel = dm[keep]
+            sub = M.RowHits(h.set_size[sel], h.true_ranks[sel], h.k, h.num_experts)
+            domain_tot[name] = M.add_sums(domain_tot[name], M.metric_sums(sub, b))
     out: dict[str, Any] = {
         "predictor": predictor.describe(),
         "class": type(predictor).__name__,
         "horizon": str(predictor.horizon),
         "split": split_name,
         "in_sample": bool(in_sample),
-        "scored_on": f"{split_name} ({'in-sample' if in_sample else 'held-out'})",
+        "scored_on": scored_on_label(split_name, in_sample),
+        "trace_split": str(test.meta.split or ""),
+        "held_out": held_out(split_name, in_sample),
+        "chance_recall@k": k / e,
         "budgets": b,
         "per_layer": {str(k_): v for k_, v in per_layer.items()},
         "overall": M.finalize(total) if total else {},
         "buckets": {name: M.finalize(v) for name, v in bucket_tot.items()},
+        "domains": {name: M.finalize(v) for name, v in domain_tot.items() if v},
         "fit_info": {k_: v for k_, v in predictor.fit_info.items() if k_ != "val_loss"},
     }
     if hasattr(predictor, "size"):
@@ -141,7 +202,8 @@ class CompareResult:
 
     def table_rows(self) -> list[dict[str, Any]]:
         """Flat rows (one per result) for CSV and display."""
-        rows = []
+        rows: list[dict[str, Any]] = []
+        verdicts = baseline_verdicts(self.results)
         for r in self.results:
             o, c = r["overall"], r.get("cost", {})
             row = {
@@ -158,6 +220,14 @@ class CompareResult:
                 row[f"recall@{m}"] = o.get(f"recall@{m}", float("nan"))
             for name, bm in r["buckets"].items():
                 row[f"recall@k[{name}]"] = bm.get("recall@k", float("nan"))
+            for name, dm in r.get("domains", {}).items():
+                row[f"recall@k[domain={name}]"] = dm.get("recall@k", float("nan"))
+            row["chance_recall@k"] = r.get("chance_recall@k", float("nan"))
+            row["beats_baselines"] = verdicts[len(rows)]
+            row["trace_split"] = r.get("trace_split", "")
+            row["in_sample"] = bool(r.get("in_sample"))
+            row["held_out"] = r.get("held_out", not r.get("in_sample"))
+            row["seed"] = r.get("seed", "")
             row["contexts"] = r.get("size", {}).get("contexts", "")
             row["params"] = c.get("params", 0)
             row["bytes"] = c.get("bytes", 0)
@@ -198,28 +268,61 @@ class CompareResult:
             for c in rows[0]
             if c.startswith("recall@") and c not in keys and "[" not in c and c != "recall@k"
         ]
-        bucket = [c for c in rows[0] if c.startswith("recall@k[")]
+        bucket = [c for c in rows[0] if c.startswith("recall@k[") and "domain=" not in c]
         t = Table(
-            title="Expert predictors (recall@k = share of true experts in the predicted top-k; CSV has all columns)"
+            title="Expert predictors (recall@k = share of true experts in the predicted top-k; CSV has all columns)",
+            caption=self.caption(),
         )
         heads = ["predictor", "horizon", "scored on", "rows", "recall@k", "exact", "top1∈S"]
         heads += [c for c in keys if c.startswith("hits=")] + extra
-        heads += [c[len("recall@k[") : -1] for c in bucket] + ["params", "µs/tok"]
+        heads += [c[len("recall@k[") : -1] for c in bucket]
+        heads += ["beats baselines", "params", "µs/tok"]
         for col in heads:
             t.add_column(
-                col, justify="left" if col in ("predictor", "horizon", "scored on") else "right"
+                col,
+                justify="left"
+                if col in ("predictor", "horizon", "scored on", "beats baselines")
+                else "right",
             )
         for r in rows:
             t.add_row(
                 r["predictor"],
                 r["horizon"],
-                "in-sample" if "in-sample" in r["scored_on"] else "held-out",
+                short_split(r),
                 str(r["rows"]),
                 *[f"{r.get(c, float('nan')):.3f}" for c in keys + extra + bucket],
+                r["beats_baselines"],
                 str(r["params"]) if r["params"] else "",
                 "" if r["us_per_token"] != r["us_per_token"] else f"{r['us_per_token']:.2f}",
             )
         console.print(t)
+        doms = sorted({c for r in rows for c in r if c.startswith("recall@k[domain=")})
+        if doms:
+            d = Table(title="recall@k per domain", caption=self.caption())
+            for col in ["predictor", "horizon", "scored on"] + [c[16:-1] for c in doms]:
+                d.add_column(
+                    col, justify="left" if col in ("predictor", "horizon", "scored on") else "right"
+                )
+            for r in rows:
+                d.add_row(
+                    r["predictor"],
+                    r["horizon"],
+                    short_split(r),
+                    *[f"{r.get(c, float('nan')):.3f}" for c in doms],
+                )
+            console.print(d)
+
+    def caption(self) -> str:
+        """Chance level, scored split(s) and seed, for the tables."""
+        parts = []
+        chance = sorted({r.get("chance_recall@k") for r in self.results} - {None})
+        if chance:
+            parts.append("chance recall@k (k/E) = " + ", ".join(f"{c:.3f}" for c in chance))
+        parts += sorted({f"scored on: {r['scored_on']}" for r in self.results})
+        seeds = sorted({str(r["seed"]) for r in self.results if "seed" in r})
+        if seeds:
+            parts.append("seed " + ", ".join(seeds))
+        return "; ".join(parts)
 
     def plot(self, out_dir: str | Path) -> dict[str, str]:
         """One PNG per horizon: held-out recall@k per target layer for each predictor."""
@@ -254,6 +357,18 @@ class CompareResult:
         return files
 
 
+def short_split(r: dict[str, Any]) -> str:
+    """'<traced split> (held-out|in-sample|NOT held-out)' for a table cell."""
+    split = r.get("trace_split") or "?"
+    if r.get("in_sample") and "--test trace" not in r["scored_on"]:
+        return f"{split} (in-sample, fit rows)"
+    if "NOT held-out" in r["scored_on"]:
+        return f"{split} (NOT held-out)"
+    if "in-sample" in r["scored_on"]:
+        return f"{split} (in-sample)"
+    return f"{split} (held-out)"
+
+
 def compare(
     predictors: Sequence[Predictor],
     test: Trace,
@@ -265,6 +380,8 @@ def compare(
     budgets: Sequence[int] | None = None,
     out_dir: str | Path | None = None,
     show: bool = True,
+    test_in_sample: bool = False,
+    seed: int | None = None,
 ) -> CompareResult:
     """Score fitted predictors on `test` (and, if `in_sample` and `train` given, on train).
 
@@ -287,7 +404,7 @@ def compare(
             raise PredictorError(str(exc)) from None
     buckets = TokenBuckets.from_trace(train) if train is not None else None
     results = []
-    splits = [(test, split_name, False)]
+    splits = [(test, split_name, test_in_sample)]
     if in_sample and train is not None:
         splits.append((train, train.meta.split or "train", True))
     for tr, name, ins in splits:
@@ -302,9 +419,12 @@ def compare(
                     buckets=buckets,
                     budgets=budgets,
                     rows=rows.get(str(p.horizon)),
-                    measure_cost=not ins,
+                    measure_cost=tr is test,
                 )
             )
+    if seed is not None:
+        for r in results:
+            r["seed"] = int(seed)
     res = CompareResult(results)
     if out_dir is not None:
         out = Path(out_dir)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 import moelab
-from moelab._io import atomic_write_with
+from moelab._io import atomic_write_text, atomic_write_with
+from moelab.data.sampling import interleave_by_domain
 from moelab.errors import ConfigError, DataError, ModelError, TraceError
 from moelab.trace.adapters import FAMILIES, UNSUPPORTED, Adapter, get_adapter
 from moelab.trace.schema import TraceMeta
@@ -207,6 +208,23 @@ def make_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None
         f"tokenizer of type {type(tokenizer).__name__} not understood (expected tokenizers.Tokenizer, "
         "a transformers tokenizer or a callable text -> ids)"
     )
+
+
+TOKENIZER_FILE = "tokenizer.json"  # copy of the tokenizer inside a trace store (for analyze)
+
+
+def tokenizer_json(tokenizer: Any) -> str | None:
+    """The tokenizer as tokenizer.json text (tokenizers.Tokenizer or a fast transformers
+    tokenizer), or None when it has no such form (callables, slow tokenizers)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    to_str = getattr(backend, "to_str", None)
+    if tokenizer is None or not callable(to_str):
+        return None
+    try:
+        text = to_str()
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot serialise is simply not copied
+        return None
+    return text if isinstance(text, str) else None
 
 
 def find_tokenizer(model_path: str | Path) -> Any:
@@ -432,12 +450,15 @@ def trace_model(
         encode, tok_bos, tok_name = (lambda t: []), None, "pretokenized"
     else:
         encode, tok_bos, tok_name = make_encoder(tokenizer)
+    tok_json = tokenizer_json(tokenizer)
     bos = None
     if add_bos:  # explicit id, else the tokenizer's BOS, else the model config's
         bos = next(
             (b for b in (bos_token_id, tok_bos, adapter.bos_token_id()) if b is not None), None
         )
     domains = list(dict.fromkeys(str(getattr(d, "domain", "")) for d in docs))
+    if max_tokens is not None:  # a cap takes documents round-robin by domain, not corpus order
+        docs = interleave_by_domain(docs, seed=seed)
     plan = plan_chunks(
         docs, encode, bos, seq_len, max_tokens, rank, world_size, domains, adapter.vocab_size()
     )
@@ -466,10 +487,14 @@ def trace_model(
             "layer_groups": [s.group for s in adapter.sites],
             "layer_names": [s.name for s in adapter.sites],
             "num_hidden_layers": adapter.num_model_layers(),
+            "tokenizer_file": TOKENIZER_FILE if tok_json is not None else None,
             "run": {
                 "seq_len": seq_len,
                 "batch_size": batch_size,
                 "max_tokens": max_tokens,
+                "sampling": (
+                    f"round-robin by domain, seed {seed}" if max_tokens is not None else "all"
+                ),
                 "bos_token_id": bos,
                 "hidden_rate": hidden_rate,
                 "seed": seed,
@@ -500,6 +525,8 @@ def trace_model(
         if writer.repair_note and progress:
             print(f"repairing: {writer.repair_note}", file=sys.stderr)
         if rank == 0:
+            if tok_json is not None and not (out / TOKENIZER_FILE).exists():
+                atomic_write_text(out / TOKENIZER_FILE, tok_json)
             gs = adapter.gate_set()
             if gs is not None and not (out / "gates.safetensors").exists():
                 gs.save(out / "gates.safetensors")
