@@ -45,6 +45,52 @@ class PreparedData:
         return self.root / "tokenizer.json"
 
 
+MIN_BYTES_PER_TOKEN = 1.5  # below this the tokenizer splits a script into ~single bytes
+
+
+def bytes_per_token(
+    splits: dict[str, list], streams: dict[str, TokenStream], domains: list[str]
+) -> dict[str, float]:
+    """UTF-8 bytes of text per token, per domain, over every split (each document's leading
+    special token, at position 0, is not counted)."""
+    nbytes = dict.fromkeys(domains, 0)
+    ntok = dict.fromkeys(domains, 0)
+    for s, docs in splits.items():
+        for d in docs:
+            nbytes[str(d.domain)] = nbytes.get(str(d.domain), 0) + len(d.text.encode("utf-8"))
+        st = streams.get(s)
+        if st is None:
+            continue
+        counted = st.domain[st.pos > 0]
+        for i, name in enumerate(st.domains):
+            ntok[name] = ntok.get(name, 0) + int((counted == i).sum())
+    return {d: nbytes[d] / ntok[d] for d in nbytes if ntok.get(d)}
+
+
+def coverage_warnings(
+    bpt: dict[str, float], vocab_size: int, tok_source: str, threshold: float = MIN_BYTES_PER_TOKEN
+) -> list[str]:
+    """One message per domain whose text tokenises below `threshold` bytes/token."""
+    best = max(bpt.values(), default=0.0)
+    out = []
+    for dom, v in sorted(bpt.items()):
+        if v < threshold:
+            fix = (
+                "include text of this script in the tokenizer's training data (it is trained on"
+                " the train split) and/or raise --vocab-size"
+                if tok_source == "bpe-trained-on-train-split"
+                else "use a tokenizer trained on text of this script (or train one with"
+                " moelab: drop --tokenizer) and/or a larger vocabulary"
+            )
+            out.append(
+                f"domain {dom!r} tokenises at {v:.2f} bytes/token (best domain {best:.2f},"
+                f" vocab {vocab_size}): the tokenizer barely covers this script, so its"
+                f" documents cost several tokens per character and the model sees little of it;"
+                f" {fix}"
+            )
+    return out
+
+
 def load_prepared(root: str | os.PathLike[str]) -> PreparedData:
     """Open a folder written by `prepare_data`."""
     root = Path(root)
@@ -128,5 +174,15 @@ def prepare_data(
         "tokens": {s: len(streams[s]) for s in streams},
         "bytes": {s: sum(len(d.text.encode("utf-8")) for d in splits[s]) for s in SPLITS},
     }
+    bpt = bytes_per_token(splits, streams, domains)
+    warnings = coverage_warnings(bpt, tok.get_vocab_size(), tok_source)
+    info["bytes_per_token"] = {d: round(v, 3) for d, v in bpt.items()}
+    info["tokenizer_warnings"] = warnings
+    if warnings:
+        from rich.console import Console
+
+        err = Console(stderr=True)
+        for w in warnings:
+            err.print(f"[bold yellow]warning:[/] {w}", highlight=False)
     atomic_write_json(root / "data.json", info)  # written last: marks the folder complete
     return PreparedData(root, tok, streams, domains, info)
