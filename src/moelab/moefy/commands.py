@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         """MoEfy a dense SwiGLU LM: partition FFN neurons into experts, train routers, report quality."""
         from moelab.moefy.api import moefy
 
+        check_experts(experts, top_k)
         s = moefy(
             model,
             out,
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
         """Sparse upcycling: copy each FFN into E experts, add a router, continue training briefly."""
         from moelab.moefy.api import upcycle
 
+        check_experts(experts, top_k)
         info = upcycle(
             model, out, gguf_file, experts, top_k, steps, lr, max_minutes=max_minutes, seed=seed
         )
@@ -83,6 +85,18 @@ def register(app: typer.Typer) -> None:
             f"upcycled {info['experts']} experts, {info['steps_done']} steps "
             f"({info['tokens_per_second']} tokens/s); held-out (test) perplexity: dense {p['dense']:.2f}, "
             f"step 0 {p['upcycled_step0']:.2f}, final {p['upcycled_final']:.2f}"
+        )
+
+
+def check_experts(experts: int, top_k: int) -> None:
+    """--experts >= 1 and 1 <= --top-k <= --experts, checked before any model is loaded."""
+    from moelab.errors import ConfigError
+
+    if experts < 1:
+        raise ConfigError(f"--experts {experts}: expected an integer >= 1 (experts per FFN)")
+    if not 1 <= top_k <= experts:
+        raise ConfigError(
+            f"--top-k {top_k}: expected an integer in [1, --experts={experts}] (experts per token)"
         )
 
 

@@ -59,7 +59,10 @@ def register(app: typer.Typer) -> None:
         specs = _parse_list(cache)
         if not specs:
             raise ConfigError(f"--cache {cache!r}: expected sizes like '10%,25%' or '2,4'")
-        resolved = {c: parse_capacity(c, m.num_layers, m.num_experts, m.top_k) for c in specs}
+        try:
+            resolved = {c: parse_capacity(c, m.num_layers, m.num_experts, m.top_k) for c in specs}
+        except ConfigError as exc:
+            raise ConfigError(f"--cache {cache!r}: {exc}") from None
         for c, n in resolved.items():
             if c.endswith("%") and n == m.top_k and round(float(c[:-1]) / 100 * m.num_experts) < n:
                 typer.echo(
