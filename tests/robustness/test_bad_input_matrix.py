@@ -368,12 +368,12 @@ def test_mismatch(template: list[str], world, capsys, tmp_path: Path) -> None:
     assert sorted(p.name for p in world["store"].rglob("*")) == before
 
 
-@pytest.mark.parametrize("kind", ["garbage", "empty_dir"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/config.py load_train_config (not editable here) lets UnicodeDecodeError and"
-    " IsADirectoryError through; it should raise ConfigError naming the file",
-)
+@pytest.mark.parametrize("kind", ["garbage", "empty_dir", "empty"])
 def test_train_config_unreadable(kind: str, world, capsys) -> None:
     code, output = run_cli(["train", "--config", str(world[kind])], capsys)
     assert_refused(code, output, None, "config")
+
+
+def test_layers_demo_top_k_above_experts(capsys) -> None:
+    code, output = run_cli(["layers-demo", "--experts", "4", "--top-k", "5"], capsys)
+    assert_refused(code, output, None, "--top-k", "--experts")

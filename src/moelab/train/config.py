@@ -236,10 +236,21 @@ def load_train_config(
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"training config file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"training config file {p} is a directory; expected a YAML file of field: value"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"training config file {p} is not UTF-8 text; expected a YAML file of field: value"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"training config file {p} is not valid YAML ({exc})") from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(
+                f"training config file {p} is empty; expected a YAML mapping of field: value"
+                " (omit --config to use the defaults)"
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"training config file {p}: expected a mapping of field: value, got {type(loaded).__name__}"
