@@ -136,3 +136,18 @@ def test_compare_moe_vs_dense(tiny, tmp_path) -> None:
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())[
         "unigram_ppl"
     ] == pytest.approx(res["unigram_ppl"])
+
+
+def test_parallel_compare_equals_sequential_one_thread(tiny, tmp_path) -> None:
+    """Two spawned one-thread trainings give exactly the numbers of the same runs in turn."""
+    cfg = load_train_config(**{**tiny, "max_steps": 4, "eval_every": 2, "threads": 1})
+    seq = compare(cfg, tmp_path / "seq")
+    par = compare(cfg, tmp_path / "par", parallel=True)
+    for name in ("moe", "dense"):
+        a, b = seq["runs"][name], par["runs"][name]
+        assert a["steps"] == b["steps"] == 4
+        assert [e["val_loss"] for e in a["evals"]] == [e["val_loss"] for e in b["evals"]]
+        assert a["final_val_ppl"] == b["final_val_ppl"]
+    assert seq["unigram_ppl"] == par["unigram_ppl"]
+    assert (tmp_path / "par" / "moe" / "model").is_dir()
+    assert (tmp_path / "par" / "dense" / "model").is_dir()

@@ -62,6 +62,9 @@ class DemoConfig:
     generate_tokens: int = 48
     speed_repeats: int = 5  # interleaved all-resident / offloaded repeats of live generation
     threads: int = 0
+    # train MoE and dense at once, one thread each (moelab.train.compare, parallel=True): sooner
+    # on a 2-core machine, and the numbers do not depend on the core count
+    parallel_train: bool = True
 
     @classmethod
     def make(cls, quick: bool = False, **overrides: Any) -> DemoConfig:
@@ -109,7 +112,7 @@ def stage_train(cfg: DemoConfig, d: Path) -> dict[str, Any]:
         data_dir=str(d / "data"),
         threads=cfg.threads,
     )
-    res = compare(tcfg, d, console=console, resume=True)
+    res = compare(tcfg, d, console=console, resume=True, parallel=cfg.parallel_train)
     moe, dense = res["runs"]["moe"], res["runs"]["dense"]
     data_info = json.loads((d / "data" / "data.json").read_text())
     return {
@@ -147,20 +150,13 @@ def split_docs(cfg: DemoConfig, data_dir: str) -> dict[str, list]:
 
 
 def interleave_domains(docs: list, max_chars: int) -> list:
-    """Round-robin over domains (so a token cap covers every domain), each document cut to
-    max_chars characters (so a few long documents cannot fill the whole cap)."""
+    """Round-robin over domains in corpus order (so a token cap covers every domain), each
+    document cut to max_chars characters (so a few long documents cannot fill the whole cap)."""
     from dataclasses import replace
 
-    by_dom: dict[str, list] = {}
-    for doc in docs:
-        by_dom.setdefault(doc.domain, []).append(doc)
-    out, queues = [], [list(v) for v in by_dom.values()]
-    while any(queues):
-        for q in queues:
-            if q:
-                doc = q.pop(0)
-                out.append(replace(doc, text=doc.text[:max_chars]))
-    return out
+    from moelab.data.sampling import interleave_by_domain
+
+    return [replace(d, text=d.text[:max_chars]) for d in interleave_by_domain(docs, shuffle=False)]
 
 
 def trace_splits(

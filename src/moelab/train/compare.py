@@ -6,12 +6,19 @@ dense FFN of hidden size k * expert hidden, i.e. the same active FFN FLOPs per t
 (`moelab.models.dense_baseline`) -- on the same prepared data, for the same token budget and
 seed, then reports validation perplexity against training FLOPs (6N-style accounting from
 `model.stats()`: 3x forward FLOPs per token times tokens) and against training wall time.
+
+With ``parallel=True`` the two models train at the same time in two spawned processes of one
+torch thread each: on a small CPU machine two single-thread runs finish sooner than two
+two-thread runs in turn (small matmuls scale poorly over threads), and the numbers depend only on
+the seed, not on the machine's core count.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,23 +74,67 @@ def _ppl_at(r: TrainResult, budget: float, key: str) -> float | None:
     return float(math.exp(np.interp(budget, xs, logs)))
 
 
+def _train_quiet(cfg_dict: dict[str, Any], resume: bool) -> TrainResult:
+    """Worker of the parallel compare: one model, one thread, no progress bar (two bars would
+    interleave on one terminal)."""
+    return train(TrainConfig(**cfg_dict), resume=resume, console=Console(quiet=True))
+
+
 def compare(
     cfg: TrainConfig,
     out_dir: str | os.PathLike[str],
     console: Console | None = None,
     resume: bool = True,
+    parallel: bool = False,
 ) -> dict[str, Any]:
-    """Train MoE and equal-active-FLOPs dense models on the same data; write compare.json/.png."""
+    """Train MoE and equal-active-FLOPs dense models on the same data; write compare.json/.png.
+
+    parallel: train both at once in two processes of one thread each (the data is prepared
+    first, here, so that the two never tokenise the corpus at the same time)."""
     console = console or Console()
     out = Path(out_dir)
     data_dir = cfg.data_dir or str(out / "data")
-    runs: dict[str, TrainResult] = {}
-    for name, dense in (("moe", False), ("dense", True)):
-        run_cfg = cfg.model_copy(
-            update={"dense": dense, "out_dir": str(out / name), "data_dir": data_dir}
+    cfgs = {
+        name: TrainConfig(
+            **cfg.model_copy(
+                update={"dense": dense, "out_dir": str(out / name), "data_dir": data_dir}
+            ).model_dump()
         )
-        console.print(f"[bold]training {name}[/bold] -> {run_cfg.out_dir}")
-        runs[name] = train(TrainConfig(**run_cfg.model_dump()), resume=resume, console=console)
+        for name, dense in (("moe", False), ("dense", True))
+    }
+    runs: dict[str, TrainResult] = {}
+    if parallel:
+        from moelab.data.prepare import prepare_data
+
+        c = cfgs["moe"]
+        with console.status(f"preparing data ({c.corpus}) in {c.data_path} ..."):
+            prepare_data(
+                c.corpus, c.data_path, vocab_size=c.vocab_size, seed=c.seed,
+                max_bytes=c.max_bytes, text_column=c.text_column, tokenizer=c.tokenizer,
+            )  # fmt: skip
+        console.print(
+            "[bold]training moe and dense at once[/bold] (two processes, one thread each) -> "
+            + ", ".join(c.out_dir for c in cfgs.values())
+        )
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+            futures = {
+                name: pool.submit(
+                    _train_quiet, c.model_copy(update={"threads": 1}).model_dump(), resume
+                )
+                for name, c in cfgs.items()
+            }
+            for name, fut in futures.items():
+                runs[name] = fut.result()
+                r = runs[name]
+                console.print(
+                    f"{name}: {r.steps}/{r.max_steps} steps, val ppl {r.final_val_ppl:.1f}"
+                    + (f" [red]{r.warning}[/red]" if r.warning else "")
+                )
+    else:
+        for name, run_cfg in cfgs.items():
+            console.print(f"[bold]training {name}[/bold] -> {run_cfg.out_dir}")
+            runs[name] = train(run_cfg, resume=resume, console=console)
     uni = runs["moe"].unigram_ppl
     plot_compare(runs, uni, out / "compare.png")
     # perplexity at the smaller of the two final FLOP / time budgets (a point both runs reached)
