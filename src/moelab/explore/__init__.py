@@ -6,8 +6,8 @@ and occurrences in context, all over a per-token cache of a trace store (see doc
 """
 
 from moelab.explore.queries import (
-    Explorer,
     ExploreInputError,
+    Explorer,
     Filters,
     NotFoundError,
     contexts,

@@ -168,7 +168,9 @@ def create_app(explorer: Explorer) -> Any:
         norm: str = Query("row", max_length=10, description="row | column | joint"),
         min_count: int = Query(1, ge=1, le=MAX_ID),
     ) -> dict[str, Any]:
-        return _js({**head(f), "la": la, "lb": lb, **Q.cooccurrence(ex, f, la, lb, norm, min_count)})
+        return _js(
+            {**head(f), "la": la, "lb": lb, **Q.cooccurrence(ex, f, la, lb, norm, min_count)}
+        )
 
     @app.get("/api/predictor")
     def predictor(

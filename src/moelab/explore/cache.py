@@ -153,9 +153,7 @@ def build_cache(
         con.register("held", pa.table({"doc_id": docs, "heldout": held}))
         ecols = expert_columns(meta)
         e_sel = ", ".join(f'"{c}"' for c in ecols)
-        t_sel = ", ".join(
-            f"{top1_sql(li, meta.top_k)} AS t{li}" for li in range(meta.num_layers)
-        )
+        t_sel = ", ".join(f"{top1_sql(li, meta.top_k)} AS t{li}" for li in range(meta.num_layers))
         query = f"""
             WITH base AS (
               SELECT doc_id, position, token_id, domain, is_bos, {e_sel}, {t_sel},

@@ -17,9 +17,7 @@ def register(app: typer.Typer) -> None:
     def explore_cmd(
         trace: Path = typer.Argument(..., help="TraceStore directory (meta.json + shards/)"),
         port: int = typer.Option(DEFAULT_PORT, help="TCP port of the local server"),
-        host: str = typer.Option(
-            DEFAULT_HOST, help="address to bind (default: this machine only)"
-        ),
+        host: str = typer.Option(DEFAULT_HOST, help="address to bind (default: this machine only)"),
         cache: Path = typer.Option(
             None, help="folder for the per-token cache (default: TRACE/cache/explore)"
         ),

@@ -129,6 +129,9 @@ async function run(pushUrl) {
     if (tok === null) throw new Error("enter a token (its text, or #id)");
     let prev = await resolve($("prev").value, "previous token");
     const next = await resolve($("next").value, "next token");
+    for (const [r, role] of [[prev, "previous token"], [next, "next token"]]) {
+      if (r !== null && r.id === null) throw new Error(role + ": the text is " + r.seq.length + " tokens; give one token (or #id)");
+    }
     let tid = tok.id;
     if (tid === null) {
       const s = tok.seq;

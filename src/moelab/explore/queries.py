@@ -411,9 +411,9 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
     if n_match == 0:
         raise _not_found(ex, f)
     sel = match & held
-    ids = np.stack(
-        [np.asarray(d[c.strip('"')], np.int64) for c in ecols], axis=1
-    ).reshape(-1, num_l, k)
+    ids = np.stack([np.asarray(d[c.strip('"')], np.int64) for c in ecols], axis=1).reshape(
+        -1, num_l, k
+    )
     train = ~held
     tr_ids, sc_ids = ids[train], ids[sel]
     tr_prev, sc_prev = prev[train], prev[sel]
@@ -537,6 +537,4 @@ def contexts(
 def _shards(ex: Explorer) -> list[Path]:
     from moelab.trace.store import SHARD_RE
 
-    return sorted(
-        p for p in (ex.path / "shards").glob("part-r*.parquet") if SHARD_RE.match(p.name)
-    )
+    return sorted(p for p in (ex.path / "shards").glob("part-r*.parquet") if SHARD_RE.match(p.name))
