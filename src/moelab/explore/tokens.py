@@ -40,7 +40,7 @@ class Vocab:
 
     def search(self, query: str) -> tuple[list[int], list[int]]:
         """(ids whose text equals the query up to surrounding whitespace, the query's own
-        encoding as ids); both empty when nothing matches."""
+        encoding as ids when it decodes back to the query); both empty when nothing matches."""
         if self.tokenizer is None:
             raise DataError(
                 "this trace has no tokenizer (no tokenizer.json in the store): search by token id"
@@ -48,6 +48,8 @@ class Vocab:
         exact = [i for i, t in enumerate(self.texts) if t == query] if len(query) > 0 else []
         loose = [i for i in self.by_text.get(query.strip(), []) if i not in exact]
         seq = list(self.tokenizer.encode(query, add_special_tokens=False).ids) if query else []
+        if seq and self.tokenizer.decode(seq, skip_special_tokens=False).strip() != query.strip():
+            seq = []  # the text does not round-trip (unknown-token ids): not these tokens
         return (exact + loose)[:MAX_MATCHES], seq
 
     def window(self, ids: list[int], center: int) -> tuple[str, str, str]:
