@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from moelab.analysis._common import doc_split
 from moelab.analysis.synthetic import synthetic_trace
 from moelab.trace.schema import NO_EXPERT
 from moelab.trace.store import TraceStore, TraceWriter
 
 WORDS = ["<s>", ",", "can", "I", " can", "the"] + [f"w{i}" for i in range(6, 50)]
 CAN, I_, SPACE_CAN = 2, 3, 4
+HELD_DROP = 907  # row with a dropped slot in a held-out document (asserted in build_store)
 
 
 def write_tokenizer(path: Path) -> None:
@@ -33,6 +35,10 @@ def build_store(root: Path, n: int = 4000, shard_tokens: int = 700) -> Path:
     )
     tr.expert_ids[7, 1, 1] = NO_EXPERT
     tr.weights[7, 1, 1] = 0.0
+    docs = np.unique(tr.doc_id)
+    assert tr.doc_id[HELD_DROP] in docs[doc_split(docs, 0.2, 0)]  # the explorer's default split
+    tr.expert_ids[HELD_DROP, 2, 1] = NO_EXPERT
+    tr.weights[HELD_DROP, 2, 1] = 0.0
     tr.meta.split = "test"
     w = TraceWriter(root, tr.meta, shard_tokens=shard_tokens, logits=False)
     for s in range(0, n, 500):

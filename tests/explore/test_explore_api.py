@@ -9,7 +9,7 @@ import json
 import duckdb
 import numpy as np
 import pytest
-from explore_testutil import CAN, I_, SPACE_CAN, WORDS
+from explore_testutil import CAN, HELD_DROP, I_, SPACE_CAN, WORDS
 
 from moelab.analysis._common import doc_split
 
@@ -121,7 +121,7 @@ def test_cooccurrence_matches_numpy(client, ref, norm, layers):
         np.testing.assert_allclose(np.nansum(np.where(low, 0, val), 1)[c.sum(1) > 0].max(), 1.0)
 
 
-def _predictor_ref(ref, token, prev=None, min_fit=5):
+def _predictor_ref(ref, token, prev=None, domain=None, min_fit=5):
     """Pure-Python reference: fit on train documents (all occurrences of the token), score
     recall@k on held-out occurrences that match the filters."""
     t = ref.trace
@@ -131,7 +131,11 @@ def _predictor_ref(ref, token, prev=None, min_fit=5):
     rows = np.flatnonzero(base)
     train = [r for r in rows if int(t.doc_id[r]) not in held_docs]
     scored = [
-        r for r in rows if int(t.doc_id[r]) in held_docs and (prev is None or ref.prev[r] == prev)
+        r
+        for r in rows
+        if int(t.doc_id[r]) in held_docs
+        and (prev is None or ref.prev[r] == prev)
+        and (domain is None or t.meta.domains[t.domain[r]] == domain)
     ]
     prior_hits, ctx_hits, backoff = [], [], 0
     for r in scored:
@@ -162,8 +166,14 @@ def _predictor_ref(ref, token, prev=None, min_fit=5):
     return len(train), len(scored), prior_hits, ctx_hits, backoff / len(scored)
 
 
-@pytest.mark.parametrize("filters", [{"token": 1}, {"token": CAN, "prev": 0}])
+@pytest.mark.parametrize(
+    "filters",
+    [{"token": 1}, {"token": CAN, "prev": 0}, {"token": 5, "domain": "domain1"}, "dropped"],
+)
 def test_predictor_matches_reference(client, ref, filters):
+    if filters == "dropped":  # the token of the held-out row with a dropped slot
+        filters = {"token": int(ref.trace.token_id[HELD_DROP])}
+        assert (ref.trace.expert_ids[HELD_DROP] < 0).any()
     r = client.get("/api/predictor", params={**filters, "min_fit": 3})
     assert r.status_code == 200, r.text
     d = r.json()

@@ -362,72 +362,93 @@ def cooccurrence(
     }
 
 
-def _top_sets(score: np.ndarray, k: int) -> np.ndarray:
-    """[..., k] indices of the k highest scores (ties -> lower expert id)."""
-    order = np.argsort(-score, axis=-1, kind="stable")
-    return order[..., :k]
+def _top_mask(score: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask [..., E] of the k highest scores along the last axis (ties -> lower id)."""
+    order = np.argsort(-score, axis=-1, kind="stable")[..., :k]
+    mask = np.zeros(score.shape, bool)
+    np.put_along_axis(mask, order, True, axis=-1)
+    return mask
 
 
-def _hits(pred: np.ndarray, true: np.ndarray, sentinel: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: recall = |pred ∩ true| / |true| and whether the row has any routed slot."""
-    valid = true != sentinel
-    inter = (true[:, :, None] == pred[:, None, :]).any(-1) & valid
-    n_true = valid.sum(1)
-    ok = n_true > 0
-    return np.where(ok, inter.sum(1) / np.maximum(n_true, 1), 0.0), ok
+def _index_in(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of each value in the sorted unique array `sorted_ids`, -1 where absent."""
+    pos = np.minimum(np.searchsorted(sorted_ids, values), max(sorted_ids.size - 1, 0))
+    return np.where(sorted_ids[pos] == values, pos, -1) if sorted_ids.size else pos * 0 - 1
+
+
+def _filter_sql(ex: Explorer, f: Filters) -> tuple[str, list[Any]]:
+    """The filters other than the token (for rows already restricted to it), as SQL + params."""
+    where, params = _where(ex, f)
+    rest = where.split(" AND ", 1)
+    return (rest[1] if len(rest) > 1 else "TRUE"), params[1:]
 
 
 def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[str, Any]:
     """recall@k for the token's experts per layer: a token-id prior (train counts of the
     token) and a previous-token table (train counts of (previous, token), used when seen at
     least `min_fit` times, else the prior), fitted on the train documents on all occurrences
-    of the token and scored on the held-out occurrences that match the filters."""
+    of the token and scored on the held-out occurrences that match the filters.
+
+    recall of one occurrence at layer l = |predicted k ∩ routed experts| / |routed experts|
+    (dropped slots are not routed); the mean is over occurrences with a routed slot at l.
+    DuckDB aggregates per (split, previous token, layer, expert), so only small tables reach
+    numpy: the score of a previous token's occurrences is the sum over experts of their
+    (1/|routed|)-weighted counts inside its predicted set.
+    """
     ex = as_explorer(ex)
     if int(min_fit) < 1:
         raise ExploreInputError(f"min_fit={min_fit}: expected an integer >= 1")
     m = ex.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
-    ecols = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
-    d = (
-        ex.cursor()
-        .execute(
-            f"SELECT prev_id, next_id, domain, heldout, {', '.join(ecols)} FROM tok"
-            " WHERE token_id = ?",
-            [int(f.token)],
-        )
-        .fetchnumpy()
-    )
-    held = np.asarray(d["heldout"], bool)
-    prev = np.asarray(d["prev_id"], np.int64)
-    match = np.ones(held.shape, bool)
-    if f.prev is not None:
-        match &= prev == int(f.prev)
-    if f.next is not None:
-        match &= np.asarray(d["next_id"], np.int64) == int(f.next)
-    code = domain_code(ex, f.domain)
-    if code is not None:
-        match &= np.asarray(d["domain"], np.int64) == code
-    n_match = int(match.sum())
+    no = ex.sentinel
+    cols = [[_ecol(ex, li, j) for j in range(k)] for li in range(num_l)]
+    flat = [c for layer in cols for c in layer]
+    fsql, fparams = _filter_sql(ex, f)
+    tok = int(f.token)
+    cur = ex.cursor()
+    # A: train rows of the token (prior counts), matching rows in all splits
+    hist = ", ".join(f"histogram({c}) FILTER (WHERE NOT heldout)" for c in flat)
+    row = cur.execute(
+        f"SELECT count(*) FILTER (WHERE NOT heldout), count(*) FILTER (WHERE {fsql}), {hist}"
+        " FROM tok WHERE token_id = ?",
+        [*fparams, tok],
+    ).fetchone()
+    n_train, n_match = int(row[0]), int(row[1])
     if n_match == 0:
         raise _not_found(ex, f)
-    sel = match & held
-    ids = np.stack([np.asarray(d[c.strip('"')], np.int64) for c in ecols], axis=1).reshape(
-        -1, num_l, k
+    prior_c = np.zeros((num_l, num_e), np.float64)
+    for i, h in enumerate(row[2:]):
+        for e, c in (h or {}).items():
+            if int(e) != no:
+                prior_c[i // k, int(e)] += int(c)
+    # the rows behind the scores: held-out rows matching the filters, and train rows whose
+    # previous token is one of theirs
+    nv = ", ".join(
+        "(" + " + ".join(f"({c} <> {no})::INTEGER" for c in layer) + ")" for layer in cols
     )
-    train = ~held
-    tr_ids, sc_ids = ids[train], ids[sel]
-    tr_prev, sc_prev = prev[train], prev[sel]
-    n_train, n_scored = int(train.sum()), int(sel.sum())
+    rows_sql = (
+        f"SELECT heldout, prev_id, [{', '.join(flat)}] AS es, [{nv}] AS nv FROM tok"
+        f" WHERE token_id = ? AND ((heldout AND {fsql}) OR (NOT heldout AND prev_id IN"
+        f" (SELECT prev_id FROM tok WHERE token_id = ? AND heldout AND {fsql})))"
+    )
+    rparams = [tok, *fparams, tok, *fparams]
+    per_prev = cur.execute(
+        f"SELECT heldout, prev_id, count(*) AS n,"
+        f" {', '.join(f'sum((nv[{li + 1}] > 0)::INTEGER) AS ok{li}' for li in range(num_l))}"
+        f" FROM ({rows_sql}) GROUP BY ALL",
+        rparams,
+    ).fetchnumpy()
+    held = np.asarray(per_prev["heldout"], bool)
     out: dict[str, Any] = {
         "n": n_match,
         "n_train": n_train,
-        "n_scored": n_scored,
+        "n_scored": int(np.asarray(per_prev["n"])[held].sum()),
         "min_fit": int(min_fit),
         "chance": k / num_e,
         "k": k,
         **ex.split_note(),
     }
-    if n_train == 0 or n_scored == 0:
+    if n_train == 0 or out["n_scored"] == 0:
         out.update(
             prior=None,
             context=None,
@@ -441,36 +462,49 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
             ),
         )
         return out
-    uniq, sc_inv = np.unique(sc_prev, return_inverse=True)
-    pos = np.searchsorted(uniq, tr_prev)
-    pos = np.minimum(pos, uniq.size - 1)
-    in_sc = uniq[pos] == tr_prev
-    ctx_n = np.bincount(pos[in_sc], minlength=uniq.size)
-    use_ctx = ctx_n[sc_inv] >= int(min_fit)
-    prior_hit = np.zeros(num_l)
-    ctx_hit = np.zeros(num_l)
-    for li in range(num_l):
-        tr_l = tr_ids[:, li, :]
-        v = tr_l[tr_l != ex.sentinel]
-        prior_c = np.bincount(v, minlength=num_e)[:num_e].astype(np.float64)
-        ok_slot = (tr_l != ex.sentinel) & in_sc[:, None]
-        keys = (pos[:, None] * num_e + np.where(ok_slot, tr_l, 0))[ok_slot]
-        ctx_c = np.bincount(keys, minlength=uniq.size * num_e).reshape(uniq.size, num_e)
-        prior_set = _top_sets(prior_c, k)
-        # context counts dominate; the token prior breaks their ties
-        ctx_set = _top_sets(ctx_c * (prior_c.sum() + 1.0) + prior_c[None, :], k)
-        true = sc_ids[:, li, :]
-        h_prior, ok = _hits(np.broadcast_to(prior_set, (n_scored, k)), true, ex.sentinel)
-        pred_ctx = np.where(use_ctx[:, None], ctx_set[sc_inv], prior_set[None, :])
-        h_ctx, _ = _hits(pred_ctx, true, ex.sentinel)
-        prior_hit[li] = h_prior[ok].mean() if ok.any() else np.nan
-        ctx_hit[li] = h_ctx[ok].mean() if ok.any() else np.nan
+    prev_all = np.asarray(per_prev["prev_id"], np.int64)
+    uniq = np.unique(prev_all[held])  # previous tokens of the scored rows
+    n_rows = np.asarray(per_prev["n"], np.int64)
+    ok = np.stack([np.asarray(per_prev[f"ok{li}"], np.int64) for li in range(num_l)], 1)
+    idx = _index_in(uniq, prev_all)
+    n_scored_u = np.zeros(uniq.size, np.int64)
+    n_train_u = np.zeros(uniq.size, np.int64)
+    np.add.at(n_scored_u, idx[held], n_rows[held])
+    tr = ~held & (idx >= 0)
+    np.add.at(n_train_u, idx[tr], n_rows[tr])
+    ok_l = ok[held].sum(0).astype(np.float64)  # scored rows with a routed slot, per layer
+    use_ctx = n_train_u >= int(min_fit)
+    long = cur.execute(
+        f"SELECT heldout, prev_id, s // {k} AS layer, e, count(*) AS c,"
+        f" sum(1.0 / nv[s // {k} + 1]) AS w FROM ("
+        f"SELECT heldout, prev_id, nv, unnest(es) AS e, unnest(range({num_l * k})) AS s"
+        f" FROM ({rows_sql})) WHERE e <> {no} GROUP BY ALL",
+        rparams,
+    ).fetchnumpy()
+    lh = np.asarray(long["heldout"], bool)
+    lu = _index_in(uniq, np.asarray(long["prev_id"], np.int64))
+    ll = np.asarray(long["layer"], np.int64)
+    le = np.asarray(long["e"], np.int64)
+    ctx_c = np.zeros((uniq.size, num_l, num_e), np.float64)  # train counts per previous token
+    score_w = np.zeros((uniq.size, num_l, num_e), np.float64)  # held-out weighted counts
+    t_sel = ~lh & (lu >= 0)
+    np.add.at(ctx_c, (lu[t_sel], ll[t_sel], le[t_sel]), np.asarray(long["c"])[t_sel])
+    np.add.at(score_w, (lu[lh], ll[lh], le[lh]), np.asarray(long["w"], np.float64)[lh])
+    prior_set = _top_mask(prior_c, k)  # [L, E]
+    # context counts dominate; the token prior breaks their ties
+    ctx_set = _top_mask(ctx_c * (prior_c.sum(1).max() + 1.0) + prior_c[None], k)
+    pred = np.where(use_ctx[:, None, None], ctx_set, prior_set[None])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prior_hit = (score_w * prior_set[None]).sum((0, 2)) / ok_l
+        ctx_hit = (score_w * pred).sum((0, 2)) / ok_l
+    prior_hit = np.where(ok_l > 0, prior_hit, np.nan)
+    ctx_hit = np.where(ok_l > 0, ctx_hit, np.nan)
     out.update(
         prior=prior_hit,
         context=ctx_hit,
         prior_mean=float(np.nanmean(prior_hit)),
         context_mean=float(np.nanmean(ctx_hit)),
-        backoff=float(1.0 - use_ctx.mean()),
+        backoff=float((n_scored_u * ~use_ctx).sum() / out["n_scored"]),
         note="",
     )
     return out
