@@ -136,15 +136,17 @@ def main() -> None:
         ).fetchone()
 
     times: dict[tuple[int, str], list[float]] = {}
+    cpu: dict[tuple[int, str], list[float]] = {}
     for _ in range(args.repeats):
         for ci, (_, params) in enumerate(cases):
             t0 = time.perf_counter()
             reference(params["token"])
             times.setdefault((ci, "reference"), []).append(time.perf_counter() - t0)
             for name, url, extra in ENDPOINTS:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 r = client.get(url, params={**params, **extra})
                 dt = time.perf_counter() - t0
+                cpu.setdefault((ci, name), []).append(time.process_time() - c0)
                 if r.status_code != 200:
                     raise SystemExit(f"{url} {params}: HTTP {r.status_code} {r.text[:200]}")
                 times.setdefault((ci, name), []).append(dt)
@@ -162,7 +164,11 @@ def main() -> None:
         "| case | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    worst = 0.0
+    worst = worst_cpu = 0.0
+    cpu_md = [
+        "| case | " + " | ".join(e[0] for e in ENDPOINTS) + " |",
+        "|---|" + "---|" * len(ENDPOINTS),
+    ]
     for ci, (label, _) in enumerate(cases):
         ref = statistics.median(times[(ci, "reference")])
         cells = []
@@ -175,9 +181,13 @@ def main() -> None:
             )
         table.add_row(label, *cells)
         md.append(f"| {label} | " + " | ".join(cells) + " |")
+        cpu_cells = [f"{1e3 * statistics.median(cpu[(ci, e[0])]):.0f}" for e in ENDPOINTS]
+        cpu_md.append(f"| {label} | " + " | ".join(cpu_cells) + " |")
+        worst_cpu = max(worst_cpu, *(statistics.median(cpu[(ci, e[0])]) for e in ENDPOINTS))
     console.print(table)
     verdict = "met" if worst < 1.0 else "MISSED"
     console.print(f"slowest endpoint median {worst * 1e3:.0f} ms: target < 1 s {verdict}")
+    console.print("process CPU time per request (ms, all threads):\n" + "\n".join(cpu_md))
     if args.no_write:
         return
     cmd = (
@@ -204,8 +214,16 @@ def main() -> None:
         "",
         *md,
         "",
-        f"Slowest endpoint median: {worst * 1e3:.0f} ms; target < 1 s per response for a"
-        f" frequent token: {verdict}.",
+        f"Slowest endpoint median: {worst * 1e3:.0f} ms wall; target < 1 s per response for a"
+        f" frequent token: {verdict} in wall time on this shared machine.",
+        "",
+        "Process CPU time per request in ms (median; all DuckDB threads summed, so on an idle"
+        " machine the wall time is at most about this), less sensitive to the other jobs:",
+        "",
+        *cpu_md,
+        "",
+        f"Slowest endpoint CPU time: {worst_cpu * 1e3:.0f} ms"
+        f" ({'under' if worst_cpu < 1 else 'over'} 1 s).",
     ]
     write_section(RESULTS, body[0], "\n".join(body) + "\n")
     console.print(f"wrote {RESULTS}")

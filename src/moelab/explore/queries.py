@@ -391,8 +391,8 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
 
     recall of one occurrence at layer l = |predicted k ∩ routed experts| / |routed experts|
     (dropped slots are not routed); the mean is over occurrences with a routed slot at l.
-    DuckDB aggregates per (split, previous token, layer, expert), so only small tables reach
-    numpy: the score of a previous token's occurrences is the sum over experts of their
+    One read of the token's rows, then bincounts over (previous token, layer, expert): the
+    score of a previous token's occurrences is the sum over experts of their
     (1/|routed|)-weighted counts inside its predicted set.
     """
     ex = as_explorer(ex)
@@ -401,54 +401,46 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
     m = ex.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
     no = ex.sentinel
-    cols = [[_ecol(ex, li, j) for j in range(k)] for li in range(num_l)]
-    flat = [c for layer in cols for c in layer]
+    flat = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
     fsql, fparams = _filter_sql(ex, f)
-    tok = int(f.token)
     cur = ex.cursor()
-    # A: train rows of the token (prior counts), matching rows in all splits
-    hist = ", ".join(f"histogram({c}) FILTER (WHERE NOT heldout)" for c in flat)
-    row = cur.execute(
-        f"SELECT count(*) FILTER (WHERE NOT heldout), count(*) FILTER (WHERE {fsql}), {hist}"
-        " FROM tok WHERE token_id = ?",
-        [*fparams, tok],
-    ).fetchone()
-    n_train, n_match = int(row[0]), int(row[1])
+    n_match = int(
+        cur.execute(
+            f"SELECT count(*) FROM tok WHERE token_id = ? AND {fsql}", [int(f.token), *fparams]
+        ).fetchone()[0]
+    )
     if n_match == 0:
         raise _not_found(ex, f)
-    prior_c = np.zeros((num_l, num_e), np.float64)
-    for i, h in enumerate(row[2:]):
-        for e, c in (h or {}).items():
-            if int(e) != no:
-                prior_c[i // k, int(e)] += int(c)
-    # the rows behind the scores: held-out rows matching the filters, and train rows whose
-    # previous token is one of theirs
-    nv = ", ".join(
-        "(" + " + ".join(f"({c} <> {no})::INTEGER" for c in layer) + ")" for layer in cols
-    )
-    rows_sql = (
-        f"SELECT heldout, prev_id, [{', '.join(flat)}] AS es, [{nv}] AS nv FROM tok"
-        f" WHERE token_id = ? AND ((heldout AND {fsql}) OR (NOT heldout AND prev_id IN"
-        f" (SELECT prev_id FROM tok WHERE token_id = ? AND heldout AND {fsql})))"
-    )
-    rparams = [tok, *fparams, tok, *fparams]
-    per_prev = cur.execute(
-        f"SELECT heldout, prev_id, count(*) AS n,"
-        f" {', '.join(f'sum((nv[{li + 1}] > 0)::INTEGER) AS ok{li}' for li in range(num_l))}"
-        f" FROM ({rows_sql}) GROUP BY ALL",
-        rparams,
-    ).fetchnumpy()
-    held = np.asarray(per_prev["heldout"], bool)
+    eb = num_e + 1  # one extra bucket for dropped slots
+    ns = num_l * k
+
+    def rows(where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(prev_id [n], slot-major (layer, expert) codes [L*k, n]; dropped -> expert E)."""
+        d = cur.execute(
+            f"SELECT prev_id, {', '.join(flat)} FROM tok WHERE token_id = ? AND {where}",
+            [int(f.token), *params],
+        ).fetchnumpy()
+        prev = np.asarray(d["prev_id"], np.int64)
+        ids = np.empty((ns, prev.size), np.int32)
+        for s, c in enumerate(flat):
+            ids[s] = np.asarray(d[c.strip('"')])
+        ids[ids == no] = num_e
+        ids += (np.arange(ns, dtype=np.int32) // k * eb)[:, None]
+        return prev, ids
+
+    tr_prev, tr_ids = rows("NOT heldout", [])
+    sc_prev, sc_ids = rows(f"heldout AND {fsql}", fparams)
+    n_train, n_scored = int(tr_prev.size), int(sc_prev.size)
     out: dict[str, Any] = {
         "n": n_match,
         "n_train": n_train,
-        "n_scored": int(np.asarray(per_prev["n"])[held].sum()),
+        "n_scored": n_scored,
         "min_fit": int(min_fit),
         "chance": k / num_e,
         "k": k,
         **ex.split_note(),
     }
-    if n_train == 0 or out["n_scored"] == 0:
+    if n_train == 0 or n_scored == 0:
         out.update(
             prior=None,
             context=None,
@@ -462,49 +454,39 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
             ),
         )
         return out
-    prev_all = np.asarray(per_prev["prev_id"], np.int64)
-    uniq = np.unique(prev_all[held])  # previous tokens of the scored rows
-    n_rows = np.asarray(per_prev["n"], np.int64)
-    ok = np.stack([np.asarray(per_prev[f"ok{li}"], np.int64) for li in range(num_l)], 1)
-    idx = _index_in(uniq, prev_all)
-    n_scored_u = np.zeros(uniq.size, np.int64)
-    n_train_u = np.zeros(uniq.size, np.int64)
-    np.add.at(n_scored_u, idx[held], n_rows[held])
-    tr = ~held & (idx >= 0)
-    np.add.at(n_train_u, idx[tr], n_rows[tr])
-    ok_l = ok[held].sum(0).astype(np.float64)  # scored rows with a routed slot, per layer
+    prior_c = np.bincount(tr_ids.ravel(), minlength=num_l * eb).reshape(num_l, eb)
+    prior_c = prior_c[:, :num_e].astype(np.float64)
+    uniq = np.unique(sc_prev)  # previous tokens of the scored rows
+    kt, ks = _index_in(uniq, tr_prev), _index_in(uniq, sc_prev)
+    size = uniq.size * num_l * eb
+    keep = kt >= 0
+    tr_ids, kt = tr_ids[:, keep], kt[keep]
+    n_train_u = np.bincount(kt, minlength=uniq.size)
+    tr_ids += (kt * (num_l * eb)).astype(np.int32)[None, :]
+    ctx_c = np.bincount(tr_ids.ravel(), minlength=size)
+    ctx_c = ctx_c.reshape(uniq.size, num_l, eb)[..., :num_e].astype(np.float64)
+    sc_valid = (sc_ids % eb) != num_e
+    nv = sc_valid.reshape(num_l, k, n_scored).sum(1)  # [L, n_scored] routed slots
+    w = np.where(sc_valid, np.repeat(1.0 / np.maximum(nv, 1), k, axis=0), 0.0)
+    sc_ids += (ks * (num_l * eb)).astype(np.int32)[None, :]
+    score_w = np.bincount(sc_ids.ravel(), weights=w.ravel(), minlength=size)
+    score_w = score_w.reshape(uniq.size, num_l, eb)[..., :num_e]
+    n_scored_u = np.bincount(ks, minlength=uniq.size)
+    ok_l = (nv > 0).sum(1).astype(np.float64)
     use_ctx = n_train_u >= int(min_fit)
-    long = cur.execute(
-        f"SELECT heldout, prev_id, s // {k} AS layer, e, count(*) AS c,"
-        f" sum(1.0 / nv[s // {k} + 1]) AS w FROM ("
-        f"SELECT heldout, prev_id, nv, unnest(es) AS e, unnest(range({num_l * k})) AS s"
-        f" FROM ({rows_sql})) WHERE e <> {no} GROUP BY ALL",
-        rparams,
-    ).fetchnumpy()
-    lh = np.asarray(long["heldout"], bool)
-    lu = _index_in(uniq, np.asarray(long["prev_id"], np.int64))
-    ll = np.asarray(long["layer"], np.int64)
-    le = np.asarray(long["e"], np.int64)
-    ctx_c = np.zeros((uniq.size, num_l, num_e), np.float64)  # train counts per previous token
-    score_w = np.zeros((uniq.size, num_l, num_e), np.float64)  # held-out weighted counts
-    t_sel = ~lh & (lu >= 0)
-    np.add.at(ctx_c, (lu[t_sel], ll[t_sel], le[t_sel]), np.asarray(long["c"])[t_sel])
-    np.add.at(score_w, (lu[lh], ll[lh], le[lh]), np.asarray(long["w"], np.float64)[lh])
     prior_set = _top_mask(prior_c, k)  # [L, E]
     # context counts dominate; the token prior breaks their ties
     ctx_set = _top_mask(ctx_c * (prior_c.sum(1).max() + 1.0) + prior_c[None], k)
     pred = np.where(use_ctx[:, None, None], ctx_set, prior_set[None])
     with np.errstate(invalid="ignore", divide="ignore"):
-        prior_hit = (score_w * prior_set[None]).sum((0, 2)) / ok_l
-        ctx_hit = (score_w * pred).sum((0, 2)) / ok_l
-    prior_hit = np.where(ok_l > 0, prior_hit, np.nan)
-    ctx_hit = np.where(ok_l > 0, ctx_hit, np.nan)
+        prior_hit = np.where(ok_l > 0, (score_w * prior_set[None]).sum((0, 2)) / ok_l, np.nan)
+        ctx_hit = np.where(ok_l > 0, (score_w * pred).sum((0, 2)) / ok_l, np.nan)
     out.update(
         prior=prior_hit,
         context=ctx_hit,
         prior_mean=float(np.nanmean(prior_hit)),
         context_mean=float(np.nanmean(ctx_hit)),
-        backoff=float((n_scored_u * ~use_ctx).sum() / out["n_scored"]),
+        backoff=float((n_scored_u * ~use_ctx).sum() / n_scored),
         note="",
     )
     return out
