@@ -223,7 +223,9 @@ def main() -> None:
         *cpu_md,
         "",
         f"Slowest endpoint CPU time: {worst_cpu * 1e3:.0f} ms"
-        f" ({'under' if worst_cpu < 1 else 'over'} 1 s).",
+        f" ({'under' if worst_cpu < 1 else 'over'} 1 s). Load average at the end of the run:"
+        f" {', '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min) on {os.cpu_count()}"
+        " cores.",
     ]
     write_section(RESULTS, body[0], "\n".join(body) + "\n")
     console.print(f"wrote {RESULTS}")
