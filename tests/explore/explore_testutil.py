@@ -28,17 +28,18 @@ def write_tokenizer(path: Path) -> None:
     tok.save(str(path))
 
 
-def build_store(root: Path, n: int = 4000, shard_tokens: int = 700) -> Path:
+def build_store(root: Path, n: int = 4000, shard_tokens: int = 700, held_drop: bool = True) -> Path:
     """Synthetic routing over 3 MoE layers, top-2 of 8, 2 domains, one dropped slot."""
     tr = synthetic_trace(
         n, 3, 8, 2, vocab=len(WORDS), doc_len=100, n_domains=2, logits=False, seed=3
     )
     tr.expert_ids[7, 1, 1] = NO_EXPERT
     tr.weights[7, 1, 1] = 0.0
-    docs = np.unique(tr.doc_id)
-    assert tr.doc_id[HELD_DROP] in docs[doc_split(docs, 0.2, 0)]  # the explorer's default split
-    tr.expert_ids[HELD_DROP, 2, 1] = NO_EXPERT
-    tr.weights[HELD_DROP, 2, 1] = 0.0
+    if held_drop:
+        docs = np.unique(tr.doc_id)
+        assert tr.doc_id[HELD_DROP] in docs[doc_split(docs, 0.2, 0)]  # the default split
+        tr.expert_ids[HELD_DROP, 2, 1] = NO_EXPERT
+        tr.weights[HELD_DROP, 2, 1] = 0.0
     tr.meta.split = "test"
     w = TraceWriter(root, tr.meta, shard_tokens=shard_tokens, logits=False)
     for s in range(0, n, 500):
