@@ -414,22 +414,26 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
     eb = num_e + 1  # one extra bucket for dropped slots
     ns = num_l * k
 
-    def rows(where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(prev_id [n], slot-major (layer, expert) codes [L*k, n]; dropped -> expert E)."""
+    def fetch(where: str, params: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         d = cur.execute(
             f"SELECT prev_id, {', '.join(flat)} FROM tok WHERE token_id = ? AND {where}",
             [int(f.token), *params],
         ).fetchnumpy()
-        prev = np.asarray(d["prev_id"], np.int64)
-        ids = np.empty((ns, prev.size), np.int32)
-        for s, c in enumerate(flat):
-            ids[s] = np.asarray(d[c.strip('"')])
-        ids[ids == no] = num_e
-        ids += (np.arange(ns, dtype=np.int32) // k * eb)[:, None]
-        return prev, ids
+        return np.asarray(d["prev_id"], np.int64), d
 
-    tr_prev, tr_ids = rows("NOT heldout", [])
-    sc_prev, sc_ids = rows(f"heldout AND {fsql}", fparams)
+    def codes(d: dict[str, np.ndarray], bucket: np.ndarray) -> np.ndarray:
+        """Slot-major codes (previous-token bucket, layer, expert) [L*k, n]; dropped -> E."""
+        ids = np.empty((ns, bucket.size), np.int32)
+        base = bucket.astype(np.int32) * (num_l * eb)
+        for s, c in enumerate(flat):
+            row = ids[s]
+            row[:] = np.asarray(d[c.strip('"')])
+            np.minimum(row, num_e, out=row)
+            row += base + (s // k) * eb
+        return ids
+
+    sc_prev, sc_d = fetch(f"heldout AND {fsql}", fparams)
+    tr_prev, tr_d = fetch("NOT heldout", [])
     n_train, n_scored = int(tr_prev.size), int(sc_prev.size)
     out: dict[str, Any] = {
         "n": n_match,
@@ -454,24 +458,21 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
             ),
         )
         return out
-    prior_c = np.bincount(tr_ids.ravel(), minlength=num_l * eb).reshape(num_l, eb)
-    prior_c = prior_c[:, :num_e].astype(np.float64)
-    uniq = np.unique(sc_prev)  # previous tokens of the scored rows
+    uniq = np.unique(sc_prev)  # previous tokens of the scored rows; bucket U = any other
+    nu = uniq.size
     kt, ks = _index_in(uniq, tr_prev), _index_in(uniq, sc_prev)
-    size = uniq.size * num_l * eb
-    keep = kt >= 0
-    tr_ids, kt = tr_ids[:, keep], kt[keep]
-    n_train_u = np.bincount(kt, minlength=uniq.size)
-    tr_ids += (kt * (num_l * eb)).astype(np.int32)[None, :]
-    ctx_c = np.bincount(tr_ids.ravel(), minlength=size)
-    ctx_c = ctx_c.reshape(uniq.size, num_l, eb)[..., :num_e].astype(np.float64)
-    sc_valid = (sc_ids % eb) != num_e
+    kt[kt < 0] = nu
+    size = (nu + 1) * num_l * eb
+    counts = np.bincount(codes(tr_d, kt).ravel(), minlength=size).reshape(nu + 1, num_l, eb)
+    prior_c = counts.sum(0)[:, :num_e].astype(np.float64)
+    ctx_c = counts[:nu, :, :num_e].astype(np.float64)
+    n_train_u = np.bincount(kt, minlength=nu + 1)[:nu]
+    sc_valid = np.stack([np.asarray(sc_d[c.strip('"')]) != no for c in flat])
     nv = sc_valid.reshape(num_l, k, n_scored).sum(1)  # [L, n_scored] routed slots
     w = np.where(sc_valid, np.repeat(1.0 / np.maximum(nv, 1), k, axis=0), 0.0)
-    sc_ids += (ks * (num_l * eb)).astype(np.int32)[None, :]
-    score_w = np.bincount(sc_ids.ravel(), weights=w.ravel(), minlength=size)
-    score_w = score_w.reshape(uniq.size, num_l, eb)[..., :num_e]
-    n_scored_u = np.bincount(ks, minlength=uniq.size)
+    score_w = np.bincount(codes(sc_d, ks).ravel(), weights=w.ravel(), minlength=size)
+    score_w = score_w.reshape(nu + 1, num_l, eb)[:nu, :, :num_e]
+    n_scored_u = np.bincount(ks, minlength=nu)
     ok_l = (nv > 0).sum(1).astype(np.float64)
     use_ctx = n_train_u >= int(min_fit)
     prior_set = _top_mask(prior_c, k)  # [L, E]
