@@ -114,8 +114,9 @@ def test_ep2_matches_single_process_and_checkpoints_cross_process_counts(
     x = torch.randint(0, a.cfg.vocab_size, (2, 16))
     torch.testing.assert_close(a(x).logits, b(x).logits, rtol=1e-4, atol=1e-5)
 
-    # resume the EP=2 checkpoint of step 8 with one process and with EP=4: steps 9..12 match
-    for name, nproc in (("resume1", 1), ("resume4", 4)):
+    # resume the EP=2 checkpoint of step 8 with one process and with EP=4: steps 9..12 match,
+    # and with 4 processes as 2 EP groups of 2 (data parallelism across groups)
+    for name, nproc, ep in (("resume1", 1, 1), ("resume4", 4, 4), ("resume2x2", 4, 2)):
         run = tmp_path / name
         shutil.copytree(ep_dir, run)
         shutil.rmtree(run / "checkpoints" / "step-0000012")
