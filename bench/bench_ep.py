@@ -3,8 +3,8 @@ one process on the same cores, and the communication volume per training step.
 
 Run:  .venv/bin/python bench/bench_ep.py [--repeats 3] [--steps 8] [--write]
 
-Both variants train the default small MoE LM (TrainConfig defaults: L4 d128 E8 k2 expert hidden
-256, seq 128, global batch 16, vocab 4096) on the same random token batches with the same
+Both variants train a small MoE LM (L2 d64 E8 k2 expert hidden 64, seq 64, global batch 16,
+vocab 1024: the --quick model with 8 experts) on the same random token batches with the same
 optimizer step (`moelab.parallel.TrainParallel`: objective, gradient averaging, clipping):
 one process with 2 torch threads, and EP=2 (experts 0-3 / 4-7 on two processes with 1 thread
 each, 8 blocks per process). Repeats interleave the two variants; medians and the per-repeat
@@ -37,7 +37,7 @@ from rich.table import Table  # noqa: E402
 from moelab.models import MoETransformer  # noqa: E402
 from moelab.parallel import TrainParallel, make_groups  # noqa: E402
 from moelab.timing import RatioSummary  # noqa: E402
-from moelab.train.config import TrainConfig  # noqa: E402
+from moelab.train.config import TrainConfig, quick_overrides  # noqa: E402
 
 SECTION = "## Expert parallelism (bench_ep.py)"
 
@@ -116,7 +116,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help="replace the section in bench/RESULTS.md")
     a = p.parse_args()
-    cfg = TrainConfig(progress=False, tensorboard=False)
+    cfg = TrainConfig(
+        **{**quick_overrides(), "num_experts": 8, "batch_size": 16},
+        progress=False,
+        tensorboard=False,
+    )
     singles, eps = [], []
     for _ in range(a.repeats):
         torch.set_num_threads(2)
@@ -155,7 +159,7 @@ Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ep.py --repeats {a.repe
 (2 shared CPU cores, other jobs running on the machine; gloo on CPU. NCCL on GPU is the same
 code path but was not run here.)
 
-Default small MoE LM (L4 d128 E8 k2 expert hidden 256, seq 128, global batch 16 = 2,048
+Small MoE LM (L2 d64 E8 k2 expert hidden 64, seq 64, vocab 1024, global batch 16 = 1,024
 tokens per step), training steps (forward, backward, gradient averaging, clipping, AdamW).
 
 | variant | tokens/s (median) | ratio to one process |

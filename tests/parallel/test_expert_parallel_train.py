@@ -127,10 +127,9 @@ def test_ep2_matches_single_process_and_checkpoints_cross_process_counts(
             res = train(TrainConfig(**{**values, "out_dir": str(run)}))
             assert res.resumed_from == 8
         else:
-            _forked(4, {**values, "out_dir": str(run), "expert_parallel": 4}, tmp_path)
-            assert (
-                json.loads((run / "summary.json").read_text())["parallel"]["expert_parallel"] == 4
-            )
+            _forked(nproc, {**values, "out_dir": str(run), "expert_parallel": ep}, tmp_path)
+            par = json.loads((run / "summary.json").read_text())["parallel"]
+            assert (par["world"], par["expert_parallel"], par["data_parallel"]) == (4, ep, 4 // ep)
         got = _losses(run)
         np.testing.assert_allclose(
             [got[s] for s in range(9, 13)], single.losses[8:12], rtol=5e-5, err_msg=name

@@ -123,11 +123,15 @@ def register(app: typer.Typer) -> None:
 
     def train_cmd(**kwargs: Any) -> None:
         """Train an MoE (or dense) language model: causal LM or MLM, resumable, logged."""
+        import os
+
         from moelab.train.loop import train
 
         resume = kwargs["resume"]
         cfg = _config_from_flags(kwargs)
-        print_train_summary(train(cfg, resume=resume))
+        result = train(cfg, resume=resume)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+            print_train_summary(result)
 
     app.command("train")(_with_config_flags(train_cmd))
 
@@ -143,10 +147,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("sweep")
     def sweep_cmd(
-        experts: str = typer.Option("1,2,4,8,16", help="expert counts E, comma-separated"),
-        sizes: str = typer.Option("32,64", help="dense sizes (d_model), comma-separated, >= 2"),
-        budget: int = typer.Option(
-            400_000, help="training tokens per run (the same for every run)"
+        experts: Optional[str] = typer.Option(
+            None, help="expert counts E, comma-separated [default: 1,2,4,8,16; --quick 1,2,4,8]"
+        ),
+        sizes: Optional[str] = typer.Option(
+            None,
+            help="dense sizes (d_model), comma-separated, >= 2 [default: 32,64; --quick 16,32]",
+        ),
+        budget: Optional[int] = typer.Option(
+            None,
+            help="training tokens per run, the same for every run [default: 400000; --quick 1280]",
         ),
         holdout: Optional[int] = typer.Option(
             4, help="expert count left out of the fit and predicted (0 = none)"
@@ -177,6 +187,9 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise ConfigError(f"--{name} {text!r}: expected comma-separated ints") from None
 
+        experts = experts or ("1,2,4,8" if quick else "1,2,4,8,16")
+        sizes = sizes or ("16,32" if quick else "32,64")
+        budget = budget or (1280 if quick else 400_000)
         base = dict(QUICK if quick else DEFAULTS)
         given = {"corpus": corpus, "n_layers": n_layers, "seq_len": seq_len, "batch_size": batch_size,
                  "router": router, "lr": lr}  # fmt: skip
