@@ -253,6 +253,10 @@ def plot_sweep(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
         )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
     ax.set_xlabel("experts E (top-1, equal active FLOPs per token)")
     ax.set_ylabel(f"{result['heldout_split']} loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
