@@ -19,6 +19,11 @@ reused buffers at inference, and as one autograd node with a buffer-reusing back
 (`ExpertBank.forward_sorted`) in training; any other expert container (an offloading wrapper)
 gets exactly one `forward_one(e, rows)` call per expert with tokens. For a handful of slots
 (batch-1 decode) both backends skip the sort and run the chosen experts directly.
+
+The steps (`computed_slots` -> `sort_slots` -> gather -> `run_sorted_experts` -> `combine`) are
+public so that a `Dispatcher` other than the local one (the all-to-all expert-parallel one of
+`moelab.parallel`) can put its token exchange between them (torchtitan's router -> token
+reorderer -> grouped experts seam).
 """
 
 from __future__ import annotations
@@ -92,58 +97,116 @@ def dispatch_combine(
     `mask` [T] bool (False = padding) skips padding tokens (their output is 0).
     """
     _check(x, routing, experts, backend)
-    T, k = routing.expert_ids.shape
-    flat_ids = routing.expert_ids.reshape(-1)
-    flat_w = routing.weights.reshape(-1)
+    k = routing.expert_ids.shape[1]
+    slots = computed_slots(routing, mask)
+    n_slots = routing.expert_ids.numel() if slots is None else int(slots.numel())
+    flat_ids, flat_w = routing.expert_ids.reshape(-1), routing.weights.reshape(-1)
+    if n_slots <= SMALL_SLOTS:  # decode: both backends take the direct per-expert path
+        return _small(x, flat_ids, flat_w, slots, k, experts)
+    tok_sorted, w_sorted, counts = sort_slots(routing, slots, experts.num_experts)
+    xs = x.index_select(0, tok_sorted)
+    ys = run_sorted_experts(xs, counts.tolist(), experts, backend, _needs_grad(x, routing, experts))
+    return combine(x, tok_sorted, ys, w_sorted)
+
+
+def computed_slots(routing: RoutingResult, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Flat indices t*k + j of the computed slots (not dropped, token not padding); None = all."""
+    k = routing.expert_ids.shape[1]
     keep = None
     if routing.dropped is not None:
         keep = ~routing.dropped.reshape(-1)
     if mask is not None:
         tok_keep = mask.reshape(-1).to(torch.bool).repeat_interleave(k)
         keep = tok_keep if keep is None else keep & tok_keep
-    slots = keep.nonzero().squeeze(1) if keep is not None else None
-    n_slots = T * k if slots is None else int(slots.numel())
+    return keep.nonzero().squeeze(1) if keep is not None else None
 
-    if n_slots <= SMALL_SLOTS:  # decode: both backends take the direct per-expert path
-        return _small(x, flat_ids, flat_w, slots, k, experts)
 
+def sort_slots(
+    routing: RoutingResult, slots: torch.Tensor | None, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token of each slot, its weight, slots per expert [E]) with slots stably sorted by expert."""
+    k = routing.expert_ids.shape[1]
+    flat_ids = routing.expert_ids.reshape(-1)
     if slots is None:
-        sorted_ids, order = torch.sort(flat_ids, stable=True)
-        slot_sorted = order
+        sorted_ids, slot_sorted = torch.sort(flat_ids, stable=True)
     else:
         sorted_ids, order = torch.sort(flat_ids[slots], stable=True)
         slot_sorted = slots[order]
     tok_sorted = torch.div(slot_sorted, k, rounding_mode="floor")
-    w_sorted = flat_w[slot_sorted]
-    counts = torch.bincount(sorted_ids, minlength=experts.num_experts)
-    xs = x.index_select(0, tok_sorted)
+    w_sorted = routing.weights.reshape(-1)[slot_sorted]
+    counts = torch.bincount(sorted_ids, minlength=num_experts)
+    return tok_sorted, w_sorted, counts
 
+
+def run_sorted_experts(
+    xs: torch.Tensor, counts: list[int], experts: ExpertsLike, backend: str, needs_grad: bool
+) -> torch.Tensor:
+    """Expert e on its `counts[e]` consecutive rows of xs (rows sorted by expert) -> [S, D]."""
     if backend == "grouped_mm":
         if not isinstance(experts, ExpertBank):
             raise ConfigError(
                 f"dispatch_combine: backend='grouped_mm' needs an ExpertBank with stacked weights, "
                 f"got {type(experts).__name__}; use backend='loop'"
             )
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        ys = experts.forward_grouped(xs, offsets)
-    elif isinstance(experts, ExpertBank) and not _needs_grad(x, routing, experts):
-        ys = _loop_inference(xs, counts.tolist(), experts)
-    elif isinstance(experts, ExpertBank) and type(experts).forward_one is ExpertBank.forward_one:
-        ys = experts.forward_sorted(xs, counts.tolist())
-    else:
-        outs = []
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                outs.append(experts.forward_one(e, xs[start : start + n]))
-                start += n
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+        offsets = torch.cumsum(torch.tensor(counts, device=xs.device), 0, dtype=torch.int32)
+        return experts.forward_grouped(xs, offsets)
+    if isinstance(experts, ExpertBank) and not needs_grad:
+        return _loop_inference(xs, counts, experts)
+    if isinstance(experts, ExpertBank) and type(experts).forward_one is ExpertBank.forward_one:
+        return experts.forward_sorted(xs, counts)
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(experts.forward_one(e, xs[start : start + n]))
+            start += n
+    return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
+
+def combine(
+    x: torch.Tensor, tok_sorted: torch.Tensor, ys: torch.Tensor, w_sorted: torch.Tensor
+) -> torch.Tensor:
+    """out[t] = sum of w * y over the sorted slots of token t (zeros where no slot is computed)."""
     out = torch.zeros_like(x)
     if not ys.requires_grad and not w_sorted.requires_grad:
         ys.mul_(w_sorted.unsqueeze(1).to(ys.dtype))
         return out.index_add_(0, tok_sorted, ys)
     return out.index_add(0, tok_sorted, ys * w_sorted.unsqueeze(1).to(ys.dtype))
+
+
+class Dispatcher(Protocol):
+    """The seam between router and experts (torchtitan's token reorderer): where tokens go to
+    their experts and come back. `LocalDispatcher` runs them in this process;
+    `moelab.parallel.AllToAllDispatcher` sends them to the process holding each expert."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        routing: RoutingResult,
+        experts: ExpertsLike,
+        backend: str = "loop",
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """y [T, D] = weighted sum of the chosen experts' outputs for each token of x [T, D]."""
+        ...
+
+
+class LocalDispatcher:
+    """All experts in this process: the sort-based `dispatch_combine`."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        routing: RoutingResult,
+        experts: ExpertsLike,
+        backend: str = "loop",
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See `dispatch_combine`."""
+        return dispatch_combine(x, routing, experts, backend=backend, mask=mask)
+
+    def __repr__(self) -> str:
+        return "LocalDispatcher()"
 
 
 def _loop_inference(xs: torch.Tensor, counts: list[int], experts: ExpertBank) -> torch.Tensor:

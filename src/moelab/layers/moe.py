@@ -18,7 +18,7 @@ from torch import nn
 
 from moelab.errors import ConfigError, InputError
 from moelab.layers.config import MoEConfig
-from moelab.layers.dispatch import BACKENDS, dispatch_combine
+from moelab.layers.dispatch import BACKENDS, Dispatcher, LocalDispatcher
 from moelab.layers.experts import ExpertBank
 from moelab.layers.masks import resolve_mask
 from moelab.layers.routing import build_router
@@ -40,7 +40,9 @@ class MoEBlock(nn.Module):
     padding, Megatron-Core) / `attention_mask=` (1 = real token, transformers), refused when
     they look inverted (`moelab.layers.masks`; `padding_side="left"` for left-padded rows).
     A [B, S, D] input tells the router its B rows (per-row capacity, per-sequence losses).
-    `backend` ("loop" | "grouped_mm") overrides `cfg.dispatch_backend`.
+    `backend` ("loop" | "grouped_mm") overrides `cfg.dispatch_backend`. `dispatcher` moves
+    tokens to their experts and back: `LocalDispatcher` (default, every expert here) or
+    `moelab.parallel.AllToAllDispatcher` (experts sharded over processes; `shard_experts`).
     """
 
     def __init__(self, cfg: MoEConfig, backend: str | None = None) -> None:
@@ -50,6 +52,7 @@ class MoEBlock(nn.Module):
         if self.backend not in BACKENDS:
             raise ConfigError(f"MoEBlock: backend={self.backend!r}; expected one of {BACKENDS}")
         self.router = build_router(cfg)
+        self.dispatcher: Dispatcher = LocalDispatcher()
         self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.expert_act)
         self.shared_experts = (
             ExpertBank(1, cfg.d_model, cfg.shared_hidden, cfg.expert_act)
@@ -116,7 +119,7 @@ class MoEBlock(nn.Module):
                     f"(shape {tuple(shape)})"
                 )
         routing = self.router(flat, token_ids=tid, mask=m, rows=rows)
-        y = dispatch_combine(flat, routing, self.experts, backend=self.backend, mask=m)
+        y = self.dispatcher(flat, routing, self.experts, backend=self.backend, mask=m)
         if self.shared_experts is not None:
             s = self.shared_experts.forward_one(0, flat)
             if self.shared_gate is not None:

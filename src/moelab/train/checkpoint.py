@@ -17,6 +17,7 @@ import pickle
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,15 @@ _LEGACY_NUMPY_GLOBALS: list[Any] = [
     np.dtypes.UInt32DType,
 ]
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = [
+    "save_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_model_weights",
+    "load_training_state",
+    "rng_state",
+    "set_rng_state",
+]
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
@@ -132,8 +141,12 @@ def save_checkpoint(
     generator: torch.Generator,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoints/step-XXXXXXX atomically, point `latest` at it, prune old ones."""
+    """Write checkpoints/step-XXXXXXX atomically, point `latest` at it, prune old ones.
+
+    `optimizer_state` replaces `optimizer.state_dict()` (expert parallelism saves the state
+    gathered into the single-process layout)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
@@ -144,7 +157,7 @@ def save_checkpoint(
     tmp.mkdir()
     model.save(tmp)  # type: ignore[attr-defined]
     blob = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(generator),
     }
@@ -182,14 +195,8 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def load_checkpoint(
-    ckpt: str | os.PathLike[str],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler/RNG in place and return the trainer state dict."""
+def load_model_weights(ckpt: str | os.PathLike[str], model: torch.nn.Module) -> None:
+    """Load a checkpoint's model.safetensors into `model` (strict)."""
     from safetensors.torch import load_model
 
     d = Path(ckpt)
@@ -201,14 +208,39 @@ def load_checkpoint(
         load_model(model, str(d / "model.safetensors"), strict=True)
     except (RuntimeError, OSError) as exc:
         raise ModelError(f"checkpoint {d} does not match the configured model: {exc}") from None
+
+
+def load_training_state(
+    ckpt: str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Restore optimizer/scheduler/RNG (the optimizer state passed through `transform` first,
+    e.g. sliced to this process's experts) and return the trainer state dict."""
+    d = Path(ckpt)
     blob = _load_state_blob(d / OPTIM_FILE)
     try:
-        optimizer.load_state_dict(blob["optimizer"])
+        opt_state = transform(blob["optimizer"]) if transform is not None else blob["optimizer"]
+        optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"], generator)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise DataError(
             f"{d / OPTIM_FILE}: optimizer/scheduler/RNG state does not fit this run ({exc!r});"
             " delete this checkpoint folder or start over with --no-resume"
         ) from None
     return json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(
+    ckpt: str | os.PathLike[str],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG in place and return the trainer state dict."""
+    load_model_weights(ckpt, model)
+    return load_training_state(ckpt, optimizer, scheduler, generator)

@@ -1,4 +1,4 @@
-"""CLI: `moelab train`, `moelab compare` and `moelab topics`.
+"""CLI: `moelab train`, `moelab compare`, `moelab sweep` and `moelab topics`.
 
 Every TrainConfig field is a flag of `train` and `compare` (``--d-model 64``, ``--no-tensorboard``,
 ...), generated from the pydantic model so the CLI and the config can never drift apart. Values
@@ -119,15 +119,19 @@ def print_train_summary(result: Any) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train`, `compare` and `topics` to the moelab app."""
+    """Add `train`, `compare`, `sweep` and `topics` to the moelab app."""
 
     def train_cmd(**kwargs: Any) -> None:
         """Train an MoE (or dense) language model: causal LM or MLM, resumable, logged."""
+        import os
+
         from moelab.train.loop import train
 
         resume = kwargs["resume"]
         cfg = _config_from_flags(kwargs)
-        print_train_summary(train(cfg, resume=resume))
+        result = train(cfg, resume=resume)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+            print_train_summary(result)
 
     app.command("train")(_with_config_flags(train_cmd))
 
@@ -140,6 +144,61 @@ def register(app: typer.Typer) -> None:
         compare(cfg, cfg.out_dir, resume=resume)
 
     app.command("compare")(_with_config_flags(compare_cmd))
+
+    @app.command("sweep")
+    def sweep_cmd(
+        experts: Optional[str] = typer.Option(
+            None, help="expert counts E, comma-separated [default: 1,2,4,8,16; --quick 1,2,4,8]"
+        ),
+        sizes: Optional[str] = typer.Option(
+            None,
+            help="dense sizes (d_model), comma-separated, >= 2 [default: 32,64; --quick 16,32]",
+        ),
+        budget: Optional[int] = typer.Option(
+            None,
+            help="training tokens per run, the same for every run [default: 400000; --quick 1280]",
+        ),
+        holdout: Optional[int] = typer.Option(
+            4, help="expert count left out of the fit and predicted (0 = none)"
+        ),
+        out_dir: Path = typer.Option(
+            Path("runs/sweep"), help="sweep folder (one sub-folder per run)"
+        ),
+        quick: bool = typer.Option(False, "--quick", help="tiny models and data (tests)"),
+        corpus: Optional[str] = typer.Option(None, help="corpus (default: the sweep's own)"),
+        n_layers: Optional[int] = typer.Option(None, help="transformer layers"),
+        seq_len: Optional[int] = typer.Option(None, help="tokens per block"),
+        batch_size: Optional[int] = typer.Option(None, help="blocks per step"),
+        router: Optional[str] = typer.Option(None, help="top-1 router (default switch)"),
+        lr: Optional[float] = typer.Option(None, help="peak learning rate"),
+        test_blocks: int = typer.Option(64, help="test-split blocks for the held-out loss"),
+        threads: int = typer.Option(1, help="torch threads"),
+        device: str = typer.Option("cpu", help="torch device"),
+        seed: int = typer.Option(0, help="random seed"),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="skip finished runs"),
+    ) -> None:
+        """Loss over the number of experts at equal active FLOPs and tokens; Clark et al. law."""
+        from moelab.errors import ConfigError
+        from moelab.train.sweep import DEFAULTS, QUICK, sweep
+
+        def ints(text: str, name: str) -> list[int]:
+            try:
+                return [int(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"--{name} {text!r}: expected comma-separated ints") from None
+
+        experts = experts or ("1,2,4,8" if quick else "1,2,4,8,16")
+        sizes = sizes or ("16,32" if quick else "32,64")
+        budget = budget or (1280 if quick else 400_000)
+        base = dict(QUICK if quick else DEFAULTS)
+        given = {"corpus": corpus, "n_layers": n_layers, "seq_len": seq_len, "batch_size": batch_size,
+                 "router": router, "lr": lr}  # fmt: skip
+        base.update({k: v for k, v in given.items() if v is not None})
+        base.update({"threads": threads, "device": device, "seed": seed})
+        sweep(
+            ints(experts, "experts"), ints(sizes, "sizes"), budget, out_dir,
+            holdout=holdout or None, base=base, test_blocks=test_blocks, resume=resume,
+        )  # fmt: skip
 
     @app.command("topics")
     def topics_cmd(

@@ -105,7 +105,15 @@ class TrainConfig(BaseModel):
     out_dir: str = Field("runs/moe-lm", description="run folder (checkpoints, logs, final model)")
     seed: int = Field(0, ge=0, description="random seed")
     device: str = Field("cpu", description="torch device")
-    threads: int = Field(0, ge=0, description="torch threads (0 = all cores)")
+    threads: int = Field(
+        0, ge=0, description="torch threads per process (0 = the cores shared out over processes)"
+    )
+    expert_parallel: int = Field(
+        1,
+        ge=1,
+        description="processes each MoE layer's experts are sharded over (run under torchrun; "
+        "the processes beyond one group are data-parallel replicas)",
+    )
     tensorboard: bool = Field(True, description="write TensorBoard logs")
     mlflow: bool = Field(False, description="log to MLflow (needs mlflow installed)")
     progress: bool = Field(True, description="show a progress bar")

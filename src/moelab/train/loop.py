@@ -39,7 +39,13 @@ from moelab.data.prepare import PreparedData, prepare_data
 from moelab.data.tokenizer import special_ids
 from moelab.errors import ConfigError
 from moelab.models import MoETransformer
-from moelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moelab.parallel.training import TrainParallel, local_device
+from moelab.train.checkpoint import (
+    latest_checkpoint,
+    load_model_weights,
+    load_training_state,
+    save_checkpoint,
+)
 from moelab.train.config import TrainConfig
 from moelab.train.metrics import ExpertLoad, unigram_logprobs, unigram_perplexity
 from moelab.train.schedule import warmup_cosine
@@ -72,6 +78,7 @@ class TrainResult:
     resumed_from: int = 0
     max_steps: int = 0  # the step budget asked for
     warning: str | None = None  # set when the time cap stopped the run before its step budget
+    parallel: dict[str, Any] | None = None  # processes, bytes sent per step, tokens/s (torchrun)
 
     @property
     def time_capped(self) -> bool:
@@ -105,12 +112,17 @@ def build_model(cfg: TrainConfig, data: PreparedData, device: torch.device) -> M
     return MoETransformer(mcfg, seed=cfg.seed).to(device)
 
 
-def update_selection_biases(model: MoETransformer, routing: list) -> None:
+def update_selection_biases(
+    model: MoETransformer,
+    routing: list,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Aux-loss-free balancing: move each MoE router's selection bias towards equal load, from
-    the expert counts of this step (padding excluded)."""
+    the expert counts of this step (padding excluded; `reduce` sums them over processes)."""
     for block, r in zip(model.blocks, routing, strict=True):
         if r is not None:
-            block.ffn.router.update_bias(r.expert_counts())
+            counts = r.expert_counts()
+            block.ffn.router.update_bias(reduce(counts) if reduce is not None else counts)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -169,10 +181,15 @@ def evaluate(
 class _Loggers:
     """TensorBoard / MLflow / metrics.jsonl sinks."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, start_step: int) -> None:
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, start_step: int, enabled: bool = True
+    ) -> None:
         self.tb = None
         self.mlflow = None
         self.jsonl = run_dir / "metrics.jsonl"
+        self.enabled = enabled  # False on every process but rank 0
+        if not enabled:
+            return
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -192,6 +209,8 @@ class _Loggers:
 
     def log(self, step: int, scalars: dict[str, float], record: dict[str, Any]) -> None:
         """Write scalars to every sink and one JSON line."""
+        if not self.enabled:
+            return
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
@@ -226,21 +245,48 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     console: Console | None = None,
 ) -> TrainResult:
-    """Train (or resume) the model `cfg` describes; writes everything under cfg.out_dir."""
+    """Train (or resume) the model `cfg` describes; writes everything under cfg.out_dir.
+
+    Under torchrun (or in an initialised process group) every process calls this; experts are
+    sharded over `cfg.expert_parallel` processes and only rank 0 writes files
+    (`moelab.parallel.training`)."""
+    par = TrainParallel.setup(
+        cfg.expert_parallel, cfg.device, cfg.batch_size, cfg.num_experts, cfg.dense
+    )
+    try:
+        return _train(cfg, par, resume, on_step, console)
+    finally:
+        par.close()
+
+
+def _train(
+    cfg: TrainConfig,
+    par: TrainParallel,
+    resume: bool,
+    on_step: Callable[[int, float], None] | None,
+    console: Console | None,
+) -> TrainResult:
     console = console or Console()
+    if not par.is_main:
+        console = Console(quiet=True)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    set_threads(cfg.threads)
+    device = torch.device(local_device(cfg.device))
+    set_threads(cfg.threads if par.world == 1 else par.threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    with console.status(f"preparing data ({cfg.corpus}) in {cfg.data_path} ..."):
-        data = prepare_data(
-            cfg.corpus, cfg.data_path, vocab_size=cfg.vocab_size, seed=cfg.seed, max_bytes=cfg.max_bytes,
-            text_column=cfg.text_column, tokenizer=cfg.tokenizer,
-        )  # fmt: skip
+    def prepare() -> PreparedData:
+        with console.status(f"preparing data ({cfg.corpus}) in {cfg.data_path} ..."):
+            return prepare_data(
+                cfg.corpus, cfg.data_path, vocab_size=cfg.vocab_size, seed=cfg.seed, max_bytes=cfg.max_bytes,
+                text_column=cfg.text_column, tokenizer=cfg.tokenizer,
+            )  # fmt: skip
+
+    data = prepare() if par.is_main else None
+    par.barrier()  # rank 0 prepares the folder; the others then read it
+    data = data if data is not None else prepare()
     sp = special_ids(data.tokenizer)
     vocab = data.tokenizer.get_vocab_size()
     train_blocks = pack_blocks(data.streams["train"], cfg.seq_len)
@@ -249,16 +295,10 @@ def train(
     )
     model = build_model(cfg, data, device)
     model.train()
-    stats = model.stats(cfg.seq_len)
+    stats = model.stats(cfg.seq_len)  # of the whole model, before any expert sharding
     val_x, val_y = _validation_set(cfg, val_blocks, vocab, sp.all(), sp.mask)
     uni = unigram_logprobs(data.streams["train"].ids, vocab)
     uni_ppl = unigram_perplexity(uni, (val_y[:, 1:] if cfg.mode == "causal" else val_y).numpy())
-
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8
-    )
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     state: dict[str, Any] = {
         "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "train_seconds": 0.0, "elapsed": 0.0,
@@ -266,7 +306,7 @@ def train(
     }  # fmt: skip
     step = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
-    if not resume:  # start over: drop the previous run's checkpoints and logs (not its data)
+    if not resume and par.is_main:  # start over: drop the previous run's checkpoints and logs
         for old in ("checkpoints", "tb", "topics"):
             shutil.rmtree(run_dir / old, ignore_errors=True)
         for old in ("metrics.jsonl", "summary.json"):
@@ -279,15 +319,27 @@ def train(
                 f"{run_dir} holds a checkpoint of a run with different {changed}"
                 f" ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use another --out-dir or --no-resume"
             )
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, gen)
+        load_model_weights(ckpt, model)  # the single-process layout, whatever wrote it
+    par.shard(model)  # experts over the EP group (no-op with one process)
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8
+    )
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if ckpt is not None:
+        state = load_training_state(
+            ckpt, optimizer, scheduler, gen, transform=par.shard_optimizer_state(optimizer)
+        )
         step = int(state["step"])
         state["config"] = cfg.model_dump()
         console.print(f"resuming {run_dir} from step {step} ({ckpt.name})")
     resumed_from = step
-    _truncate_jsonl(run_dir / "metrics.jsonl", step)
-    atomic_write_text(run_dir / "train_config.yaml", cfg.to_yaml())
+    if par.is_main:
+        _truncate_jsonl(run_dir / "metrics.jsonl", step)
+        atomic_write_text(run_dir / "train_config.yaml", cfg.to_yaml())
 
-    loggers = _Loggers(cfg, run_dir, step)
+    loggers = _Loggers(cfg, run_dir, step, enabled=par.is_main)
     load = (
         ExpertLoad(model.moe_layer_indices(), cfg.num_experts)
         if model.moe_layer_indices()
@@ -302,12 +354,22 @@ def train(
     last_load: dict[str, Any] | None = None
 
     def checkpoint() -> None:
-        save_checkpoint(
-            run_dir, step, model, optimizer, scheduler, gen, state, keep=cfg.keep_checkpoints
-        )
+        full = par.full_model(model)  # gathered on rank 0 (the model itself with one process)
+        opt_state = par.full_optimizer_state(optimizer)
+        if par.is_main:
+            save_checkpoint(
+                run_dir, step, full, optimizer, scheduler, gen, state, keep=cfg.keep_checkpoints,
+                optimizer_state=opt_state,
+            )  # fmt: skip
+
+    def load_summary() -> dict[str, Any]:
+        assert load is not None
+        load.counts.copy_(par.update_counts(load.counts))
+        return load.summary()
 
     def run_eval() -> dict[str, float]:
-        loss, _ = evaluate(model, val_x, val_y, cfg.batch_size, device)
+        loss, _ = par.evaluate(model, val_x, val_y, cfg.batch_size, device)
+        par.stats.reset()  # communication is counted per training step, evaluation apart
         rec = {
             "step": step, "tokens": state["tokens"], "train_flops": float(stats.flops_per_token_train) * state["tokens"],
             "train_seconds": state["train_seconds"], "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
@@ -326,7 +388,7 @@ def train(
             while step < cfg.max_steps:
                 if cfg.max_minutes is not None:
                     spent = state["elapsed"] + time.perf_counter() - session_start
-                    if spent >= cfg.max_minutes * 60:
+                    if par.any(spent >= cfg.max_minutes * 60):
                         stopped = "time_cap"
                         break
                 if state["batch_in_epoch"] >= per_epoch:
@@ -342,36 +404,43 @@ def train(
                     )
                 else:
                     y = x
+                xl, yl = par.shard_batch(x), par.shard_batch(y)  # this process's rows
                 t0 = time.perf_counter()
-                out = model(x.to(device), labels=y.to(device))
+                out = model(xl.to(device), labels=yl.to(device))
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                objective, logs = par.objective(out, yl, model)
+                objective.backward()
+                par.sync_grads(model)
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    par.clip_grad_norm(model, cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 if cfg.bias_update_rate > 0:
-                    update_selection_biases(model, out.routing)
+                    update_selection_biases(model, out.routing, par.update_counts)
                 dt = time.perf_counter() - t0
+                par.end_step()
                 step += 1
                 state["batch_in_epoch"] += 1
                 state["tokens"] += int(x.numel())
                 state["train_seconds"] += dt
                 window_t += dt
                 window_tokens += int(x.numel())
-                lm = float(out.lm_loss.detach())
+                lm = logs["lm_loss"]
                 state["losses"].append(lm)
                 if load is not None:
                     load.update(out.routing)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    scalars = {"train/loss": float(out.loss.detach()), "train/lm_loss": lm, "train/lr": scheduler.get_last_lr()[0],
+                    scalars = {"train/loss": logs["loss"], "train/lm_loss": lm, "train/lr": scheduler.get_last_lr()[0],
                                "train/tokens_per_s": window_tokens / max(window_t, 1e-9)}  # fmt: skip
-                    if out.aux_loss is not None:
-                        scalars["train/aux_loss"] = float(out.aux_loss.detach())
-                        scalars["train/z_loss"] = float(out.z_loss.detach())
+                    if "aux_loss" in logs:
+                        scalars["train/aux_loss"] = logs["aux_loss"]
+                        scalars["train/z_loss"] = logs["z_loss"]
+                    if par.world > 1:  # bytes this process sent (all-to-all + all-reduce)
+                        recent = par.step_bytes[-cfg.log_every :]
+                        scalars["train/comm_bytes_per_step"] = sum(recent) / len(recent)
                     record: dict[str, Any] = {k.split("/")[1]: v for k, v in scalars.items()}
                     if load is not None:
-                        last_load = load.summary()
+                        last_load = load_summary()
                         for j, layer in enumerate(last_load["layers"]):
                             scalars[f"load/max_over_uniform/layer{layer}"] = last_load[
                                 "max_over_uniform"
@@ -396,7 +465,7 @@ def train(
                 if on_step is not None:
                     on_step(step, lm)
             if load is not None and int(load.counts.sum()) > 0:
-                last_load = load.summary()  # the last (possibly partial) logging window
+                last_load = load_summary()  # the last (possibly partial) logging window
             if stopped == "time_cap" and (not state["evals"] or state["evals"][-1]["step"] != step):
                 run_eval()
             if stopped == "time_cap":
@@ -405,8 +474,12 @@ def train(
         loggers.close()
 
     model_dir = run_dir / "model"
-    model.save(model_dir)
-    shutil.copyfile(data.tokenizer_path, model_dir / "tokenizer.json")
+    full = par.full_model(model)  # rank 0: the unsharded model; None on the other processes
+    if full is not None:
+        full.save(model_dir)
+        shutil.copyfile(data.tokenizer_path, model_dir / "tokenizer.json")
+    tps = state["tokens"] / state["train_seconds"] if state["train_seconds"] > 0 else None
+    parallel = par.summary(tps)
     final_ppl = state["evals"][-1]["val_ppl"] if state["evals"] else float("nan")
     warning = None
     if stopped == "time_cap":
@@ -416,13 +489,16 @@ def train(
         run_dir=run_dir, model_dir=model_dir, steps=step, losses=list(state["losses"]), evals=list(state["evals"]),
         unigram_ppl=uni_ppl, final_val_ppl=final_ppl, expert_load=last_load, stopped=stopped,
         stats=stats.to_dict(), resumed_from=resumed_from, max_steps=cfg.max_steps, warning=warning,
+        parallel=parallel,
     )  # fmt: skip
+    if not par.is_main:
+        return result
     summary = {k: v for k, v in asdict(result).items() if k != "losses"}
     atomic_write_json(run_dir / "summary.json", summary)
     if cfg.mode == "mlm" and load is not None:
         from moelab.train.topics import topic_histograms
 
         topic_histograms(
-            model, val_blocks, run_dir / "topics", batch_size=cfg.batch_size, device=device
+            full, val_blocks, run_dir / "topics", batch_size=cfg.batch_size, device=device
         )
     return result
