@@ -161,8 +161,8 @@ def check_router_params(adapter: Adapter) -> None:
             if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
                 n_bad = int((~torch.isfinite(t.detach())).sum())
                 raise ModelError(
-                    f"{site.name} (MoE layer {li}, transformer layer {site.layer_index}): router"
-                    f" parameter {name!r} {tuple(t.shape)} holds {n_bad} non-finite values"
+                    f"{getattr(site, 'router_name', '') or site.name} (MoE layer {li},"
+                    f" transformer layer {site.layer_index}): router parameter {name!r} {tuple(t.shape)} holds {n_bad} non-finite values"
                     " (NaN/Inf); every token would be routed by NaN. Fix or re-export the model"
                     " weights; nothing was traced"
                 )

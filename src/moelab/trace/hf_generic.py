@@ -93,6 +93,7 @@ class GenericSite(RouterSite):
     """An MoE layer traced from its experts module's inputs."""
 
     router: nn.Module | None = None  # module whose output holds the router logits
+    router_name: str = ""  # its module path
     logits_index: int | None = None  # index of the logits in the router's output tuple
     params: tuple[str, str | None] = ("top_k_index", "top_k_weights")
     signature: inspect.Signature | None = None
@@ -150,14 +151,16 @@ class GenericHFAdapter(Adapter):
                 experts.append((name, mod, names))
         if not experts:
             raise ModelError(
-                f"{type(self.model).__name__} ({self.family}): no experts module taking routed"
-                f" expert ids ({' / '.join(IDX_NAMES[:2])}) found; cannot record its routing"
+                f"{type(self.model).__name__} ({self.family}): no MoE layers found (no experts"
+                f" module taking routed expert ids, {' / '.join(IDX_NAMES[:2])}); is this a"
+                " mixture-of-experts model? Supported: transformers MoE families listed in"
+                " docs/guide/hf_families.md, and moelab MoETransformer checkpoints"
             )
         used_routers: set[int] = set()
         for name, mod, names in experts:
             parent_name = name.rsplit(".", 1)[0] if "." in name else ""
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            router, index = self._find_router(parent, mod, recorders, rec_classes)
+            router, index, rname = self._find_router(parent, mod, recorders, rec_classes)
             if router is not None:
                 used_routers.add(id(router))
             found = list(LAYER_RE.finditer(name))
@@ -178,6 +181,7 @@ class GenericHFAdapter(Adapter):
                     norm=self._find_norm(block),
                     gate=self._find_gate(router),
                     router=router,
+                    router_name=f"{parent_name}.{rname}" if parent_name else rname,
                     logits_index=index,
                     params=names,
                     signature=inspect.signature(inspect.unwrap(type(mod).forward)),
@@ -205,19 +209,20 @@ class GenericHFAdapter(Adapter):
         experts: nn.Module,
         recorders: list[tuple[type, str | None, int]],
         rec_classes: tuple[type, ...],
-    ) -> tuple[nn.Module | None, int | None]:
-        """The router beside the experts module: a recorder target, else a gate/router child."""
+    ) -> tuple[nn.Module | None, int | None, str]:
+        """The router beside the experts module: a recorder target, else a gate/router child
+        (module, index of the logits in its output, path below the parent)."""
         for name, mod in parent.named_modules():
             if mod is experts or mod is parent or name.startswith(("experts.", "shared")):
                 continue
             for cls, layer_name, index in recorders:
                 if isinstance(mod, cls) and (layer_name is None or name.endswith(layer_name)):
-                    return mod, index
+                    return mod, index, name
         for attr in ("gate", "router"):
             mod = getattr(parent, attr, None)
             if isinstance(mod, nn.Module) and mod is not experts:
-                return mod, None
-        return None, None
+                return mod, None, attr
+        return None, None, ""
 
     @staticmethod
     def _find_norm(block: nn.Module) -> nn.Module | None:
