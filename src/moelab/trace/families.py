@@ -380,6 +380,7 @@ class FamilyResult:
     dropped: int = 0  # dropped slots in the traced tokens
     differs: float | None = None  # share of token-layers whose experts != top-k of the logits
     logits: bool = False
+    selection_bias: bool = False  # the model has a non-zero selection bias / hash table
 
 
 def tiny_docs(n: int = 3, seed: int = 0) -> list[Any]:
@@ -553,6 +554,10 @@ def check_family(model_type: str, tmp: Path) -> FamilyResult:
     res.null_experts = len(m.extra.get("null_experts") or [])
     res.logits = store.has_logits
     model = load_model(mdir)
+    res.selection_bias = any(
+        any(b in n for b in ("e_score_correction_bias", "expert_bias", "tid2eid", "balancing"))
+        for n, _ in [*model.named_buffers(), *model.named_parameters()]
+    )
     try:
         ref_ids, ref_w, n_ref = reference_routing(model, docs)
         if model_type in MASKED_NULL:  # the block hands a masked skip slot over as (0, 0.0)
