@@ -70,6 +70,7 @@ E_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_exp
 OVERRIDES: dict[str, Any] = {
     "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
     "deepseek_ocr2_text": {"mlp_layer_types": ["sparse"] * L},
+    "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe"]},  # one hash-routed layer
     "glm5_next_text": {"qk_rope_head_dim": 0},  # its DSA layers are NoPE
     "hy_v4": {"indexer_types": ["full"] * L},
     "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 32},

@@ -195,6 +195,17 @@ class GenericHFAdapter(Adapter):
                     " module taking its expert ids; this MoE layer's routing cannot be recorded,"
                     " so the model is refused rather than traced with the layer missing"
                 )
+        # every `experts` module with weights must be traced (or hold a traced module)
+        traced = [s.name for s in self.sites]
+        for ename, emod in self.model.named_modules():
+            if ename.rsplit(".", 1)[-1] != "experts" or not any(True for _ in emod.parameters()):
+                continue
+            if not any(t == ename or t.startswith(ename + ".") for t in traced):
+                raise ModelError(
+                    f"{ename} ({type(emod).__name__}, {self.family}): an experts module that is"
+                    " not called with routed expert ids; its layer's routing cannot be recorded,"
+                    " so the model is refused rather than traced with the layer missing"
+                )
         keys = [(s.group, s.layer_index) for s in self.sites]
         if len(set(keys)) != len(keys):
             raise ModelError(
