@@ -218,7 +218,9 @@ class MoelabAdapter(Adapter):
         if cfg.moe is None or not self.sites:
             raise ModelError("moelab model has no MoE layers (cfg.moe is None): nothing to trace")
         self.num_experts = cfg.moe.num_experts
-        self.top_k = cfg.moe.top_k
+        self.expert_choice = cfg.moe.router == "expert_choice"
+        # expert choice: one slot per expert (slot j = expert j), unchosen slots NO_EXPERT
+        self.top_k = cfg.moe.num_experts if self.expert_choice else cfg.moe.top_k
         self.d_model = cfg.d_model
         self.score_fn = "sigmoid" if cfg.moe.router == "deepseek" else "softmax"
 
@@ -226,7 +228,13 @@ class MoelabAdapter(Adapter):
         r = output[1]
         ids = r.expert_ids
         w = r.weights
-        if r.dropped is not None:  # keep the intended expert, flag the slot, weight 0
+        if r.dropped is not None and self.expert_choice:  # an expert did not pick the token
+            return Decoded(
+                logits=r.logits,
+                expert_ids=ids.masked_fill(r.dropped, NO_EXPERT),
+                weights=w.masked_fill(r.dropped, 0),
+            )
+        if r.dropped is not None:  # capacity: keep the intended expert, flag the slot, weight 0
             w = w.masked_fill(r.dropped, 0)
         return Decoded(logits=r.logits, expert_ids=ids, weights=w, dropped=r.dropped)
 

@@ -462,7 +462,9 @@ def trace_model(
     """
     check_trace_options(seq_len, max_tokens, batch_size, shard_tokens, hidden_rate)
     if logits_dtype not in ("float16", "float32"):
-        raise ConfigError(f"--logits-dtype {logits_dtype!r}: expected float16 or float32")
+        raise ConfigError(
+            f"--logits-dtype {logits_dtype}: expected float16 or float32; nothing was traced"
+        )
     torch.manual_seed(seed)
     rank, world_size = dist_info(rank, world_size)
     device = local_device(device, world_size)

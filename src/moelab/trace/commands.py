@@ -157,7 +157,9 @@ def register(app: typer.Typer) -> None:
         if split not in SPLIT_CHOICES:
             raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
         if logits_dtype not in ("float16", "float32"):
-            raise ConfigError(f"--logits-dtype {logits_dtype!r}: expected float16 or float32")
+            raise ConfigError(
+                f"--logits-dtype {logits_dtype}: expected float16 or float32; nothing was traced"
+            )
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
