@@ -106,3 +106,30 @@ def test_hash_routed_layer_is_traced_from_the_token_table(tmp_path: Path) -> Non
     li = st.meta.layer_indices.index(layer)
     np.testing.assert_array_equal(tr.expert_ids[:, li], table[tr.token_id].numpy())
     assert st.meta.num_layers == len(model.model.layers)  # no layer left out
+
+
+def test_switch_drops_keep_the_intended_expert_and_round_trip(tmp_path: Path) -> None:
+    """Capacity-dropped Switch tokens: intended expert (router argmax), weight 0, d{l}_{j}
+    flag; the store verifies, loads the flags and SQL sees the column."""
+    from moelab.trace.store import verify_store
+
+    mdir = build_tiny("switch_transformers", tmp_path / "m")  # expert_capacity 4
+    st = trace_model(
+        mdir,
+        make_docs(3, max_len=30),
+        None,
+        tmp_path / "t",
+        seq_len=16,
+        batch_size=2,
+        progress=False,
+    )
+    assert st.meta.extra["dropped"] is True
+    assert st.meta.extra["decoder_input"].startswith("shifted-right")
+    tr = st.load()
+    assert tr.dropped is not None and tr.dropped.any() and (~tr.dropped).any()
+    assert (tr.weights[tr.dropped] == 0).all() and (tr.weights[~tr.dropped] > 0).all()
+    top1 = tr.logits.argmax(-1)[..., None]  # Switch routes top-1 of its logits
+    np.testing.assert_array_equal(tr.expert_ids, top1)
+    assert verify_store(tmp_path / "t").ok
+    n = st.sql("SELECT count(*) FROM trace WHERE d0_0").fetchall()[0][0]
+    assert n == int(tr.dropped[:, 0, 0].sum())
