@@ -2,7 +2,8 @@
 
 1. Overhead: tokens/s of a Mixtral-shaped transformers model (random init, saved and loaded from
    a local dir) traced with ids + weights + logits (no hidden states) vs its plain forward on the
-   same batches; variants interleaved, median over repeats. Target: ratio >= 0.95.
+   same batches; variants interleaved, median over repeats. Target: ratio >= 0.95. Also the
+   hooks alone, with the generic experts-module pre-hooks and with router-output hooks.
 2. Storage: bytes per token per MoE layer before compression (routing columns: ids, weights,
    logits) vs the bound 4k + 2E, plus the whole row and the zstd-compressed size on disk.
 3. Reading: a synthetic 1M-token x 32-layer store (E=8, k=2) is written, then opened and
@@ -113,7 +114,16 @@ def bench_overhead(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
             for ids, mask, _, sel in batches:
                 tr.record(ids, mask, sel)
 
-    variants = {"plain": plain, "hooks": hooks_only, "traced": traced}
+    from moelab.trace.adapters import HFAdapter
+
+    router_adapter = HFAdapter(model)  # the pre-issue-15 path: router output hooks
+
+    def hooks_router() -> None:
+        with Tracer(router_adapter, logits=True) as tr:
+            for ids, mask, _, sel in batches:
+                tr.record(ids, mask, sel)
+
+    variants = {"plain": plain, "hooks": hooks_only, "hooks_router": hooks_router, "traced": traced}
     for fn in variants.values():
         fn()  # warm up
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -131,6 +141,8 @@ def bench_overhead(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
         "traced_tps": tps["traced"],
         "ratio": tps["traced"] / tps["plain"],
         "hooks_ratio": tps["hooks"] / tps["plain"],
+        "hooks_router_tps": tps["hooks_router"],
+        "hooks_router_ratio": tps["hooks_router"] / tps["plain"],
         "ratio_median_pairwise": pair,
         "store": str(tmp / "ovh"),
     }
@@ -254,6 +266,11 @@ def main() -> None:
     print(
         f"| hooks + decode only (no Parquet writing) tokens/s | {ov['hooks_tps']:,.0f} | "
         f"plain forward {ov['plain_tps']:,.0f} | {ov['hooks_ratio']:.3f} |"
+    )
+    print(
+        f"| same, router-output hooks (HFAdapter, the path before the experts-module"
+        f" pre-hooks) | {ov['hooks_router_tps']:,.0f} | plain forward {ov['plain_tps']:,.0f} |"
+        f" {ov['hooks_router_ratio']:.3f} |"
     )
     print(
         f"| routing bytes/token/layer before compression (k={sto['k']}, E={sto['E']}) | "

@@ -35,10 +35,12 @@ def reference(model, docs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
             captured.clear()
             with torch.no_grad():
                 if mtype == "switch_transformers":
+                    # teacher forcing: the decoder sees the targets shifted right (start = pad 0)
+                    shifted = torch.cat([torch.zeros_like(inp[:, :1]), inp[:, :-1]], dim=1)
                     o = model(
                         input_ids=inp,
                         attention_mask=mask,
-                        decoder_input_ids=inp,
+                        decoder_input_ids=shifted,
                         decoder_attention_mask=mask,
                         output_router_logits=True,
                     )

@@ -61,6 +61,7 @@ def _refused(code: int, output: str, out: Path, *needles: str) -> None:
         ("--shard-tokens", "0", "expected an integer >= 1"),
         ("--hidden-rate", "1.5", "expected a fraction in [0, 1]"),
         ("--max-bytes", "0", "expected an integer >= 1 (bytes)"),
+        ("--logits-dtype", "bf16", "expected float16 or float32"),
     ],
 )
 def test_bad_numbers_are_refused(setup, tmp_path, capsys, monkeypatch, flag, value, want) -> None:

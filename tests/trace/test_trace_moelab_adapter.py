@@ -97,3 +97,41 @@ def test_selection_bias_is_traced_and_exported_with_the_gates(tmp_path: Path) ->
         pick = np.sort(np.argsort(-gs.scores(li, h), axis=1)[:, :2], axis=1)
         agree = (pick == np.sort(tr.expert_ids[tr.hidden_rows, li], axis=1)).all(1).mean()
         assert agree > 0.97  # fp16 hidden states may flip near-ties
+
+
+def test_expert_choice_slots_and_unchosen_tokens(tmp_path: Path) -> None:
+    """Expert choice (Zhou et al. 2022): one slot per expert, NO_EXPERT where the expert did not
+    pick the token; equal to the model's own RoutingResult."""
+    from moelab.layers.config import MoEConfig
+    from moelab.models.config import MoETransformerConfig
+    from moelab.trace.schema import NO_EXPERT
+
+    cfg = MoETransformerConfig(
+        vocab_size=300,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        max_seq_len=64,
+        moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2, router="expert_choice"),
+        bos_token_id=2,
+    )
+    ckpt = MoETransformer(cfg, seed=0).save(tmp_path / "ec")
+    docs = make_docs(3, seed=1)
+    store = trace_model(ckpt, docs, None, tmp_path / "t", seq_len=16, batch_size=2, progress=False)
+    tr = store.load()
+    assert store.meta.top_k == 4 and not store.meta.extra["dropped"]
+    real = tr.expert_ids != NO_EXPERT
+    slots = np.broadcast_to(np.arange(4), tr.expert_ids.shape)
+    assert (tr.expert_ids[real] == slots[real]).all() and (tr.weights[~real] == 0).all()
+    assert real.any() and (~real).any()
+    model = MoETransformer.load(ckpt)
+    plan = plan_chunks(docs, lambda t: [], 2, 16, None, 0, 1, ["prose", "code"], None)
+    ref = []
+    for batch in iter_batches(plan.chunks, 2):
+        inp, mask, _, sel = make_batch(batch, torch.device("cpu"))
+        with torch.no_grad():
+            out = model(inp, attention_mask=mask)
+        rs = [r for r in out.routing if r is not None]
+        ref.append(np.stack([r.expert_ids.masked_fill(r.dropped, NO_EXPERT)[sel] for r in rs], 1))
+    np.testing.assert_array_equal(tr.expert_ids, np.concatenate(ref))

@@ -11,8 +11,8 @@ import torch
 from trace_testutil import make_docs
 
 from moelab.errors import ModelError
-from moelab.trace.adapters import HFAdapter
 from moelab.trace.api import trace_model
+from moelab.trace.hf_generic import GenericHFAdapter
 from moelab.trace.store import TraceStore
 
 
@@ -59,17 +59,21 @@ def test_nan_reaching_the_router_is_refused_and_nothing_is_left(
     assert st.num_tokens > 0 and (out / "meta.json").is_file()
 
 
-def test_undecodable_router_output_leaves_no_store(
+def test_undecodable_routing_is_refused_before_anything_is_written(
     tmp_path: Path, mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A family whose router does not return (logits, weights, ids) fails on the first batch,
-    after meta.json and gates.safetensors were written: they are removed again."""
-    orig = HFAdapter.decode
-    monkeypatch.setattr(
-        HFAdapter, "decode", lambda self, site, args, output: orig(self, site, args, output[0])
-    )
+    """Routing that cannot be decoded (here: float expert ids) is found on the first batch,
+    which is run and checked before meta.json or any other file is written."""
+    orig = GenericHFAdapter.decode_capture
+
+    def float_ids(self, site, cap):  # type: ignore[no-untyped-def]
+        args, kwargs = cap["experts"]
+        args = (args[0], args[1].float(), *args[2:])
+        return orig(self, site, {**cap, "experts": (args, kwargs)})
+
+    monkeypatch.setattr(GenericHFAdapter, "decode_capture", float_ids)
     out = tmp_path / "store"
-    with pytest.raises(ModelError, match="router returned Tensor, expected a tuple"):
+    with pytest.raises(ModelError, match="expected integer expert ids"):
         trace_model(mixtral_dir, make_docs(4), None, out, seq_len=16, progress=False)
     assert not out.exists()
 
@@ -79,8 +83,9 @@ def test_unsupported_family_writes_nothing(tmp_path: Path) -> None:
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama4"}))
     out = tmp_path / "store"
-    with pytest.raises(ModelError, match="'llama4' is not supported"):
+    with pytest.raises(ModelError, match="'llama4' is not supported") as err:
         trace_model(model, make_docs(2), None, out, progress=False)
+    assert "llama4_text" in str(err.value) and "Supported:" in str(err.value)
     assert not out.exists()
 
 
@@ -91,7 +96,7 @@ def test_failure_after_committed_shards_keeps_them_for_resume(
     docs = make_docs(7)
     kw = dict(seq_len=16, batch_size=1, shard_tokens=8, progress=False)
     calls = {"n": 0}
-    orig = HFAdapter.run
+    orig = GenericHFAdapter.run
 
     def flaky(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -99,12 +104,12 @@ def test_failure_after_committed_shards_keeps_them_for_resume(
             raise ModelError("simulated failure on batch 6")
         return orig(self, input_ids, attention_mask)
 
-    monkeypatch.setattr(HFAdapter, "run", flaky)
+    monkeypatch.setattr(GenericHFAdapter, "run", flaky)
     out = tmp_path / "store"
     with pytest.raises(ModelError, match="simulated"):
         trace_model(mixtral_dir, docs, None, out, **kw)
     assert (out / "meta.json").is_file() and list((out / "shards").glob("*.parquet"))
-    monkeypatch.setattr(HFAdapter, "run", orig)
+    monkeypatch.setattr(GenericHFAdapter, "run", orig)
     resumed = trace_model(mixtral_dir, docs, None, out, **kw).load()
     full = trace_model(mixtral_dir, docs, None, tmp_path / "full", **kw).load()
     assert (resumed.expert_ids == full.expert_ids).all()

@@ -206,7 +206,7 @@ def test_model_errors(tmp_path: Path) -> None:
         num_key_value_heads=2,
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "llama"))
-    with pytest.raises(ModelError, match="no MoE router modules"):
+    with pytest.raises(ModelError, match="no MoE layers found"):
         trace_model(tmp_path / "llama", make_docs(2), None, tmp_path / "t", progress=False)
 
 

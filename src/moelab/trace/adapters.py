@@ -47,9 +47,10 @@ class RouterSite:
 class Decoded:
     """Routing of a flat batch of T tokens taken from a router module's output."""
 
-    logits: torch.Tensor  # [T, E]
-    expert_ids: torch.Tensor  # [T, k] (NO_EXPERT where dropped)
+    logits: torch.Tensor | None  # [T, E] (None where the family exposes no router logits)
+    expert_ids: torch.Tensor  # [T, k] experts the model ran (intended expert where dropped)
     weights: torch.Tensor  # [T, k]
+    dropped: torch.Tensor | None = None  # [T, k] bool: over capacity (Switch), else None
 
 
 def _arr(t: torch.Tensor | None) -> np.ndarray | None:
@@ -91,6 +92,33 @@ class Adapter:
     def decode(self, site: RouterSite, args: tuple, output: Any) -> Decoded:
         """Routing decision from the hooked module's forward output."""
         raise NotImplementedError
+
+    def decode_capture(self, site: RouterSite, cap: dict[str, Any]) -> Decoded:
+        """Routing decision from what the tracer's hooks captured for one site."""
+        args, output = cap["output"]
+        return self.decode(site, args, output)
+
+    def check_first(self, decoded: list[Decoded], want_logits: bool) -> None:
+        """Validate the first batch's routing against the sizes meta.json will declare."""
+        for site, d in zip(self.sites, decoded, strict=True):
+            k = int(d.expert_ids.shape[1])
+            if k != self.top_k:
+                raise ModelError(
+                    f"{site.name} ({self.family}): {k} experts per token recorded, but the"
+                    f" model declares top_k={self.top_k}; nothing was traced"
+                )
+            if d.logits is not None and int(d.logits.shape[1]) != self.num_experts:
+                raise ModelError(
+                    f"{site.name} ({self.family}): router logits have {d.logits.shape[1]}"
+                    f" columns, the model declares {self.num_experts} experts; nothing traced"
+                )
+            if want_logits and d.logits is None:
+                raise ModelError(f"{site.name} ({self.family}): no router logits; use --no-logits")
+            ok = d.expert_ids[d.expert_ids != NO_EXPERT]
+            if ok.numel() and (int(ok.min()) < 0 or int(ok.max()) >= self.num_experts):
+                raise ModelError(
+                    f"{site.name} ({self.family}): expert ids outside [0, {self.num_experts})"
+                )
 
     def router_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The tensor the router is applied to (the hooked module's first input)."""
@@ -190,7 +218,9 @@ class MoelabAdapter(Adapter):
         if cfg.moe is None or not self.sites:
             raise ModelError("moelab model has no MoE layers (cfg.moe is None): nothing to trace")
         self.num_experts = cfg.moe.num_experts
-        self.top_k = cfg.moe.top_k
+        self.expert_choice = cfg.moe.router == "expert_choice"
+        # expert choice: one slot per expert (slot j = expert j), unchosen slots NO_EXPERT
+        self.top_k = cfg.moe.num_experts if self.expert_choice else cfg.moe.top_k
         self.d_model = cfg.d_model
         self.score_fn = "sigmoid" if cfg.moe.router == "deepseek" else "softmax"
 
@@ -198,10 +228,15 @@ class MoelabAdapter(Adapter):
         r = output[1]
         ids = r.expert_ids
         w = r.weights
-        if r.dropped is not None:
-            ids = ids.masked_fill(r.dropped, NO_EXPERT)
+        if r.dropped is not None and self.expert_choice:  # an expert did not pick the token
+            return Decoded(
+                logits=r.logits,
+                expert_ids=ids.masked_fill(r.dropped, NO_EXPERT),
+                weights=w.masked_fill(r.dropped, 0),
+            )
+        if r.dropped is not None:  # capacity: keep the intended expert, flag the slot, weight 0
             w = w.masked_fill(r.dropped, 0)
-        return Decoded(logits=r.logits, expert_ids=ids, weights=w)
+        return Decoded(logits=r.logits, expert_ids=ids, weights=w, dropped=r.dropped)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.model(input_ids, attention_mask=attention_mask)
@@ -399,10 +434,28 @@ class JetMoeAdapter(HFAdapter):
 class SwitchAdapter(HFAdapter):
     """Switch Transformers: top-1 with per-sequence capacity; encoder and decoder stacks.
 
-    The decoder is fed the same tokens as the encoder (decoder_input_ids = input_ids), so each
-    row's decoder layers describe the decoder processing that token. Capacity-dropped tokens
-    are recorded as NO_EXPERT with weight 0.
+    The decoder is run teacher-forced, as in training and scoring: its input is the sequence
+    shifted right (`decoder_start_token_id` first, the model's own `_shift_right`), so row t's
+    decoder layers describe the decoder step that predicts token t from tokens < t.
+    Capacity-dropped tokens keep the expert the router chose (argmax of its probabilities),
+    weight 0 (transformers v5 gives them a zero MoE output; they pass via the residual) and
+    the per-slot `dropped` flag.
     """
+
+    decoder_input = "shifted-right input_ids (teacher forcing)"
+
+    def decoder_start(self) -> int:
+        """decoder_start_token_id of the config, else its pad id (T5/Switch use pad = 0)."""
+        for name in ("decoder_start_token_id", "pad_token_id"):
+            v = getattr(self.config, name, None)
+            if isinstance(v, int):
+                return v
+        return 0
+
+    def shift_right(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder input: decoder start token, then the sequence minus its end."""
+        start = torch.full_like(input_ids[:, :1], self.decoder_start())
+        return torch.cat([start, input_ids[:, :-1]], dim=1)
 
     def _find_sites(self) -> None:
         super()._find_sites()
@@ -424,23 +477,30 @@ class SwitchAdapter(HFAdapter):
         self.d_model = int(self.config.d_model)
 
     def decode(self, site: RouterSite, args: tuple, output: Any) -> Decoded:
+        if not isinstance(output, tuple) or len(output) != 3:
+            raise ModelError(
+                f"{site.name}: Switch router returned {type(output).__name__}, expected"
+                " (dispatch one-hot, probability, logits)"
+            )
         onehot, probs, logits = output
         E = logits.shape[-1]
         onehot = onehot.reshape(-1, E)
+        logits = logits.reshape(-1, E)
         kept = onehot.sum(-1) > 0
-        ids = torch.where(
-            kept, onehot.argmax(-1), torch.full_like(kept, NO_EXPERT, dtype=torch.long)
-        )
+        intended = logits.argmax(-1)  # the router's argmax(softmax(logits)), before capacity
+        ids = torch.where(kept, onehot.argmax(-1), intended)
         w = torch.where(
             kept, probs.reshape(-1), torch.zeros((), dtype=probs.dtype, device=probs.device)
         )
-        return Decoded(logits=logits.reshape(-1, E), expert_ids=ids[:, None], weights=w[:, None])
+        return Decoded(
+            logits=logits, expert_ids=ids[:, None], weights=w[:, None], dropped=~kept[:, None]
+        )
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            decoder_input_ids=input_ids,
+            decoder_input_ids=self.shift_right(input_ids),
             decoder_attention_mask=attention_mask,
             use_cache=False,
         )
@@ -452,6 +512,25 @@ class SwitchAdapter(HFAdapter):
         return int(self.config.num_layers) + int(self.config.num_decoder_layers)
 
 
+class Llama4Adapter(HFAdapter):
+    """Llama 4 text MoE: the router returns (scores [T, E], logits [T, E]) where scores are
+    sigmoid of the top-k logits scattered into -inf (0 elsewhere); the experts then run every
+    token scaled by its score, so the experts used are the non-zero scores."""
+
+    def _infer_sizes(self) -> None:
+        self.num_experts = int(self.config.num_local_experts)
+        self.top_k = int(self.config.num_experts_per_tok)
+        self.d_model = int(self.config.hidden_size)
+        self.score_fn = "sigmoid"
+
+    def decode(self, site: RouterSite, args: tuple, output: Any) -> Decoded:
+        if not isinstance(output, tuple) or len(output) != 2:
+            raise ModelError(f"{site.name}: Llama4 router output is not (scores, logits)")
+        scores, logits = output
+        w, ids = scores.topk(self.top_k, dim=-1)
+        return Decoded(logits=logits, expert_ids=ids, weights=w)
+
+
 @dataclass
 class _Family:
     adapter: type[HFAdapter]
@@ -460,29 +539,47 @@ class _Family:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# model_type -> adapter. Families listed here are tested with tiny random-init models; any other
-# transformers family whose router follows the (logits, weights, ids) contract uses HFAdapter.
+# model_type -> hand-written adapter, for families whose experts module does not receive the
+# chosen ids. Every other transformers family goes through GenericHFAdapter (hf_generic.py).
 FAMILIES: dict[str, _Family] = {
-    "mixtral": _Family(HFAdapter),
-    "qwen2_moe": _Family(HFAdapter),
-    "qwen3_moe": _Family(HFAdapter),
-    "olmoe": _Family(HFAdapter),
-    "deepseek_v2": _Family(HFAdapter, "needs num_key_value_heads == num_attention_heads"),
-    "deepseek_v3": _Family(HFAdapter, "MoE only after first_k_dense_replace"),
-    "granitemoe": _Family(HFAdapter),
-    "phimoe": _Family(HFAdapter),
-    "gpt_oss": _Family(HFAdapter),
     "jetmoe": _Family(JetMoeAdapter),
     "switch_transformers": _Family(SwitchAdapter),
+    "llama4_text": _Family(Llama4Adapter),
 }
 UNSUPPORTED = {
-    "nllb_moe": "transformers 5.23 NLLB-MoE applies one_hot twice (only experts 0 and 1 run)",
-    "llama4": "Llama4 router returns (scores, logits) in a different layout",
+    "nllb-moe": "transformers 5.23-5.24 NLLB-MoE one-hot encodes its dispatch mask a second"
+    " time (only experts 0 and 1 run), so no trace would describe the checkpoint's routing",
+    "nllb_moe": "transformers 5.23-5.24 NLLB-MoE one-hot encodes its dispatch mask a second"
+    " time (only experts 0 and 1 run), so no trace would describe the checkpoint's routing",
+    "llama4": "vision-language Llama 4 checkpoint: trace its text model (model_type"
+    " llama4_text, Llama4ForCausalLM), which is supported",
+    "doge": "Doge's CDMoE retrieves expert rows by product keys (no router over E experts"
+    " choosing k), so there is no (expert id, weight) per token to record",
+    "dots3_note_vision_encoder": "a vision encoder: it routes image patches and takes no"
+    " token ids (trace the dots3_note text model)",
+    "ernie4_5_vl_moe_text": "each layer holds a text and a vision expert set chosen by token"
+    " type, and the layer's router output is assembled from both; moelab records one expert"
+    " set per layer",
+    "qwen3_omni_moe_talker_text": "the Qwen3-Omni talker runs on the thinker's hidden"
+    " states (inputs_embeds), not on token ids; trace the thinker (qwen3_omni_moe_text)",
+    "vitpose_backbone": "ViTPose experts are chosen by the dataset index of the image, not"
+    " per token by a router",
 }
+
+
+def unsupported_message(model_type: str) -> str:
+    """One-line refusal for an unsupported family: which, why, and what is supported."""
+    return (
+        f"model family {model_type!r} is not supported: {UNSUPPORTED[model_type]}. Supported:"
+        " moelab MoETransformer, and transformers MoE models whose experts module receives"
+        " the routed expert ids (the families in docs/guide/hf_families.md), plus"
+        f" {', '.join(FAMILIES)}"
+    )
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """Pick the adapter for a model object (moelab MoETransformer or transformers PreTrainedModel)."""
+    """Pick the adapter for a model object (moelab MoETransformer or transformers
+    PreTrainedModel); refuses, before any forward pass, a family it cannot trace exactly."""
     if type(model).__name__ == "MoETransformer" and hasattr(model, "blocks"):
         return MoelabAdapter(model)
     config = getattr(model, "config", None)
@@ -490,10 +587,14 @@ def get_adapter(model: nn.Module) -> Adapter:
     if config is None or model_type is None or not hasattr(model, "named_modules"):
         raise ModelError(
             f"unknown model family: {type(model).__name__} is neither a moelab MoETransformer "
-            f"nor a transformers model; supported: moelab, {', '.join(FAMILIES)}"
+            "nor a transformers model; supported: moelab MoETransformer and transformers MoE"
+            " models (docs/guide/hf_families.md)"
         )
     if model_type in UNSUPPORTED:
-        raise ModelError(f"model family {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
+        raise ModelError(unsupported_message(str(model_type)))
     fam = FAMILIES.get(model_type)
-    cls = fam.adapter if fam else HFAdapter
-    return cls(model)
+    if fam is not None:
+        return fam.adapter(model)
+    from moelab.trace.hf_generic import GenericHFAdapter
+
+    return GenericHFAdapter(model)

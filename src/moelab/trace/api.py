@@ -30,7 +30,7 @@ import moelab
 from moelab._io import atomic_write_text, atomic_write_with
 from moelab.data.sampling import interleave_by_domain
 from moelab.errors import ConfigError, DataError, ModelError, TraceError
-from moelab.trace.adapters import FAMILIES, UNSUPPORTED, Adapter, get_adapter
+from moelab.trace.adapters import FAMILIES, UNSUPPORTED, Adapter, get_adapter, unsupported_message
 from moelab.trace.schema import TraceMeta
 from moelab.trace.store import TraceStore, TraceWriter
 from moelab.trace.tracer import Tracer
@@ -57,10 +57,47 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ModelError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} or 'auto'") from None
 
 
+def model_class_for(hf_cfg: Any, model_class: str | None = None) -> Any:
+    """The transformers class to load a config with: `model_class` (a transformers class name)
+    if given, else the first of `config.architectures` that transformers defines, else the
+    auto-class mapping of the model type (causal LM, seq2seq LM, then the bare model)."""
+    import transformers
+
+    mt = getattr(hf_cfg, "model_type", "?")
+    if model_class:
+        cls = getattr(transformers, model_class, None)
+        if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+            raise ModelError(
+                f"--model-class {model_class!r}: not a transformers model class (e.g."
+                " MixtralForCausalLM, AutoModelForCausalLM); nothing was traced"
+            )
+        return cls
+    for arch in getattr(hf_cfg, "architectures", None) or []:
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    for auto in (
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModelForSeq2SeqLM,
+        transformers.AutoModel,
+    ):
+        if type(hf_cfg) in auto._model_mapping:
+            return auto
+    raise ModelError(
+        f"model_type={mt!r}: no transformers class found (config.architectures ="
+        f" {getattr(hf_cfg, 'architectures', None)}); pass --model-class NAME"
+    )
+
+
 def load_model(
-    path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    model_class: str | None = None,
 ) -> nn.Module:
-    """Load a moelab checkpoint dir or a local transformers model dir (never the network)."""
+    """Load a moelab checkpoint dir or a local transformers model dir (never the network);
+    transformers models load with `model_class_for` (config.architectures, auto mapping or
+    the `model_class` override)."""
     path = Path(path)
     if not path.exists():
         raise ModelError(
@@ -80,11 +117,8 @@ def load_model(
 
         return MoETransformer.load(path, device=device, dtype=td)
     if model_type in UNSUPPORTED:
-        raise ModelError(
-            f"{cfg_file}: model family {model_type!r} is not supported: {UNSUPPORTED[model_type]}"
-        )
+        raise ModelError(f"{cfg_file}: {unsupported_message(str(model_type))}")
     try:
-        import transformers
         from transformers import AutoConfig
     except ImportError as exc:  # pragma: no cover - optional dependency
         raise ModelError(
@@ -97,10 +131,7 @@ def load_model(
             f"{cfg_file}: unknown model family model_type={model_type!r} ({exc}); supported: "
             f"moelab_transformer, {', '.join(FAMILIES)} and other transformers MoE families"
         ) from None
-    if getattr(hf_cfg, "is_encoder_decoder", False):
-        auto = transformers.AutoModelForSeq2SeqLM
-    else:
-        auto = transformers.AutoModelForCausalLM
+    auto = model_class_for(hf_cfg, model_class)
     kw: dict[str, Any] = {"local_files_only": True}
     if td is not None:
         kw["dtype"] = td
@@ -108,7 +139,8 @@ def load_model(
         model = auto.from_pretrained(str(path), **kw)
     except Exception as exc:  # noqa: BLE001 - any loading failure is reported with the path
         raise ModelError(
-            f"{path}: could not load the {model_type} model ({type(exc).__name__}: {exc})"
+            f"{path}: could not load the {model_type} model with {auto.__name__}"
+            f" ({type(exc).__name__}: {exc}); pass --model-class NAME to choose the class"
         ) from None
     return model.to(device).eval()
 
@@ -129,8 +161,8 @@ def check_router_params(adapter: Adapter) -> None:
             if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
                 n_bad = int((~torch.isfinite(t.detach())).sum())
                 raise ModelError(
-                    f"{site.name} (MoE layer {li}, transformer layer {site.layer_index}): router"
-                    f" parameter {name!r} {tuple(t.shape)} holds {n_bad} non-finite values"
+                    f"{getattr(site, 'router_name', '') or site.name} (MoE layer {li},"
+                    f" transformer layer {site.layer_index}): router parameter {name!r} {tuple(t.shape)} holds {n_bad} non-finite values"
                     " (NaN/Inf); every token would be routed by NaN. Fix or re-export the model"
                     " weights; nothing was traced"
                 )
@@ -414,14 +446,25 @@ def trace_model(
     seed: int = 0,
     progress: bool = True,
     command: str = "",
+    model_class: str | None = None,
+    logits_dtype: str = "float16",
     _stop_after_batches: int | None = None,
 ) -> TraceStore:
     """Trace `docs` through the model into the store at `out` (resumes an interrupted run).
 
     docs: objects with .doc_id, .text, .domain (moelab.data.Document) or with .token_ids.
     hidden_layers: MoE layers whose hidden states are sampled (None = all) at `hidden_rate`.
+    model_class: transformers class name to load a model directory with (default: the
+    config's architectures / auto mapping). logits_dtype: "float16" (default; rounding up to
+    about 1e-3 relative, 3.5e-3 absolute at |logit| ~ 8) or "float32" (exact, twice the bytes).
+    The first batch is run and checked (sizes, ids in range, logits present) before anything
+    is written: a model whose routing cannot be recorded leaves no store behind.
     """
     check_trace_options(seq_len, max_tokens, batch_size, shard_tokens, hidden_rate)
+    if logits_dtype not in ("float16", "float32"):
+        raise ConfigError(
+            f"--logits-dtype {logits_dtype}: expected float16 or float32; nothing was traced"
+        )
     torch.manual_seed(seed)
     rank, world_size = dist_info(rank, world_size)
     device = local_device(device, world_size)
@@ -433,7 +476,7 @@ def trace_model(
     model = (
         model_or_path
         if isinstance(model_or_path, nn.Module)
-        else load_model(model_or_path, device, dtype)
+        else load_model(model_or_path, device, dtype, model_class=model_class)
     )
     model.eval()
     adapter = get_adapter(model)
@@ -468,6 +511,22 @@ def trace_model(
             " (none given, or every text is empty); nothing was written"
         )
     points = tuple(hidden_points) if hidden_rate > 0 else ()
+    # run the first batch once and validate it against the sizes meta.json will declare
+    first = iter_batches(plan.chunks, batch_size)[0] if plan.chunks else None
+    has_dropped = False
+    if first is not None:
+        p_ids, p_mask, _, p_sel = make_batch(first, dev)
+        with Tracer(adapter, logits=False) as probe, torch.inference_mode():
+            try:
+                adapter.run(p_ids, p_mask)
+            except Exception as exc:  # noqa: BLE001 - reported with the family, nothing written
+                raise ModelError(
+                    f"{adapter.family}: the model's forward pass failed on the first batch"
+                    f" ({type(exc).__name__}: {str(exc)[:300]}); nothing was traced"
+                ) from exc
+            decoded = probe.decode_all()
+        adapter.check_first(decoded, logits)
+        has_dropped = any(d.dropped is not None for d in decoded)
     meta = TraceMeta(
         num_layers=len(adapter.sites),
         num_experts=adapter.num_experts,
@@ -487,6 +546,10 @@ def trace_model(
             "layer_groups": [s.group for s in adapter.sites],
             "layer_names": [s.name for s in adapter.sites],
             "num_hidden_layers": adapter.num_model_layers(),
+            "null_experts": list(getattr(adapter, "null_experts", [])),
+            "dropped": has_dropped,
+            "logits_dtype": logits_dtype,
+            "decoder_input": getattr(adapter, "decoder_input", None),
             "tokenizer_file": TOKENIZER_FILE if tok_json is not None else None,
             "run": {
                 "seq_len": seq_len,
@@ -556,6 +619,7 @@ def trace_model(
                 dev,
                 progress and rank == 0,
                 _stop_after_batches,
+                DTYPES[logits_dtype],
             )
     except Exception:
         if fresh and world_size == 1 and (writer is None or writer.next_index == 0):
@@ -579,6 +643,7 @@ def _run(
     dev: torch.device,
     progress: bool,
     stop_after: int | None,
+    logits_dtype: torch.dtype = torch.float16,
 ) -> None:
     """The tracing loop: skip batches already in complete shards, record the rest."""
     from tqdm.auto import tqdm
@@ -619,6 +684,7 @@ def _run(
             logits=logits,
             hidden_points=points,
             hidden_layers=None if hidden_layers is None else list(hidden_layers),
+            logits_dtype=logits_dtype,
         ) as tracer:
             for bi in range(start, len(batches)):
                 if stop_after is not None and bi - start >= stop_after:
@@ -639,6 +705,7 @@ def _run(
                         logits=rec.logits,
                         hidden=rec.hidden or None,
                         hidden_rows=hrows if points else None,
+                        dropped=rec.dropped,
                     )
                 )
                 bar.update(int(sizes[bi]))

@@ -128,6 +128,17 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device"),
         dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (as saved)"),
         seed: int = typer.Option(0, help="seed for splits and hidden-state sampling"),
+        model_class: str = typer.Option(
+            None,
+            "--model-class",
+            help="transformers class to load the model with (default: config.architectures,"
+            " else the auto class of its model_type), e.g. Qwen3MoeForCausalLM",
+        ),
+        logits_dtype: str = typer.Option(
+            "float16",
+            "--logits-dtype",
+            help="float16 (default; rounds logits by up to ~1e-3 relative) or float32 (exact)",
+        ),
     ) -> None:
         """Run an MoE model over a corpus split and record every router decision (resumable;
         under torchrun each process traces a disjoint share of the documents)."""
@@ -145,6 +156,10 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--max-bytes {max_bytes}: expected an integer >= 1 (bytes)")
         if split not in SPLIT_CHOICES:
             raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
+        if logits_dtype not in ("float16", "float32"):
+            raise ConfigError(
+                f"--logits-dtype {logits_dtype}: expected float16 or float32; nothing was traced"
+            )
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
@@ -176,6 +191,8 @@ def register(app: typer.Typer) -> None:
             shard_tokens=shard_tokens,
             corpus=corpus,
             seed=seed,
+            model_class=model_class,
+            logits_dtype=logits_dtype,
             command="moelab trace "
             + " ".join(
                 (

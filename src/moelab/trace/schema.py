@@ -3,7 +3,8 @@
 A Trace holds N token rows in document order (rows of one document are consecutive and sorted
 by position), and per MoE layer l in 0..L-1 (index into the model's MoE layers, not its
 transformer layers; `meta.layer_indices[l]` gives the transformer layer) the top-k choices.
-Unused slots (capacity drops, expert-choice) hold NO_EXPERT and weight 0.
+Unused slots (expert-choice) hold NO_EXPERT and weight 0; a capacity-dropped slot keeps the
+expert the router chose, weight 0, and `dropped` True (stores with meta.extra["dropped"]).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Trace:
     logits: np.ndarray | None = None
     hidden: dict[str, np.ndarray] = field(default_factory=dict)
     hidden_rows: np.ndarray | None = None
+    dropped: np.ndarray | None = None  # [N, L, k] bool over-capacity flags (if recorded)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,8 +120,10 @@ class Trace:
             if a.shape != (n,):
                 raise TraceError(f"Trace.{name}: expected shape ({n},), got {a.shape}")
         want = (n, m.num_layers, m.top_k)
-        for name in ("expert_ids", "weights"):
+        for name in ("expert_ids", "weights", "dropped"):
             a = getattr(self, name)
+            if a is None and name == "dropped":
+                continue
             if a.shape != want:
                 raise TraceError(f"Trace.{name}: expected shape {want} (N, L, k), got {a.shape}")
         if self.logits is not None and self.logits.shape != (n, m.num_layers, m.num_experts):
@@ -169,6 +173,7 @@ class Trace:
             expert_ids=self.expert_ids[idx],
             weights=self.weights[idx],
             logits=None if self.logits is None else self.logits[idx],
+            dropped=None if self.dropped is None else self.dropped[idx],
             hidden=hidden,
             hidden_rows=hrows if hidden else None,
         )

@@ -66,7 +66,25 @@ def routing_columns(meta: TraceMeta, logits: bool) -> list[str]:
     cols += [f"w{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
     if logits:
         cols += [f"logits{li}" for li in range(meta.num_layers)]
+    if has_dropped(meta):
+        cols += [f"d{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
     return cols
+
+
+def has_dropped(meta: TraceMeta) -> bool:
+    """True if the store has per-slot capacity-drop flags `d{l}_{j}` (meta.extra["dropped"])."""
+    return bool(meta.extra.get("dropped", False))
+
+
+LOGITS_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+
+
+def logits_dtype(meta: TraceMeta) -> tuple[Any, pa.DataType]:
+    """(numpy, arrow) type of the stored logits (meta.extra["logits_dtype"], float16 default)."""
+    name = str(meta.extra.get("logits_dtype", "float16"))
+    if name not in LOGITS_DTYPES:
+        raise TraceError(f"meta.json logits_dtype={name!r}: expected one of {list(LOGITS_DTYPES)}")
+    return LOGITS_DTYPES[name]
 
 
 def arrow_schema(meta: TraceMeta, logits: bool) -> pa.Schema:
@@ -84,9 +102,16 @@ def arrow_schema(meta: TraceMeta, logits: bool) -> pa.Schema:
         for j in range(meta.top_k)
     ]
     if logits:
+        ltype = logits_dtype(meta)[1]
         fields += [
-            pa.field(f"logits{li}", pa.list_(pa.float16(), meta.num_experts), nullable=False)
+            pa.field(f"logits{li}", pa.list_(ltype, meta.num_experts), nullable=False)
             for li in range(meta.num_layers)
+        ]
+    if has_dropped(meta):
+        fields += [
+            pa.field(f"d{li}_{j}", pa.bool_(), nullable=False)
+            for li in range(meta.num_layers)
+            for j in range(meta.top_k)
         ]
     return pa.schema(fields)
 
@@ -122,10 +147,20 @@ def build_table(meta: TraceMeta, rows: dict[str, np.ndarray], logits: bool) -> p
         lg = rows.get("logits")
         if lg is None:
             raise TraceError("this store records logits but append() got logits=None")
-        lg = np.asarray(lg, dtype=np.float16)
+        lg = np.asarray(lg, dtype=logits_dtype(meta)[0])
         for li in range(meta.num_layers):
             flat = pa.array(np.ascontiguousarray(lg[:, li, :]).reshape(-1))
             arrays.append(pa.FixedSizeListArray.from_arrays(flat, meta.num_experts))
+    if has_dropped(meta):
+        dr = rows.get("dropped")
+        if dr is None:
+            dr = np.zeros((n, meta.num_layers, meta.top_k), bool)
+        dr = np.asarray(dr, dtype=bool)
+        if dr.shape != (n, meta.num_layers, meta.top_k):
+            raise TraceError(f"dropped: expected shape {(n, meta.num_layers, meta.top_k)}")
+        for li in range(meta.num_layers):
+            for j in range(meta.top_k):
+                arrays.append(pa.array(np.ascontiguousarray(dr[:, li, j])))
     return pa.Table.from_arrays(arrays, schema=arrow_schema(meta, logits))
 
 
@@ -332,6 +367,7 @@ class TraceWriter:
         logits: np.ndarray | None = None,
         hidden: dict[str, np.ndarray] | None = None,
         hidden_rows: np.ndarray | None = None,
+        dropped: np.ndarray | None = None,
     ) -> None:
         """Add n rows (hidden: point -> [m, Lh, D] for batch-local row indices hidden_rows [m])."""
         if self.closed:
@@ -346,7 +382,10 @@ class TraceWriter:
             "expert_ids": np.asarray(expert_ids),
             "weights": np.asarray(weights),
             "logits": None if logits is None else np.asarray(logits),
+            "dropped": None if dropped is None else np.asarray(dropped, dtype=bool),
         }
+        if rows["dropped"] is not None and not has_dropped(self.meta):
+            raise TraceError("append: dropped flags given but meta.extra['dropped'] is not set")
         for k in BASE_COLUMNS:
             if rows[k].shape != (n,):
                 raise TraceError(f"append: {k} has shape {rows[k].shape}, expected ({n},)")
@@ -627,6 +666,7 @@ class TraceStore:
         }
         ids = np.empty((n, L, k), np.int16)
         w = np.zeros((n, L, k), float_dtype)
+        drop = np.zeros((n, L, k), bool) if has_dropped(m) else None
         lg = np.empty((n, L, E), float_dtype) if ("logits" in want and self.has_logits) else None
         sentinel = np.iinfo(id_dtype(E)).max
         off = 0
@@ -636,6 +676,8 @@ class TraceStore:
                 cols += [f"w{li}_{j}" for li in range(L) for j in range(k)]
             if lg is not None:
                 cols += [f"logits{li}" for li in range(L)]
+            if drop is not None:
+                cols += [f"d{li}_{j}" for li in range(L) for j in range(k)]
             t = pf.read(columns=cols)
             r = t.num_rows
             for c in BASE_COLUMNS:
@@ -646,6 +688,8 @@ class TraceStore:
                     ids[off : off + r, li, j] = np.where(e == sentinel, NO_EXPERT, e)
                     if "weights" in want:
                         w[off : off + r, li, j] = t[f"w{li}_{j}"].to_numpy()
+                    if drop is not None:
+                        drop[off : off + r, li, j] = t[f"d{li}_{j}"].to_numpy(zero_copy_only=False)
                 if lg is not None:
                     col = t[f"logits{li}"].combine_chunks()
                     lg[off : off + r, li, :] = col.flatten().to_numpy().reshape(r, E)
@@ -658,11 +702,13 @@ class TraceStore:
             base = {k2: v[order] for k2, v in base.items()}
             ids, w = ids[order], w[order]
             lg = None if lg is None else lg[order]
+            drop = None if drop is None else drop[order]
         return Trace(
             meta=m,
             expert_ids=ids,
             weights=w,
             logits=lg,
+            dropped=drop,
             hidden=hid,
             hidden_rows=hrows,
             **base,
