@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "moelab.trace.commands",
     "moelab.offload.commands",
     "moelab.predict.commands",
+    "moelab.experts.commands",
 ]
 
 for _name in COMMAND_MODULES:
