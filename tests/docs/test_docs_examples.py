@@ -25,6 +25,7 @@ PAGES = [
     "06-prediction.md",
     "07-offloading.md",
     "08-moefy.md",
+    "10-experts.md",
 ]
 FENCE = re.compile(r"^(`{3,})\s*([^`]*)$")
 

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from experts_tiny import tiny_moe
 
 from moelab.errors import ConfigError, ModelError
 from moelab.experts.ablate import (
@@ -17,8 +18,6 @@ from moelab.experts.ablate import (
 )
 from moelab.experts.heldout import EvalSample, domain_loss, sequence_sums
 from moelab.experts.prune import prune_model
-
-from .conftest import tiny_moe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -39,7 +39,7 @@ def test_ablate_cli(prepared: Path, model_dir: Path, tmp_path: Path, capsys) -> 
                           "--modes", "drop"], capsys)  # fmt: skip
     assert code == 2 and "--modes" in text
     code, text = run_cli(["ablate", "--model", str(model_dir), "--corpus", str(prepared), "--split", "nope",
-                          "--out", str(out)], capsys)  # fmt: skip
+                          "--seq-len", "32", "--out", str(out)], capsys)  # fmt: skip
     assert code == 2 and "--split" in text
 
 
@@ -73,10 +73,23 @@ def test_prune_sweep_similarity_roles_cli(
     assert code == 0, text
     assert json.loads((tmp_path / "m" / "similarity.json").read_text())["num_experts"] == 6
     code, text = run_cli(
-        ["experts", "roles", *common, "--tokens", "600", "--out", str(tmp_path / "m")], capsys
+        [
+            "experts",
+            "roles",
+            *common,
+            "--tokens",
+            "600",
+            "--tsne-points",
+            "150",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capsys,
     )
     assert code == 0, text
-    assert "english-toy" not in json.loads((tmp_path / "m" / "roles.json").read_text())["classes"]
+    roles = json.loads((tmp_path / "m" / "roles.json").read_text())
+    assert sum(roles["tokens_per_class"]) > 100 and len(roles["share"][0]) == 2  # [class][layer][E]
+    assert roles["tagger"].startswith(("Lingua", "heuristic"))
     code, text = run_cli(
         ["experts", "prune", *common, "--keep", "9", "--out", str(tmp_path / "q")], capsys
     )

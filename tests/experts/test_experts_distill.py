@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from experts_tiny import tiny_moe
 
 from moelab.errors import ConfigError, ModelError
 from moelab.experts.distill import kd_loss, mean_kl, train_student
 from moelab.models import MoETransformer
 from moelab.models.config import dense_baseline
-
-from .conftest import tiny_moe
 
 
 def test_kd_loss_reference() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from experts_tiny import tiny_moe
 
 from moelab.errors import InputError
 from moelab.experts.access import capture_router_inputs, expert_forward, layer_experts
@@ -17,8 +18,6 @@ from moelab.experts.similarity import (
     plot_heatmaps,
     weight_similarity,
 )
-
-from .conftest import tiny_moe
 
 
 def _expert(seed: int, d: int = 12, f: int = 20) -> tuple[torch.Tensor, torch.Tensor]:

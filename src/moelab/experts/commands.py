@@ -256,6 +256,7 @@ def register(app: typer.Typer) -> None:
             None, help="comma list of domains (default: those named english*)"
         ),
         tokens: int = typer.Option(20000, help="tokens routed and tagged"),
+        tsne_points: int = typer.Option(1500, help="tokens in the t-SNE picture"),
         seq_len: int = typer.Option(128, help="tokens per sequence"),
         threads: int = typer.Option(0, help="torch threads"),
     ) -> None:
@@ -266,7 +267,14 @@ def register(app: typer.Typer) -> None:
         m = _load(model, threads)
         texts, encode_offsets, bos, decode = _role_texts(model, corpus, split, domains)
         r = expert_roles(
-            m, encode_offsets, texts, bos, _seq_len(m, seq_len), tokens, heuristic_decode=decode
+            m,
+            encode_offsets,
+            texts,
+            bos,
+            _seq_len(m, seq_len),
+            tokens,
+            tsne_points,
+            heuristic_decode=decode,
         )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "roles.json", {"split": split, "corpus": corpus, **r.to_dict()})

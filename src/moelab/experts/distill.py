@@ -129,7 +129,7 @@ def train_student(
             opt.step()
             sched.step()
             log.append(
-                {"step": step + 1, "loss": float(loss), "kl": float(kl), "ce": float(ce),
+                {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(),
                  "seconds": time.perf_counter() - t0}
             )  # fmt: skip
             prog.advance(task)

@@ -39,6 +39,8 @@ def shrink_model(
     if method not in METHODS:
         raise ConfigError(f"shrink: method={method!r}; expected one of {METHODS}")
     E = model.cfg.moe.num_experts
+    if not 1 <= keep <= E:
+        raise ConfigError(f"shrink: --keep {keep} experts per layer must be in [1, {E}]")
     freq, mass = stats if stats is not None else routing_stats(model, calib.input_ids)
     if method == "merge":
         new, groups = merge_model(model, calib.input_ids, keep, freq=freq)
