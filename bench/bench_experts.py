@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_experts"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample", type=int, default=8192, help="the ablate command's default")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="full ablations (forwards: +1)")
     ap.add_argument("--distill-steps", type=int, default=0, help="0 = skip distillation")
     ap.add_argument("--distill-batch", type=int, default=16)
     args = ap.parse_args()
@@ -51,18 +51,25 @@ def main() -> None:
     # 1. ablation cost: full ablation (both modes) vs one forward pass, interleaved repeats
     fwd, full = [], []
     res = None
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        sequence_sums(m, test)
-        fwd.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    sequence_sums(m, test)
+    fwd.append(time.perf_counter() - t0)
+    for _ in range(args.repeats):  # interleaved: forward, ablation, forward, ...
         t0 = time.perf_counter()
         res = ablation_importance(m, test, show_progress=False)
         full.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sequence_sums(m, test)
+        fwd.append(time.perf_counter() - t0)
+    cpu0 = time.process_time()
+    ablation_importance(m, test, modes=("zero",), layers=[0], show_progress=False)
+    cpu_one_layer = time.process_time() - cpu0
     f_med, a_med = statistics.median(fwd), statistics.median(full)
     out["ablation"] = {
         "sample_tokens": test.num_tokens, "sequences": test.num_sequences,
         "ablations": 2 * E * L, "forward_s_median": f_med, "ablate_all_s_median": a_med,
         "ablate_all_s_range": [min(full), max(full)], "ratio_to_one_forward": a_med / f_med,
+        "cpu_s_one_mode_one_layer": cpu_one_layer,
         "max_se_all": {mode: float(res.se[mode][:, :, -1].max()) for mode in res.modes},
         "median_abs_delta_all": {
             mode: float(statistics.median(abs(x) for x in res.delta[mode][:, :, -1].ravel()))
@@ -70,7 +77,7 @@ def main() -> None:
         },
     }  # fmt: skip
     print(f"\nablating all {E} x {L} experts in 2 modes ({2 * E * L} ablations), "
-          f"{test.num_tokens} tokens, {args.threads} threads, {args.repeats} interleaved repeats")  # fmt: skip
+          f"{test.num_tokens} tokens, {args.threads} threads, {args.repeats} ablation run(s) interleaved with {len(fwd)} forwards")  # fmt: skip
     print(f"{'what':28s} {'median s':>9s} {'min..max s':>14s} {'ratio':>7s}")
     print(
         f"{'one forward (reference)':28s} {f_med:9.2f} {min(fwd):6.2f}..{max(fwd):<6.2f} {1.0:7.2f}"

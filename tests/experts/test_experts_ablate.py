@@ -46,6 +46,13 @@ def test_sequence_sums_match_the_token_mean_cross_entropy() -> None:
     assert dl.value["all"] == pytest.approx(float(nll[dom >= 0].mean()), rel=1e-6)
     assert dl.tokens["all"] == s.num_tokens == int((dom >= 0).sum())
     assert 0 < dl.se["all"] < 1
+    # running from a block on cached block inputs gives the same sums (ablation's shortcut)
+    from moelab.experts.heldout import block_inputs
+
+    for b in (0, 1):
+        st = block_inputs(m, s, b, batch_size=4)
+        s2, c2 = sequence_sums(m, s, batch_size=4, start_block=b, states=st)
+        assert np.allclose(s2, sums, rtol=1e-6, atol=1e-6) and np.array_equal(c2, counts)
 
 
 def test_a_never_routed_expert_has_zero_importance() -> None:

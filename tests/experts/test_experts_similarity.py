@@ -91,7 +91,7 @@ def test_expert_similarity_matrices_on_a_model(tmp_path) -> None:
     assert np.allclose(np.diag(sim.output_cka), 1.0)
     assert np.allclose(sim.output_cka, sim.output_cka.T)
     assert sim.weight_cos_aligned[0, 1] == pytest.approx(1.0, abs=1e-9)
-    assert sim.output_cka[0, 1] == pytest.approx(1.0, abs=1e-6)
+    assert sim.output_cka[0, 1] == pytest.approx(1.0, abs=1e-5)
     assert sim.weight_cos_raw[0, 1] < 0.9
     off = sim.within_layer("weight_cos_aligned", 1)[~np.eye(4, dtype=bool)]
     assert (off < 0.9).all()

@@ -38,7 +38,14 @@ from torch import nn
 
 from moelab._io import atomic_write_json
 from moelab.errors import ConfigError, ModelError
-from moelab.experts.heldout import DomainLoss, EvalSample, domain_loss, ratio_and_se, sequence_sums
+from moelab.experts.heldout import (
+    DomainLoss,
+    EvalSample,
+    block_inputs,
+    domain_loss,
+    ratio_and_se,
+    sequence_sums,
+)
 
 __all__ = [
     "MODES",
@@ -287,13 +294,22 @@ def ablation_importance(
         disable=not show_progress,
     ) as prog:
         task = prog.add_task("experts", total=len(todo))
+        cached: tuple[int, list[torch.Tensor]] | None = None
         for n, (m, li, e) in enumerate(todo):
             key = f"{m}/{li}/{e}"
             if key in done:
                 d_s = np.asarray(done[key], dtype=np.float64)
             else:
+                kw: dict[str, Any] = {}
+                if _is_moelab(model):  # blocks before the ablated one run once per layer
+                    if cached is None or cached[0] != li:
+                        cached = (
+                            li,
+                            block_inputs(model, sample, layer_idx[li], batch_size, device),
+                        )
+                    kw = {"start_block": layer_idx[li], "states": cached[1]}
                 with ablated(model, {li: [e]}, m):
-                    s, _ = sequence_sums(model, sample, batch_size, device)
+                    s, _ = sequence_sums(model, sample, batch_size, device, **kw)
                 d_s = s - base_s
                 done[key] = d_s.tolist()
                 if cpath is not None and (n + 1 == len(todo) or todo[n + 1][1] != li):

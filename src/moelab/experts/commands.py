@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
         corpus: str = typer.Option(..., help=CORPUS_HELP),
         out: Path = typer.Option(Path("runs/experts"), help="output folder"),
         split: str = typer.Option("test", help="split whose tokens feed the experts"),
-        tokens: int = typer.Option(4096, help="tokens for the output similarities"),
+        tokens: int = typer.Option(2048, help="tokens for the output similarities"),
         seq_len: int = typer.Option(128, help="tokens per sequence"),
         across_layers: bool = typer.Option(True, help="also compare experts of different layers"),
         threads: int = typer.Option(0, help="torch threads"),
@@ -243,7 +243,10 @@ def register(app: typer.Typer) -> None:
         for c in ("measure", "within layer", "across layers"):
             t.add_column(c, justify="right")
         for k, v in summ.items():
-            t.add_row(k, f"{v['within_layer']:.3f}", f"{v['across_layers']:.3f}")
+            if "value" in v:
+                t.add_row(k, f"{v['value']:.3f}", "")
+            else:
+                t.add_row(k, f"{v['within_layer']:.3f}", f"{v['across_layers']:.3f}")
         Console().print(t)
 
     @exp.command("roles")

@@ -32,6 +32,7 @@ __all__ = [
     "sample_from_blocks",
     "forward_logits",
     "sequence_sums",
+    "block_inputs",
     "ratio_and_se",
     "DomainLoss",
     "domain_loss",
@@ -115,19 +116,71 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False).logits
 
 
+def _is_moelab(model: nn.Module) -> bool:
+    return hasattr(model, "blocks") and hasattr(model, "cfg")
+
+
+def _moelab_blocks(
+    model: nn.Module, ids: torch.Tensor, h: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
+    """Run blocks[start:stop] of a moelab model on hidden states h (no padding, no cache), the
+    same operations as MoETransformer.forward."""
+    from moelab.models.transformer import rotary_cos_sin
+
+    S = ids.shape[1]
+    pos = torch.arange(S, device=ids.device)
+    cos, sin = rotary_cos_sin(pos, model.cfg.head_dim, model.cfg.rope_theta, h.dtype)
+    mask, is_causal = model._attention_mask(None, S, S, h.device)
+    for block in model.blocks[start:stop]:
+        h, _ = block(h, cos, sin, mask, is_causal, ids, None, None)
+    return h
+
+
+@torch.no_grad()
+def block_inputs(
+    model: nn.Module,
+    sample: EvalSample,
+    block: int,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> list[torch.Tensor]:
+    """Hidden states entering transformer block `block` for each batch of the sample (moelab
+    models): an ablation at that block leaves everything before it unchanged, so it reuses them."""
+    if not _is_moelab(model):
+        raise InputError("block_inputs: only moelab MoETransformers can be run from a block")
+    out = []
+    for i in range(0, sample.num_sequences, batch_size):
+        ids = sample.input_ids[i : i + batch_size].to(device)
+        out.append(_moelab_blocks(model, ids, model.embed_tokens(ids), 0, block))
+    return out
+
+
 @torch.no_grad()
 def sequence_sums(
-    model: nn.Module, sample: EvalSample, batch_size: int = 16, device: str | torch.device = "cpu"
+    model: nn.Module,
+    sample: EvalSample,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    start_block: int = 0,
+    states: list[torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(loss sums [B, D], token counts [B, D]) of next-token cross-entropy per sequence and domain."""
+    """(loss sums [B, D], token counts [B, D]) of next-token cross-entropy per sequence and domain.
+
+    With `states` (from `block_inputs(model, sample, start_block, batch_size)`) a moelab model
+    runs from block `start_block` on; the result is the same as the full forward pass.
+    """
     D = len(sample.domains)
     B = sample.num_sequences
     sums = np.zeros((B, D), dtype=np.float64)
     counts = np.zeros((B, D), dtype=np.float64)
-    for i in range(0, B, batch_size):
+    for n_batch, i in enumerate(range(0, B, batch_size)):
         ids = sample.input_ids[i : i + batch_size].to(device)
         dom = sample.target_domain[i : i + batch_size].to(device)
-        logits = forward_logits(model, ids)[:, :-1].float()
+        if states is not None:
+            h = _moelab_blocks(model, ids, states[n_batch], start_block, len(model.blocks))
+            logits = model.lm_head(model.norm(h))[:, :-1].float()
+        else:
+            logits = forward_logits(model, ids)[:, :-1].float()
         nll = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
         ).view(ids.shape[0], -1)

@@ -327,20 +327,26 @@ def _project(res: RoleResult, x: np.ndarray, g: np.ndarray, points: int, seed: i
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(g), size=min(points, len(g)), replace=False)
     xs, ys = x[idx], g[idx]
-    _, cnt = np.unique(ys, return_counts=True)
-    res.majority_share = float(cnt.max() / cnt.sum())
-    folds = int(min(5, cnt.min()))
-    if folds >= 2:
-        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    cls, cnt = np.unique(ys, return_counts=True)
+    common = np.isin(ys, cls[cnt >= 5])  # kNN over the classes with >= 5 sampled tokens
+    if (~common).any():
+        res.notes.append(
+            f"kNN accuracy leaves out {int((~common).sum())} sampled tokens of classes with < 5"
+        )
+    xk, yk = xs[common], ys[common]
+    _, cnt_k = np.unique(yk, return_counts=True)
+    if cnt_k.size >= 2:
+        res.majority_share = float(cnt_k.max() / cnt_k.sum())
+        cv = StratifiedKFold(n_splits=int(min(5, cnt_k.min())), shuffle=True, random_state=seed)
         knn = KNeighborsClassifier(n_neighbors=5)
-        res.knn_accuracy = float(cross_val_score(knn, xs, ys, cv=cv).mean())
-        res.knn_shuffled = float(cross_val_score(knn, xs, rng.permutation(ys), cv=cv).mean())
+        res.knn_accuracy = float(cross_val_score(knn, xk, yk, cv=cv).mean())
+        res.knn_shuffled = float(cross_val_score(knn, xk, rng.permutation(yk), cv=cv).mean())
     else:
-        res.notes.append("a class has < 2 sampled tokens: no kNN accuracy")
+        res.notes.append("fewer than 2 classes with >= 5 sampled tokens: no kNN accuracy")
     if len(ys) >= 10:
         perp = float(min(30.0, (len(ys) - 1) / 3))
         res.tsne = TSNE(
-            n_components=2, perplexity=perp, random_state=seed, init="pca"
+            n_components=2, perplexity=perp, random_state=seed, init="pca", max_iter=500
         ).fit_transform(xs)
         res.tsne_labels = ys
 

@@ -125,6 +125,7 @@ class SimilarityMatrices:
     output_cka: np.ndarray  # linear CKA of outputs on the same tokens
     output_cos: np.ndarray  # mean per-token cosine of outputs
     tokens: int
+    aligned_null: float = float("nan")  # aligned cosine of random Gaussian experts, same shape
 
     def within_layer(self, name: str, layer_pos: int) -> np.ndarray:
         """[E, E] block of one matrix for one MoE layer."""
@@ -137,7 +138,7 @@ class SimilarityMatrices:
         E, L = self.num_experts, len(self.layers)
         same = np.kron(np.eye(L, dtype=bool), np.ones((E, E), dtype=bool))
         off = ~np.eye(L * E, dtype=bool)
-        out = {}
+        out = {"null_aligned_cosine_of_random_experts": {"value": self.aligned_null}}
         for name in (
             "weight_cos_raw",
             "weight_cos_aligned",
@@ -177,6 +178,11 @@ def expert_similarity(
         outs.append(
             [expert_forward(le.gate_up[e], le.down[e], le.act, xs).float().cpu() for e in range(E)]
         )
+    # CKA pieces computed once per expert: centred outputs, ||Yc^T Yc||_F, unit rows for cosine
+    flat = [y for layer in outs for y in layer]
+    cen = [y - y.mean(0, keepdim=True) for y in flat]
+    self_norm = [float(torch.linalg.matrix_norm(c.t() @ c)) for c in cen]
+    unit = [y / y.norm(dim=1, keepdim=True).clamp_min(1e-12) for y in flat]
     for a in range(n):
         la, ea = divmod(a, E)
         for b in range(a, n):
@@ -184,9 +190,10 @@ def expert_similarity(
             if la != lb and not across_layers:
                 continue
             A, B = experts[la], experts[lb]
-            ya, yb = outs[la][ea], outs[lb][eb]
-            mats["cka"][a, b] = mats["cka"][b, a] = linear_cka(ya, yb)
-            mats["cos"][a, b] = mats["cos"][b, a] = output_cosine(ya, yb)
+            den = self_norm[a] * self_norm[b]
+            cka = float((cen[b].t() @ cen[a]).pow(2).sum()) / den if den > 0 else float("nan")
+            mats["cka"][a, b] = mats["cka"][b, a] = cka
+            mats["cos"][a, b] = mats["cos"][b, a] = float((unit[a] * unit[b]).sum(1).mean())
             if A.gate_up.shape == B.gate_up.shape and A.act == B.act:
                 ga, da = A.gate_up[ea].cpu(), A.down[ea].cpu()
                 gb, db = B.gate_up[eb].cpu(), B.down[eb].cpu()
@@ -198,7 +205,18 @@ def expert_similarity(
                 mats["raw"][a, b] = mats["raw"][b, a] = float(raw)
                 mats["aligned"][a, b] = mats["aligned"][b, a] = float(ali)
                 mats["corr"][a, b] = mats["corr"][b, a] = corr
+    # what alignment alone gives: two random Gaussian experts of the same shape (3 pairs)
+    g = torch.Generator().manual_seed(0)
+    ref = experts[0]
+    nulls = []
+    for _ in range(3):
+        ga, gb = (
+            torch.randn(ref.gate_up.shape[1:], generator=g, dtype=torch.float64) for _ in "ab"
+        )
+        da, db = (torch.randn(ref.down.shape[1:], generator=g, dtype=torch.float64) for _ in "ab")
+        nulls.append(weight_similarity(ga, da, gb, db)[1])
     return SimilarityMatrices(
+        aligned_null=float(np.mean(nulls)),
         layers=[le.layer for le in experts],
         num_experts=E,
         weight_cos_raw=mats["raw"],
