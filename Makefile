@@ -32,9 +32,9 @@ $(STAMP): pyproject.toml $(LOCK)
 
 setup: $(STAMP)
 
-## optional: Debian-packaged corpora and Chromium (for the report screenshot test)
+## optional: Debian-packaged corpora, Chromium (report screenshot test) and the POS tagger (experts roles)
 corpora:
-	-apt-get update -q && apt-get install -y -q debian-handbook python3.11-doc bible-kjv-text bible-kjv chromium
+	-apt-get update -q && apt-get install -y -q debian-handbook python3.11-doc bible-kjv-text bible-kjv chromium liblingua-en-tagger-perl
 
 demo: $(STAMP)
 	$(BIN)/moelab demo

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "moelab.offload.commands",
     "moelab.predict.commands",
     "moelab.explore.commands",
+    "moelab.experts.commands",
 ]
 
 for _name in COMMAND_MODULES:

@@ -26,6 +26,7 @@ PAGES = [
     "07-offloading.md",
     "08-moefy.md",
     "09-explore.md",
+    "10-experts.md",
 ]
 FENCE = re.compile(r"^(`{3,})\s*([^`]*)$")
 
