@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     """Add `offload simulate` and `generate` to the moelab app."""
     offload = typer.Typer(help="Expert offloading: replay simulator.", no_args_is_help=True)
     app.add_typer(offload, name="offload")
+    __import__("moelab.offload.plan_commands").offload.plan_commands.register_plan(offload)  # 17b
 
     @offload.command("simulate")
     def simulate_cmd(
