@@ -49,7 +49,9 @@ def demo_case(root: Path, n_test: int, n_cal: int, seed: int):
     train = TraceStore.open(root / "trace" / "train").load()
     test = TraceStore.open(root / "trace" / "test").load()
     parts = split_by_document(train, {"fit": 0.8, "validation": 0.2}, seed=seed)
-    return "demo", head(parts["fit"], 20_000), head(parts["validation"], n_cal), head(test, n_test)
+    gates = TraceStore.open(root / "trace" / "train").gates()
+    fit = head(parts["fit"], 20_000)
+    return "demo", fit, head(parts["validation"], n_cal), head(test, n_test), gates
 
 
 def synthetic_case(name, L, E, k, n_test, seed):
@@ -61,38 +63,71 @@ def synthetic_case(name, L, E, k, n_test, seed):
         n_tokens=4 * n_test, num_layers=L, num_experts=E, top_k=k, doc_len=100, seed=seed
     )
     p = split_by_document(tr, {"fit": 0.5, "validation": 0.25, "test": 0.25}, seed=seed)
-    return name, p["fit"], p["validation"], p["test"]
+    return name, p["fit"], p["validation"], p["test"], None
 
 
-def fit_predictor(fit, names=("gate-lookahead", "ngram2")):
-    """The first predictor (d=1) that can be fitted on the fit split."""
-    from moelab.errors import MoelabError
+def fit_predictors(fit, gates):
+    """d=1, d=2 (gate lookahead when the routers are saved, else ngram2) and t+1 (markov)
+    predictors fitted on the fit split -> (name of the d=1 one, {horizon: predictor})."""
     from moelab.predict import Horizon, make_predictor
 
-    for name in names:
-        try:
-            return name, make_predictor(name, Horizon(layers_ahead=1)).fit(fit)
-        except MoelabError:
-            continue
-    raise RuntimeError("no predictor could be fitted")
+    spatial = "gate-lookahead" if gates is not None else "ngram2"
+    out = {}
+    for label, hz, name in (
+        ("d=1", Horizon(layers_ahead=1), spatial),
+        ("d=2", Horizon(layers_ahead=2), spatial),
+        ("t+1", Horizon(tokens_ahead=1), "markov"),
+    ):
+        out[label] = make_predictor(name, hz, gates=gates).fit(fit)
+    return spatial, out
+
+
+def plans_for(preds, trace, E):
+    """(prefetch plan from d=1, hint plan: d=2 and t+1 full rankings, for eviction only)."""
+    from moelab.offload.simulate import merge_plans
+
+    pre = plan_from_predictor(preds["d=1"], trace)
+    hints = merge_plans(
+        plan_from_predictor(preds["d=2"], trace, top=E),
+        plan_from_predictor(preds["t+1"], trace, top=E),
+        plan_from_predictor(preds["d=1"], trace, top=E),
+    )
+    return pre, hints
+
+
+def oracle_hints(ids):
+    """Hints naming the true experts of every layer's next visit (the current token's later
+    layers, the next token's earlier ones): what predictor-aware eviction does with a perfect
+    predictor, to separate the policy's gap to Belady from the predictor's."""
+    N, L, _ = ids.shape
+    plan = {}
+    for n in range(N):
+        for layer in range(L):
+            out = [(n, t, [int(e) for e in ids[n, t] if e >= 0]) for t in range(layer + 1, L)]
+            if n + 1 < N:
+                out += [
+                    (n + 1, t, [int(e) for e in ids[n + 1, t] if e >= 0]) for t in range(layer + 1)
+                ]
+            plan[(n, layer)] = out
+    return plan
 
 
 def run_case(case, caches, hw, nb, prefetches, log):
     """All policies x caches x prefetch on one trace -> rows."""
-    name, fit, val, test = case
+    name, fit, val, test, gates = case
     m = test.meta
     L, E, k = m.num_layers, m.num_experts, m.top_k
-    plans = {"none": (None, None)}
+    plans = {"none": (None, None, None, None)}
     if "predictor" in prefetches:
-        pname, pred = fit_predictor(fit)
-        plans[f"{pname} d=1"] = (plan_from_predictor(pred, val), plan_from_predictor(pred, test))
+        pname, preds = fit_predictors(fit, gates)
+        plans[f"{pname} d=1"] = (*plans_for(preds, val, E), *plans_for(preds, test, E))
     static_counts = usage_counts(val.expert_ids, E)
     rows = []
     for per_layer, pct in caches:
         cap = parse_capacity(pct, L, E, k, per_layer)
         if per_layer and cap <= k:
             continue  # every policy is the same when a layer holds exactly one token's experts
-        for label, (vplan, tplan) in plans.items():
+        for label, (vplan, vhints, tplan, thints) in plans.items():
             kw = dict(hardware=hw, per_layer=per_layer, expert_bytes=nb)
             t0 = time.perf_counter()
             hits = {}
@@ -100,11 +135,17 @@ def run_case(case, caches, hw, nb, prefetches, log):
                 if pol == "static" and cap <= k:
                     continue
                 r = simulate(
-                    test.expert_ids, E, cap, pol, plan=tplan, static_counts=static_counts, **kw
-                )
+                    test.expert_ids, E, cap, pol, plan=tplan, hints=thints,
+                    static_counts=static_counts, **kw,
+                )  # fmt: skip
                 hits[pol] = r.hit_rate
+            r = simulate(
+                test.expert_ids, E, cap, "predict", plan=tplan,
+                hints=oracle_hints(test.expert_ids), **kw,
+            )  # fmt: skip
+            oracle_predict = r.hit_rate
             ch = choose_policy(
-                val.expert_ids, E, cap, [*NAMED, *MOELAB], plan=vplan,
+                val.expert_ids, E, cap, [*NAMED, *MOELAB], plan=vplan, hints=vhints,
                 static_counts=static_counts, calibration="validation", **kw,
             )  # fmt: skip
             best_named = max(NAMED, key=lambda p: hits[p])
@@ -123,6 +164,7 @@ def run_case(case, caches, hw, nb, prefetches, log):
                 "auto_reason": ch.reason,
                 "belady": hits["belady"],
                 "gap_points": 100 * (hits["belady"] - hits[best]),
+                "predict_oracle_hints": oracle_predict,
                 "auto_minus_best_named_points": 100 * (hits[ch.policy] - hits[best_named]),
                 "seconds": time.perf_counter() - t0,
             }
@@ -130,7 +172,8 @@ def run_case(case, caches, hw, nb, prefetches, log):
             log(
                 f"{name:10s} {row['cache']:28s} {label:20s} best named {best_named} "
                 f"{hits[best_named]:.3f} | best {best} {hits[best]:.3f} | auto {ch.policy} "
-                f"{hits[ch.policy]:.3f} | belady {hits['belady']:.3f} ({row['seconds']:.0f} s)"
+                f"{hits[ch.policy]:.3f} | belady {hits['belady']:.3f} | predict+oracle hints"
+                f" {oracle_predict:.3f} ({row['seconds']:.0f} s)"
             )
     return rows
 
@@ -140,8 +183,8 @@ def table(rows) -> str:
     cols = [*NAMED, *MOELAB, "belady"]
     out = [
         "| trace | cache | prefetch | " + " | ".join(cols) + " | best named | auto (test) |"
-        " auto - best named | belady - best |",
-        "|" + "---|" * (len(cols) + 7),
+        " auto - best named | belady - best | predict, oracle hints |",
+        "|" + "---|" * (len(cols) + 8),
     ]
     for r in rows:
         h = r["hits"]
@@ -150,7 +193,8 @@ def table(rows) -> str:
             f"| {r['trace']} ({r['shape']}) | {r['cache']} | {r['prefetch']} | "
             + " | ".join(cells)
             + f" | {r['best_named']} {h[r['best_named']]:.3f} | {r['auto']} {r['auto_hit']:.3f}"
-            f" | {r['auto_minus_best_named_points']:+.1f} | {r['gap_points']:.1f} |"
+            f" | {r['auto_minus_best_named_points']:+.1f} | {r['gap_points']:.1f}"
+            f" | {r['predict_oracle_hints']:.3f} |"
         )
     return "\n".join(out)
 

@@ -123,40 +123,59 @@ def test_least_stale_matches_belady_on_layer_cycle():
     assert sum(ls_hits) == sum(opt_hits) == 3
 
 
-def test_predict_policy_follows_hints_and_calibrates():
-    c = ExpertCache(2, "predict", num_layers=1, num_experts=4, top_k=1)
-    pol = c._policies[0]
+def _two_visits(policy):
+    c = ExpertCache(2, policy, num_layers=1, num_experts=4, top_k=1)
     for step, e in enumerate([0, 1]):
         c.at(step, 0)
         c.lock([(0, e)])
         if not c.access((0, e))[0]:
             c.insert((0, e))
         c.unlock()
-    # without a hint: (0,0) was not used at the last visit and (0,1) was; reuse rate so far 0
+    return c
+
+
+def test_predict_policy_follows_hints_and_calibrates():
+    c = _two_visits("predict:markov=0")
+    pol = c._policies[0]
+    f = 2 ** (-1 / 2048)  # one visit of decay
     q0, q1 = pol._q((0, 0)), pol._q((0, 1))
-    prior = 1 / 4
-    assert q0 == pytest.approx((2 ** (-1 / 2048) + prior) / (1 + 2 ** (-1 / 2048) + 1), rel=1e-6)
-    assert q1 == pytest.approx((0 + prior) / (1 + 1))
+    assert q0 == pytest.approx((f + 0.25) / (1 + f + 1))  # smoothed towards k/E = 1/4
+    assert q1 == pytest.approx((1 + 0.25) / (1 + f + 1))
+    # no hint: next use 1 + (1 - q) / q layer steps: the slightly rarer (0, 0) leaves
     c.at(2, 0)
     c.lock([(0, 2)])
     c.access((0, 2))
-    c.hint(3, 0, [1])  # the predictor says step 3 uses expert 1 (targets: the next visit)
     c.insert((0, 2))
     assert (0, 1) in c and (0, 0) not in c
+    # the predictor names expert 0 for step 3: p1(0) = 0.5 (prior), p1(1) = 0.1 -> (0, 1) leaves
+    c = _two_visits("predict:markov=0")
+    pol = c._policies[0]
+    c.at(2, 0)
+    c.lock([(0, 2)])
+    c.access((0, 2))
+    c.hint(3, 0, [0])
+    assert pol.expected_next_use((0, 0)) == pytest.approx(1 + 0.5 / pol._q((0, 0)))
+    assert pol.expected_next_use((0, 1)) == pytest.approx(1 + 0.9 / pol._q((0, 1)))
+    c.insert((0, 2))
+    assert (0, 0) in c and (0, 1) not in c
     c.unlock()
-    # step 3 uses expert 1: rank 0 was right once, prior 0.5/1 -> 1.5/2
-    c.at(3, 0)
-    c.lock([(0, 1)])
-    assert c.access((0, 1))[0]
+    c.at(3, 0)  # step 3 uses expert 0: rank 0 was right once, 0.5/1 -> 1.5/2
+    c.lock([(0, 0)])
+    assert c.access((0, 0))[0]
     assert pol.rank_hit[0] / pol.rank_n[0] == pytest.approx(0.75)
-    c.unlock()
-    # and a hint the other way round evicts the other expert
-    c.at(4, 0)
-    c.lock([(0, 3)])
-    c.access((0, 3))
-    c.hint(5, 0, [2])
-    c.insert((0, 3))
-    assert (0, 2) in c and (0, 1) not in c
+
+
+def test_predict_policy_online_transitions():
+    c = ExpertCache(2, "predict", num_layers=1, num_experts=4, top_k=1)
+    for step, e in enumerate([0, 1, 0, 1]):
+        c.at(step, 0)
+        c.lock([(0, e)])
+        c.unlock()
+    pol = c._policies[0]
+    f = 2 ** (-1 / 2048)
+    # last visit used 1; seen once: 1 -> 0 (at visit 3, one visit ago)
+    assert pol._markov((0, 0), 0.2) == pytest.approx((f + 0.2) / (f + 1))
+    assert pol._markov((0, 1), 0.2) == pytest.approx(0.2 / (f + 1))
 
 
 def test_predict_coactivation_raises_partner():

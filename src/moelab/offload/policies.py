@@ -27,10 +27,12 @@ MoE-structured:
   it is LRU there;
 - "predict": predictor-aware eviction, an estimate of Belady's next-use distance. For a resident
   expert of layer l' seen at (step, layer l) its next visit is delta = l' - l layer steps ahead
-  (or L - l + l' in the next token); with p1 = P(used at that visit) from the predictor's ranked
-  hints for that visit (rank -> probability calibrated online on the hints' own outcomes) or, with
-  no hint, q = its per-visit use rate (half-life decayed, with the previous-visit reuse rate when
-  it was just used), the expected next use is delta + (1 - p1) * L / q; the largest is evicted.
+  (or L - l + l' in the next token); p1 = P(used at that visit) comes from the predictor's ranked
+  hints for that visit (rank -> probability calibrated online on the hints' own outcomes) or,
+  with no hint, from online transition counts (the same token's experts at layer l -> layer l',
+  or the last visit's experts -> the next visit; `markov=0` turns them off); q = its half-life
+  decayed per-visit use rate. The expected next use is delta + (1 - p1) * L / q; the largest is
+  evicted.
   `coact=1` raises a hinted visit's p1 of expert e to p(top hint) * P(e | top hint in the same
   token-layer) (within-token co-activation, decayed counts).
 """
@@ -470,35 +472,64 @@ class PredictivePolicy(LRUPolicy):
         slots: int,
         half_life: float = 2048,
         coact: int = 0,
-        rank_weight: float = 1.0,
+        markov: int = 1,
         **kw: Any,
     ) -> None:
         super().__init__(slots, **kw)
-        self.uses = Decayed(half_life)  # per key, in layer visits
+        self.uses = Decayed(half_life)  # per key, in visits of its layer
         self.visits = Decayed(half_life)  # per layer
-        self.reuse = Decayed(half_life)  # per layer: (used again at next visit) counts
-        self.reuse_n = Decayed(half_life)
+        self.trans = Decayed(half_life)  # (layer, a, b): b at the visit after a's
+        self.trans_n = Decayed(half_life)  # (layer, a)
+        self.cross = Decayed(half_life)  # (l, l2, a, b): same token, b at l2 when a at l < l2
+        self.cross_n = Decayed(half_life)  # (l, l2, a)
         self.co = Decayed(half_life)  # (layer, a, b) within-token co-use
-        self.coact = bool(coact)
-        self.rank_weight = float(rank_weight)
+        self.coact, self.markov = bool(coact), bool(markov)
         self.step, self.layer = 0, 0
         self._explicit = False
         self.last_set: dict[int, set[int]] = {}
+        self.set_step: dict[int, int] = {}
         self.visit_no: dict[int, int] = defaultdict(int)
         self.hints: dict[tuple[int, int], dict[int, int]] = {}
-        # online calibration of hint ranks: hits / shown per rank, last slot = "not listed"
-        E = max(self.num_experts, 1)
-        self.rank_hit = [0.5] * (E + 1)
-        self.rank_n = [1.0] * (E + 1)
-        self.rank_hit[E] = 0.1
+        # online calibration of hint ranks per horizon (layer steps between the hint and its
+        # target): hits / shown per rank, the last slot is "not listed"
+        self._calib: dict[int, tuple[list[float], list[float]]] = {}
+        self.hint_h: dict[tuple[int, int], int] = {}
+        self.issued: dict[tuple[int, int], list[tuple[int, dict[int, int]]]] = {}
+
+    def calibration(self, h: int) -> tuple[list[float], list[float]]:
+        """(hits, shown) per rank for hints issued h layer steps ahead (created with a prior)."""
+        if h not in self._calib:
+            E = max(self.num_experts, 1)
+            hit, n = [0.5] * (E + 1), [1.0] * (E + 1)
+            hit[E] = 0.1
+            self._calib[h] = (hit, n)
+        return self._calib[h]
+
+    @property
+    def rank_hit(self) -> list[float]:
+        """Hits per rank of the nearest horizon's hints (1 layer step ahead)."""
+        return self.calibration(1)[0]
+
+    @property
+    def rank_n(self) -> list[float]:
+        """Shown per rank of the nearest horizon's hints."""
+        return self.calibration(1)[1]
 
     def at(self, step: int, layer: int) -> None:
         self.step, self.layer, self._explicit = step, layer, True
 
     def hint(self, step: int, layer: int, experts: Sequence[int]) -> None:
-        h = self.hints.setdefault((step, layer), {})
+        """A newer hint for the same visit replaces an older one (it is issued closer to it)."""
+        h = max(1, (step - self.step) * self.num_layers + (layer - self.layer))
+        target = (step, layer)
+        ranks: dict[int, int] = {}
         for e in experts:
-            h.setdefault(int(e), len(h))
+            ranks.setdefault(int(e), len(ranks))
+        self.issued.setdefault(target, []).append((h, ranks))  # every horizon is calibrated
+        if target in self.hints and self.hint_h.get(target, h) < h:
+            return  # predict with the nearer horizon's ranking
+        self.hints[target] = ranks
+        self.hint_h[target] = h
 
     def seed(self, counts: dict[Key, float], now: int) -> None:
         per_layer: dict[int, float] = defaultdict(float)
@@ -522,67 +553,96 @@ class PredictivePolicy(LRUPolicy):
         self.visits.add(layer, t)
         for e in es:
             self.uses.add((layer, e), t)
-        prev = self.last_set.get(layer)
-        if prev:
-            self.reuse_n.add(layer, t, len(prev))
-            self.reuse.add(layer, t, len(prev & es))
+        if self.markov:
+            for a in self.last_set.get(layer, ()):
+                self.trans_n.add((layer, a), t)
+                for b in es:
+                    self.trans.add((layer, a, b), t)
+            for src, src_set in self.last_set.items():
+                if src < layer and self.set_step.get(src) == self.step:
+                    for a in src_set:
+                        self.cross_n.add((src, layer, a), t)
+                        for b in es:
+                            self.cross.add((src, layer, a, b), t)
         self.last_set[layer] = es
+        self.set_step[layer] = self.step
         if self.coact and len(es) > 1:
             for a in es:
                 for b in es:
                     if a != b:
                         self.co.add((layer, a, b), t)
-        h = self.hints.pop((self.step, layer), None)
-        if h is not None:
-            E = len(self.rank_hit) - 1
+        self.hints.pop((self.step, layer), None)
+        self.hint_h.pop((self.step, layer), None)
+        for hz, h in self.issued.pop((self.step, layer), []):
+            hit, n = self.calibration(hz)
+            E = len(hit) - 1
             for e, r in h.items():
-                self.rank_n[r] += 1
-                self.rank_hit[r] += e in es
+                n[r] += 1
+                hit[r] += e in es
             rest = E - len(h)
             if rest > 0:
-                self.rank_n[E] += 1
-                self.rank_hit[E] += len(es - set(h)) / rest
-        for key in [k for k in self.hints if k < (self.step, layer)]:
-            del self.hints[key]
+                n[E] += 1
+                hit[E] += len(es - set(h)) / rest
+        for key in [k for k in self.issued if k < (self.step, layer)]:
+            del self.issued[key]
+            self.hints.pop(key, None)
+            self.hint_h.pop(key, None)
 
     def _q(self, key: Key) -> float:
-        """Per-visit use probability with no hint: the layer's reuse rate if the expert was used
-        at its layer's last visit, else its decayed use frequency (both smoothed towards k/E by
-        one pseudo-visit)."""
-        layer, e = key
+        """Per-visit use probability from the decayed use frequency (smoothed towards k/E by one
+        pseudo-visit): the estimate for visits beyond the next."""
+        layer = key[0]
         t = self.visit_no[layer]
         prior = min(1.0, max(self.top_k, 1) / max(self.num_experts, 1))
-        if e in self.last_set.get(layer, ()):
-            n = self.reuse_n.get(layer, t)
-            return max((self.reuse.get(layer, t) + prior) / (n + 1.0), 1e-3)
         v = self.visits.get(layer, t)
         return min(max((self.uses.get(key, t) + prior) / (v + 1.0), 1e-3), 1.0)
 
+    def _markov(self, key: Key, q: float) -> float:
+        """P(used at its next visit) from the routing already seen: the same token's experts at
+        the current layer (for a later layer) or the last visit's experts (for the next token),
+        through online transition counts smoothed towards q by one pseudo-count."""
+        layer, e = key
+        t = self.visit_no[layer]
+        if layer > self.layer and self.set_step.get(self.layer) == self.step:
+            src = self.last_set.get(self.layer, ())
+            ps = [
+                (self.cross.get((self.layer, layer, a, e), t) + q)
+                / (self.cross_n.get((self.layer, layer, a), t) + 1.0)
+                for a in src
+            ]
+        else:
+            ps = [
+                (self.trans.get((layer, a, e), t) + q) / (self.trans_n.get((layer, a), t) + 1.0)
+                for a in self.last_set.get(layer, ())
+            ]
+        return min(max(sum(ps) / len(ps), 1e-3), 1.0) if ps else q
+
     def _p1(self, key: Key, target: tuple[int, int], q: float) -> float:
+        """P(used at the visit `target`): the calibrated hint if a predictor ranked that visit,
+        else the online transition estimate (or q)."""
         h = self.hints.get(target)
         if h is None:
-            return q
-        E = len(self.rank_hit) - 1
+            return self._markov(key, q) if self.markov else q
+        hit, n_ = self.calibration(self.hint_h.get(target, 1))
+        E = len(hit) - 1
         r = h.get(key[1], E)
-        p = self.rank_hit[r] / self.rank_n[r]
+        p = hit[r] / n_[r]
         if self.coact and h:
             top = min(h, key=h.get)
             t = self.visit_no[key[0]]
             n = self.uses.get((key[0], top), t)
             if n > 0 and top != key[1]:
-                p = max(
-                    p, self.rank_hit[0] / self.rank_n[0] * self.co.get((key[0], top, key[1]), t) / n
-                )
+                co = self.co.get((key[0], top, key[1]), t) / n
+                p = max(p, hit[0] / n_[0] * co)
         return p
 
     def expected_next_use(self, key: Key) -> float:
-        """Estimated layer steps until `key` is used again."""
+        """Estimated layer steps until `key` is used again: delta + (1 - p1) * L / q."""
         L = self.num_layers
         d = _distance(key[0], self.layer, L)
         target = (self.step, key[0]) if key[0] > self.layer else (self.step + 1, key[0])
         q = self._q(key)
-        p1 = self._p1(key, target, q)
-        return d + (1.0 - p1) * L / q
+        return d + (1.0 - self._p1(key, target, q)) * L / q
 
     def victim(self, resident: Sequence[Key], now: int) -> Key | None:
         return max(

@@ -425,6 +425,11 @@ def simulate(
             complete(t)  # transfers done while the previous layer computed (nothing locked)
             cache.at(si, layer)
             cache.lock(keys)
+            if cache.uses_hints:  # issued once layer l has routed, before its loads
+                for t_row, t_layer, experts in hints.get((si, layer), []) + plan.get(
+                    (si, layer), []
+                ):
+                    cache.hint(row_step.get(int(t_row), si), t_layer, experts)
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
@@ -453,11 +458,6 @@ def simulate(
                     res.misses += kind == "miss"
             res.stall_seconds += (ready - t) if count else 0.0
             t = ready
-            if cache.uses_hints:
-                for t_row, t_layer, experts in hints.get((si, layer), []) + plan.get(
-                    (si, layer), []
-                ):
-                    cache.hint(row_step.get(int(t_row), si), t_layer, experts)
             for t_row, t_layer, experts in plan.get((si, layer), []):
                 if per_layer:  # as the live prefetcher: no more than a layer's slots
                     experts = list(experts)[: cache.slots]
