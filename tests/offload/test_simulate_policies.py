@@ -170,6 +170,15 @@ def test_cli_global_percentage_auto_and_usage(tmp_path, capsys, monkeypatch):
         capsys, monkeypatch,
     )  # fmt: skip
     assert code == 2 and "is the test split" in text
+    split = ["offload", "simulate", "--trace", str(test), "--cache", "50%", "--split",
+             "calibrated", "--staging", "1", "--calibration", str(cal), "--policies", "predict",
+             "--expert-bytes", "1000", "--out", str(tmp_path / "s")]  # fmt: skip
+    code, text = run(split, capsys, monkeypatch)
+    assert code == 0, text
+    r = json.loads((tmp_path / "s" / "offload_sim.json").read_text())["curves"]["predict"][0]
+    slots = r["cache"]["layer_slots"]  # 4 per layer split unevenly, minus 1 staging slot each
+    assert sum(slots) == 16 - 4 and all(1 <= x <= 7 for x in slots)
+    assert r["cache"]["staging"] == 1
     code, text = run(args + ["--policies", "auto", "--expert-bytes", "1000"], capsys, monkeypatch)
     assert code == 2 and "need --calibration" in text
     code, text = run(args + ["--policies", "fifo", "--expert-bytes", "1000"], capsys, monkeypatch)

@@ -185,7 +185,11 @@ def register(app: typer.Typer) -> None:
             for c in caps:
                 if pol.split(":")[0] == "static" and c <= k:
                     continue
-                slots = split_layers(calib.expert_ids, E, c * L) if split == "calibrated" else None
+                slots = (
+                    split_layers(calib.expert_ids, E, c * L, floor=k + staging)
+                    if split == "calibrated"
+                    else None
+                )
                 used = pol
                 if pol == "auto":
                     choice = choose_policy(
