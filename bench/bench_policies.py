@@ -4,7 +4,8 @@ For each trace (the demo model's test split, and synthetic traces of other shape
 (10%, 25%, 50% of the experts the cache spans: one global cache over all L x E experts, or per
 layer where that exceeds top_k) and prefetch (none; a d=1 predictor fitted on the trace's fit
 split), it replays the named policies of the field (LRU, LFU, LFRU, LFUDA, W-LFU, decayed LFU,
-ARC, S3-FIFO, Least-Stale), moelab's own (predictor-aware `predict`, `predict:coact=1`, static)
+ARC, S3-FIFO, Least-Stale), moelab's own (`adaptive`: follow the leader over shadow caches;
+predictor-aware `predict`, `predict:coact=1`; static)
 and Belady with the same prefetch (the bound), then lets `auto` choose a policy by replaying the
 validation split (never the test split) and reports its test hit rate.
 
@@ -33,7 +34,7 @@ from moelab.offload.simulate import get_hardware, plan_from_predictor, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMED = ("lru", "lfu", "lfru", "lfuda", "wlfu", "decay-lfu", "arc", "s3fifo", "least-stale")
-MOELAB = ("predict", "predict:coact=1", "static")
+MOELAB = ("adaptive", "predict", "predict:coact=1", "static")
 
 
 def head(trace, n):

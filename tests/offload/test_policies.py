@@ -277,3 +277,17 @@ def test_policy_specs():
     assert {"lfuda", "arc", "s3fifo", "least-stale", "wlfu", "decay-lfu", "predict"} <= set(
         POLICIES
     )
+
+
+def test_adaptive_follows_the_leading_shadow_cache():
+    cache, hits = replay([1, 1, 1, 2, 3, 2, 3, 2, 3, 2], 2, "adaptive:candidates=lfu+lru")
+    pol = cache._policies[0]
+    # t=5: LFU (first, tied) leads: the real cache drops 2 as the LFU shadow did; t=6: the LRU
+    # shadow hits 2 where LFU misses, so LRU leads and the real cache drops 1 to match it.
+    assert hits == [False, True, True, False, False, False, True, True, True, True]
+    assert pol.leader_name == "lru"
+    assert sorted(cache.resident()) == sorted(pol.shadows[1].resident()) == [(0, 2), (0, 3)]
+    # LFU: hits at t=2, 3 and t=10 (by t=9 every count is 3 and the recency tie drops 1)
+    assert [s.counters.hits for s in pol.shadows] == [3, 7]
+    with pytest.raises(ConfigError, match="candidates"):
+        parse_policy("adaptive:candidates=lru+belady")

@@ -34,6 +34,7 @@ AUTO_CANDIDATES = (
     "least-stale",
     "predict",
     "predict:coact=1",
+    "adaptive",
     "static",
 )
 

@@ -35,6 +35,8 @@ MoE-structured:
   evicted.
   `coact=1` raises a hinted visit's p1 of expert e to p(top hint) * P(e | top hint in the same
   token-layer) (within-token co-activation, decayed counts).
+- "adaptive": follow the leader over shadow caches of candidate policies (ACME, Ari et al. 2002):
+  moelab's online choice; `candidates=predict+s3fifo+...` changes the set.
 """
 
 from __future__ import annotations
@@ -652,6 +654,84 @@ class PredictivePolicy(LRUPolicy):
         )
 
 
+class AdaptivePolicy(LRUPolicy):
+    """Follow the leader over shadow caches: each candidate policy runs its own cache of the same
+    size on the same demand accesses (and prefetch insertions); the real cache evicts what the
+    candidate with the best half-life-decayed hit count would: first keys that candidate's cache
+    does not hold (LRU among them), else that candidate's own victim. An online choice in the
+    spirit of ACME (Ari et al. 2002, "ACME: adaptive caching using multiple experts")."""
+
+    uses_hints = True
+    CANDIDATES = ("predict", "least-stale", "decay-lfu", "wlfu", "s3fifo")
+
+    def __init__(self, slots: int, half_life: float = 512, candidates: str = "", **kw: Any):
+        super().__init__(slots, **kw)
+        from moelab.offload.cache import ExpertCache  # cache.py imports this module
+
+        self.names = [c for c in str(candidates).split("+") if c] or list(self.CANDIDATES)
+        self.shadows = [
+            ExpertCache(
+                slots,
+                name,
+                False,
+                num_layers=self.num_layers,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+            )  # fmt: skip
+            for name in self.names
+        ]
+        self.score = Decayed(half_life)
+        self.t = 0
+        self.leader = 0
+
+    def at(self, step: int, layer: int) -> None:
+        for c in self.shadows:
+            c.at(step, layer)
+
+    def hint(self, step: int, layer: int, experts: Sequence[int]) -> None:
+        for c in self.shadows:
+            c.hint(step, layer, experts)
+
+    def seed(self, counts: dict[Key, float], now: int) -> None:
+        for c in self.shadows:
+            for p in c._policies:
+                p.seed(counts, now)
+
+    def together(self, keys: Sequence[Key], now: int) -> None:
+        self.t += 1
+        for i, c in enumerate(self.shadows):
+            c.lock(keys)
+            for key in keys:
+                hit, _ = c.access(key)
+                if hit:
+                    self.score.add(i, self.t)
+                else:
+                    c.insert(key)
+            c.unlock()
+        self.leader = max(range(len(self.shadows)), key=lambda i: self.score.get(i, self.t))
+
+    def inserted(self, key: Key, now: int) -> None:
+        super().inserted(key, now)
+        for c in self.shadows:  # a prefetch (demand keys are already in every shadow)
+            if key not in c:
+                c.insert(key, prefetched=True)
+
+    @property
+    def leader_name(self) -> str:
+        """The candidate currently followed."""
+        return self.names[self.leader]
+
+    def victim(self, resident: Sequence[Key], now: int) -> Key | None:
+        if not resident:
+            return None
+        lead = self.shadows[self.leader]
+        absent = [k for k in resident if k not in lead]
+        if absent:
+            return min(absent, key=lambda k: self.last.get(k, 0))
+        v = lead._policies[0].victim(list(resident), now)
+        return v if v is not None else resident[0]
+
+
 POLICY_REGISTRY: dict[str, type[Policy]] = {
     "lru": LRUPolicy,
     "lfu": LFUPolicy,
@@ -665,11 +745,15 @@ POLICY_REGISTRY: dict[str, type[Policy]] = {
     "s3fifo": S3FIFOPolicy,
     "least-stale": LeastStalePolicy,
     "predict": PredictivePolicy,
+    "adaptive": AdaptivePolicy,
 }
 REPLAY_ONLY = ("belady",)
 
 
-def parse_policy(spec: str) -> tuple[str, dict[str, float]]:
+_NOT_CANDIDATES = ("adaptive", "belady", "static")
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
     """'decay-lfu:half_life=256:rank_weight=0.5' -> ('decay-lfu', {...}); checks the name."""
     parts = [p for p in str(spec).strip().split(":") if p]
     if not parts or parts[0] not in POLICY_REGISTRY:
@@ -677,15 +761,24 @@ def parse_policy(spec: str) -> tuple[str, dict[str, float]]:
             f"cache policy {spec!r}: expected one of {', '.join(POLICY_REGISTRY)} (parameters as"
             " name:key=value, e.g. wlfu:window=128)"
         )
-    opts: dict[str, float] = {}
+    opts: dict[str, Any] = {}
     for p in parts[1:]:
         k, eq, v = p.partition("=")
+        if not eq:
+            raise ConfigError(f"cache policy {spec!r}: parameter {p!r} is not key=number")
+        if k.strip() == "candidates":  # adaptive: policy names joined by '+'
+            bad = [c for c in v.split("+") if c not in POLICY_REGISTRY or c in _NOT_CANDIDATES]
+            if bad or not v:
+                raise ConfigError(
+                    f"cache policy {spec!r}: candidates {v!r} must be runnable policy names"
+                    " joined by '+' (not adaptive, belady or static)"
+                )
+            opts["candidates"] = v
+            continue
         try:
             opts[k.strip()] = float(v)
         except ValueError:
             raise ConfigError(f"cache policy {spec!r}: parameter {p!r} is not key=number") from None
-        if not eq:
-            raise ConfigError(f"cache policy {spec!r}: parameter {p!r} is not key=number")
     return parts[0], opts
 
 
