@@ -265,9 +265,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench_policies")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true", help="write the section of bench/RESULTS.md")
+    ap.add_argument("--no-demo", action="store_true", help="synthetic traces only")
     ap.add_argument(
-        "--render", type=Path, default=None, help="re-render a saved policies.json (no replay)"
-    )
+        "--render", type=Path, nargs="+", default=None,
+        help="re-render saved policies.json files (rows concatenated; no replay)",
+    )  # fmt: skip
     args = ap.parse_args()
     demo = args.demo
     if demo is None:
@@ -278,9 +280,9 @@ def main() -> None:
     if args.render is not None:
         import json
 
-        saved = json.loads(args.render.read_text())
-        rows = saved["rows"]
-        summary = summarize(rows, saved.get("seconds", float("nan")))
+        saved = [json.loads(p.read_text()) for p in args.render]
+        rows = [r for d in saved for r in d["rows"]]
+        summary = summarize(rows, sum(d.get("seconds", float("nan")) for d in saved))
         print(table(rows))
         print(summary)
         if args.write:
@@ -290,7 +292,7 @@ def main() -> None:
     hw = get_hardware("nvme-ram", expert_bytes=nb)
     caches = [(False, "10%"), (False, "25%"), (False, "50%"), (True, "25%"), (True, "50%")]
     cases = []
-    if demo is not None:
+    if demo is not None and not args.no_demo:
         cases.append(demo_case(demo, args.test_tokens, args.cal_tokens, args.seed))
     for i, spec in enumerate(s for s in args.synthetic.split(",") if s):
         L, E, k = (int(x) for x in spec.split("x"))
