@@ -17,7 +17,7 @@ from moelab.offload.plan import (
 )
 from moelab.offload.plan_commands import Context, make_plan, run_config
 from moelab.offload.simulate import simulate
-from moelab.offload.testbed import TINY_SHAPE, build_testbed
+from moelab.offload.testbed import TINY_SHAPE, TINY_WIDEN, build_testbed
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def ctx(tmp_path_factory):
         root,
         steps=2,
         shape=TINY_SHAPE,
+        widen=TINY_WIDEN,
         corpus=argparse.__file__,
         max_bytes=None,
         heldout_windows=4,

