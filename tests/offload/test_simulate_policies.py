@@ -143,12 +143,13 @@ def run(args, capsys, monkeypatch):
 
 
 def test_cli_global_percentage_auto_and_usage(tmp_path, capsys, monkeypatch):
-    test = write_store(tmp_path / "test", routing(120, 4, 8, 2, 0.7, 1), "test")
-    cal = write_store(tmp_path / "val", routing(120, 4, 8, 2, 0.7, 2), "validation")
+    test = write_store(tmp_path / "test", routing(60, 4, 8, 2, 0.7, 1), "test")
+    cal = write_store(tmp_path / "val", routing(60, 4, 8, 2, 0.7, 2), "validation")
     out = tmp_path / "o"
     args = ["offload", "simulate", "--trace", str(test), "--no-per-layer", "--cache", "25%"]
     code, text = run(
         args + ["--policies", "lru,auto,belady", "--calibration", str(cal), "--out", str(out),
+                "--auto-candidates", "lru,least-stale,predict:coact=1",
                 "--expert-bytes", "1000", "--save-usage", str(tmp_path / "u.json")],
         capsys, monkeypatch,
     )  # fmt: skip
@@ -158,6 +159,7 @@ def test_cli_global_percentage_auto_and_usage(tmp_path, capsys, monkeypatch):
     assert res["span"] == 32 and res["curves"]["lru"][0]["capacity"] == 8
     assert res["curves"]["lru"][0]["hit_rate"] > 0.3
     assert res["auto"][0]["policy"] == res["curves"]["auto"][0]["policy_used"]
+    assert set(res["auto"][0]["scores"]) == {"lru", "least-stale", "predict:coact=1"}
     assert f"cache 8/32: auto -> {res['auto'][0]['policy']}" in text
     code, text = run(
         args + ["--policies", "lru", "--warm-from", str(tmp_path / "u.json"),

@@ -46,6 +46,11 @@ def register(app: typer.Typer) -> None:
             help="TraceStore of a train/validation split (never the scored test split): auto"
             " policy choice, --split calibrated and the static policy's experts",
         ),
+        auto_candidates: str = typer.Option(
+            "",
+            help="policies --policies auto chooses among (default: moelab.offload.choose."
+            "AUTO_CANDIDATES, the named policies with parameter variants)",
+        ),
         split: str = typer.Option(
             "even",
             help="per-layer caches: even (every layer the --cache size) or calibrated (the same"
@@ -95,7 +100,7 @@ def register(app: typer.Typer) -> None:
         pols = _parse_list(policies)
         if not pols:
             raise ConfigError(f"--policies {policies!r}: expected names like 'lru,arc'")
-        for pol in pols:
+        for pol in pols + _parse_list(auto_candidates):
             if pol != "auto":
                 try:
                     parse_policy(pol)
@@ -193,7 +198,8 @@ def register(app: typer.Typer) -> None:
                 used = pol
                 if pol == "auto":
                     choice = choose_policy(
-                        calib.expert_ids, E, c, plan=calib_plan, hardware=hw,
+                        calib.expert_ids, E, c, _parse_list(auto_candidates) or None,
+                        plan=calib_plan, hardware=hw,
                         per_layer=per_layer, expert_bytes=nb, static_counts=static_counts,
                         budget=budget, layer_slots=slots, calibration=str(calibration), **opts,
                     )  # fmt: skip
