@@ -267,6 +267,10 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the section of bench/RESULTS.md")
     ap.add_argument("--no-demo", action="store_true", help="synthetic traces only")
     ap.add_argument(
+        "--caches", default="g10%,g25%,g50%,l25%,l50%",
+        help="cache sizes: g = one global cache over L x E experts, l = per layer",
+    )  # fmt: skip
+    ap.add_argument(
         "--render", type=Path, nargs="+", default=None,
         help="re-render saved policies.json files (rows concatenated; no replay)",
     )  # fmt: skip
@@ -290,7 +294,7 @@ def main() -> None:
         return
     nb = 393_216  # the demo model's expert (fp32, d_model 128, hidden 256, SwiGLU)
     hw = get_hardware("nvme-ram", expert_bytes=nb)
-    caches = [(False, "10%"), (False, "25%"), (False, "50%"), (True, "25%"), (True, "50%")]
+    caches = [(c[0] == "l", c[1:]) for c in args.caches.split(",") if c]
     cases = []
     if demo is not None and not args.no_demo:
         cases.append(demo_case(demo, args.test_tokens, args.cal_tokens, args.seed))
