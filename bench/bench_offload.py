@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="testbed training budget if built")
     ap.add_argument("--windows", type=int, default=2, help="held-out windows decoded per run")
     ap.add_argument("--memory", default="25%,50%")
+    ap.add_argument("--tokens", type=int, default=0, help="cut evaluation windows to N tokens")
     known, _ = ap.parse_known_args()
     if known.bench == "testbed":
         return main_testbed(known)
@@ -361,6 +362,18 @@ def main_testbed(args) -> None:
     # replay exactly the windows decoded live (calibration = the first half of the held-out set)
     ctx.workload = ctx.workload.subset(list(range(n_cal)) + list(range(n_cal, n_cal + W)))
     ctx.workload.calib_fraction = n_cal / (n_cal + W)
+    if args.tokens:  # shorter evaluation windows (a busy machine); calibration windows stay whole
+        from moelab.offload.plan import Workload
+
+        w, b = ctx.workload, ctx.workload.bounds
+        keep = [np.arange(a, e) if i < n_cal else np.arange(a, min(e, a + args.tokens))
+                for i, (a, e) in enumerate(b)]  # fmt: skip
+        rows = np.concatenate(keep)
+        ctx.workload = Workload(
+            [w.tokens[i][: len(k)] for i, k in enumerate(keep)], w.expert_ids[rows],
+            w.router_input[rows], w.source + f", evaluation windows cut to {args.tokens} tokens",
+            w.calib_fraction,
+        )  # fmt: skip
     calib, ev = ctx.workload.split()
     assert len(ev.tokens) == W
     info = ctx.shape
