@@ -134,3 +134,30 @@ def test_run_full_precision_is_exact_and_int8_close(ctx):
     assert 0.95 < q["ppl_ratio"] < 1.05 and q["agreement_with_all_resident"] > 0.8
     s = run_config(ctx.model_arg, "75%", "full+int4", "lru", "none", windows=1, ctx=ctx)
     assert s["standin_rate"] > 0 and math.isfinite(s["ppl_ratio"])
+
+
+def _cli(args, capsys, monkeypatch):
+    from moelab.cli import main
+
+    monkeypatch.setattr("sys.argv", ["moelab", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out + cap.err
+
+
+def test_cli_plan_and_refusals(ctx, capsys, monkeypatch, tmp_path):
+    base = ["offload", "plan", "--model", str(ctx.model_arg), "--bandwidth", "1e7",
+            "--layer-compute", "1e-3", "--predictors", "none,prev", "--policies", "lru,lfu"]  # fmt: skip
+    code, out = _cli([*base, "--memory", "50%", "--precisions", "full,int8", "--out", str(tmp_path)],
+                     capsys, monkeypatch)  # fmt: skip
+    assert code in (0, None), out
+    assert "moelab offload run --model" in out and "perfect 1-layer-ahead prefetch" in out
+    import json
+
+    rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2 and rows == sorted(rows, key=lambda r: -r["tokens_per_s"])
+    code, out = _cli([*base, "--memory", "100B"], capsys, monkeypatch)
+    assert code == 2 and "cannot hold one token's experts" in out
+    code, out = _cli([*base, "--memory", "50%", "--precisions", "fp8"], capsys, monkeypatch)
+    assert code == 2 and "precision 'fp8'" in out

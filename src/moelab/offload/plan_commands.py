@@ -251,7 +251,7 @@ def print_plan(rep, top: int = 15) -> None:
     con = Console()
     t = Table(title=f"offload plan: replay of {rep.workload}, tier {m['tier']}")
     for col in ("#", "tok/s", "hit", "timely", "MB/tok", "stall ms/tok", "stand-in", "precision",
-                "policy", "predictor", "memory", "ppl x", "command"):  # fmt: skip
+                "policy", "predictor", "memory", "ppl x"):  # fmt: skip
         t.add_column(col)
     for i, r in enumerate(rep.rows[:top]):
         t.add_row(
@@ -260,9 +260,11 @@ def print_plan(rep, top: int = 15) -> None:
             f"{r.standin_rate:.3f}" if r.standin_rate else "-", r.precision, r.policy, r.predictor,
             f"{r.memory_spec} ({r.slots}/layer)",
             f"{r.ppl_change:.4f}" if r.ppl_change is not None else "run",
-            r.command,
         )  # fmt: skip
     con.print(t)
+    con.print("run a row live (decode tokens/s, hit rate, perplexity change):")
+    for i, r in enumerate(rep.rows[:top]):
+        con.print(f"  #{i + 1}: {r.command}", soft_wrap=True, highlight=False)
     sp = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in m["seconds_per_expert"].items())
     lc = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in m["layer_compute"].items())
     con.print(
@@ -271,7 +273,7 @@ def print_plan(rep, top: int = 15) -> None:
     con.print(f"held-out perplexity (full precision) {m.get('heldout_ppl_full', float('nan')):.2f}; "
               "ppl x = ratio at that precision (stand-in modes: measure with the command)")  # fmt: skip
     for v in rep.verdicts:
-        con.print("- " + v)
+        con.print("- " + v, soft_wrap=True, highlight=False)
     for s in rep.skipped:
         con.print(f"[dim]skipped: {s}[/dim]")
 
