@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     """Add `offload simulate` and `generate` to the moelab app."""
     offload = typer.Typer(help="Expert offloading: replay simulator.", no_args_is_help=True)
     app.add_typer(offload, name="offload")
+    __import__("moelab.offload.plan_commands").offload.plan_commands.register_plan(offload)  # 17b
 
     @offload.command("simulate")
     def simulate_cmd(
@@ -26,19 +27,51 @@ def register(app: typer.Typer) -> None:
         predictor: str = typer.Option("none", help="none | oracle | a saved predictor directory"),
         cache: str = typer.Option(
             "10%,25%,50%",
-            help="cache sizes (per layer): percentages of the experts or counts; a percentage"
-            " is raised to at least top_k experts (the fewest that hold one token's experts of"
-            " a layer), so the defaults work on every model; a count must be >= top_k",
+            help="cache sizes: percentages or counts of the experts the cache spans (a layer's E"
+            " with --per-layer, all L x E with --no-per-layer); a percentage is raised to at"
+            " least top_k experts (the fewest that hold one token's experts of a layer), so the"
+            " defaults work on every model; a count must be >= top_k",
         ),
         hardware: str = typer.Option(
             "pcie4-mixtral", help="pcie4-mixtral | nvme-ram | this-machine"
         ),
-        policies: str = typer.Option("lru,lfu,lfru,static,belady", help="policies to compare"),
+        policies: str = typer.Option(
+            "lru,lfu,lfru,static,belady",
+            help="policies to compare (moelab.offload.POLICIES, parameters as name:key=value;"
+            " 'auto' picks one by replaying --calibration)",
+        ),
         per_layer: bool = typer.Option(True, help="cache per layer (else one global cache)"),
+        calibration: Path | None = typer.Option(
+            None,
+            help="TraceStore of a train/validation split (never the scored test split): auto"
+            " policy choice, --split calibrated and the static policy's experts",
+        ),
+        auto_candidates: str = typer.Option(
+            "",
+            help="policies --policies auto chooses among (default: moelab.offload.choose."
+            "AUTO_CANDIDATES, the named policies with parameter variants)",
+        ),
+        split: str = typer.Option(
+            "even",
+            help="per-layer caches: even (every layer the --cache size) or calibrated (the same"
+            " total split unevenly by --calibration hit curves; layers may be fully resident)",
+        ),
+        floor: int = typer.Option(
+            0, help="global cache: experts each layer keeps resident (0 = none, else >= top_k)"
+        ),
+        staging: int = typer.Option(
+            0, help="staging slots per cache group: prefetches enter the cache only when used"
+        ),
+        warm_from: Path | None = typer.Option(
+            None, help="usage JSON (--save-usage) to warm-start every replay from"
+        ),
+        save_usage: Path | None = typer.Option(
+            None, help="write the decayed usage counts of the first policy's replay here (JSON)"
+        ),
         model: Path | None = typer.Option(None, help="model dir (this-machine: measure its speed)"),
         expert_bytes: int | None = typer.Option(None, help="override the expert size in bytes"),
         static_from: Path | None = typer.Option(
-            None, help="trace whose usage picks static experts"
+            None, help="trace whose usage picks static experts (default: --calibration)"
         ),
         budget: int | None = typer.Option(None, help="prefetch budget (experts per token)"),
         tier: str = typer.Option("auto", help="store tier measured for this-machine"),
@@ -49,31 +82,78 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from moelab.offload.cache import parse_capacity, usage_counts
+        from moelab.offload.cache import POLICIES, load_usage, parse_capacity, usage_counts
+        from moelab.offload.choose import choose_policy, split_layers
+        from moelab.offload.policies import parse_policy
         from moelab.offload.simulate import get_hardware, oracle_plan, plot_curves, simulate
+        from moelab.trace.schema import check_same_model
         from moelab.trace.store import TraceStore
 
         tr = TraceStore.open(trace).load()
         m = tr.meta
         ids = tr.expert_ids
+        L, E, k = m.num_layers, m.num_experts, m.top_k
+        span = E if per_layer else L * E
         specs = _parse_list(cache)
         if not specs:
             raise ConfigError(f"--cache {cache!r}: expected sizes like '10%,25%' or '2,4'")
+        pols = _parse_list(policies)
+        if not pols:
+            raise ConfigError(f"--policies {policies!r}: expected names like 'lru,arc'")
+        for pol in pols + _parse_list(auto_candidates):
+            if pol != "auto":
+                try:
+                    parse_policy(pol)
+                except ConfigError as exc:
+                    raise ConfigError(f"--policies: {exc}") from None
+        if split not in ("even", "calibrated"):
+            raise ConfigError(f"--split {split!r}: expected even or calibrated")
+        if split == "calibrated" and not per_layer:
+            raise ConfigError("--split calibrated splits per-layer caches; drop --no-per-layer")
+        if floor and per_layer:
+            raise ConfigError("--floor is for a global cache (--no-per-layer)")
+        if floor and floor < k:
+            raise ConfigError(f"--floor {floor}: must be 0 or >= top_k={k}")
+        calib = None
+        if calibration is not None:
+            calib = TraceStore.open(calibration).load()
+            cm = calib.meta
+            check_same_model(
+                cm.model_fingerprint, cm.model, f"--calibration {calibration}",
+                m.model_fingerprint, m.model, f"--trace {trace}",
+            )  # fmt: skip
+            if (cm.num_layers, cm.num_experts, cm.top_k) != (L, E, k):
+                raise ConfigError(
+                    f"--calibration {calibration} has (L, E, k)="
+                    f"{(cm.num_layers, cm.num_experts, cm.top_k)}, --trace {trace} has {(L, E, k)}"
+                )
+            if calib.meta.split and calib.meta.split == m.split and m.split == "test":
+                raise ConfigError(
+                    f"--calibration {calibration} is the test split, like --trace; calibrate on"
+                    " a train/validation split so the scored split stays held out"
+                )
+        if ("auto" in pols or split == "calibrated") and calib is None:
+            raise ConfigError(
+                "--policies auto and --split calibrated need --calibration (a train/validation"
+                " trace store)"
+            )
         try:
-            resolved = {c: parse_capacity(c, m.num_layers, m.num_experts, m.top_k) for c in specs}
+            resolved = {c: parse_capacity(c, L, E, k, per_layer) for c in specs}
         except ConfigError as exc:
             raise ConfigError(f"--cache {cache!r}: {exc}") from None
         for c, n in resolved.items():
-            if c.endswith("%") and n == m.top_k and round(float(c[:-1]) / 100 * m.num_experts) < n:
+            if c.endswith("%") and n == k and round(float(c[:-1]) / 100 * span) < n:
                 typer.echo(
-                    f"note: cache {c} of {m.num_experts} experts is fewer than top_k={m.top_k};"
-                    f" using {n} experts per layer (the fewest that hold one token's experts)"
+                    f"note: cache {c} of {span} experts is fewer than top_k={k};"
+                    f" using {n} experts (the fewest that hold one token's experts of a layer)"
                 )
         caps = sorted(set(resolved.values()))
+        calib_plan = None
         if predictor == "none":
             plan = None
         elif predictor == "oracle":
             plan = oracle_plan(ids, 1)
+            calib_plan = oracle_plan(calib.expert_ids, 1) if calib is not None else None
         else:
             from moelab.offload.simulate import plan_from_predictor
             from moelab.predict.base import Predictor
@@ -81,6 +161,7 @@ def register(app: typer.Typer) -> None:
             pred = Predictor.load(predictor)
             pred.check_model(tr.meta, f"--trace {trace}", str(predictor))
             plan = plan_from_predictor(pred, tr)
+            calib_plan = plan_from_predictor(pred, calib) if calib is not None else None
         if hardware == "this-machine":
             hw = _measure_machine(model, tier, seed)
         else:
@@ -90,36 +171,54 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(
                 "offload simulate: give --expert-bytes (the preset has no expert size)"
             )
-        static_counts = usage_counts(
-            TraceStore.open(static_from).load().expert_ids if static_from else ids, m.num_experts
+        static_src = (
+            TraceStore.open(static_from).load().expert_ids
+            if static_from
+            else (calib.expert_ids if calib is not None else ids)
         )
+        static_counts = usage_counts(static_src, E)
+        warm = load_usage(warm_from, L, E) if warm_from is not None else None
         table = Table(
             title=f"replay of {trace} ({tr.num_tokens} tokens) on {hw.name}, predictor {predictor}"
         )
         for col in ("policy", "cache", "hit", "timely", "MB/token", "stall ms/tok", "tok/s"):
             table.add_column(col)
         curves: dict[str, list[dict]] = {}
-        for pol in _parse_list(policies):
+        choices: list[dict] = []
+        opts = {"floor": floor, "staging": staging, "warm_counts": warm}
+        for pol in pols:
             for c in caps:
-                if pol == "static" and c <= m.top_k:
+                if pol.split(":")[0] == "static" and c <= k:
                     continue
+                slots = (
+                    split_layers(calib.expert_ids, E, c * L, floor=k + staging)
+                    if split == "calibrated"
+                    else None
+                )
+                used = pol
+                if pol == "auto":
+                    choice = choose_policy(
+                        calib.expert_ids, E, c, _parse_list(auto_candidates) or None,
+                        plan=calib_plan, hardware=hw,
+                        per_layer=per_layer, expert_bytes=nb, static_counts=static_counts,
+                        budget=budget, layer_slots=slots, calibration=str(calibration), **opts,
+                    )  # fmt: skip
+                    used = choice.policy
+                    typer.echo(f"cache {c}/{span}: {choice.reason}")
+                    choices.append({"cache": c, **choice.to_dict()})
                 r = simulate(
-                    ids,
-                    m.num_experts,
-                    c,
-                    pol,
-                    hw,
-                    plan,
-                    per_layer=per_layer,
-                    expert_bytes=nb,
-                    static_counts=static_counts,
-                    budget=budget,
-                    predictor_name=predictor,
-                ).to_dict()
+                    ids, E, c, used, hw, plan, per_layer=per_layer, expert_bytes=nb,
+                    static_counts=static_counts, budget=budget, predictor_name=predictor,
+                    layer_slots=slots, **opts,
+                ).to_dict()  # fmt: skip
+                r["policy_used"] = used
+                if save_usage is not None and not curves:
+                    _save_replay_usage(ids, E, c, used, hw, plan, per_layer, nb, save_usage)
                 curves.setdefault(pol, []).append(r)
+                label = f"{c}/{span}" + (f" {slots}" if slots else "")
                 table.add_row(
-                    pol,
-                    f"{c}/{m.num_experts}",
+                    pol if pol == used else f"{pol} ({used})",
+                    label,
                     f"{r['hit_rate']:.3f}",
                     f"{r['timely_hit_rate']:.3f}",
                     f"{r['bytes_per_token'] / 1e6:.2f}",
@@ -127,16 +226,26 @@ def register(app: typer.Typer) -> None:
                     f"{r['tokens_per_s']:.2f}",
                 )
         Console().print(table)
+        if "belady" not in pols:
+            typer.echo(f"(policies available: {', '.join(POLICIES)}, auto)")
         if out is not None:
             from moelab._io import atomic_write_json
 
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(
-                out / "offload_sim.json", {"hardware": hw.to_dict(), "curves": curves}
+                out / "offload_sim.json",
+                {
+                    "hardware": hw.to_dict(),
+                    "curves": curves,
+                    "per_layer": per_layer,
+                    "span": span,
+                    "auto": choices,
+                    "calibration": str(calibration) if calibration else None,
+                },
             )
             plot_curves(
                 curves,
-                m.num_experts,
+                span,
                 out / "hit_rate_vs_cache.png",
                 f"{predictor} prefetch, {hw.name}",
             )
@@ -150,7 +259,9 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Option(..., help="prompt text"),
         max_new_tokens: int = typer.Option(32, help="tokens to generate (greedy)"),
         resident: str = typer.Option("25%", help="resident experts per layer: percentage or count"),
-        policy: str = typer.Option("lru", help="lru | lfu | lfru"),
+        policy: str = typer.Option(
+            "lru", help="cache policy: any of moelab.offload.POLICIES except belady (replay only)"
+        ),
         prefetch: str = typer.Option(
             "gate", help="none | gate | gate2 | prev | gate+prev | predictor dir"
         ),
@@ -234,3 +345,15 @@ def _measure_machine(model: Path | None, tier: str, seed: int):
             x = torch.randint(0, 50, (1, 16), generator=g)
             per_layer, overhead = measure_layer_compute(m, x, 16)
             return measure_this_machine(st, per_layer, overhead, seed=seed)
+
+
+def _save_replay_usage(ids, E, cap, policy, hw, plan, per_layer, nb, path) -> None:
+    """Replay once more, keeping the cache, and save its decayed usage counts as JSON."""
+    from moelab.offload.simulate import simulate
+
+    made = []
+    simulate(
+        ids, E, cap, policy, hw, plan, per_layer=per_layer, expert_bytes=nb, on_cache=made.append
+    )
+    made[-1].save_usage(path)
+    typer.echo(f"wrote decayed usage counts to {path}")

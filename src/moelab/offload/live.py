@@ -11,6 +11,12 @@ found directly on the module tree, see offload/sites.py, not through the trace a
 At each MoE layer the router's forward hook knows the needed experts: it snapshots which are
 already resident (timely hits), fetches the rest (stall), then lets the predictor queue
 prefetches for later layers / the next token (Eliseev & Mazur 2023, arXiv:2312.17238).
+
+Quantised stores (int8 / int4, moelab.offload.quant) serve QuantWeights that the stand-ins run with
+the weight-only kernels. With `standin=` every expert also stays resident at low precision and a
+miss is computed with that copy at once while the full-precision expert is fetched in the
+background for later tokens (HOBBIT, Tang et al. 2024, arXiv:2411.01433); outputs then differ
+from all-resident, which `moelab offload run` measures as a perplexity change.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from moelab.errors import OffloadError
 from moelab.layers.experts import ExpertBank
 from moelab.offload.cache import ExpertCache
 from moelab.offload.prefetch import Prefetcher
+from moelab.offload.quant import apply_quantized, is_quantized, qmm
 from moelab.offload.sites import ExpertSite, require_sites
 from moelab.offload.store import ExpertStore
 
@@ -45,6 +52,7 @@ class PhaseStats:
     timely: int = 0  # of which resident when the layer started
     late: int = 0  # waited for an in-flight prefetch
     misses: int = 0  # loaded on demand
+    standin: int = 0  # computed with the resident low-precision copy (fetch queued)
 
     def to_dict(self) -> dict[str, float]:
         """Counters plus derived rates."""
@@ -55,6 +63,7 @@ class PhaseStats:
         d["bytes_per_token"] = self.bytes_loaded / t
         d["timely_hit_rate"] = self.timely / self.needed if self.needed else float("nan")
         d["hit_rate"] = (self.timely + self.late) / self.needed if self.needed else float("nan")
+        d["standin_rate"] = self.standin / self.needed if self.needed else float("nan")
         return d
 
 
@@ -84,6 +93,8 @@ class OffloadedExperts(nn.Module):
     ) -> torch.Tensor:
         """Run expert e on x [n, D] with weights fetched for this layer."""
         w = self._owner[0].weights(self.layer, e)
+        if is_quantized(w):
+            return apply_quantized(self.activate, w, x, out=out)
         return self.apply_params(w, x, out=out, workspace=workspace)
 
     def expert_nbytes(self) -> int:
@@ -116,12 +127,13 @@ class HFOffloadedExperts(nn.Module):
             w = self._owner[0].weights(self.layer, e)
             top_k_pos, token_idx = torch.where(mask[e])
             cur = hidden_states[token_idx]
+            lin = qmm if is_quantized(w) else nn.functional.linear
             if self.has_gate:
-                gate, up = nn.functional.linear(cur, w["gate_up_proj"]).chunk(2, dim=-1)
+                gate, up = lin(cur, w["gate_up_proj"]).chunk(2, dim=-1)
                 h = self.act_fn(gate) * up
             else:
-                h = self.act_fn(nn.functional.linear(cur, w["gate_up_proj"]))
-            h = nn.functional.linear(h, w["down_proj"])
+                h = self.act_fn(lin(cur, w["gate_up_proj"]))
+            h = lin(h, w["down_proj"])
             h = h * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, h.to(final.dtype))
         return final
@@ -131,6 +143,8 @@ class OffloadedModel:
     """Wrap a model in place so its routed experts come from `cache`/`store` via `prefetcher`.
 
     keep=False gives the on-demand baseline with no cache (experts dropped after each layer).
+    standin: a low-precision store (or {(layer, e): weights}) whose copy of every expert stays
+    resident and serves a miss while the full-precision expert is fetched for later tokens.
     """
 
     def __init__(
@@ -140,6 +154,7 @@ class OffloadedModel:
         cache: ExpertCache,
         prefetcher: Prefetcher | None = None,
         keep: bool = True,
+        standin: ExpertStore | dict | None = None,
     ) -> None:
         self.model, self.store, self.cache, self.keep = model, store, cache, keep
         self.sites: list[ExpertSite] = require_sites(model)
@@ -163,6 +178,20 @@ class OffloadedModel:
             self.prefetcher.predictor.bind(self.sites)
         for key in sorted(cache.pinned):
             cache.preload(key, store.read(*key))
+        self.standin: dict | None = None
+        self.standin_nbytes = 0  # bytes the resident low-precision copies take
+        if isinstance(standin, ExpertStore):
+            standin.check_model(self.sites)
+            self.standin = {
+                (s.layer, e): standin.read(s.layer, e)
+                for s in self.sites
+                for e in range(s.num_experts)
+            }
+            self.standin_nbytes = sum(
+                standin.expert_nbytes(s.layer) * s.num_experts for s in self.sites
+            )
+        elif standin is not None:
+            self.standin = dict(standin)
         self._current: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         self._handles = []
         self._step = -1
@@ -247,6 +276,13 @@ class OffloadedModel:
         ph.needed += len(keys)
         cur: dict[int, dict[str, torch.Tensor]] = {}
         for key in keys:
+            if self.standin is not None and key not in self.cache and not pf.in_flight(key):
+                # low-precision copy now; the full-precision expert comes for the next tokens
+                self.cache.access(key)
+                cur[key[1]] = self.standin[key]
+                ph.standin += 1
+                pf.request(layer, [key[1]], target_step=self._step + 1)
+                continue
             value, kind, dt = pf.fetch(key)
             cur[key[1]] = value
             ph.stall_seconds += dt

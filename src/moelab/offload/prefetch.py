@@ -188,7 +188,9 @@ class Prefetcher:
         return n
 
     def cancel_stale(self, step: int, layer: int) -> int:
-        """Cancel queued (not started) requests whose target is at or before (step, layer)."""
+        """Cancel queued (not started) requests whose target is at or before (step, layer); tells
+        the cache its position (position- and predictor-aware policies)."""
+        self.cache.at(step, layer)
         n = 0
         with self._cv:
             for r in self._q:
@@ -217,6 +219,7 @@ class Prefetcher:
         for t_step, t_layer, experts in self.predictor.on_layer(step, layer, x, expert_ids):
             if self.log is not None:
                 self.log.append((step, layer, t_step, t_layer, list(experts)))
+            self.cache.hint(t_step, t_layer, experts)  # predictor-aware eviction
             self.request(t_layer, experts, target_step=t_step)
 
     # ------------------------------------------------------------------ demand path

@@ -341,11 +341,23 @@ def simulate(
     predictor_name: str = "none",
     warm: Sequence[Key] = (),
     seed: int = 0,
+    hints: Plan | None = None,
+    layer_slots: Sequence[int] | None = None,
+    floor: int = 0,
+    staging: int = 0,
+    warm_counts: np.ndarray | None = None,
+    half_life: float = 2048,
+    on_cache: Any = None,
 ) -> SimResult:
     """Replay routing expert_ids [N, L, k] (steps: row groups, default one per row) -> SimResult.
 
     capacity is experts per layer (per_layer) or in total; `timed[i]` False replays step i without
     counting it (e.g. a prefill that only warms the cache); `warm` keys start resident.
+    policy may carry parameters ("wlfu:window=128"); the plan's predictions (and `hints`, a plan of
+    full rankings that is not prefetched) are passed to the cache as hints for predictor-aware
+    eviction. layer_slots (uneven per-layer split), floor (global cache: experts each layer
+    keeps), staging (prefetch buffer slots) and warm_counts ([L, E] saved usage: seeds the policy
+    and preloads the most used experts) go to the ExpertCache; on_cache(cache) is called at the end.
     """
     expert_ids = np.asarray(expert_ids)
     if expert_ids.ndim != 3:
@@ -361,7 +373,8 @@ def simulate(
     timed = list(timed) if timed is not None else [True] * len(steps)
     plan = plan or {}
     static_keys = None
-    if policy == "static":
+    pname = policy.split(":")[0]
+    if pname == "static":
         counts = (
             static_counts if static_counts is not None else usage_counts(expert_ids, num_experts)
         )
@@ -376,11 +389,19 @@ def simulate(
         expert_bytes=nb,
         top_k=k,
         static_keys=static_keys,
-        future=demand_sequence(expert_ids, steps) if policy == "belady" else None,
+        future=demand_sequence(expert_ids, steps) if pname == "belady" else None,
+        layer_slots=layer_slots,
+        floor=floor,
+        staging=staging,
+        half_life=half_life,
     )
     link = _Link(hw)
     for key in list(cache.pinned) + list(warm):
         cache.preload(key)
+    if warm_counts is not None:
+        cache.warm_start(warm_counts)
+    row_step = {int(r): si for si, rows in enumerate(steps) for r in np.asarray(rows).reshape(-1)}
+    hints = hints or {}
     res = SimResult(policy, capacity, per_layer, hw.name, predictor_name)
     t = 0.0
     tc = hw.layer_compute + hw.predict_overhead
@@ -394,10 +415,21 @@ def simulate(
         count = timed[si]
         left = budget
         for layer in range(L):
-            ids = expert_ids[rows, layer].reshape(-1)
-            keys = [(layer, e) for e in sorted({int(e) for e in ids if e >= 0})]
+            ids = expert_ids[rows, layer]
+            ranks: dict[int, int] = {}
+            for row in ids.reshape(-1, ids.shape[-1]):
+                for r, e in enumerate(row.tolist()):
+                    if e >= 0:
+                        ranks[int(e)] = min(ranks.get(int(e), r), r)
+            keys = [(layer, e) for e in sorted(ranks)]
             complete(t)  # transfers done while the previous layer computed (nothing locked)
+            cache.at(si, layer)
             cache.lock(keys)
+            if cache.uses_hints:  # issued once layer l has routed, before its loads
+                for t_row, t_layer, experts in hints.get((si, layer), []) + plan.get(
+                    (si, layer), []
+                ):
+                    cache.hint(row_step.get(int(t_row), si), t_layer, experts)
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
@@ -405,18 +437,18 @@ def simulate(
             for key in keys:
                 if key in cache:
                     kind = "timely"
-                    cache.access(key)
+                    cache.access(key, ranks[key[1]])
                 elif key in link.inflight:
                     kind = "late"
                     tr = link.inflight.pop(key)
                     link.arrival[key] = tr.end
                     cache.insert(key, prefetched=True)
-                    cache.access(key)
+                    cache.access(key, ranks[key[1]])
                     ready = max(ready, tr.end)
                 else:
                     kind = "miss"
                     link.drop(key)
-                    cache.access(key)
+                    cache.access(key, ranks[key[1]])
                     ready = max(ready, link.demand(key, t, nb))
                     cache.insert(key)
                 if count:
@@ -450,6 +482,8 @@ def simulate(
         else:
             res.stall_seconds = stall0
     cache.finish()
+    if on_cache is not None:
+        on_cache(cache)  # e.g. save its usage counts for a warm start
     res.cache = cache.summary()
     res.bytes_loaded = cache.counters.bytes_loaded
     return res
@@ -458,12 +492,15 @@ def simulate(
 def simulate_trace(
     trace: Any, capacity: int | str, policy: str = "lru", **kwargs: Any
 ) -> SimResult:
-    """simulate() on a moelab Trace (one decode step per row); capacity may be '25%'."""
+    """simulate() on a moelab Trace (one decode step per row); capacity may be '25%' (of the
+    experts the cache spans: a layer's, or all L x E with per_layer=False)."""
     from moelab.offload.cache import parse_capacity
 
     m = trace.meta
     cap = (
-        parse_capacity(capacity, m.num_layers, m.num_experts, top_k=m.top_k)
+        parse_capacity(
+            capacity, m.num_layers, m.num_experts, m.top_k, kwargs.get("per_layer", True)
+        )
         if isinstance(capacity, str)
         else capacity
     )

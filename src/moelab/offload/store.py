@@ -9,6 +9,10 @@ Tiers (what `read` costs is reported by `stats()`):
 - "ram":      plain RAM copy (fast tier, for tests and all-resident references);
 - "auto":     "direct" if the filesystem supports it, else "fadvise".
 
+Precision: a store holds each expert at full precision (the model's dtype, exact) or quantised
+weight-only as int8 / int4 (moelab.offload.quant); `read` then returns QuantWeights, and a load
+moves 4x / about 7x fewer bytes than fp32.
+
 Offloading MoE experts with an LRU cache + speculative loading follows Eliseev & Mazur 2023,
 "Fast Inference of Mixture-of-Experts Language Models with Offloading" (arXiv:2312.17238).
 """
@@ -31,6 +35,14 @@ from safetensors.torch import save_file
 
 from moelab._io import atomic_write_json, atomic_write_with
 from moelab.errors import ConfigError, OffloadError
+from moelab.offload.quant import (
+    DEFAULT_GROUP,
+    QuantWeight,
+    check_precision,
+    int4_layout_probe,
+    pick_group,
+    quantize,
+)
 from moelab.offload.sites import EXPERT_TENSORS, ExpertSite, require_sites
 
 FORMAT = "moelab-expert-store"
@@ -38,6 +50,8 @@ VERSION = 1
 TIERS = ("auto", "direct", "fadvise", "throttle", "ram")
 ALIGN = 4096
 _DTYPES = {
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
@@ -53,6 +67,13 @@ def layer_file(layer: int) -> str:
 def tensor_key(expert: int, name: str) -> str:
     """Key of one expert tensor; zero-padded so safetensors' name order keeps experts contiguous."""
     return f"e{expert:05d}.{name}"
+
+
+def stored_names(precision: str) -> tuple[str, ...]:
+    """Tensor names one expert is stored as at `precision` (codes `.q` and scales `.s`)."""
+    if precision == "full":
+        return EXPERT_TENSORS
+    return tuple(f"{n}.{part}" for n in EXPERT_TENSORS for part in ("q", "s"))
 
 
 @dataclass
@@ -145,6 +166,18 @@ class ExpertStore:
             raise OffloadError(
                 f"{man}: format {self.manifest.get('format')!r}, expected {FORMAT!r}"
             )
+        self.precision = str(self.manifest.get("precision", "full"))
+        check_precision(self.precision, f"{man} precision")
+        self.group = int(self.manifest.get("group", 0))
+        if self.precision == "int4" and self.manifest.get("int4_probe") != int4_layout_probe():
+            raise OffloadError(
+                f"{man}: int4 experts were packed for another CPU kernel layout than this machine's;"
+                " rewrite the store here with ExpertStore.write(model, dir, precision='int4')"
+            )
+        self._names = stored_names(self.precision)
+        self._shapes = [
+            {n: tuple(v) for n, v in info["shapes"].items()} for info in self.manifest["layers"]
+        ]
         if tier == "auto":
             tier = "direct" if supports_o_direct(self.path) else "fadvise"
         self.tier = tier
@@ -170,7 +203,7 @@ class ExpertStore:
         data_end = 0
         for e in range(self.num_experts[layer]):
             tensors = {}
-            for name in EXPERT_TENSORS:
+            for name in self._names:
                 key = tensor_key(e, name)
                 if key not in hdr:
                     raise OffloadError(
@@ -282,10 +315,23 @@ class ExpertStore:
         t0 = time.perf_counter()
         r = self._check(layer, expert)
         buf, base = self.read_bytes(layer, expert)
-        out = {}
+        flat = {}
         for name, (b, e, shape, dtype) in r.tensors.items():
             t = buf[b - base : e - base].view(dtype).view(shape)
-            out[name] = t.to(self.device) if self.device.type != "cpu" else t
+            flat[name] = t.to(self.device) if self.device.type != "cpu" else t
+        if self.precision == "full":
+            out: dict[str, Any] = flat
+        else:
+            out = {
+                n: QuantWeight(
+                    self.precision,
+                    flat[f"{n}.q"].view(torch.int8 if self.precision == "int8" else torch.uint8),
+                    flat[f"{n}.s"].view(torch.bfloat16),
+                    self._shapes[layer][n],  # type: ignore[arg-type]
+                    self.group if self.precision == "int4" else 0,
+                )
+                for n in EXPERT_TENSORS
+            }
         dt = time.perf_counter() - t0
         with self._lock:
             self._bytes += r.nbytes
@@ -349,18 +395,39 @@ class ExpertStore:
 
     # ----------------------------------------------------------------- writing
     @staticmethod
-    def write(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
-        """Write every MoE layer's routed experts (one safetensors file per layer) + manifest.json."""
+    def write(
+        model: torch.nn.Module,
+        path: str | os.PathLike[str],
+        precision: str = "full",
+        group: int | None = None,
+    ) -> Path:
+        """Write every MoE layer's routed experts (one safetensors file per layer) + manifest.json,
+        at full precision or quantised weight-only ('int8' per channel, 'int4' in groups)."""
+        check_precision(precision, "ExpertStore.write precision")
         sites = require_sites(model)
+        if group is None:
+            group = (
+                pick_group(sites[0].expert_shapes(), DEFAULT_GROUP) if precision == "int4" else 0
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         layers = []
         for s in sites:
             tensors = {}
+            nbytes = 0
             for e in range(s.num_experts):
                 for name in EXPERT_TENSORS:
-                    w = getattr(s.experts, name)[e]
-                    tensors[tensor_key(e, name)] = w.detach().to("cpu").contiguous().clone()
+                    w = getattr(s.experts, name)[e].detach().to("cpu")
+                    if precision == "full":
+                        tensors[tensor_key(e, name)] = w.contiguous().clone()
+                        nbytes += w.numel() * w.element_size() if e == 0 else 0
+                        continue
+                    qw = quantize(w, precision, group)
+                    # raw bytes (uint8): safetensors orders tensors by dtype before name, so one
+                    # dtype keeps each expert's codes and scales contiguous
+                    tensors[tensor_key(e, f"{name}.q")] = qw.q.contiguous().view(torch.uint8)
+                    tensors[tensor_key(e, f"{name}.s")] = qw.scales.contiguous().view(torch.uint8)
+                    nbytes += qw.nbytes if e == 0 else 0
             target = path / layer_file(s.layer)
             atomic_write_with(target, lambda tmp, t=tensors: save_file(t, str(tmp)))
             fd = os.open(target, os.O_RDONLY)
@@ -377,8 +444,7 @@ class ExpertStore:
                     "top_k": s.top_k,
                     "shapes": {n: list(v) for n, v in shapes.items()},
                     "dtype": str(s.dtype()).replace("torch.", ""),
-                    "expert_nbytes": sum(int(np.prod(v)) for v in shapes.values())
-                    * s.dtype().itemsize,
+                    "expert_nbytes": nbytes,
                     "router_sha": s.router_fingerprint(),
                     "file": layer_file(s.layer),
                 }
@@ -392,6 +458,9 @@ class ExpertStore:
             "num_experts": [s.num_experts for s in sites],
             "layer_indices": [s.transformer_layer for s in sites],
             "layers": layers,
+            "precision": precision,
+            "group": group if precision == "int4" else 0,
+            "int4_probe": int4_layout_probe() if precision == "int4" else "",
         }
         atomic_write_json(path / "manifest.json", manifest)
         return path

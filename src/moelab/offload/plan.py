@@ -1,0 +1,688 @@
+"""Offload planner: for a model and a memory budget, predict decode tokens/s, hit rate and bytes
+per token of every (precision, policy, predictor, budget) by replaying held-out routing through
+the same ExpertCache + link model as `moelab offload simulate` (simulate.simulate), on this
+machine's measured tier bandwidth and per-layer compute; and run any configuration live
+(`run_live`, the same code path as `moelab generate`) to check the prediction.
+
+Precisions: "full" (exact), "int8", "int4" (weight-only, moelab.offload.quant), and stand-in
+modes "full+int4" / "full+int8": every expert resident at low precision serving misses while the
+full-precision expert is fetched for later tokens (HOBBIT, Tang et al. 2024, arXiv:2411.01433),
+replayed by `simulate_standin` (same ExpertCache and link as simulate). Whether prefetch can pay
+follows from an oracle-prefetch replay: one layer of lookahead hides at most one layer's compute
+per load (Eliseev & Mazur 2023, arXiv:2312.17238); when loads dominate it cannot.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moelab.errors import ConfigError, OffloadError
+from moelab.offload import cache as cache_mod
+from moelab.offload.cache import ExpertCache, static_keys_from_counts, usage_counts
+from moelab.offload.prefetch import Prefetcher, make_live_predictor
+from moelab.offload.quant import DEFAULT_GROUP, PRECISIONS, pick_group
+from moelab.offload.quant import expert_nbytes as quant_expert_nbytes
+from moelab.offload.simulate import Hardware, Plan, SimResult, _Link, oracle_plan, simulate
+from moelab.offload.store import ExpertStore
+
+STANDIN_MODES = ("full+int4", "full+int8")
+PLAN_PRECISIONS = (*PRECISIONS, *STANDIN_MODES)
+PLAN_PREDICTORS = ("none", "gate", "prev", "adaptive", "gate+prev")
+BOUND_POLICIES = ("belady",)  # replay-only bounds, not runnable live
+
+
+def policies() -> list[str]:
+    """Runnable policies registered in offload/cache.py (new ones appear here automatically)."""
+    reg = getattr(cache_mod, "POLICY_REGISTRY", None) or cache_mod.POLICIES
+    names = list(reg.keys()) if isinstance(reg, dict) else list(reg)
+    return [p for p in names if p not in BOUND_POLICIES and p != "auto"]
+
+
+def split_precision(precision: str) -> tuple[str, str | None]:
+    """'full+int4' -> ('full', 'int4'); 'int8' -> ('int8', None); unknown raises ConfigError."""
+    if precision not in PLAN_PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: expected one of {PLAN_PRECISIONS}")
+    main, _, low = precision.partition("+")
+    return main, (low or None)
+
+
+# --------------------------------------------------------------------------- memory
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_memory(spec: str | int | float, full_expert_bytes: int) -> int:
+    """'4GiB' / '512MB' / '25%' (of all experts at full precision) / bytes -> bytes."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        n = float(spec)
+    else:
+        s = str(spec).strip()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
+        if m:
+            n = float(m.group(1)) / 100.0 * full_expert_bytes
+        else:
+            m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", s)
+            if not m or m.group(2).upper() not in _UNITS:
+                raise ConfigError(
+                    f"--memory {spec!r}: expected bytes with a unit (4GiB, 512MB) or a percentage of"
+                    " the full-precision expert bytes (25%)"
+                )
+            n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not n > 0 or not math.isfinite(n):
+        raise ConfigError(f"--memory {spec!r}: must be > 0")
+    return int(n)
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs of a model: layers, experts, k, expert shapes and dtype size."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    shapes: dict[str, tuple[int, ...]]
+    itemsize: int = 4
+
+    def expert_bytes(self, precision: str) -> int:
+        """Bytes of one expert at a store precision ('full', 'int8', 'int4')."""
+        group = pick_group(self.shapes) if precision == "int4" else DEFAULT_GROUP
+        return quant_expert_nbytes(self.shapes, precision, self.itemsize, group)
+
+    @property
+    def full_bytes(self) -> int:
+        """All routed experts at full precision."""
+        return self.num_layers * self.num_experts * self.expert_bytes("full")
+
+    def slots(self, memory: int, precision: str) -> int:
+        """Experts per layer that `memory` bytes hold at `precision` (stand-ins paid first)."""
+        main, low = split_precision(precision)
+        left = memory - (self.num_layers * self.num_experts * self.expert_bytes(low) if low else 0)
+        per = self.num_layers * self.expert_bytes(main)
+        return max(0, min(self.num_experts, int(left // per))) if left > 0 else 0
+
+
+def model_shape(model: torch.nn.Module) -> ModelShape:
+    """ModelShape of a moelab or transformers MoE model."""
+    from moelab.offload.sites import require_sites
+
+    sites = require_sites(model)
+    s = sites[0]
+    return ModelShape(
+        len(sites), max(x.num_experts for x in sites), max(x.top_k for x in sites),
+        s.expert_shapes(), s.dtype().itemsize,
+    )  # fmt: skip
+
+
+def check_memory(shape: ModelShape, memory: int, spec: str = "") -> None:
+    """Refuse budgets that cannot hold one token's experts even at the smallest precision."""
+    need = min(
+        shape.num_layers * shape.top_k * shape.expert_bytes(p) for p in ("full", "int8", "int4")
+    )
+    if memory < need:
+        raise ConfigError(
+            f"--memory {spec or memory}: {memory} bytes cannot hold one token's experts "
+            f"(top_k={shape.top_k} in each of {shape.num_layers} layers needs {need} bytes even at "
+            "int4); give more memory"
+        )
+
+
+# --------------------------------------------------------------------------- workload
+@dataclass
+class Workload:
+    """Held-out routing to replay: windows of tokens, their routing and router inputs."""
+
+    tokens: list[np.ndarray]  # one array per window (sequence), decoded from its first token
+    expert_ids: np.ndarray  # [N, L, k], rows of all windows in order
+    router_input: np.ndarray | None  # [N, L, D] or None (then gate predictors are unavailable)
+    source: str
+    calib_fraction: float = 0.5  # share of windows split() gives the calibration part
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """(first row, end row) of each window."""
+        out, r = [], 0
+        for t in self.tokens:
+            out.append((r, r + len(t)))
+            r += len(t)
+        return out
+
+    def split(self, calib_fraction: float | None = None) -> tuple[Workload, Workload]:
+        """(calibration, evaluation) by windows: the first part picks static sets, the rest is
+        replayed and decoded live (held out from the calibration)."""
+        if calib_fraction is None:
+            calib_fraction = self.calib_fraction
+        n = len(self.tokens)
+        if n < 2:
+            raise OffloadError(
+                f"{self.source}: {n} held-out window(s); need >= 2 (calibration + evaluation)"
+            )
+        c = max(1, min(n - 1, int(round(calib_fraction * n))))
+        b = self.bounds
+        return self.subset(range(c), b), self.subset(range(c, n), b)
+
+    def subset(self, idx: Sequence[int], bounds: list[tuple[int, int]] | None = None) -> Workload:
+        """The windows `idx`."""
+        b = bounds or self.bounds
+        rows = np.concatenate([np.arange(*b[i]) for i in idx])
+        return Workload(
+            [self.tokens[i] for i in idx],
+            self.expert_ids[rows],
+            None if self.router_input is None else self.router_input[rows],
+            self.source,
+            self.calib_fraction,
+        )
+
+
+def workload_from_testbed(tb: Any) -> Workload:
+    """The testbed's held-out windows (test split)."""
+    S = tb.tokens.shape[1]
+    if tb.expert_ids.shape[0] != tb.tokens.size:
+        raise OffloadError(f"{tb.root}/heldout.npz: routing rows do not match the windows")
+    toks = [tb.tokens[i] for i in range(tb.tokens.shape[0])]
+    return Workload(toks, tb.expert_ids, tb.router_input.astype(np.float32),
+                    f"{tb.root} (test split, {len(toks)} windows x {S})")  # fmt: skip
+
+
+def workload_from_trace(path: str | Path, max_len: int = 128) -> Workload:
+    """Documents of a TraceStore (cut into windows of max_len); router inputs when traced."""
+    from moelab.trace.store import TraceStore
+
+    tr = TraceStore.open(path).load()
+    hid = None
+    if "router_input" in tr.hidden and tr.hidden_rows is not None:
+        if len(tr.hidden_rows) == tr.num_tokens and not np.isnan(tr.hidden["router_input"]).any():
+            hid = np.empty_like(tr.hidden["router_input"], dtype=np.float32)
+            hid[tr.hidden_rows] = tr.hidden["router_input"]
+    toks, rows = [], []
+    for d in np.unique(tr.doc_id):
+        r = np.flatnonzero(tr.doc_id == d)
+        for s in range(0, len(r), max_len):
+            if len(r[s : s + max_len]) >= 2:
+                toks.append(tr.token_id[r[s : s + max_len]].astype(np.int64))
+                rows.append(r[s : s + max_len])
+    if not toks:
+        raise OffloadError(f"{path}: no document with >= 2 tokens to replay")
+    idx = np.concatenate(rows)
+    return Workload(toks, tr.expert_ids[idx], None if hid is None else hid[idx],
+                    f"trace {path} (split {tr.meta.split if hasattr(tr.meta, 'split') else '?'})")  # fmt: skip
+
+
+def decode_steps(w: Workload) -> tuple[list[np.ndarray], list[bool]]:
+    """One replay step per row; each window's first token is its (untimed) prefill."""
+    steps, timed = [], []
+    for a, b in w.bounds:
+        for r in range(a, b):
+            steps.append(np.array([r]))
+            timed.append(r > a)
+    return steps, timed
+
+
+# --------------------------------------------------------------------------- predictor plans
+def predictor_plan(spec: str, sites: list[Any], w: Workload) -> tuple[Plan | None, float]:
+    """Run a live predictor row by row over recorded router inputs -> (replay plan, seconds per
+    on_layer call). The same objects `moelab generate --prefetch` uses."""
+    if spec == "none":
+        return None, 0.0
+    if w.router_input is None and any(p in spec for p in ("gate", "adaptive")):
+        raise OffloadError(
+            f"predictor {spec!r} needs router inputs; the workload {w.source} has none (trace with"
+            " --hidden-rate 1 or use a testbed)"
+        )
+    plan: Plan = {}
+    calls, secs = 0, 0.0
+    L = w.expert_ids.shape[1]
+    x = (
+        torch.from_numpy(np.asarray(w.router_input, dtype=np.float32))
+        if w.router_input is not None
+        else None
+    )
+    for a, b in w.bounds:
+        pred = make_live_predictor(spec)
+        pred.bind(sites)
+        if hasattr(pred, "set_tokens"):
+            pred.set_tokens([])
+        for n in range(a, b):
+            for layer in range(L):
+                ids = torch.from_numpy(w.expert_ids[n : n + 1, layer].astype(np.int64))
+                xin = x[n : n + 1, layer] if x is not None else torch.zeros(1, 1)
+                t0 = time.perf_counter()
+                out = pred.on_layer(n - a, layer, xin, ids)
+                secs += time.perf_counter() - t0
+                calls += 1
+                for t_step, t_layer, ex in out:
+                    row = a + t_step
+                    if a <= row < b:
+                        plan.setdefault((n, layer), []).append((row, t_layer, list(ex)))
+    return plan, secs / max(calls, 1)
+
+
+# --------------------------------------------------------------------------- replay
+def _make_cache(policy: str, slots: int, shape: ModelShape, nbytes: int, counts: np.ndarray | None,
+                future: Sequence | None = None) -> ExpertCache:  # fmt: skip
+    static = None
+    if policy == "static":
+        if counts is None:
+            raise ConfigError("policy 'static' needs calibration usage counts")
+        static = static_keys_from_counts(counts, max(slots - shape.top_k, 0), True)
+    return ExpertCache(
+        slots, policy, True, num_layers=shape.num_layers, num_experts=shape.num_experts,
+        expert_bytes=nbytes, top_k=shape.top_k, static_keys=static, future=future,
+    )  # fmt: skip
+
+
+def simulate_standin(
+    expert_ids: np.ndarray,
+    shape: ModelShape,
+    slots: int,
+    policy: str,
+    hw: Hardware,
+    plan: Plan | None,
+    steps: Sequence[np.ndarray],
+    timed: Sequence[bool],
+    nbytes: int,
+    counts: np.ndarray | None = None,
+) -> SimResult:
+    """simulate() with a resident low-precision copy of every expert: a miss costs no stall (it
+    is computed with the copy) and queues the full-precision load on the link for later tokens.
+    Same ExpertCache and link model as simulate; `timely` counts full-precision hits, `late`
+    waits on loads already in flight, `misses` counts stand-in computations."""
+    from moelab.offload.simulate import demand_sequence
+
+    cache = _make_cache(policy, slots, shape, nbytes, counts,
+                        demand_sequence(expert_ids, steps) if policy == "belady" else None)  # fmt: skip
+    link = _Link(hw)
+    for key in cache.pinned:
+        cache.preload(key)
+    res = SimResult(policy, slots, True, hw.name, "standin")
+    t, tc, plan = 0.0, hw.layer_compute + hw.predict_overhead, plan or {}
+    for si, rows in enumerate(steps):
+        t_step, count = t, timed[si]
+        for layer in range(expert_ids.shape[1]):
+            keys = [
+                (layer, e)
+                for e in sorted({int(e) for e in expert_ids[rows, layer].reshape(-1) if e >= 0})
+            ]
+            for tr in link.advance(t):
+                cache.insert(tr.key, prefetched=True)
+            cache.lock(keys)
+            for key in link.stale((si, layer)):
+                link.drop(key)
+                res.cancelled += 1
+            ready = t
+            for key in keys:
+                if key in cache:
+                    kind = "timely"
+                    cache.access(key)
+                elif key in link.inflight:
+                    kind = "late"  # already on the link: wait for it (as the live prefetcher does)
+                    tr = link.inflight.pop(key)
+                    cache.insert(key, prefetched=True)
+                    cache.access(key)
+                    ready = max(ready, tr.end)
+                else:
+                    kind = "miss"
+                    cache.access(key)
+                    if not link.busy(key):
+                        link.prefetch(key, t, nbytes, (si + 1, layer))
+                if count:
+                    res.needed += 1
+                    res.timely += kind == "timely"
+                    res.late += kind == "late"
+                    res.misses += kind == "miss"
+            if count:
+                res.stall_seconds += ready - t
+            t = ready
+            for t_row, t_layer, experts in plan.get((si, layer), []):
+                for e in list(experts)[: cache.slots]:
+                    key = (t_layer, int(e))
+                    if key not in cache and not link.busy(key) and len(link.pending) < 64:
+                        link.prefetch(key, t, nbytes, (t_row, t_layer))
+            t += tc
+            cache.unlock()
+        t += hw.token_overhead
+        if count:
+            res.tokens += len(rows)
+            res.seconds += t - t_step
+    cache.finish()
+    res.cache = cache.summary()
+    res.bytes_loaded = cache.counters.bytes_loaded
+    return res
+
+
+@dataclass
+class Machine:
+    """Measured (or given) link and compute per store precision."""
+
+    seconds_per_expert: dict[str, float]  # precision -> one expert read from the tier
+    layer_compute: dict[str, float]  # precision -> seconds per MoE layer per decode token
+    tier: str = "direct"
+    given: bool = False
+
+    def hardware(
+        self, precision: str, shape: ModelShape, predict_overhead: float = 0.0
+    ) -> Hardware:
+        """Hardware model of `precision` (stand-in modes: full-precision link and compute)."""
+        main, _ = split_precision(precision)
+        nb = shape.expert_bytes(main)
+        return Hardware(
+            f"this-machine/{self.tier}", bandwidth=nb / self.seconds_per_expert[main], latency=0.0,
+            layer_compute=self.layer_compute[main], predict_overhead=predict_overhead,
+            expert_bytes=nb, description="measured" if not self.given else "given",
+        )  # fmt: skip
+
+
+@dataclass
+class PlanRow:
+    """One configuration's prediction."""
+
+    precision: str
+    policy: str
+    predictor: str
+    memory: int
+    memory_spec: str
+    slots: int
+    tokens_per_s: float
+    hit_rate: float
+    timely_hit_rate: float
+    bytes_per_token: float
+    stall_ms_per_token: float
+    standin_rate: float = 0.0
+    ppl_change: float | None = None  # held-out perplexity ratio vs full precision (static tiers)
+    command: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict."""
+        return asdict(self)
+
+
+@dataclass
+class PlanReport:
+    """Every configuration best first, the bounds and the prefetch verdict per precision/budget."""
+
+    rows: list[PlanRow]
+    bounds: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    workload: str = ""
+
+    def best(self, **where: Any) -> PlanRow:
+        """Best row matching field values (e.g. precision='full', predictor='none')."""
+        for r in self.rows:
+            if all(getattr(r, k) == v for k, v in where.items()):
+                return r
+        raise OffloadError(f"no planned configuration matches {where}")
+
+
+def plan_configs(
+    shape: ModelShape,
+    sites: list[Any],
+    machine: Machine,
+    workload: Workload,
+    memories: Sequence[tuple[str, int]],
+    precisions: Sequence[str] = PLAN_PRECISIONS,
+    predictors: Sequence[str] = PLAN_PREDICTORS,
+    policy_names: Sequence[str] | None = None,
+    ppl: dict[str, float] | None = None,
+    command: Callable[[PlanRow], str] | None = None,
+) -> PlanReport:
+    """Replay every (precision, policy, predictor, memory) on the evaluation windows."""
+    for p in precisions:
+        split_precision(p)
+    for m_spec, m in memories:
+        check_memory(shape, m, m_spec)
+    pols = list(policy_names or policies())
+    calib, ev = workload.split()
+    counts = usage_counts(calib.expert_ids, shape.num_experts)
+    steps, timed = decode_steps(ev)
+    rep = PlanReport([], machine=asdict(machine), workload=ev.source)
+    plans: dict[str, tuple[Plan | None, float]] = {}
+    for pred in predictors:
+        try:
+            plans[pred] = predictor_plan(pred, sites, ev)
+        except OffloadError as exc:
+            rep.skipped.append(f"predictor {pred}: {exc}")
+    oracle = oracle_plan(ev.expert_ids, 1)
+    for m_spec, mem in memories:
+        for prec in precisions:
+            main, low = split_precision(prec)
+            slots = shape.slots(mem, prec)
+            if slots < shape.top_k:
+                rep.skipped.append(
+                    f"{prec} at {m_spec}: {slots} experts per layer fit, fewer than top_k="
+                    f"{shape.top_k}" + (" after the stand-in copies" if low else "")
+                )
+                continue
+            nb = shape.expert_bytes(main)
+            for pred, (plan, overhead) in plans.items():
+                hw = machine.hardware(prec, shape, overhead)
+                for pol in pols:
+                    try:
+                        r = _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb, counts, low)
+                    except ConfigError as exc:
+                        rep.skipped.append(f"policy {pol}: {exc}")
+                        continue
+                    row = PlanRow(
+                        prec, pol, pred, mem, m_spec, slots, r.tokens_per_s, r.hit_rate,
+                        r.timely_hit_rate, r.bytes_loaded / max(r.tokens, 1),
+                        1e3 * r.stall_seconds / max(r.tokens, 1),
+                        (r.misses / r.needed) if low and r.needed else 0.0,
+                        None if low else (ppl or {}).get(main),
+                    )  # fmt: skip
+                    row.command = command(row) if command else ""
+                    rep.rows.append(row)
+                b = _replay(ev, shape, slots, "belady", hw, plan, steps, timed, nb, counts, low)
+                rep.bounds.append({"precision": prec, "memory": m_spec, "predictor": pred,
+                                   "policy": "belady", "tokens_per_s": b.tokens_per_s,
+                                   "hit_rate": b.hit_rate})  # fmt: skip
+            if not low:
+                rep.verdicts.append(_verdict(ev, shape, slots, machine, prec, m_spec, oracle,
+                                             steps, timed, nb, counts))  # fmt: skip
+    rep.skipped = list(dict.fromkeys(rep.skipped))
+    rep.rows.sort(key=lambda r: -r.tokens_per_s if math.isfinite(r.tokens_per_s) else 0.0)
+    return rep
+
+
+def _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb, counts, low) -> SimResult:
+    if low:
+        return simulate_standin(
+            ev.expert_ids, shape, slots, pol, hw, plan, steps, timed, nb, counts
+        )
+    return simulate(
+        ev.expert_ids, shape.num_experts, slots, pol, hw, plan, True, steps, timed,
+        expert_bytes=nb, static_counts=counts,
+    )  # fmt: skip
+
+
+def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, counts) -> str:
+    """Say with numbers whether prefetching can pay at this precision and budget."""
+    hw = machine.hardware(prec, shape)
+    lru = _replay(ev, shape, slots, "lru", hw, None, steps, timed, nb, counts, None)
+    orc = _replay(ev, shape, slots, "lru", hw, oracle, steps, timed, nb, counts, None)
+    t_load = machine.seconds_per_expert[prec] * 1e3
+    t_layer = machine.layer_compute[prec] * 1e3
+    miss_ms = lru.stall_seconds / max(lru.tokens, 1) * 1e3
+    comp_ms = t_layer * shape.num_layers
+    gain = orc.tokens_per_s / lru.tokens_per_s if lru.tokens_per_s > 0 else float("nan")
+    head = (
+        f"{prec} at {m_spec} ({slots}/{shape.num_experts} per layer): LRU stalls {miss_ms:.1f} ms/token "
+        f"on loads vs {comp_ms:.1f} ms/token compute; one expert load {t_load:.2f} ms vs one layer "
+        f"{t_layer:.2f} ms; perfect 1-layer-ahead prefetch would give {gain:.2f}x LRU."
+    )
+    if gain < 1.15:
+        why = "loads are the bottleneck" if t_load > t_layer else "few misses are left to hide"
+        return head + (
+            f" Prefetch cannot pay here ({why}): a layer's compute hides at most "
+            f"{min(1.0, t_layer / max(t_load, 1e-12)):.0%} of one load. What would help: fewer "
+            "bytes per expert (int8 / int4 tiers), more resident memory (higher hit rate) or a "
+            "faster tier."
+        )
+    return head + " Loads can be hidden: predictor-driven prefetch can pay."
+
+
+# --------------------------------------------------------------------------- measurement
+def ensure_store(model: torch.nn.Module, root: Path, precision: str) -> Path:
+    """The expert store of `precision` under root/<precision>, written if missing or stale."""
+    d = Path(root) / precision
+    if (d / "manifest.json").exists():
+        try:
+            with ExpertStore(d, tier="ram") as st:
+                from moelab.offload.sites import require_sites
+
+                st.check_model(require_sites(model))
+            return d
+        except OffloadError:
+            pass
+    ExpertStore.write(model, d, precision=precision)
+    return d
+
+
+def measure_reads(store_dir: Path, tier: str = "auto", reads: int = 24) -> tuple[float, str]:
+    """Median seconds of one expert read from the tier, and the tier used."""
+    with ExpertStore(store_dir, tier=tier) as st:
+        st.read(0, 0)
+        return float(st.measure(reads=reads)["seconds_per_expert"]), st.tier
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: torch.nn.Module, tokens: np.ndarray, om: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a window token by token with a KV cache (prefill = its first token) -> (greedy
+    predictions [S], log-probabilities of the true next tokens [S-1])."""
+    from moelab.models import KVCache
+
+    if not (hasattr(model, "cfg") and hasattr(model, "blocks")):
+        raise OffloadError("teacher-forced decode supports moelab models; use `moelab generate`")
+    if om is not None:
+        om.new_sequence()
+    kv = KVCache()
+    x = torch.as_tensor(tokens, dtype=torch.long)[None]
+    preds, lps = [], []
+    for i in range(x.shape[1]):
+        logits = model(x[:, i : i + 1], cache=kv).logits[0, -1].float()
+        preds.append(int(logits.argmax()))
+        if i + 1 < x.shape[1]:
+            lps.append(float(torch.log_softmax(logits, -1)[x[0, i + 1]]))
+    return torch.tensor(preds), torch.tensor(lps)
+
+
+def measure_compute(
+    load_model: Callable[[], torch.nn.Module], stores: dict[str, Path], tokens: np.ndarray
+) -> dict[str, float]:
+    """Seconds per MoE layer per decode token with every expert in the cache, per precision
+    (hooks, attention and the weight-only kernels included, as a live run pays them)."""
+    out = {}
+    for prec, d in stores.items():
+        m = load_model()
+        with ExpertStore(d, tier="ram") as st:
+            shape = model_shape(m)
+            cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
+                                num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
+                                top_k=shape.top_k)  # fmt: skip
+            from moelab.offload.live import OffloadedModel
+
+            with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+                for layer in range(shape.num_layers):
+                    for e in range(shape.num_experts):
+                        cache.preload((layer, e), st.read(layer, e))
+                teacher_forced(m, tokens[:4], om)  # warm-up
+                om.reset_stats()
+                teacher_forced(m, tokens, om)
+                d = om.stats()["decode"]
+                out[prec] = d["seconds"] / max(d["tokens"], 1) / shape.num_layers
+    return out
+
+
+def heldout_ppl(
+    load_model: Callable[[], torch.nn.Module], store: Path | None, windows: Sequence[np.ndarray]
+) -> float:
+    """Held-out perplexity (full-sequence forward of each window) with every expert served from
+    `store` (None: the model's own weights)."""
+    from moelab.offload.live import OffloadedModel
+
+    m = load_model()
+    nll, n = 0.0, 0
+    ctx = None
+    if store is not None:
+        st = ExpertStore(store, tier="ram")
+        shape = model_shape(m)
+        cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
+                            num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
+                            top_k=shape.top_k)  # fmt: skip
+        for layer in range(shape.num_layers):
+            for e in range(shape.num_experts):
+                cache.preload((layer, e), st.read(layer, e))
+        ctx = OffloadedModel(m, st, cache, Prefetcher(st, cache, None))
+    try:
+        with torch.no_grad():
+            for w in windows:
+                x = torch.as_tensor(w, dtype=torch.long)[None]
+                if ctx is not None:
+                    ctx.new_sequence()
+                lp = torch.log_softmax(m(x).logits[0, :-1].float(), -1)
+                nll -= float(lp.gather(1, x[0, 1:, None]).sum())
+                n += x.shape[1] - 1
+    finally:
+        if ctx is not None:
+            ctx.close()
+            ctx.prefetcher.close()
+            ctx.store.close()
+    return math.exp(nll / max(n, 1))
+
+
+# --------------------------------------------------------------------------- live
+def run_live(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    windows: Sequence[np.ndarray],
+    precision: str,
+    policy: str,
+    predictor: str,
+    slots: int,
+    tier: str = "auto",
+    counts: np.ndarray | None = None,
+    reference: Sequence[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Teacher-forced live decode of `windows` with the configuration; decode stats, held-out
+    perplexity of the decoded tokens, and (with `reference` greedy predictions) identity."""
+    from moelab.offload.live import OffloadedModel
+
+    main, low = split_precision(precision)
+    model = load_model()
+    shape = model_shape(model)
+    st = ExpertStore(stores[main], tier=tier)
+    sub = ExpertStore(stores[low], tier="ram") if low else None
+    cache = _make_cache(policy, slots, shape, st.expert_nbytes(0), counts)
+    pf = Prefetcher(st, cache, make_live_predictor(predictor))
+    om = OffloadedModel(model, st, cache, pf, standin=sub)
+    preds, lps = [], []
+    try:
+        for w in windows:
+            p, lp = teacher_forced(model, w, om)
+            preds.append(p)
+            lps.append(lp)
+        s = om.stats()
+    finally:
+        om.close()
+        pf.close()
+        st.close()
+        if sub is not None:
+            sub.close()
+    lp = torch.cat(lps)
+    s["ppl"] = float(torch.exp(-lp.mean()))
+    s["predictions"] = preds
+    if reference is not None:
+        s["identical"] = all(torch.equal(a, b) for a, b in zip(preds, reference, strict=True))
+        s["agreement"] = float(
+            torch.cat([(a == b).float() for a, b in zip(preds, reference, strict=True)]).mean()
+        )
+    return s

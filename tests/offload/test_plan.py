@@ -1,0 +1,163 @@
+"""Offload planner on a tiny testbed: output shape and order, same numbers as simulate, prefetch
+verdicts, refusals, and live runs of planned configurations (exact at full precision)."""
+
+import argparse
+import math
+
+import pytest
+
+from moelab.errors import ConfigError
+from moelab.offload.plan import (
+    Hardware,
+    ModelShape,
+    decode_steps,
+    parse_memory,
+    policies,
+    split_precision,
+)
+from moelab.offload.plan_commands import Context, make_plan, run_config
+from moelab.offload.simulate import simulate
+from moelab.offload.testbed import TINY_SHAPE, TINY_WIDEN, build_testbed
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tbp")
+    build_testbed(
+        root,
+        steps=2,
+        shape=TINY_SHAPE,
+        widen=TINY_WIDEN,
+        corpus=argparse.__file__,
+        max_bytes=None,
+        heldout_windows=4,
+        progress=False,
+    )
+    return Context(root, None)
+
+
+@pytest.fixture(scope="module")
+def rep(ctx):
+    return make_plan(ctx.model_arg, ["50%", "75%"], bandwidth=1e7, layer_compute=1e-3, ctx=ctx)
+
+
+def test_parse_memory():
+    assert parse_memory("4GiB", 10) == 4 * 2**30
+    assert parse_memory("512MB", 10) == 512_000_000
+    assert parse_memory("25%", 1000) == 250
+    assert parse_memory(1234, 10) == 1234
+    for bad in ("4 parsecs", "-1GB", "0%", "abc"):
+        with pytest.raises(ConfigError, match="--memory"):
+            parse_memory(bad, 1000)
+
+
+def test_plan_rows_best_first_with_commands(rep, ctx):
+    tps = [r.tokens_per_s for r in rep.rows]
+    assert len(tps) > 20 and all(math.isfinite(t) and t > 0 for t in tps)
+    assert tps == sorted(tps, reverse=True)
+    for r in rep.rows:
+        assert r.command.startswith(
+            f"moelab offload run --model {ctx.model_arg} --memory {r.memory_spec}"
+        )
+        assert (
+            f"--precision {r.precision} --policy {r.policy} --predictor {r.predictor}" in r.command
+        )
+        assert 0 <= r.hit_rate <= 1 and r.bytes_per_token >= 0
+    planned = {r.policy for r in rep.rows}
+    refused = {s.split()[1].rstrip(":") for s in rep.skipped if s.startswith("policy ")}
+    assert (
+        planned | refused == set(policies()) and {"lru", "lfu"} <= planned
+    )  # every registered one
+    assert {r.precision for r in rep.rows} >= {"full", "int8", "int4", "full+int4"}
+    assert {r.predictor for r in rep.rows} == {"none", "gate", "prev", "adaptive", "gate+prev"}
+    # full+int4 at 50%: the int4 copies leave fewer than top_k full experts per layer
+    assert any("full+int4 at 50%" in s for s in rep.skipped)
+    assert len(rep.verdicts) == 6 and all(
+        "perfect 1-layer-ahead prefetch" in v for v in rep.verdicts
+    )
+    # static tiers carry their held-out perplexity ratio; full precision is exactly 1
+    assert rep.best(precision="full").ppl_change == 1.0
+    assert 0.9 < rep.best(precision="int8").ppl_change < 1.1
+    assert all(b["hit_rate"] >= 0 for b in rep.bounds)
+
+
+def test_plan_numbers_are_simulate_numbers(rep, ctx):
+    r = rep.best(precision="full", policy="lru", predictor="none", memory_spec="50%")
+    _, ev = ctx.workload.split()
+    steps, timed = decode_steps(ev)
+    nb = ctx.shape.expert_bytes("full")
+    hw = Hardware("x", bandwidth=1e7, latency=0.0, layer_compute=1e-3, expert_bytes=nb)
+    sim = simulate(
+        ev.expert_ids,
+        ctx.shape.num_experts,
+        r.slots,
+        "lru",
+        hw,
+        None,
+        True,
+        steps,
+        timed,
+        expert_bytes=nb,
+    )
+    assert sim.tokens_per_s == pytest.approx(r.tokens_per_s, rel=1e-12)
+    assert sim.hit_rate == pytest.approx(r.hit_rate, rel=1e-12)
+    # int8 moves ~4x fewer bytes per token than full at the same memory and policy
+    q = rep.best(precision="int8", policy="lru", predictor="none", memory_spec="50%")
+    assert q.slots >= r.slots and q.tokens_per_s > r.tokens_per_s
+
+
+def test_verdict_when_loads_dominate(ctx):
+    slow = make_plan(ctx.model_arg, ["50%"], precisions=["full"], predictors=["none"],
+                     policy_names=["lru"], bandwidth=1e4, layer_compute=1e-5, ctx=ctx)  # fmt: skip
+    assert len(slow.verdicts) == 1 and "cannot pay" in slow.verdicts[0]
+    assert "int8 / int4" in slow.verdicts[0]
+
+
+def test_refusals(ctx):
+    with pytest.raises(ConfigError, match="cannot hold one token's experts"):
+        make_plan(ctx.model_arg, ["100B"], bandwidth=1e7, layer_compute=1e-3, ctx=ctx)
+    with pytest.raises(ConfigError, match="precision 'int3'"):
+        make_plan(ctx.model_arg, ["50%"], precisions=["int3"], ctx=ctx)
+    with pytest.raises(ConfigError, match="precision"):
+        split_precision("fp8")
+    with pytest.raises(ConfigError, match="fewer than top_k"):
+        run_config(ctx.model_arg, "20%", "full", "lru", "none", ctx=ctx)
+    sh = ModelShape(2, 4, 2, {"gate_up_proj": (128, 32), "down_proj": (32, 64)})
+    assert sh.slots(sh.full_bytes, "full") == 4 and sh.slots(sh.full_bytes // 2, "full") == 2
+
+
+def test_run_full_precision_is_exact_and_int8_close(ctx):
+    full = run_config(ctx.model_arg, "50%", "full", "lru", "gate", windows=1, ctx=ctx)
+    assert full["identical_to_all_resident"] is True and full["ppl_ratio"] == 1.0
+    assert full["config"]["slots_per_layer"] == 2 and full["tokens"] == TINY_SHAPE["seq_len"] - 1
+    q = run_config(ctx.model_arg, "50%", "int8", "lru", "none", windows=1, ctx=ctx)
+    assert 0.95 < q["ppl_ratio"] < 1.05 and q["agreement_with_all_resident"] > 0.8
+    s = run_config(ctx.model_arg, "75%", "full+int4", "lru", "none", windows=1, ctx=ctx)
+    assert s["standin_rate"] > 0 and math.isfinite(s["ppl_ratio"])
+
+
+def _cli(args, capsys, monkeypatch):
+    from moelab.cli import main
+
+    monkeypatch.setattr("sys.argv", ["moelab", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out + cap.err
+
+
+def test_cli_plan_and_refusals(ctx, capsys, monkeypatch, tmp_path):
+    base = ["offload", "plan", "--model", str(ctx.model_arg), "--bandwidth", "1e7",
+            "--layer-compute", "1e-3", "--predictors", "none,prev", "--policies", "lru,lfu"]  # fmt: skip
+    code, out = _cli([*base, "--memory", "50%", "--precisions", "full,int8", "--out", str(tmp_path)],
+                     capsys, monkeypatch)  # fmt: skip
+    assert code in (0, None), out
+    assert "moelab offload run --model" in out and "perfect 1-layer-ahead prefetch" in out
+    import json
+
+    rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2 and rows == sorted(rows, key=lambda r: -r["tokens_per_s"])
+    code, out = _cli([*base, "--memory", "100B"], capsys, monkeypatch)
+    assert code == 2 and "cannot hold one token's experts" in out
+    code, out = _cli([*base, "--memory", "50%", "--precisions", "fp8"], capsys, monkeypatch)
+    assert code == 2 and "precision 'fp8'" in out
