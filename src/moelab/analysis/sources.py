@@ -248,7 +248,7 @@ class StoreSource:
 def load_docs(shards: list[Path], meta: TraceMeta, doc_ids: np.ndarray) -> Trace:
     """The rows of the given documents, read shard by shard with a doc_id filter, as a Trace in
     (doc_id, position) order (weights and logits as float32)."""
-    L, k, E = meta.num_layers, meta.top_k, meta.num_experts
+    L, k = meta.num_layers, meta.top_k
     logits = bool(meta.extra.get("logits", False))
     cols = list(BASE_COLUMNS) + [f"e{li}_{j}" for li in range(L) for j in range(k)]
     cols += [f"w{li}_{j}" for li in range(L) for j in range(k)]
@@ -264,7 +264,15 @@ def load_docs(shards: list[Path], meta: TraceMeta, doc_ids: np.ndarray) -> Trace
         raise AnalysisError("sample: none of the sampled documents has rows in the shards")
     import pyarrow as pa
 
-    t = pa.concat_tables(parts)
+    return table_to_trace(pa.concat_tables(parts), meta)
+
+
+def table_to_trace(t: Any, meta: TraceMeta, logits: bool | None = None) -> Trace:
+    """Shard rows (an Arrow table with the store's columns) as a Trace in (doc_id, position)
+    order, weights and logits as float32 (logits=False skips them)."""
+    L, k, E = meta.num_layers, meta.top_k, meta.num_experts
+    if logits is None:
+        logits = bool(meta.extra.get("logits", False)) and "logits0" in t.column_names
     doc = t["doc_id"].to_numpy()
     pos = t["position"].to_numpy()
     order = np.lexsort((pos, doc))
