@@ -98,6 +98,8 @@ def register(analysis: Analysis) -> Analysis:
 
 def analyses() -> list[Analysis]:
     """The registered analyses in order (the built-in ones first, imported on first use)."""
-    for mod in BUILTIN:
-        importlib.import_module(f"moelab.analysis.steps.{mod}")
-    return list(REGISTRY.values())
+    first = [importlib.import_module(f"moelab.analysis.steps.{m}").ANALYSIS for m in BUILTIN]
+    builtin = [a.name for a in first]
+    return [REGISTRY[x] for x in builtin if x in REGISTRY] + [
+        a for name, a in REGISTRY.items() if name not in builtin
+    ]
