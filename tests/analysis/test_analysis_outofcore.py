@@ -170,6 +170,9 @@ def test_shuffled_table_keeps_margins():
         t = C.shuffled_table(rows, cols, rng, limit=limit)
         np.testing.assert_array_equal(t.sum(1), rows)
         np.testing.assert_array_equal(t.sum(0), cols)
+    big = rng.integers(0, 5, 300)  # > 256 row labels: the permutation path
+    t = C.shuffled_table(big, np.array([big.sum() - 7, 7]), rng)
+    np.testing.assert_array_equal(t.sum(1), big)
     with pytest.raises(ValueError):
         C.shuffled_table(np.array([1]), np.array([2]), rng)
 

@@ -231,7 +231,8 @@ def shuffled_table(
     cols = np.asarray(cols, dtype=np.int64)
     if rows.sum() != cols.sum():
         raise ValueError("shuffled_table: the margins have different totals")
-    if rows.size * cols.size > limit:  # large tables: permute labels expanded to rows
+    if rows.size * cols.size > limit or rows.size > 256:  # many rows: one vectorised
+        # permutation of the labels expanded to rows beats a Python loop of draws
         a = np.repeat(np.arange(rows.size), rows)
         b = rng.permutation(np.repeat(np.arange(cols.size), cols))
         return (
