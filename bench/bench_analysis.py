@@ -12,7 +12,13 @@ three sizes; time per million rows should stay flat (linear scaling), and the pr
 should not grow with the row count (DuckDB memory_limit fixed at 512 MB: it streams, so traces
 larger than RAM work). Sizes reuse the shards of the largest store.
 
+Part C (issue 18): every count-based analysis out of core over a store (DuckDB; Spark local
+mode with --ooc-engines memory,duckdb,spark) against the in-memory path on the same store,
+each in a fresh process (time, tokens/s, peak RSS); Spark's count tables are compared with
+DuckDB's.
+
 Usage: .venv/bin/python bench/bench_analysis.py [--tokens 1000000] [--layers 32] [--repeats 1]
+       .venv/bin/python bench/bench_analysis.py --ooc-sizes 1000000,10000000 --memory-limit 1GiB
 """
 
 from __future__ import annotations
@@ -259,6 +265,204 @@ def part_b(sizes: list[int], num_layers: int, repeats: int, seed: int, workdir: 
     return out
 
 
+def count_analyses(src, seed: int, decode) -> dict[str, callable]:
+    """Every count-based analysis through a source (TraceSource = in memory, StoreSource = out
+    of core): usage (3 normalisations) + balance, transitions (summary, E x E and set matrices
+    for every l -> l+1), co-activation (every layer), repeat rate, specialisation (domain,
+    input and next token, token class), predictability + spread."""
+    num_l = src.meta.num_layers
+
+    def do_usage():
+        src.usage("slots", seed=seed), src.usage("tokens", seed=seed)
+        src.usage("slots", weighted=True, seed=seed), src.balance(seed=seed)
+
+    def do_transitions():
+        src.transition_summary(1, seed)
+        for layer in range(num_l - 1):
+            src.expert_transitions(layer, 1, seed)
+            src.set_transitions(layer, 1, seed)
+
+    def do_spec():
+        src.by_domain(seed), src.by_vocab("input", 10, seed), src.by_vocab("next", 10, seed)
+        src.by_token_class(decode, seed)
+
+    return {
+        "usage + balance": do_usage,
+        "transitions (all l->l+1)": do_transitions,
+        "co-activation (all layers)": lambda: [src.coactivation(x, seed) for x in range(num_l)],
+        "repeat rate": lambda: src.repeat_rate(seed),
+        "specialisation": do_spec,
+        "predictability + spread": lambda: (src.predictability(10, seed), src.spread(10, seed)),
+    }
+
+
+def write_synthetic_store(path: Path, n_tokens: int, num_layers: int, seed: int) -> float:
+    """A synthetic store of n_tokens (chunks of 250k from the generator, documents of 512)."""
+    chunk = 250_000
+    t0 = time.perf_counter()
+    w = None
+    for i in range(int(np.ceil(n_tokens / chunk))):
+        m = min(chunk, n_tokens - i * chunk)
+        tr = synthetic_trace(
+            m, num_layers, 8, 2, vocab=32000, doc_len=512, n_domains=4, logits=False, seed=seed + i
+        )
+        if w is None:
+            w = TraceWriter(path, tr.meta, shard_tokens=chunk, logits=False)
+        docs = tr.doc_id + i * (chunk // 512 + 1)
+        w.append(docs, tr.position, tr.token_id, tr.domain, tr.is_bos, tr.expert_ids, tr.weights)
+        del tr
+    w.close()
+    return time.perf_counter() - t0
+
+
+def replicate_store(src: Path, dst: Path, copies: int) -> None:
+    """A store of `copies` copies of src's shards, each copy's document ids shifted past the
+    previous copy's (the same rows repeated: counts scale exactly with copies)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = json.loads((src / "meta.json").read_text())
+    shards = sorted((src / "shards").glob("*.parquet"))
+    span = max(pq.read_table(str(s), columns=["doc_id"])["doc_id"].to_numpy().max() for s in shards)
+    (dst / "shards").mkdir(parents=True)
+    i = 0
+    for c in range(copies):
+        for s in shards:
+            t = pq.read_table(str(s))
+            doc = t["doc_id"].to_numpy() + c * (int(span) + 1)
+            t = t.set_column(0, "doc_id", pa.array(doc))
+            pq.write_table(
+                t, str(dst / "shards" / f"part-r000-{i:06d}.parquet"), compression="zstd"
+            )
+            i += 1
+    meta.setdefault("extra", {}).setdefault("run", {}).pop("total_tokens", None)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    rows = sum(pq.ParquetFile(str(f)).metadata.num_rows for f in (dst / "shards").iterdir())
+    (dst / "done-r000.json").write_text(json.dumps({"rank": 0, "rows": rows, "shards": i}))
+
+
+def child(args) -> None:
+    """One measured run in a fresh process: engine over a store, JSON of times + peak RSS."""
+    from moelab.analysis.engines import open_engine
+    from moelab.analysis.sources import StoreSource, TraceSource
+    from moelab.trace.store import TraceStore
+
+    strings = [" the", ",", " 42", "foo_bar", " ", "x", "\n", "camelCase"]
+
+    def decode(i: int) -> str:
+        return strings[i % len(strings)]
+
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        if args.child_engine == "memory":
+            src = TraceSource(TraceStore.open(args.child).load())
+        else:
+            eng = open_engine(
+                args.child,
+                args.child_engine,
+                memory_limit=args.memory_limit,
+                master="local[2]" if args.child_engine == "spark" else None,
+                threads=2 if args.child_engine == "duckdb" else None,
+            )
+            src = StoreSource(eng)
+        load_s = time.perf_counter() - t0
+        times = {}
+        for name, fn in count_analyses(src, 0, decode).items():
+            t = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t
+        counts = [s.count.tolist() for s in src.sc.states()] if hasattr(src, "sc") else None
+        src.close()
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "load_s": load_s,
+                "seconds": times,
+                "total_s": load_s + sum(times.values()),
+                "peak_rss_gib": rss.peak / 2**30,
+                "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "states": counts,
+            }
+        )
+    )
+
+
+def run_child(store: Path, engine: str, memory_limit: str) -> dict:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--child", str(store), "--child-engine", engine]
+    cmd += ["--memory-limit", memory_limit]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not line:
+        raise RuntimeError(f"{engine} run failed: {out.stderr[-2000:]}")
+    return json.loads(line[0][7:])
+
+
+def part_c(
+    sizes: list[int],
+    num_layers: int,
+    seed: int,
+    workdir: Path,
+    engines: list[str],
+    memory_limit: str,
+    replicate: bool = False,
+) -> dict:
+    """Every count-based analysis out of core (DuckDB, optionally Spark) vs in memory."""
+    res: dict = {}
+    table = Table(
+        title=f"Count-based analyses over a store ({num_layers} layers, top-2 of 8;"
+        f" memory_limit {memory_limit}; each run in a fresh process)"
+    )
+    for col in ("tokens", "engine", "seconds", "tokens/s", "ratio vs memory", "peak RSS GiB"):
+        table.add_column(col, justify="right")
+    base = None
+    for n in sizes:
+        store = workdir / f"store_{n}"
+        if (store / "meta.json").exists():
+            console.print(f"reusing {store}")
+        elif replicate and base is not None and n % base[0] == 0:
+            t0 = time.perf_counter()
+            replicate_store(base[1], store, n // base[0])
+            console.print(
+                f"built the {n:,}-token store from {n // base[0]} copies of the {base[0]:,}-token"
+                f" one (document ids shifted) in {time.perf_counter() - t0:.0f} s"
+            )
+        else:
+            gen = write_synthetic_store(store, n, num_layers, seed)
+            console.print(f"wrote {n:,}-token store in {gen:.0f} s")
+        if base is None:
+            base = (n, store)
+        runs = {}
+        for eng in engines:
+            if eng == "memory" and n > 2_000_000:
+                continue  # the in-memory path is the reference at the smaller size only
+            r = run_child(store, eng, memory_limit)
+            runs[eng] = r
+            console.print(f"{n:,} {eng}: {r['total_s']:.1f} s, {r['peak_rss_gib']:.2f} GiB")
+            console.print({k: round(v, 2) for k, v in r["seconds"].items()})
+        if "spark" in runs and "duckdb" in runs:
+            runs["spark_counts_equal_duckdb"] = runs["spark"]["states"] == runs["duckdb"]["states"]
+        ref = runs.get("memory", {}).get("total_s")
+        for eng, r in runs.items():
+            if not isinstance(r, dict):
+                continue
+            table.add_row(
+                f"{n:,}",
+                eng,
+                f"{r['total_s']:.1f}",
+                f"{n / r['total_s']:,.0f}",
+                f"{r['total_s'] / ref:.2f}" if ref else "-",
+                f"{r['peak_rss_gib']:.2f}",
+            )
+            r.pop("states", None)
+        res[n] = runs
+    console.print(table)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=1_000_000)
@@ -269,8 +473,40 @@ def main() -> None:
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ooc-sizes", type=str, default="", help="part C sizes, e.g. 1000000,10000000")
+    ap.add_argument("--ooc-engines", type=str, default="memory,duckdb")
+    ap.add_argument("--memory-limit", type=str, default="1GiB")
+    ap.add_argument("--store-dir", type=str, default="", help="keep/reuse part C stores here")
+    ap.add_argument(
+        "--replicate",
+        action="store_true",
+        help="build larger part C stores from copies of the first size's store",
+    )
+    ap.add_argument("--child", type=str, default="")
+    ap.add_argument("--child-engine", type=str, default="duckdb")
     args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
     res = {}
+    if args.ooc_sizes:
+        keep = bool(args.store_dir)
+        work = Path(args.store_dir) if keep else Path(tempfile.mkdtemp(prefix="moelab-bench-ooc-"))
+        try:
+            res["out_of_core"] = part_c(
+                [int(s) for s in args.ooc_sizes.split(",")],
+                args.layers,
+                args.seed,
+                work,
+                args.ooc_engines.split(","),
+                args.memory_limit,
+                args.replicate,
+            )
+        finally:
+            if not keep:
+                shutil.rmtree(work, ignore_errors=True)
+        console.print_json(json.dumps(res, default=float))
+        return
     if not args.skip_a:
         res["analyses"] = part_a(args.tokens, args.layers, args.repeats, args.seed)
     if not args.skip_b:

@@ -21,6 +21,61 @@ def _load(path: Path):  # noqa: ANN202 - returns (Trace, TraceStore)
     return store.load(), store
 
 
+def loaded_bytes(meta: Any, logits: bool) -> int:
+    """Bytes per token of a loaded Trace (ids int16, weights and logits float32, base columns)."""
+    per = meta.num_layers * meta.top_k * (2 + 4) + 23
+    return per + (meta.num_layers * meta.num_experts * 4 if logits else 0)
+
+
+def open_source(
+    path: Path,
+    compare: Path | None,
+    engine: str,
+    master: str | None,
+    memory_limit: str | None,
+    sample_tokens: int,
+    seed: int,
+) -> tuple[Any, Any]:
+    """(source for analyze, compare source or Trace) for the CLI's engine options."""
+    from moelab.analysis.engines import ENGINES, open_engine, parse_bytes
+    from moelab.analysis.sources import StoreSource, TraceSource
+    from moelab.errors import ConfigError
+    from moelab.trace.store import TraceStore
+
+    limit = parse_bytes(memory_limit)
+    if sample_tokens < 1:
+        raise ConfigError(f"--sample-tokens {sample_tokens}: expected >= 1; nothing was written")
+    if engine == "memory":
+        if master:
+            raise ConfigError("--master is a Spark option; use it with --engine spark")
+        store = TraceStore.open(path)
+        need = store.num_tokens * loaded_bytes(store.meta, store.has_logits)
+        if limit and need > limit:
+            raise ConfigError(
+                f"--engine memory would load {need / 2**30:.2f} GiB ({store.num_tokens} tokens)"
+                f" but --memory-limit is {limit / 2**30:.2f} GiB; use --engine duckdb (out of"
+                " core) or raise the limit"
+            )
+        tr = store.load()
+        cmp_tr = TraceStore.open(compare).load() if compare is not None else None
+        return TraceSource(tr), cmp_tr
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: expected duckdb, spark or memory")
+    TraceStore.open(path)  # the store's invariants, before any query
+    eng = open_engine(path, engine, memory_limit=limit, master=master)
+    if limit:  # the sample is loaded in memory: keep it within a quarter of the limit
+        per = loaded_bytes(eng.meta, bool(eng.meta.extra.get("logits", False)))
+        sample_tokens = max(1, min(sample_tokens, limit // 4 // per))
+    src = StoreSource(eng, sample_tokens=sample_tokens, seed=seed)
+    cmp_src = None
+    if compare is not None:
+        TraceStore.open(compare)
+        from moelab.analysis.engines import DuckDBEngine
+
+        cmp_src = StoreSource(DuckDBEngine(compare, limit), sample_tokens, seed)
+    return src, cmp_src
+
+
 def trace_tokenizer(store: Path, meta: Any, tokenizer: Path | None) -> tuple[Any, str]:
     """(tokenizers.Tokenizer or None, a note when none could be loaded).
 
@@ -87,19 +142,36 @@ def register(app: typer.Typer) -> None:
             False, help="write numbers and tables only (no PNG/plotly)"
         ),
         seed: int = typer.Option(0, help="random seed"),
+        engine: str = typer.Option(
+            "duckdb",
+            help="duckdb | spark: count-based analyses out of core over the shards;"
+            " memory: load the whole trace (the reference path)",
+        ),
+        master: str = typer.Option(
+            None, help="Spark master URL (default local[1]; e.g. spark://host:7077)"
+        ),
+        memory_limit: str = typer.Option(
+            None, help="memory for the engine and the sample, e.g. 4GiB (DuckDB spills beyond it)"
+        ),
+        sample_tokens: int = typer.Option(
+            200_000,
+            help="tokens (whole documents, stratified by domain) for the sample-based analyses"
+            " (trajectories, projections, token grid, saturation) with --engine duckdb|spark",
+        ),
     ) -> None:
         """Analyse routing in a trace: usage, balance, transitions, co-activation, repeats,
         trajectories, specialisation, predictability (and saturation, projections)."""
         from moelab.analysis.run import analyze, check_analyze_options
 
         check_analyze_options(n, max_points, min_count)  # before reading or writing anything
-        tr, _ = _load(trace)
-        tok, tok_note = trace_tokenizer(trace, tr.meta, tokenizer)
+        src, cmp_trace = open_source(
+            trace, compare, engine, master, memory_limit, sample_tokens, seed
+        )
+        tok, tok_note = trace_tokenizer(trace, src.meta, tokenizer)
         if tok_note:
             typer.echo(tok_note)
-        cmp_trace = _load(compare)[0] if compare is not None else None
         nums = analyze(
-            tr,
+            src,
             out,
             tokenizer=tok,
             compare=cmp_trace,
@@ -113,6 +185,9 @@ def register(app: typer.Typer) -> None:
             figures=not no_figures,
             seed=seed,
         )
+        src.close()
+        if cmp_trace is not None and hasattr(cmp_trace, "close"):
+            cmp_trace.close()
         typer.echo(
             f"wrote {out / 'report.html'} ({len(nums['files'])} files); skipped: {list(nums['skipped']) or 'none'}"
         )

@@ -120,12 +120,42 @@ def register(app: typer.Typer) -> None:
             None, "--opt", help="predictor option key=value (repeatable)"
         ),
         seed: int = typer.Option(0, help="seed for the split and training"),
+        stream: bool = typer.Option(
+            False,
+            help="never load the whole trace: count-based predictors stream over the shards,"
+            " others fit on a seeded sample of --sample-tokens train tokens",
+        ),
+        sample_tokens: int = typer.Option(200_000, help="train tokens sampled with --stream"),
     ) -> None:
         """Fit one predictor on the train part of a trace and save it (safetensors + JSON)."""
         from rich.console import Console
 
         from moelab.predict import Horizon, make_predictor
 
+        if stream:
+            from moelab.predict.streaming import fit_store
+            from moelab.trace.store import TraceStore
+
+            store = TraceStore.open(train)
+            gates = store.gates() if (Path(train) / "gates.safetensors").exists() else None
+            p = make_predictor(
+                predictor, Horizon.parse(horizon), gates=gates, seed=seed, **_parse_opts(opt)
+            )
+            fit_store(p, store, holdout, seed, sample_tokens=sample_tokens)
+            desc = (
+                f"test = {holdout:.0%} of the documents of {train} (seed {seed}), held out from fit"
+            )
+            p.fit_info.update({"trace": str(train), "test_split": desc})
+            p.save(out)
+            how = (
+                "streamed over the shards"
+                if p.fit_info["streamed"]
+                else f"a seeded sample of {p.fit_info['sample_tokens']} tokens"
+            )
+            Console().print(
+                f"fitted {p.label} on {p.fit_info['train_tokens']} train rows ({how}) -> {out}"
+            )
+            return
         tr, _, desc, gates = load_splits(train, None, holdout, seed)
         p = make_predictor(
             predictor, Horizon.parse(horizon), gates=gates, seed=seed, **_parse_opts(opt)

@@ -16,7 +16,7 @@ import numpy as np
 
 from moelab.errors import TraceError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: weights/logits float32 (1: float16, still read; docs/trace_schema.md)
 NO_EXPERT = -1  # value in int arrays; stored on disk as the max of the unsigned dtype
 
 

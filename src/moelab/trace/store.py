@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from moelab._io import atomic_write_json, atomic_write_with
 from moelab.errors import TraceError
 from moelab.trace.gates import GateSet
-from moelab.trace.schema import NO_EXPERT, Trace, TraceMeta
+from moelab.trace.schema import NO_EXPERT, SCHEMA_VERSION, Trace, TraceMeta
 
 BASE_COLUMNS = ("doc_id", "position", "token_id", "domain", "is_bos")
 BASE_TYPES = {
@@ -76,20 +76,35 @@ def has_dropped(meta: TraceMeta) -> bool:
     return bool(meta.extra.get("dropped", False))
 
 
-LOGITS_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+def float_type(meta: TraceMeta) -> pa.DataType:
+    """Arrow type of the weight and logit columns: float32 from schema version 2 on; float16
+    in version-1 stores (still read; Spark 4 cannot read Parquet FLOAT16, docs/trace_schema.md)."""
+    return pa.float16() if int(meta.schema_version) < 2 else pa.float32()
 
 
-def logits_dtype(meta: TraceMeta) -> tuple[Any, pa.DataType]:
-    """(numpy, arrow) type of the stored logits (meta.extra["logits_dtype"], float16 default)."""
-    name = str(meta.extra.get("logits_dtype", "float16"))
-    if name not in LOGITS_DTYPES:
-        raise TraceError(f"meta.json logits_dtype={name!r}: expected one of {list(LOGITS_DTYPES)}")
-    return LOGITS_DTYPES[name]
+def encode_floats(meta: TraceMeta, values: np.ndarray, width: int | None = None) -> pa.Array:
+    """The one place weights/logits become a column: a [n] array -> float column, or with
+    `width` (E) a [n, E] array -> fixed_size_list<float>[E]; type from float_type(meta)."""
+    dt = float_type(meta).to_pandas_dtype()
+    a = np.ascontiguousarray(np.asarray(values, dtype=dt))
+    if width is None:
+        return pa.array(a)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), width)
+
+
+def decode_floats(col: pa.Array | pa.ChunkedArray, width: int | None = None) -> np.ndarray:
+    """Inverse of encode_floats for either stored type: [n] or [n, width] numpy (as stored)."""
+    if width is None:
+        return col.to_numpy()
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy().reshape(-1, width)
 
 
 def arrow_schema(meta: TraceMeta, logits: bool) -> pa.Schema:
     """The exact Arrow schema of every shard of a store with this meta."""
     idt = pa.uint8() if meta.num_experts <= 255 else pa.uint16()
+    ft = float_type(meta)
     fields = [pa.field(c, BASE_TYPES[c], nullable=False) for c in BASE_COLUMNS]
     fields += [
         pa.field(f"e{li}_{j}", idt, nullable=False)
@@ -97,14 +112,13 @@ def arrow_schema(meta: TraceMeta, logits: bool) -> pa.Schema:
         for j in range(meta.top_k)
     ]
     fields += [
-        pa.field(f"w{li}_{j}", pa.float16(), nullable=False)
+        pa.field(f"w{li}_{j}", ft, nullable=False)
         for li in range(meta.num_layers)
         for j in range(meta.top_k)
     ]
     if logits:
-        ltype = logits_dtype(meta)[1]
         fields += [
-            pa.field(f"logits{li}", pa.list_(ltype, meta.num_experts), nullable=False)
+            pa.field(f"logits{li}", pa.list_(ft, meta.num_experts), nullable=False)
             for li in range(meta.num_layers)
         ]
     if has_dropped(meta):
@@ -131,7 +145,7 @@ def build_table(meta: TraceMeta, rows: dict[str, np.ndarray], logits: bool) -> p
             f"got range [{ids.min()}, {ids.max()}]"
         )
     disk_ids = np.where(ids == NO_EXPERT, np.iinfo(dt).max, ids).astype(dt)
-    w = np.asarray(rows["weights"], dtype=np.float16)
+    w = np.asarray(rows["weights"])
     arrays: list[pa.Array] = []
     for c in BASE_COLUMNS:
         arrays.append(
@@ -142,15 +156,14 @@ def build_table(meta: TraceMeta, rows: dict[str, np.ndarray], logits: bool) -> p
             arrays.append(pa.array(np.ascontiguousarray(disk_ids[:, li, j])))
     for li in range(meta.num_layers):
         for j in range(meta.top_k):
-            arrays.append(pa.array(np.ascontiguousarray(w[:, li, j])))
+            arrays.append(encode_floats(meta, w[:, li, j]))
     if logits:
         lg = rows.get("logits")
         if lg is None:
             raise TraceError("this store records logits but append() got logits=None")
-        lg = np.asarray(lg, dtype=logits_dtype(meta)[0])
+        lg = np.asarray(lg)
         for li in range(meta.num_layers):
-            flat = pa.array(np.ascontiguousarray(lg[:, li, :]).reshape(-1))
-            arrays.append(pa.FixedSizeListArray.from_arrays(flat, meta.num_experts))
+            arrays.append(encode_floats(meta, lg[:, li, :], meta.num_experts))
     if has_dropped(meta):
         dr = rows.get("dropped")
         if dr is None:
@@ -283,6 +296,8 @@ class TraceWriter:
                         f"{mpath}: existing trace has {key}={a!r} but this run has {key}={b!r}; "
                         "resume with the same model and options or choose a new --out directory"
                     )
+            # a store keeps the encoding it was started with (a v1 store resumes in float16)
+            self.meta.schema_version = int(old.schema_version)
             old_run, new_run = old.extra.get("run", {}), self.meta.extra.get("run", {})
             pairs = [
                 (k, old.extra.get(k), self.meta.extra.get(k))
@@ -687,12 +702,11 @@ class TraceStore:
                     e = t[f"e{li}_{j}"].to_numpy().astype(np.int16)
                     ids[off : off + r, li, j] = np.where(e == sentinel, NO_EXPERT, e)
                     if "weights" in want:
-                        w[off : off + r, li, j] = t[f"w{li}_{j}"].to_numpy()
+                        w[off : off + r, li, j] = decode_floats(t[f"w{li}_{j}"])
                     if drop is not None:
                         drop[off : off + r, li, j] = t[f"d{li}_{j}"].to_numpy(zero_copy_only=False)
                 if lg is not None:
-                    col = t[f"logits{li}"].combine_chunks()
-                    lg[off : off + r, li, :] = col.flatten().to_numpy().reshape(r, E)
+                    lg[off : off + r, li, :] = decode_floats(t[f"logits{li}"], E)
             off += r
         order = self._row_order()
         hid, hrows = ({}, None)
@@ -869,9 +883,15 @@ def read_meta(path: Path) -> TraceMeta:
     if not mpath.exists():
         raise TraceError(f"{mpath}: not found; {path} is not a moelab trace store")
     try:
-        return TraceMeta.from_dict(json.loads(mpath.read_text()))
+        meta = TraceMeta.from_dict(json.loads(mpath.read_text()))
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise TraceError(f"{mpath}: unreadable meta.json ({exc})") from exc
+    if not 1 <= int(meta.schema_version) <= SCHEMA_VERSION:
+        raise TraceError(
+            f"{mpath}: schema_version {meta.schema_version} is not one this moelab reads"
+            f" (1..{SCHEMA_VERSION}); upgrade moelab to read a store written by a newer one"
+        )
+    return meta
 
 
 @dataclass

@@ -1,0 +1,949 @@
+"""The count-based analyses computed out of core: GROUP BY tables from an engine (DuckDB or
+Spark, moelab.analysis.engines) over the shards, then small numpy post-processing.
+
+Each function returns the same dataclass as its in-memory counterpart (usage.usage,
+transitions.transition_summary, ...), with equal counts and equal deterministic statistics
+(tests/analysis/test_analysis_outofcore.py). Shuffle baselines cannot permute rows that are
+never loaded; they are drawn from the margins instead: a random permutation of one side of a
+contingency table gives a table distributed as sequential multivariate hypergeometric draws
+from the margins (counts.shuffled_table), a random partner drawn with replacement gives
+multinomial rows. They have the distribution of the in-memory baselines, not their values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from math import comb
+
+import numpy as np
+
+from moelab.analysis import counts as C
+from moelab.analysis._common import (
+    MAX_DENSE_SETS,
+    all_sets,
+    doc_split,
+    entropy,
+    mutual_information,
+    n_sets,
+    nmi,
+)
+from moelab.analysis.coactivation import Coactivation, load_weighted_sets, pair_matrix
+from moelab.analysis.engines import Engine
+from moelab.analysis.predictability import PredictabilityResult, SpreadResult
+from moelab.analysis.repeat import RepeatResult, overlap_count
+from moelab.analysis.specialization import (
+    TOKEN_CLASSES,
+    GroupShares,
+    VocabShares,
+    _summaries,
+    token_class,
+)
+from moelab.analysis.transitions import TransitionMatrix, TransitionSummary, _derive
+from moelab.analysis.usage import BalanceResult, RoutingEntropyResult, UsageResult, balance_metrics
+from moelab.errors import AnalysisError
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _check(eng: Engine, what: str) -> None:
+    m = eng.meta
+    if m.num_layers == 0 or m.top_k == 0:
+        raise AnalysisError(
+            f"{what}: the trace has {m.num_layers} MoE layers and k={m.top_k};"
+            " expected at least one layer and one slot"
+        )
+
+
+def expert_counts(st: C.States, num_e: int, weighted: bool = False) -> np.ndarray:
+    """[E] slot counts (or summed weights) of a States table (empty slots skipped)."""
+    out = np.zeros(num_e, np.float64)
+    for j in range(st.ids.shape[1]):
+        ok = st.ids[:, j] >= 0
+        w = st.wsum[ok, j] if weighted else st.count[ok].astype(np.float64)
+        out += np.bincount(st.ids[ok, j], weights=w, minlength=num_e)[:num_e]
+    return out
+
+
+def _pairs(a: np.ndarray, b: np.ndarray, w: np.ndarray, na: int, nb: int) -> np.ndarray:
+    """[na, nb] weighted counts of (a, b) skipping negatives (pair_counts with weights)."""
+    ok = (a >= 0) & (b >= 0)
+    return (
+        np.bincount(a[ok] * nb + b[ok], weights=w[ok].astype(np.float64), minlength=na * nb)
+        .reshape(na, nb)
+        .astype(np.float64)
+    )
+
+
+def _expert_pairs(a_ids: np.ndarray, b_ids: np.ndarray, w: np.ndarray, num_e: int) -> np.ndarray:
+    """[E, E] all k x k slot pairs weighted by w (expert_pair_counts over a count table)."""
+    out = np.zeros((num_e, num_e))
+    for i in range(a_ids.shape[1]):
+        for j in range(b_ids.shape[1]):
+            out += _pairs(a_ids[:, i], b_ids[:, j], w, num_e, num_e)
+    return out
+
+
+def _weighted_mi(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[float, float, float]:
+    """Plug-in (I, H(X), H(Y)) in nats from labels with counts (sparse_mi over a count table)."""
+    ok = (a >= 0) & (b >= 0) & (w > 0)
+    a, b, w = a[ok], b[ok], w[ok].astype(np.float64)
+    n = w.sum()
+    if n == 0:
+        return 0.0, 0.0, 0.0
+
+    def h(x: np.ndarray) -> float:
+        _, inv = np.unique(x, return_inverse=True)
+        return float(entropy(np.bincount(inv.reshape(-1), weights=w) / n))
+
+    hx, hy = h(a), h(b)
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    hxy = h(ia.reshape(-1).astype(np.int64) * (int(ib.max()) + 1) + ib.reshape(-1))
+    return max(hx + hy - hxy, 0.0), hx, hy
+
+
+def _state_index(st: C.States) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct states [U, k+1] (ids, top1), index of each table row into them)."""
+    return C.codes(*st.ids.T, st.top1)
+
+
+# -- usage and balance -----------------------------------------------------------------------
+
+
+class StoreCounts:
+    """Memo of the count tables one `analyze` run shares between analyses (one store)."""
+
+    def __init__(self, eng: Engine) -> None:
+        self.eng = eng
+        self._states: list[C.States] | None = None
+        self._pairs: dict[tuple[int, int], tuple[C.States, C.States]] = {}
+        self._docs: np.ndarray | None = None
+
+    def states(self) -> list[C.States]:
+        """Per-layer state counts over non-BOS rows (with weight sums)."""
+        if self._states is None:
+            self._states = C.layer_states(self.eng, weights=True)
+        return self._states
+
+    def pair(self, a: int, b: int) -> tuple[C.States, C.States]:
+        """Joint state counts of layers a and b (memoised)."""
+        if (a, b) not in self._pairs:
+            self._pairs[(a, b)] = C.pair_states(self.eng, a, b)
+        return self._pairs[(a, b)]
+
+    def prefetch_pairs(self, n: int) -> None:
+        """Fetch every (l, l+n) joint table not memoised yet (batched per engine)."""
+        want = [(a, a + n) for a in range(self.eng.meta.num_layers - n)]
+        want = [p for p in want if p not in self._pairs]
+        for p, ab in zip(want, C.pair_states_many(self.eng, want), strict=True):
+            self._pairs[p] = ab
+
+    def n_tokens(self) -> int:
+        """Non-BOS rows."""
+        return self.states()[0].total
+
+    def n_tokens_all(self) -> int:
+        """All rows, BOS included."""
+        return C.scalar(self.eng, "SELECT COUNT(*) AS n FROM trace")
+
+    def docs(self) -> np.ndarray:
+        """Sorted distinct document ids."""
+        if self._docs is None:
+            self._docs = C.distinct_docs(self.eng)
+        return self._docs
+
+
+def usage(
+    sc: StoreCounts,
+    normalize: str = "slots",
+    weighted: bool = False,
+    token_id: int | None = None,
+    prev_ids: list[int] | None = None,
+    min_count: int = 1,
+    seed: int = 0,
+) -> UsageResult:
+    """usage.usage out of core: all tokens, one token id, or a token id after previous ids."""
+    if normalize not in ("slots", "tokens"):
+        raise AnalysisError(f"usage: normalize={normalize!r}; expected 'slots' or 'tokens'")
+    eng, m = sc.eng, sc.eng.meta
+    _check(eng, "usage")
+    num_e, k = m.num_experts, m.top_k
+    pool = sc.states()
+    desc = "all tokens"
+    if token_id is None:
+        if prev_ids:
+            raise AnalysisError(
+                "usage: prev_ids given without token_id; pass the current token id too"
+            )
+        sel = pool
+    else:
+        sel = _token_states(sc, int(token_id), list(prev_ids or []))
+        desc = f"token id {token_id}" + (f" after {list(prev_ids)}" if prev_ids else "")
+    n = sel[0].total if sel else 0
+    if n == 0:
+        raise AnalysisError("usage: no non-BOS tokens in the trace")
+    if n < min_count:
+        raise AnalysisError(
+            f"usage: only {n} tokens match ({desc}); min_count={min_count} — lower min_count or"
+            " trace more text"
+        )
+    counts = np.stack([expert_counts(s, num_e, weighted) for s in sel])
+
+    def norm(c: np.ndarray) -> np.ndarray:
+        if normalize == "slots":
+            s = c.sum(axis=1, keepdims=True)
+            return np.where(s > 0, c / np.where(s > 0, s, 1), 0.0)
+        return c / n
+
+    if normalize == "slots":
+        chance = 1.0 / num_e
+    elif weighted:
+        chance = float(sum(s.wsum.sum() for s in sel) / (n * len(sel))) / num_e
+    else:
+        chance = k / num_e
+    baseline = None
+    if token_id is not None:  # a random subset of the same size: hypergeometric from the pool
+        rng = np.random.default_rng(seed)
+        rows = []
+        for s in pool:
+            take = min(n, s.total)
+            draw = rng.multivariate_hypergeometric(s.count, take)
+            sub = C.States({}, s.ids, s.top1, draw, s.wsum)
+            if weighted:  # mean weight per state times the drawn rows
+                sub.wsum = s.wsum / np.maximum(s.count, 1)[:, None] * draw[:, None]
+            rows.append(expert_counts(sub, num_e, weighted))
+        baseline = norm(np.stack(rows))
+    return UsageResult(norm(counts), counts, normalize, weighted, chance, n, baseline, desc)
+
+
+def _token_states(sc: StoreCounts, token_id: int, prev_ids: list[int]) -> list[C.States]:
+    """Per-layer states of the non-BOS rows with `token_id` preceded by `prev_ids`."""
+    eng, m = sc.eng, sc.eng.meta
+    occurs = C.scalar(
+        eng, f"SELECT COUNT(*) AS n FROM rt WHERE NOT is_bos AND token_id = {token_id}"
+    )
+    if occurs == 0:
+        distinct = C.scalar(eng, "SELECT COUNT(DISTINCT token_id) AS n FROM trace")
+        raise AnalysisError(
+            f"usage: token id {token_id} does not occur in the trace ({sc.n_tokens_all()} tokens,"
+            f" {distinct} distinct ids); pick an id that occurs"
+        )
+    joins = ""
+    for i, pid in enumerate(reversed(prev_ids), start=1):
+        joins += (
+            f" JOIN rt b{i} ON b{i}.doc_id = a.doc_id AND b{i}.position = a.position - {i}"
+            f" AND b{i}.token_id = {int(pid)}"
+        )
+    out = list(
+        C.grouped_layers(
+            eng,
+            list(range(m.num_layers)),
+            source=f"rt a{joins}",
+            where=f"NOT a.is_bos AND a.token_id = {token_id}",
+            prefix="a.",
+            weights=True,
+        )
+    )
+    if out[0].total == 0:
+        raise AnalysisError(
+            f"usage: token id {token_id} never follows previous ids {prev_ids} in the"
+            " trace; pick a context that occurs"
+        )
+    return out
+
+
+def balance(sc: StoreCounts, dead_fraction: float = 0.1, seed: int = 0) -> BalanceResult:
+    """usage.balance out of core (the same seeded uniform-sample baseline)."""
+    u = usage(sc, normalize="slots")
+    mt = balance_metrics(u.share, dead_fraction)
+    rng = np.random.default_rng(seed)
+    slots = u.counts.sum(axis=1).astype(np.int64)
+    num_e = sc.eng.meta.num_experts
+    sample = np.stack([rng.multinomial(max(int(s), 1), np.full(num_e, 1.0 / num_e)) for s in slots])
+    base = balance_metrics(sample / sample.sum(axis=1, keepdims=True), dead_fraction)
+    chance = {"norm_entropy": 1.0, "max_over_mean": 1.0, "cv": 0.0, "gini": 0.0, "dead": 0.0}
+    return BalanceResult(
+        mt["norm_entropy"],
+        mt["max_over_mean"],
+        mt["cv"],
+        mt["gini"],
+        mt["dead"],
+        dead_fraction,
+        base,
+        chance,
+    )
+
+
+def routing_entropy(eng: Engine, batch_rows: int = 65536) -> RoutingEntropyResult:
+    """usage.routing_entropy by Arrow streaming over the shards' logit columns (one record
+    batch in memory at a time)."""
+    import pyarrow.parquet as pq
+
+    from moelab.analysis._common import softmax_probs
+    from moelab.trace.store import decode_floats
+
+    m = eng.meta
+    if not m.extra.get("logits", False):
+        raise AnalysisError(
+            "routing entropy needs full router logits, but this trace has none; retrace with"
+            " logits=True (`moelab trace ... --logits`)"
+        )
+    num_l, num_e = m.num_layers, m.num_experts
+    ent, top, n = np.zeros(num_l), np.zeros(num_l), 0
+    cols = ["is_bos"] + [f"logits{li}" for li in range(num_l)]
+    for s in eng.shards:
+        for b in pq.ParquetFile(str(s)).iter_batches(batch_size=batch_rows, columns=cols):
+            keep = ~b.column(0).to_numpy(zero_copy_only=False)
+            if not keep.any():
+                continue
+            n += int(keep.sum())
+            for li in range(num_l):
+                x = decode_floats(b.column(li + 1), num_e)[keep].astype(np.float32)
+                if m.score_fn == "sigmoid":
+                    p = softmax_probs(x, "sigmoid")
+                    ent[li] += entropy(p).sum()
+                    top[li] += p.max(axis=-1).sum()
+                    continue
+                x -= x.max(axis=-1, keepdims=True)
+                e = np.exp(x)
+                z = e.sum(axis=-1)
+                ent[li] += (np.log(z) - (e * x).sum(axis=-1) / z).sum(dtype=np.float64)
+                top[li] += (1.0 / z).sum(dtype=np.float64)
+    if n == 0:
+        raise AnalysisError("routing entropy: no non-BOS tokens in the trace")
+    denom = np.log(num_e) if num_e > 1 else 1.0
+    return RoutingEntropyResult(ent / n / denom, top / n, 1.0)
+
+
+# -- co-activation ---------------------------------------------------------------------------
+
+
+def coactivation(
+    sc: StoreCounts, layer: int, seed: int = 0, max_baseline: int = 50_000
+) -> Coactivation:
+    """coactivation.coactivation out of core (the same seeded load-weighted baseline)."""
+    m = sc.eng.meta
+    k, num_e = m.top_k, m.num_experts
+    if k < 2:
+        raise AnalysisError(f"co-activation: needs top_k >= 2 to form pairs; the trace has k={k}")
+    if not -m.num_layers <= layer < m.num_layers:
+        raise AnalysisError(
+            f"co-activation: layer={layer} is out of range; the trace has {m.num_layers} MoE layers"
+        )
+    st = sc.states()[layer % m.num_layers]
+    n = st.total
+    if n == 0:
+        raise AnalysisError("co-activation: no non-BOS tokens in the trace")
+    counts = np.zeros((num_e, num_e))
+    for i in range(k):
+        for j in range(i + 1, k):
+            counts += _pairs(st.ids[:, i], st.ids[:, j], st.count, num_e, num_e)
+    counts = counts + counts.T
+    np.fill_diagonal(counts, 0.0)
+    n_e = expert_counts(st, num_e)
+    p = n_e / n
+    joint = counts / n
+    from moelab.analysis._common import npmi
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = np.where(n_e[:, None] > 0, counts / np.where(n_e[:, None] > 0, n_e[:, None], 1), 0.0)
+    nm = npmi(joint, p, p)
+    np.fill_diagonal(nm, 0.0)
+    rng = np.random.default_rng(seed)
+    mm = min(n, max_baseline)
+    base_ids = load_weighted_sets(n_e / max(n_e.sum(), 1), mm, k, rng)
+    bc = pair_matrix(base_ids, num_e)
+    bn = np.bincount(base_ids.ravel(), minlength=num_e).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        base_cond = np.where(bn[:, None] > 0, bc / np.where(bn[:, None] > 0, bn[:, None], 1), 0.0)
+    return Coactivation(
+        layer % m.num_layers,
+        counts,
+        joint,
+        cond,
+        nm,
+        k * (k - 1) / (num_e * (num_e - 1)),
+        (k - 1) / (num_e - 1),
+        base_cond,
+        n,
+    )
+
+
+# -- transitions -----------------------------------------------------------------------------
+
+
+def _check_pair(sc: StoreCounts, layer: int, n: int, what: str) -> int:
+    num_l = sc.eng.meta.num_layers
+    if not -num_l <= layer < num_l:
+        raise AnalysisError(
+            f"{what}: layer={layer} is out of range; the trace has {num_l} MoE layers"
+        )
+    layer %= num_l
+    if n < 1 or layer + n >= num_l:
+        raise AnalysisError(
+            f"{what}: layer {layer} -> {layer}+{n} is outside the {num_l} MoE layers;"
+            " expected n >= 1 and layer + n < num_layers"
+        )
+    return layer
+
+
+def _shuffled_pairs(
+    a: C.States, b: C.States, rng: np.random.Generator
+) -> tuple[C.States, C.States]:
+    """The joint table after randomly re-pairing the rows of side b (margins kept)."""
+    ua, ia = _state_index(a)
+    ub, ib = _state_index(b)
+    ra = np.bincount(ia, weights=a.count, minlength=len(ua)).astype(np.int64)
+    cb = np.bincount(ib, weights=a.count, minlength=len(ub)).astype(np.int64)
+    t = C.shuffled_table(ra, cb, rng)
+    ii, jj = np.nonzero(t)
+    k = a.ids.shape[1]
+    cnt = t[ii, jj]
+    return (
+        C.States({}, ua[ii, :k], ua[ii, k], cnt),
+        C.States({}, ub[jj, :k], ub[jj, k], cnt),
+    )
+
+
+def expert_transitions(sc: StoreCounts, layer: int, n: int = 1, seed: int = 0) -> TransitionMatrix:
+    """transitions.expert_transitions out of core (baseline drawn from the margins)."""
+    layer = _check_pair(sc, layer, n, "expert transitions")
+    num_e = sc.eng.meta.num_experts
+    a, b = sc.pair(layer, layer + n)
+    counts = _expert_pairs(a.ids, b.ids, a.count, num_e)
+    sa, sb = _shuffled_pairs(a, b, np.random.default_rng(seed))
+    base = _expert_pairs(sa.ids, sb.ids, sa.count, num_e)
+    joint, cond, lf, nm = _derive(counts)
+    return TransitionMatrix(layer, n, counts, joint, cond, lf, nm, _derive(base)[2], "expert")
+
+
+def set_transitions(sc: StoreCounts, layer: int, n: int = 1, seed: int = 0) -> TransitionMatrix:
+    """transitions.set_transitions out of core (baseline drawn from the margins)."""
+    layer = _check_pair(sc, layer, n, "set transitions")
+    num_e, k = sc.eng.meta.num_experts, sc.eng.meta.top_k
+    s = n_sets(num_e, k)
+    if s > MAX_DENSE_SETS:
+        raise AnalysisError(
+            f"set transitions: C({num_e},{k}) = {s} sets is too many for a dense matrix"
+            f" (limit {MAX_DENSE_SETS}); use expert_transitions or transition_summary instead"
+        )
+    a, b = sc.pair(layer, layer + n)
+    counts = _pairs(a.sets(num_e), b.sets(num_e), a.count, s, s)
+    sa, sb = _shuffled_pairs(a, b, np.random.default_rng(seed))
+    base = _pairs(sa.sets(num_e), sb.sets(num_e), sa.count, s, s)
+    joint, cond, lf, nm = _derive(counts)
+    return TransitionMatrix(layer, n, counts, joint, cond, lf, nm, _derive(base)[2], "set")
+
+
+def transition_summary(
+    sc: StoreCounts, n: int = 1, seed: int = 0, progress: Callable[[], None] | None = None
+) -> TransitionSummary:
+    """transitions.transition_summary out of core (NMI, top-1 predictability, baselines)."""
+    m = sc.eng.meta
+    num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
+    if n < 1:
+        raise AnalysisError(
+            f"transition summary: n={n}: the layer distance must be >= 1 (MoE layer l to l+n)"
+        )
+    if n >= num_l:
+        raise AnalysisError(
+            f"transition summary: n={n} needs at least n+1 MoE layers; the trace has {num_l}"
+        )
+    if sc.n_tokens() == 0:
+        raise AnalysisError("transition summary: no non-BOS tokens in the trace")
+    rng = np.random.default_rng(seed)
+    s = n_sets(num_e, k)
+    out = {key: np.zeros(num_l - n) for key in ("ns", "nt", "nss", "nts", "p", "pc", "ps")}
+
+    def stats(a: C.States, b: C.States) -> tuple[float, float, float]:
+        sa, sb = a.sets(num_e), b.sets(num_e)
+        if s <= MAX_DENSE_SETS:
+            ns = nmi(*mutual_information(_pairs(sa, sb, a.count, s, s)))
+        else:
+            ns = nmi(*_weighted_mi(sa, sb, a.count))
+        c = _pairs(a.top1, b.top1, a.count, num_e, num_e)
+        nt = nmi(*mutual_information(c))
+        tot = c.sum()
+        return ns, nt, float(c.max(axis=1).sum() / tot) if tot > 0 else 0.0
+
+    sc.prefetch_pairs(n)
+    for layer in range(num_l - n):
+        a, b = sc.pair(layer, layer + n)
+        out["ns"][layer], out["nt"][layer], out["p"][layer] = stats(a, b)
+        sa, sb = _shuffled_pairs(a, b, rng)
+        out["nss"][layer], out["nts"][layer], out["ps"][layer] = stats(sa, sb)
+        ok = b.top1 >= 0
+        valid = np.bincount(b.top1[ok], weights=b.count[ok], minlength=num_e)
+        out["pc"][layer] = valid.max() / max(valid.sum(), 1)
+        if progress:
+            progress()
+    return TransitionSummary(
+        n, out["ns"], out["nt"], out["nss"], out["nts"], out["p"], out["pc"], out["ps"]
+    )
+
+
+# -- repeat rate -----------------------------------------------------------------------------
+
+
+def _load_any(sets: np.ndarray, w: np.ndarray, num_e: int, k: int) -> float:
+    if n_sets(num_e, k) > MAX_DENSE_SETS:
+        return float("nan")
+    s = n_sets(num_e, k)
+    ok = sets >= 0
+    q = np.bincount(sets[ok], weights=w[ok].astype(np.float64), minlength=s)
+    if q.sum() == 0:
+        return float("nan")
+    q /= q.sum()
+    members = all_sets(num_e, k)
+    onehot = np.zeros((s, num_e))
+    np.put_along_axis(onehot, members, 1.0, axis=1)
+    disjoint = (onehot @ onehot.T) == 0
+    return float(1.0 - q @ disjoint @ q)
+
+
+def repeat_rate(
+    sc: StoreCounts, seed: int = 0, progress: Callable[[], None] | None = None
+) -> RepeatResult:
+    """repeat.repeat_rate out of core (consecutive pairs by a self-join on doc_id, position)."""
+    m = sc.eng.meta
+    num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
+    rng = np.random.default_rng(seed)
+    res = {key: np.zeros(num_l) for key in ("t", "a", "m", "lt", "la", "lm", "st", "sa", "sm")}
+    n_pairs = 0
+    layers = list(range(num_l))
+    for layer, (a, b) in zip(layers, C.prev_pair_states_many(sc.eng, layers), strict=True):
+        n_pairs = a.total
+        if n_pairs == 0:
+            raise AnalysisError(
+                "repeat rate: no pair of consecutive non-BOS tokens in one document; trace longer"
+                " texts"
+            )
+        ov = overlap_count(a.ids, b.ids)
+        w = a.count.astype(np.float64)
+        res["t"][layer] = w[a.top1 == b.top1].sum() / n_pairs
+        res["a"][layer] = w[ov > 0].sum() / n_pairs
+        res["m"][layer] = (w * ov).sum() / n_pairs
+        pool = sc.states()[layer]
+        ua, ia = _state_index(a)
+        ra = np.bincount(ia, weights=a.count, minlength=len(ua)).astype(np.int64)
+        t = C.multinomial_table(ra, pool.count / pool.total, rng)  # [Ua, pool states]
+        ii, jj = np.nonzero(t)
+        cnt = t[ii, jj].astype(np.float64)
+        ovs = overlap_count(ua[ii, :k], pool.ids[jj])
+        res["st"][layer] = cnt[ua[ii, k] == pool.top1[jj]].sum() / n_pairs
+        res["sa"][layer] = cnt[ovs > 0].sum() / n_pairs
+        res["sm"][layer] = (cnt * ovs).sum() / n_pairs
+        rows = max(pool.total, 1)
+        ok = pool.top1 >= 0
+        p1 = np.bincount(pool.top1[ok], weights=pool.count[ok], minlength=num_e) / rows
+        cov = expert_counts(pool, num_e) / rows
+        res["lt"][layer] = float((p1**2).sum())
+        res["lm"][layer] = float((cov**2).sum())
+        res["la"][layer] = _load_any(pool.sets(num_e), pool.count, num_e, k)
+        if progress:
+            progress()
+    chance_any = 1.0 - comb(num_e - k, k) / comb(num_e, k)
+    return RepeatResult(
+        res["t"],
+        res["a"],
+        res["m"],
+        1.0 / num_e,
+        chance_any,
+        k * k / num_e,
+        res["lt"],
+        res["la"],
+        res["lm"],
+        res["st"],
+        res["sa"],
+        res["sm"],
+        int(n_pairs),
+    )
+
+
+# -- specialisation --------------------------------------------------------------------------
+
+
+def _group_view(
+    per_layer: list[tuple[np.ndarray, C.States]],
+    names: list[str],
+    k: int,
+    num_e: int,
+    seed: int,
+) -> GroupShares:
+    """GroupShares from per-layer (group index of each table row, table) with G = len(names)."""
+    n_groups, num_l = len(names), len(per_layer)
+    g0, st0 = per_layer[0]
+    counts = np.bincount(g0, weights=st0.count, minlength=n_groups).astype(np.float64)
+    share = np.zeros((n_groups, num_l, num_e))
+    s_share = np.zeros_like(share)
+    rng = np.random.default_rng(seed)
+    size = np.maximum(counts, 1)[:, None]
+    for li, (g, st) in enumerate(per_layer):
+        share[:, li, :] = _group_expert(g, st.ids, st.count, n_groups, num_e) / size
+        us, iu = C.codes(*st.ids.T)
+        cols = np.bincount(iu, weights=st.count, minlength=len(us)).astype(np.int64)
+        t = C.shuffled_table(counts.astype(np.int64), cols, rng)
+        ii, jj = np.nonzero(t)
+        s_share[:, li, :] = _group_expert(ii, us[jj], t[ii, jj], n_groups, num_e) / size
+    share = np.where(counts[:, None, None] > 0, share, 0.0)
+    s_share = np.where(counts[:, None, None] > 0, s_share, 0.0)
+    overall = np.tensordot(counts, share, axes=1) / max(counts.sum(), 1.0)
+    spec, mms = _summaries(share, counts, overall, k)
+    s_spec, s_mms = _summaries(s_share, counts, overall, k)
+    return GroupShares(names, counts, share, overall, k / num_e, spec, s_spec, mms, s_mms)
+
+
+def _group_expert(
+    g: np.ndarray, ids: np.ndarray, w: np.ndarray, n_groups: int, num_e: int
+) -> np.ndarray:
+    out = np.zeros((n_groups, num_e))
+    for j in range(ids.shape[1]):
+        ok = ids[:, j] >= 0
+        out += np.bincount(
+            g[ok] * num_e + ids[ok, j],
+            weights=w[ok].astype(np.float64),
+            minlength=n_groups * num_e,
+        ).reshape(n_groups, num_e)
+    return out
+
+
+def _key_tables(
+    sc: StoreCounts,
+    key: str,
+    expr: str,
+    source: str = "rt",
+    where: str = "NOT is_bos",
+    prefix: str = "",
+    progress: Callable[[], None] | None = None,
+) -> list[C.States]:
+    out = []
+    layers = list(range(sc.eng.meta.num_layers))
+    for st in C.grouped_layers(sc.eng, layers, {key: expr}, source, where, prefix):
+        out.append(st)
+        if progress:
+            progress()
+    return out
+
+
+def by_domain(sc: StoreCounts, seed: int = 0) -> GroupShares:
+    """specialization.by_domain out of core."""
+    m = sc.eng.meta
+    tabs = _key_tables(sc, "g", "domain")
+    codes_ = np.unique(tabs[0].keys["g"])
+    dn = m.domains
+    names = [dn[c] if 0 <= c < len(dn) else f"domain {c}" for c in codes_.tolist()]
+    per = [(np.searchsorted(codes_, t.keys["g"]), t) for t in tabs]
+    return _group_view(per, names, m.top_k, m.num_experts, seed)
+
+
+def _vocab_view(
+    tabs: list[C.States], target: str, min_count: int, k: int, num_e: int, seed: int
+) -> VocabShares:
+    t0 = tabs[0]
+    uniq, inv = np.unique(t0.keys["g"], return_inverse=True)
+    cnt = np.bincount(inv.reshape(-1), weights=t0.count, minlength=uniq.size).astype(np.int64)
+    keep = cnt >= min_count
+    if not keep.any():
+        raise AnalysisError(
+            f"specialisation by vocabulary: no token occurs at least min_count={min_count} times"
+            f" (most frequent: {int(cnt.max()) if cnt.size else 0}); lower min_count or trace more text"
+        )
+    kept = uniq[keep]
+    per = []
+    for t in tabs:
+        pos = np.searchsorted(kept, t.keys["g"])
+        ok = (pos < kept.size) & (kept[np.minimum(pos, kept.size - 1)] == t.keys["g"])
+        sub = C.States({}, t.ids[ok], t.top1[ok], t.count[ok])
+        per.append((pos[ok], sub))
+    view = _group_view(per, [str(int(x)) for x in kept], k, num_e, seed)
+    return VocabShares(target, kept, view, min_count, int((~keep).sum()))
+
+
+def by_vocab(
+    sc: StoreCounts,
+    target: str = "input",
+    min_count: int = 10,
+    seed: int = 0,
+    tables: list[C.States] | None = None,
+) -> VocabShares:
+    """specialization.by_vocab out of core (input token, or the next token of the document)."""
+    m = sc.eng.meta
+    if min_count < 1:
+        raise AnalysisError(f"specialisation by vocabulary: min_count={min_count}; expected >= 1")
+    if target == "input":
+        tabs = tables if tables is not None else _key_tables(sc, "g", "token_id")
+    elif target == "next":  # rows that have a next token: the previous side of the pairs
+        tabs = _key_tables(sc, "g", "token_id", "pr", "NOT p_bos", "p_")
+    else:
+        raise AnalysisError(
+            f"specialisation by vocabulary: target={target!r}; expected 'input' or 'next'"
+        )
+    return _vocab_view(tabs, target, min_count, m.top_k, m.num_experts, seed)
+
+
+def by_token_class(
+    sc: StoreCounts,
+    decode: Callable[[int], str],
+    seed: int = 0,
+    tables: list[C.States] | None = None,
+) -> GroupShares:
+    """specialization.by_token_class out of core."""
+    m = sc.eng.meta
+    tabs = tables if tables is not None else _key_tables(sc, "g", "token_id")
+    uniq = np.unique(tabs[0].keys["g"])
+    cls_of = np.array(
+        [TOKEN_CLASSES.index(token_class(decode(int(t)))) for t in uniq], dtype=np.int64
+    )
+    present = np.unique(cls_of)
+    remap = np.full(len(TOKEN_CLASSES), -1, dtype=np.int64)
+    remap[present] = np.arange(present.size)
+    per = [(remap[cls_of[np.searchsorted(uniq, t.keys["g"])]], t) for t in tabs]
+    return _group_view(per, [TOKEN_CLASSES[c] for c in present], m.top_k, m.num_experts, seed)
+
+
+# -- predictability --------------------------------------------------------------------------
+
+
+def _modes(
+    key: np.ndarray, label: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(keys [G], mode label [G], mode count [G], size [G]) over rows with label >= 0; ties go
+    to the smallest label (as mode_by_group)."""
+    ok = (label >= 0) & (w > 0)
+    key, label, w = key[ok], label[ok], w[ok]
+    if key.size == 0:
+        z = np.zeros(0, np.int64)
+        return z, z, z, z
+    u, inv = C.codes(key, label)
+    c = np.bincount(inv, weights=w, minlength=len(u)).astype(np.int64)
+    order = np.lexsort((u[:, 1], -c, u[:, 0]))
+    u, c = u[order], c[order]
+    first = np.ones(len(u), bool)
+    first[1:] = u[1:, 0] != u[:-1, 0]
+    size = np.add.reduceat(c, np.flatnonzero(first))
+    return u[first, 0], u[first, 1], c[first], size
+
+
+def _lookup(keys: np.ndarray, vals: np.ndarray, q: np.ndarray, default: np.ndarray) -> np.ndarray:
+    """vals of q in sorted keys, `default` (array) where q is not a key."""
+    if keys.size == 0:
+        return default.copy()
+    pos = np.searchsorted(keys, q)
+    pc = np.minimum(pos, keys.size - 1)
+    hit = keys[pc] == q
+    return np.where(hit, vals[pc], default)
+
+
+def _hits(
+    pred: np.ndarray, ids: np.ndarray, members: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """[n] |members(pred) ∩ ids| per row (0 where pred < 0)."""
+    k = ids.shape[1]
+    p = members(np.maximum(pred, 0))
+    hit = np.zeros(ids.shape[0], np.int64)
+    for i in range(k):
+        hit += np.any(p == ids[:, [i]], axis=1) & (pred >= 0) & (ids[:, i] >= 0)
+    return hit
+
+
+def _cond_entropy_w(group: np.ndarray, label: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(H(label | group), H(label)) in bits from a weighted table."""
+    n = w.sum()
+    _, ig = np.unique(group, return_inverse=True)
+    _, iy = np.unique(label, return_inverse=True)
+    _, ij = np.unique(np.stack([group, label], 1), axis=0, return_inverse=True)
+    cg = np.bincount(ig.reshape(-1), weights=w)
+    cy = np.bincount(iy.reshape(-1), weights=w)
+    cj = np.bincount(ij.reshape(-1), weights=w)
+    ln2 = np.log(2)
+    return float(entropy(cj / n) - entropy(cg / n)) / ln2, float(entropy(cy / n)) / ln2
+
+
+def _shuffled_labels(
+    key: np.ndarray, label: np.ndarray, w: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(key, label, count) rows of the table after permuting the keys over the rows."""
+    uk, ik = np.unique(key, return_inverse=True)
+    ul, il = np.unique(label, return_inverse=True)
+    rk = np.bincount(ik.reshape(-1), weights=w, minlength=uk.size).astype(np.int64)
+    cl = np.bincount(il.reshape(-1), weights=w, minlength=ul.size).astype(np.int64)
+    t = C.shuffled_table(rk, cl, rng)
+    ii, jj = np.nonzero(t)
+    return uk[ii], ul[jj], t[ii, jj]
+
+
+def predictability(
+    sc: StoreCounts,
+    test_fraction: float = 0.2,
+    min_count: int = 10,
+    seed: int = 0,
+    progress: Callable[[], None] | None = None,
+    token_tables: list[C.States] | None = None,
+) -> PredictabilityResult:
+    """predictability.predictability out of core (held-out documents, the same split)."""
+    eng, m = sc.eng, sc.eng.meta
+    num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
+    docs = sc.docs()
+    test_docs = docs[doc_split(docs, test_fraction, seed)]
+    if test_docs.size == 0 or test_docs.size == docs.size:
+        raise AnalysisError(
+            "predictability: needs at least 2 documents to hold some out; the trace has"
+            f" {docs.size}"
+        )
+    eng.set_test_docs(test_docs)
+    s = n_sets(num_e, k)
+    dense = s <= MAX_DENSE_SETS
+    table = all_sets(num_e, k) if dense else None
+    rng = np.random.default_rng(seed)
+    res = {key: np.zeros(num_l) for key in ("t", "b", "m", "ts", "rt", "rb", "h", "hs", "hh")}
+    n_train = n_test = 0
+    layers = list(range(num_l))
+    tts = C.grouped_layers(eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"})
+    bgs = C.grouped_layers(
+        eng, layers, {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"}, "pr"
+    )
+    for layer, tt, bg in zip(layers, tts, bgs, strict=True):
+        tok, te, w = tt.keys["tok"], tt.keys["te"] == 1, tt.count
+        y = tt.sets(num_e)
+        n_train, n_test = int(w[~te].sum()), int(w[te].sum())
+        if n_train == 0 or n_test == 0:
+            raise AnalysisError("predictability: the train or held-out part has no non-BOS tokens")
+
+        def members(idx: np.ndarray, tt: C.States = tt, y: np.ndarray = y) -> np.ndarray:
+            if dense:
+                return table[idx]
+            srt = np.argsort(y)
+            pos = np.searchsorted(y[srt], idx)
+            return np.sort(tt.ids[srt[np.minimum(pos, y.size - 1)]], axis=1)
+
+        tr = ~te
+        valid_tr = tr & (y >= 0)
+        if valid_tr.any():
+            gs = np.bincount(
+                np.unique(y[valid_tr], return_inverse=True)[1].reshape(-1),
+                weights=w[valid_tr],
+            )
+            glob = int(np.unique(y[valid_tr])[np.argmax(gs)])
+        else:
+            glob = -1
+        mk, mv, _, _ = _modes(tok[tr], y[tr], w[tr])
+        p_tok = _lookup(mk, mv, tok, np.full(tok.size, glob))
+        wt = np.where(te, w, 0).astype(np.float64)
+        res["t"][layer] = wt[p_tok == y].sum() / n_test
+        res["m"][layer] = wt[y == glob].sum() / n_test
+        sk, sl, sw = _shuffled_labels(tok[tr], y[tr], w[tr], rng)
+        msk, msv, _, _ = _modes(sk, sl, sw)
+        p_shuf = _lookup(msk, msv, tok, np.full(tok.size, glob))
+        res["ts"][layer] = wt[p_shuf == y].sum() / n_test
+        hit_tok = _hits(p_tok, tt.ids, members)
+        # bigram: rows with a previous token use the (prev, cur) mode, else the token rule
+        btok, bte, bw = bg.keys["tok"], bg.keys["te"] == 1, bg.count
+        by = bg.sets(num_e)
+        pair = np.stack([bg.keys["ptok"], btok], 1)
+        trb = ~bte
+        pk, pv, _, _ = _modes_pairs(pair[trb], by[trb], bw[trb])
+        pt_b = _lookup(mk, mv, btok, np.full(btok.size, glob))
+        p_big = _lookup_pairs(pk, pv, pair, pt_b)
+        wbt = np.where(bte, bw, 0).astype(np.float64)
+        corr = wbt[p_big == by].sum() - wbt[pt_b == by].sum()
+        res["b"][layer] = (wt[p_tok == y].sum() + corr) / n_test
+        hb = _hits(p_big, bg.ids, members)
+        hbt = _hits(pt_b, bg.ids, members)
+        res["rt"][layer] = (wt * hit_tok).sum() / n_test / k
+        res["rb"][layer] = ((wt * hit_tok).sum() + (wbt * (hb - hbt)).sum()) / n_test / k
+        # H(set | token) over the rows of frequent tokens with a valid set (train + test)
+        ut, it = np.unique(tok, return_inverse=True)
+        tc = np.bincount(it.reshape(-1), weights=w, minlength=ut.size)
+        fr = (tc[it.reshape(-1)] >= min_count) & (y >= 0)
+        if fr.any():
+            res["h"][layer], res["hh"][layer] = _cond_entropy_w(tok[fr], y[fr], w[fr].astype(float))
+            sk2, sl2, sw2 = _shuffled_labels(tok[fr], y[fr], w[fr], rng)
+            res["hs"][layer] = _cond_entropy_w(sk2, sl2, sw2.astype(float))[0]
+        if progress:
+            progress()
+    eng.set_test_docs(np.zeros(0, np.int64))
+    return PredictabilityResult(
+        res["t"],
+        res["b"],
+        res["m"],
+        res["ts"],
+        res["rt"],
+        res["rb"],
+        1.0 / s,
+        n_train,
+        n_test,
+        res["h"],
+        res["hh"],
+        res["hs"],
+    )
+
+
+def _modes_pairs(
+    pair: np.ndarray, label: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if pair.shape[0] == 0:
+        z = np.zeros(0, np.int64)
+        return z, z, z, z
+    up, ip = np.unique(pair, axis=0, return_inverse=True)
+    keys, mv, mc, size = _modes(ip.reshape(-1), label, w)
+    return up[keys], mv, mc, size
+
+
+def _lookup_pairs(
+    keys: np.ndarray, vals: np.ndarray, q: np.ndarray, default: np.ndarray
+) -> np.ndarray:
+    if keys.shape[0] == 0:
+        return default.copy()
+    base = int(max(keys[:, 1].max(), q[:, 1].max())) + 1
+    kc = keys[:, 0] * base + keys[:, 1]
+    qc = q[:, 0] * base + q[:, 1]
+    order = np.argsort(kc)
+    return _lookup(kc[order], vals[order], qc, default)
+
+
+def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0) -> SpreadResult:
+    """predictability.spread_token_vs_position out of core."""
+    m = sc.eng.meta
+    num_l, num_e = m.num_layers, m.num_experts
+    rng = np.random.default_rng(seed)
+    out = {key: np.zeros(num_l) for key in ("ct", "cp", "cs", "ht", "hp")}
+
+    def sql(key: str, layer: int) -> str:
+        return (
+            f"SELECT {key} AS g, t{layer} AS y, COUNT(*) AS n FROM rt WHERE NOT is_bos"
+            f" GROUP BY {key}, t{layer}"
+        )
+
+    def table(r: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g, y, w = r["g"].astype(np.int64), r["y"].astype(np.int64), r["n"].astype(np.int64)
+        o = np.lexsort((y, g))  # canonical order: the seeded draws match on every engine
+        return g[o], y[o], w[o]
+
+    def consistency(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+        _, _, mc, size = _modes(g, y, w)
+        keep = size >= min_count
+        return float(mc[keep].sum() / size[keep].sum()) if keep.any() else float("nan")
+
+    def norm_h(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+        ug, ig = np.unique(g, return_inverse=True)
+        gc = np.bincount(ig.reshape(-1), weights=w, minlength=ug.size)
+        f = (gc[ig.reshape(-1)] >= min_count) & (y >= 0)
+        if not f.any():
+            return float("nan")
+        h, hy = _cond_entropy_w(g[f], y[f], w[f].astype(float))
+        return h / hy if hy > 0 else 0.0
+
+    parts = [sql(key, layer) for layer in range(num_l) for key in ("token_id", "position")]
+    results = C.batched(sc.eng, parts)
+    for layer in range(num_l):
+        tg, ty, tw = table(next(results))
+        pg, py, pw = table(next(results))
+        out["ct"][layer] = consistency(tg, ty, tw)
+        out["cp"][layer] = consistency(pg, py, pw)
+        sg, sy, sw = _shuffled_labels(tg, ty, tw, rng)
+        out["cs"][layer] = consistency(sg, sy, sw)
+        out["ht"][layer] = norm_h(tg, ty, tw)
+        out["hp"][layer] = norm_h(pg, py, pw)
+    return SpreadResult(
+        out["ct"], out["cp"], out["cs"], out["ht"], out["hp"], 1.0 / num_e, min_count
+    )

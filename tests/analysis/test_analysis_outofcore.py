@@ -1,0 +1,267 @@
+"""Out-of-core analyses (DuckDB and Spark over the shards) equal the in-memory analyses on the
+same store: integer counts exactly, deterministic statistics to 1e-12; shuffle baselines are
+drawn from the margins and agree in distribution."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moelab.analysis import (
+    coactivation,
+    predictability,
+    repeat,
+    specialization,
+    transitions,
+    usage,
+)
+from moelab.analysis import counts as C
+from moelab.analysis import outofcore as O
+from moelab.analysis.engines import DuckDBEngine, parse_bytes
+from moelab.analysis.run import analyze
+from moelab.analysis.sources import StoreSource
+from moelab.analysis.synthetic import synthetic_trace
+from moelab.errors import ConfigError
+from moelab.trace.schema import NO_EXPERT
+from moelab.trace.store import TraceStore, TraceWriter
+
+DEC = [" the", ",", " 42", "foo_bar", " ", "x"]
+
+
+def decode(i: int) -> str:
+    return DEC[i % len(DEC)]
+
+
+def write_store(path, tr, shard_tokens=700, logits=True):
+    w = TraceWriter(path, tr.meta, shard_tokens=shard_tokens, logits=logits)
+    for s in range(0, tr.num_tokens, 500):
+        sl = slice(s, s + 500)
+        w.append(
+            tr.doc_id[sl],
+            tr.position[sl],
+            tr.token_id[sl],
+            tr.domain[sl],
+            tr.is_bos[sl],
+            tr.expert_ids[sl],
+            tr.weights[sl],
+            None if not logits else tr.logits[sl],
+        )
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    tr = synthetic_trace(3000, 3, 8, 2, vocab=60, doc_len=100, logits=True, seed=1)
+    tr.expert_ids[5, 1, 1] = NO_EXPERT  # a dropped slot
+    tr.weights[5, 1, 1] = 0.0
+    tr.expert_ids[7, 2, :] = NO_EXPERT  # a fully dropped token (top-1 = none)
+    tr.weights[7, 2, :] = 0.0
+    path = write_store(tmp_path_factory.mktemp("ooc") / "store", tr)
+    loaded = TraceStore.open(path).load()
+    eng = DuckDBEngine(path, memory_limit="256MiB", threads=1)
+    yield loaded, O.StoreCounts(eng), path
+    eng.close()
+
+
+def close(a, b, fields, rtol=1e-12):
+    for f in fields:
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=rtol, atol=1e-15, err_msg=f)
+
+
+def test_usage_balance_entropy(stored):
+    tr, sc, _ = stored
+    for kw in ({"normalize": "slots"}, {"normalize": "tokens"}):
+        a, b = O.usage(sc, **kw), usage.usage(tr, **kw)
+        np.testing.assert_array_equal(a.counts, b.counts)
+        assert a.n_tokens == b.n_tokens and a.chance == b.chance
+    a, b = O.usage(sc, "slots", weighted=True), usage.usage(tr, "slots", weighted=True)
+    np.testing.assert_allclose(a.counts, b.counts, rtol=1e-9)
+    a, b = O.usage(sc, "tokens", weighted=True), usage.usage(tr, "tokens", weighted=True)
+    assert a.chance == pytest.approx(b.chance, rel=1e-6)  # memory sums float32 weights
+    tid, ctx = int(tr.token_id[2]), [int(tr.token_id[1])]
+    a = O.usage(sc, "tokens", token_id=tid, prev_ids=ctx, min_count=1)
+    b = usage.usage(tr, "tokens", token_id=tid, prev_ids=ctx, min_count=1)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    assert a.selection == b.selection and a.n_tokens == b.n_tokens
+    assert a.baseline.shape == b.baseline.shape and np.allclose(a.baseline.sum(1), 2.0)
+    close(O.balance(sc), usage.balance(tr), ["norm_entropy", "max_over_mean", "cv", "gini"])
+    np.testing.assert_allclose(
+        O.balance(sc, seed=3).baseline["cv"], usage.balance(tr, seed=3).baseline["cv"]
+    )
+    close(
+        O.routing_entropy(sc.eng),
+        usage.routing_entropy(tr),
+        ["mean_norm_entropy", "mean_top1_prob"],
+        1e-9,
+    )
+
+
+def test_transitions_and_coactivation(stored):
+    tr, sc, _ = stored
+    for layer in range(2):
+        a, b = O.expert_transitions(sc, layer), transitions.expert_transitions(tr, layer)
+        np.testing.assert_array_equal(a.counts, b.counts)
+        close(a, b, ["lift", "npmi", "conditional"])
+        a, b = O.set_transitions(sc, layer), transitions.set_transitions(tr, layer)
+        np.testing.assert_array_equal(a.counts, b.counts)
+        # shuffled ~ independent, as far from lift 1 as the in-memory permutation baseline
+        dev_a = np.abs(a.baseline_lift[a.counts > 20] - 1).mean()
+        dev_b = np.abs(b.baseline_lift[b.counts > 20] - 1).mean()
+        assert dev_a < 2 * dev_b + 0.05 and dev_a < 0.3
+    a, b = O.transition_summary(sc, 2), transitions.transition_summary(tr, 2)
+    close(a, b, ["nmi_set", "nmi_top1", "top1_predictability", "top1_chance"])
+    a, b = O.transition_summary(sc), transitions.transition_summary(tr)
+    close(a, b, ["nmi_set", "nmi_top1", "top1_predictability", "top1_chance"])
+    # the shuffle baselines have the in-memory baselines' distribution: both far below the
+    # planted structure and within a few plug-in bias levels of each other
+    assert (a.nmi_set_shuffled < a.nmi_set / 2).all()
+    np.testing.assert_allclose(a.nmi_set_shuffled, b.nmi_set_shuffled, rtol=0.5)
+    for layer in range(3):
+        a, b = O.coactivation(sc, layer), coactivation.coactivation(tr, layer)
+        np.testing.assert_array_equal(a.counts, b.counts)
+        close(a, b, ["conditional", "npmi", "baseline_conditional"])
+
+
+def test_repeat_predictability_spread(stored):
+    tr, sc, _ = stored
+    a, b = O.repeat_rate(sc), repeat.repeat_rate(tr)
+    assert a.n_pairs == b.n_pairs
+    close(
+        a,
+        b,
+        ["same_top1", "any_overlap", "mean_overlap", "load_top1", "load_any", "load_mean"],
+    )
+    np.testing.assert_allclose(a.shuffled_top1, b.shuffled_top1, atol=0.05)
+    a, b = O.predictability(sc, min_count=5), predictability.predictability(tr, min_count=5)
+    assert (a.n_train, a.n_test) == (b.n_train, b.n_test)
+    fields = ["acc_token", "acc_bigram", "acc_majority", "recall_token", "recall_bigram"]
+    close(a, b, fields + ["cond_entropy", "set_entropy"])
+    assert (a.cond_entropy_shuffled < a.set_entropy).all()
+    a = O.spread_token_vs_position(sc, 5)
+    b = predictability.spread_token_vs_position(tr, 5)
+    close(a, b, ["consistency_token", "consistency_position", "norm_cond_entropy_token"])
+    close(a, b, ["norm_cond_entropy_position"])
+
+
+def test_specialisation(stored):
+    tr, sc, _ = stored
+    a, b = O.by_domain(sc), specialization.by_domain(tr)
+    assert a.names == b.names
+    np.testing.assert_array_equal(a.counts, b.counts)
+    close(a, b, ["share", "overall", "specialization", "mean_max_share"])
+    for target in ("input", "next"):
+        a, b = O.by_vocab(sc, target, 5), specialization.by_vocab(tr, target, 5)
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        assert a.n_dropped == b.n_dropped
+        np.testing.assert_array_equal(a.view.counts, b.view.counts)
+        close(a.view, b.view, ["share", "specialization", "mean_max_share"])
+    a, b = O.by_token_class(sc, decode), specialization.by_token_class(tr, decode)
+    assert a.names == b.names
+    close(a, b, ["share", "specialization"])
+
+
+def test_shuffled_table_keeps_margins():
+    rng = np.random.default_rng(0)
+    rows, cols = np.array([5, 0, 7, 3]), np.array([6, 6, 3])
+    for limit in (4_000_000, 1):  # hypergeometric draws and the permutation fallback
+        t = C.shuffled_table(rows, cols, rng, limit=limit)
+        np.testing.assert_array_equal(t.sum(1), rows)
+        np.testing.assert_array_equal(t.sum(0), cols)
+    big = rng.integers(0, 5, 300)  # > 256 row labels: the permutation path
+    t = C.shuffled_table(big, np.array([big.sum() - 7, 7]), rng)
+    np.testing.assert_array_equal(t.sum(1), big)
+    with pytest.raises(ValueError):
+        C.shuffled_table(np.array([1]), np.array([2]), rng)
+
+
+def test_analyze_store_numbers_match_memory(stored, tmp_path):
+    tr, _, path = stored
+    kw = {"figures": False, "min_count": 5, "do_projections": False}
+    mem = analyze(tr, tmp_path / "mem", write_report=False, **kw)
+    eng = DuckDBEngine(path)
+    eng.batch_layers = 2  # the per-layer tables unioned in batches (as on Spark)
+    src = StoreSource(eng, sample_tokens=1000)
+    ooc = analyze(src, tmp_path / "ooc", write_report=True, **kw)
+    src.close()
+    assert set(mem) - {"sample"} == set(ooc) - {"sample"}
+    assert ooc["engine"] == "duckdb" and mem["engine"] == "memory"
+    assert ooc["sample"]["tokens"] >= 1000 and ooc["sample"]["documents"] >= 10
+    assert mem["skipped"] == ooc["skipped"]
+    for key in ("slots", "tokens"):
+        np.testing.assert_allclose(ooc["usage"][key], mem["usage"][key], rtol=1e-12)
+    for a, b in zip(ooc["balance"], mem["balance"], strict=True):
+        assert a["gini"] == pytest.approx(b["gini"], rel=1e-12)
+    for a, b in zip(
+        ooc["predictability"]["per_layer"], mem["predictability"]["per_layer"], strict=True
+    ):
+        assert a["acc_token"] == pytest.approx(b["acc_token"], rel=1e-12)
+    for a, b in zip(ooc["repeat"]["per_layer"], mem["repeat"]["per_layer"], strict=True):
+        assert a["same_top1"] == pytest.approx(b["same_top1"], rel=1e-12)
+    assert json.loads((tmp_path / "ooc" / "numbers.json").read_text())["n_tokens"] == 3000
+    assert (tmp_path / "ooc" / "report.html").stat().st_size > 1000
+
+
+def test_memory_limit_parsing():
+    assert parse_bytes("4GiB") == 4 * 2**30
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("2g") == 2 * 2**30
+    for bad in ("lots", "-1GB", "0"):
+        with pytest.raises(ConfigError, match="--memory-limit"):
+            parse_bytes(bad)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    tr = synthetic_trace(1200, 2, 8, 2, vocab=30, doc_len=60, logits=False, seed=4)
+    tr.expert_ids[3, 1, 1] = NO_EXPERT
+    tr.weights[3, 1, 1] = 0.0
+    return write_store(tmp_path_factory.mktemp("spark") / "s", tr, 500, logits=False)
+
+
+def cli(args, capsys, monkeypatch):
+    import sys
+
+    from moelab.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["moelab", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    cap = capsys.readouterr()
+    return (0 if exc.value.code is None else int(exc.value.code)), cap.out + cap.err
+
+
+def test_cli_engines_and_memory_limit(small, tmp_path, capsys, monkeypatch):
+    base = ["analyze", str(small), "--no-figures", "--no-projections", "--min-count", "3"]
+    code, out = cli(
+        [*base, "--out", str(tmp_path / "d"), "--memory-limit", "1GiB"], capsys, monkeypatch
+    )
+    assert code == 0, out
+    d = json.loads((tmp_path / "d" / "numbers.json").read_text())
+    assert d["engine"] == "duckdb" and d["sample"]["tokens"] == 1200  # the whole small store
+    code, out = cli(
+        [*base, "--out", str(tmp_path / "s"), "--engine", "spark", "--master", "local[1]"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, out
+    s = json.loads((tmp_path / "s" / "numbers.json").read_text())
+    assert s["engine"] == "spark"
+    # Spark's numbers equal DuckDB's: every integer count and what is computed from it, the
+    # seeded baselines too (tables in canonical order); weighted usage sums floats in the
+    # engine's own order
+    s["usage"].pop("weighted"), d["usage"].pop("weighted")
+    keys = ("usage", "balance", "predictability", "spread", "repeat", "transitions")
+    for key in (*keys, "coactivation", "top_tokens_mid_layer"):
+        assert json.dumps(s[key], sort_keys=True) == json.dumps(d[key], sort_keys=True), key
+    assert json.dumps(s["specialization"]) == json.dumps(d["specialization"])
+    for args, want in (
+        (["--engine", "bogus"], "expected duckdb, spark or memory"),
+        (["--engine", "memory", "--memory-limit", "1KB"], "use --engine duckdb"),
+        (["--memory-limit", "lots"], "--memory-limit 'lots'"),
+        (["--master", "local[2]"], "--master is a Spark option"),
+    ):
+        code, out = cli([*base, "--out", str(tmp_path / "x"), *args], capsys, monkeypatch)
+        assert code == 2 and want in out, out
