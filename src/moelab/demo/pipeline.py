@@ -43,7 +43,7 @@ class DemoConfig:
     seed: int = 0
     corpus: str = "default"
     max_bytes: int | None = 3_000_000
-    max_steps: int = 600  # optimizer steps per model (MoE and dense): the training budget
+    max_steps: int = 500  # optimizer steps per model (MoE and dense): the training budget
     # 16 experts of hidden 64, top-2 (dense twin: FFN hidden 128): many small experts, where
     # MoE pays at this budget (bench/RESULTS.md, "Demo model"); None = TrainConfig's default
     num_experts: int | None = 16
@@ -56,7 +56,7 @@ class DemoConfig:
     trace_test_tokens: int = 60_000
     hidden_rate: float = 1.0
     trace_doc_chars: int = 6000  # characters traced per document (spreads the cap over documents)
-    predictor_epochs: int = 12
+    predictor_epochs: int = 8  # was 12: fewer keep make demo within 15 min (bench/RESULTS.md)
     horizons: tuple[int, ...] = (1, 2, 3)
     offload_tokens: int = 4000  # test-trace rows replayed per offload simulation
     generate_tokens: int = 48
