@@ -5,6 +5,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model  # at import time (a later conftest shadows the name)
 
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.testbed import (
@@ -57,7 +58,6 @@ def test_rebuild_resumes_without_retraining(tb):
 
 
 def test_widening_preserves_the_function():
-    from conftest import tiny_model
 
     m = tiny_model(seed=3)  # d_model 32, 8 experts of hidden 64, top-2
     big = widen_model(m, 3, 150)

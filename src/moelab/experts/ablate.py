@@ -165,7 +165,10 @@ def _hf_hooks(
                 top_w = top_w / top_w.sum(dim=-1, keepdim=True)
             return (masked, top_w.to(w.dtype), top_i.to(ids.dtype), *out[3:])
 
-        handles.append(site.module.register_forward_hook(hook))
+        # the generic tracing path's sites are the experts modules; the router beside them
+        # returns (logits, weights, indices)
+        router = getattr(site, "router", None) or site.module
+        handles.append(router.register_forward_hook(hook))
     return handles
 
 
