@@ -76,7 +76,7 @@ from moelab.layers.losses import (
     smooth_load,
 )
 from moelab.layers.masks import resolve_mask
-from moelab.layers.types import RoutingResult
+from moelab.layers.types import LazyAux, RoutingResult
 
 # Logit given to experts a hash router does not pick (finite, representable in float16).
 HASH_OFF_LOGIT = -30.0
@@ -406,14 +406,19 @@ class Router(nn.Module):
         kept by capacity with "kept", as st-moe-pytorch)."""
         R = self.row_count(rows)
         kept_only = self.cfg.balance_count == "kept"
-        if lb_k == 1 and (R > 1 or kept_only):
-            kept = None
-            if kept_only and dropped is not None:
-                kept = ~dropped[:, 0]
-            balance = row_balance_loss(logits, top_i[:, 0], self.num_experts, R, mask, kept)
-        else:
-            balance = load_balancing_loss(logits, self.num_experts, lb_k, mask)
-        aux = {"load_balancing": balance, "z_loss": router_z_loss(logits, mask)}
+        E = self.num_experts
+
+        def terms() -> dict[str, torch.Tensor]:
+            if lb_k == 1 and (R > 1 or kept_only):
+                kept = None
+                if kept_only and dropped is not None:
+                    kept = ~dropped[:, 0]
+                balance = row_balance_loss(logits, top_i[:, 0], E, R, mask, kept)
+            else:
+                balance = load_balancing_loss(logits, E, lb_k, mask)
+            return {"load_balancing": balance, "z_loss": router_z_loss(logits, mask)}
+
+        aux = LazyAux(terms)
         return RoutingResult(
             expert_ids=top_i,
             weights=top_w.to(x.dtype),

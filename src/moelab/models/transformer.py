@@ -44,7 +44,8 @@ class ModelOutput:
     logits: torch.Tensor  # [B, S, V]
     loss: torch.Tensor | None = None  # lm_loss + coefficients * (aux_loss, z_loss)
     lm_loss: torch.Tensor | None = None  # cross-entropy over labelled positions
-    aux_loss: torch.Tensor | None = None  # load balancing over the MoE layers (None if dense)
+    aux_loss: torch.Tensor | None = None  # load balancing over the MoE layers (None if dense,
+    # or in a KV-cached step without labels: decoding forms no loss)
     z_loss: torch.Tensor | None = None  # router z-loss over the MoE layers (None if dense)
     routing: list[RoutingResult | None] = field(default_factory=list)  # one per layer
 
@@ -330,7 +331,10 @@ class MoETransformer(nn.Module):
             h, r = block(h, cos, sin, mask, is_causal, input_ids, token_mask, cache)
             routing.append(r)
         logits = self.lm_head(self.norm(h))
-        aux_loss, z_loss = self._router_losses(routing, token_mask)
+        if cache is not None and labels is None:  # a decoding step: no loss is ever formed
+            aux_loss = z_loss = None
+        else:
+            aux_loss, z_loss = self._router_losses(routing, token_mask)
         out = ModelOutput(logits=logits, aux_loss=aux_loss, z_loss=z_loss, routing=routing)
         if labels is not None:
             out.lm_loss = self._lm_loss(logits, labels, token_mask)

@@ -296,7 +296,27 @@ def _router_recorder_classes(model: nn.Module) -> list[tuple[type, str | None, i
     return out
 
 
-class HFAdapter(Adapter):
+class HFConfigFacts:
+    """Vocabulary, BOS id, positions and layer count read from a transformers `self.config`
+    (shared by the family adapters and the generic experts-module adapter)."""
+
+    def vocab_size(self) -> int | None:
+        v = getattr(self.config, "vocab_size", None)
+        return int(v) if v else None
+
+    def bos_token_id(self) -> int | None:
+        return getattr(self.config, "bos_token_id", None)
+
+    def max_positions(self) -> int | None:
+        v = getattr(self.config, "max_position_embeddings", None)
+        return int(v) if v else None
+
+    def num_model_layers(self) -> int:
+        v = getattr(self.config, "num_hidden_layers", None)
+        return int(v) if v else super().num_model_layers()
+
+
+class HFAdapter(HFConfigFacts, Adapter):
     """transformers causal LMs whose router returns (router_logits [T,E], weights [T,k], ids [T,k])."""
 
     family = "hf"
@@ -393,21 +413,6 @@ class HFAdapter(Adapter):
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         base = getattr(self.model, "base_model", self.model)
         base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-
-    def vocab_size(self) -> int | None:
-        v = getattr(self.config, "vocab_size", None)
-        return int(v) if v else None
-
-    def bos_token_id(self) -> int | None:
-        return getattr(self.config, "bos_token_id", None)
-
-    def max_positions(self) -> int | None:
-        v = getattr(self.config, "max_position_embeddings", None)
-        return int(v) if v else None
-
-    def num_model_layers(self) -> int:
-        v = getattr(self.config, "num_hidden_layers", None)
-        return int(v) if v else super().num_model_layers()
 
 
 class JetMoeAdapter(HFAdapter):

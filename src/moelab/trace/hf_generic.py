@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from moelab.errors import ModelError
-from moelab.trace.adapters import LAYER_RE, Adapter, Decoded, RouterSite, _router_recorder_classes
+from moelab.trace.adapters import (
+    LAYER_RE,
+    Adapter,
+    Decoded,
+    HFConfigFacts,
+    RouterSite,
+    _router_recorder_classes,
+)
 
 # names transformers uses for the experts module's routing inputs
 IDX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices", "top_k_indices")
@@ -125,7 +132,7 @@ def _logits_from(site: GenericSite, out: Any, width: int | None) -> torch.Tensor
     return None
 
 
-class GenericHFAdapter(Adapter):
+class GenericHFAdapter(HFConfigFacts, Adapter):
     """Any transformers model whose MoE blocks call an experts module with the chosen ids."""
 
     family = "hf"
@@ -377,21 +384,6 @@ class GenericHFAdapter(Adapter):
             kw["use_cache"] = False
         base = getattr(self.model, "base_model", None) or self.model
         base(**kw)
-
-    def vocab_size(self) -> int | None:
-        v = getattr(self.config, "vocab_size", None)
-        return int(v) if v else None
-
-    def bos_token_id(self) -> int | None:
-        return getattr(self.config, "bos_token_id", None)
-
-    def max_positions(self) -> int | None:
-        v = getattr(self.config, "max_position_embeddings", None)
-        return int(v) if v else None
-
-    def num_model_layers(self) -> int:
-        v = getattr(self.config, "num_hidden_layers", None)
-        return int(v) if v else super().num_model_layers()
 
     def gate_set(self) -> Any:
         """Routers as arrays when every router is one [E, D] projection (else None)."""

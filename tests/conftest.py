@@ -1,4 +1,5 @@
-"""Shared tiny training setup: python-code corpus (always present), a very small MoE."""
+"""Suite-wide fixtures: a tiny training setup (python-code corpus, always present; a very small
+MoE) used by tests/train and tests/parallel, tokenised once per session."""
 
 from __future__ import annotations
 
