@@ -5,8 +5,8 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.sites import find_expert_sites
 from moelab.offload.store import ExpertStore, layer_file, supports_o_direct
@@ -74,6 +74,33 @@ def test_missing_and_truncated_files(model_and_store):
         ExpertStore(d)
     with pytest.raises(OffloadError, match="manifest.json"):
         ExpertStore(d / "nowhere")
+
+
+@pytest.mark.parametrize("tier", ["fadvise", "ram", "direct"])
+def test_recycled_buffers_never_overwrite_held_experts(model_and_store, tier):
+    """Reads recycle buffers of dropped results only: every expert still held keeps its bytes."""
+    m, _, d = model_and_store
+    if tier == "direct" and not supports_o_direct(d):
+        pytest.skip("filesystem without O_DIRECT")
+    sites = find_expert_sites(m)
+    want = {(s.layer, e): s.experts.expert_params(e) for s in sites for e in range(s.num_experts)}
+    with ExpertStore(d, tier=tier) as st:
+        held = {}
+        for rnd in range(3):
+            for key in want:
+                w = st.read(*key)
+                if (key[1] + rnd) % 3 == 0:
+                    held[key] = w  # kept like a cache entry; the others are dropped at once
+        for key, w in held.items():
+            for name in ("gate_up_proj", "down_proj"):
+                assert torch.equal(w[name], want[key][name])
+        s = st.stats()
+        assert s["buffers_reused"] > 0
+        assert s["buffers_reused"] + s["buffers_allocated"] == s["reads"]
+        assert (
+            s["spare_buffer_bytes"]
+            <= 2 * max(st.expert_nbytes(i) for i in range(len(sites))) + 8192
+        )
 
 
 def test_read_out_of_range(model_and_store):
