@@ -50,6 +50,7 @@ def _check(res, k: int, E: int) -> None:
     assert res.tsne is not None and res.tsne.shape[1] == 2
 
 
+@pytest.mark.skipif(not tagger_available()[0], reason="liblingua-en-tagger-perl not installed")
 def test_roles_on_a_tiny_model(tmp_path) -> None:
     m = tiny_moe(num_experts=4, top_k=2)
     texts = [TEXT * 3, "A red tree and an old house stood by the river. " * 4]
