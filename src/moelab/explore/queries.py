@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 
 from moelab.errors import AnalysisError
-from moelab.explore.cache import build_cache, expert_columns, top1_columns
+from moelab.explore.cache import (
+    build_cache,
+    expert_columns,
+    pred_columns,
+    top1_columns,
+)
 from moelab.explore.tokens import Vocab, load_vocab
 from moelab.trace.schema import TraceMeta
 from moelab.trace.store import TraceStore, id_dtype
@@ -130,8 +135,10 @@ def open_explorer(
     con = duckdb.connect()
     if threads:
         con.execute(f"SET threads={int(threads)}")
-    lit = "'" + str(info.path).replace("'", "''") + "'"
-    con.execute(f"CREATE VIEW tok AS SELECT * FROM read_parquet({lit})")
+    con.execute("SET parquet_metadata_cache=true")  # the cache files do not change while open
+    for view, file in (("tok", info.path), ("fitq", info.prior_path), ("fitp", info.pairs_path)):
+        lit = "'" + str(file).replace("'", "''") + "'"
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({lit})")
     n = int(con.execute("SELECT count(*) FROM tok").fetchone()[0])
     vocab = load_vocab(store.path, store.meta, None if tokenizer is None else Path(tokenizer))
     return Explorer(store.path, store.meta, info.path, vocab, holdout, seed, n, con)
@@ -362,14 +369,6 @@ def cooccurrence(
     }
 
 
-def _top_mask(score: np.ndarray, k: int) -> np.ndarray:
-    """Bool mask [..., E] of the k highest scores along the last axis (ties -> lower id)."""
-    order = np.argsort(-score, axis=-1, kind="stable")[..., :k]
-    mask = np.zeros(score.shape, bool)
-    np.put_along_axis(mask, order, True, axis=-1)
-    return mask
-
-
 def _index_in(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Index of each value in the sorted unique array `sorted_ids`, -1 where absent."""
     pos = np.minimum(np.searchsorted(sorted_ids, values), max(sorted_ids.size - 1, 0))
@@ -383,6 +382,15 @@ def _filter_sql(ex: Explorer, f: Filters) -> tuple[str, list[Any]]:
     return (rest[1] if len(rest) > 1 else "TRUE"), params[1:]
 
 
+def _recall(hits: np.ndarray, routed: np.ndarray, k: int) -> float:
+    """Mean of hits / routed over rows with a routed slot (NaN if none), summed exactly per
+    number of routed slots (integer sums, one division each)."""
+    ok = int((routed > 0).sum())
+    if ok == 0:
+        return float("nan")
+    return sum(int(hits[routed == v].sum()) / v for v in range(1, k + 1)) / ok
+
+
 def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[str, Any]:
     """recall@k for the token's experts per layer: a token-id prior (train counts of the
     token) and a previous-token table (train counts of (previous, token), used when seen at
@@ -391,50 +399,37 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
 
     recall of one occurrence at layer l = |predicted k ∩ routed experts| / |routed experts|
     (dropped slots are not routed); the mean is over occurrences with a routed slot at l.
-    One read of the token's rows, then bincounts over (previous token, layer, expert): the
-    score of a previous token's occurrences is the sum over experts of their
-    (1/|routed|)-weighted counts inside its predicted set.
+    The fit does not depend on the filters: the per-token and per-(token, previous token)
+    top-k tables are built once with the cache (fit_prior / fit_pairs, moelab.explore.cache);
+    a request reads the token's row of the first, its rows of the second and its held-out
+    occurrences that match the filters.
     """
     ex = as_explorer(ex)
     if int(min_fit) < 1:
         raise ExploreInputError(f"min_fit={min_fit}: expected an integer >= 1")
     m = ex.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
-    no = ex.sentinel
     flat = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
     fsql, fparams = _filter_sql(ex, f)
     cur = ex.cursor()
+    tok = int(f.token)
     n_match = int(
         cur.execute(
-            f"SELECT count(*) FROM tok WHERE token_id = ? AND {fsql}", [int(f.token), *fparams]
+            f"SELECT count(*) FROM tok WHERE token_id = ? AND {fsql}", [tok, *fparams]
         ).fetchone()[0]
     )
     if n_match == 0:
         raise _not_found(ex, f)
-    eb = num_e + 1  # one extra bucket for dropped slots
-    ns = num_l * k
-
-    def fetch(where: str, params: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        d = cur.execute(
-            f"SELECT prev_id, {', '.join(flat)} FROM tok WHERE token_id = ? AND {where}",
-            [int(f.token), *params],
-        ).fetchnumpy()
-        return np.asarray(d["prev_id"], np.int64), d
-
-    def codes(d: dict[str, np.ndarray], bucket: np.ndarray) -> np.ndarray:
-        """Slot-major codes (previous-token bucket, layer, expert) [L*k, n]; dropped -> E."""
-        ids = np.empty((ns, bucket.size), np.int32)
-        base = bucket.astype(np.int32) * (num_l * eb)
-        for s, c in enumerate(flat):
-            row = ids[s]
-            row[:] = np.asarray(d[c.strip('"')])
-            np.minimum(row, num_e, out=row)
-            row += base + (s // k) * eb
-        return ids
-
-    sc_prev, sc_d = fetch(f"heldout AND {fsql}", fparams)
-    tr_prev, tr_d = fetch("NOT heldout", [])
-    n_train, n_scored = int(tr_prev.size), int(sc_prev.size)
+    sc = cur.execute(
+        f"SELECT prev_id, {', '.join(flat)} FROM tok WHERE token_id = ? AND heldout AND {fsql}",
+        [tok, *fparams],
+    ).fetchnumpy()
+    qcols = pred_columns(m, "q")
+    prior_row = cur.execute(
+        f"SELECT n, {', '.join(qcols)} FROM fitq WHERE token_id = ?", [tok]
+    ).fetchone()
+    n_train = 0 if prior_row is None else int(prior_row[0])
+    n_scored = int(np.asarray(sc["prev_id"]).size)
     out: dict[str, Any] = {
         "n": n_match,
         "n_train": n_train,
@@ -458,36 +453,36 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
             ),
         )
         return out
-    uniq = np.unique(sc_prev)  # previous tokens of the scored rows; bucket U = any other
-    nu = uniq.size
-    kt, ks = _index_in(uniq, tr_prev), _index_in(uniq, sc_prev)
-    kt[kt < 0] = nu
-    size = (nu + 1) * num_l * eb
-    counts = np.bincount(codes(tr_d, kt).ravel(), minlength=size).reshape(nu + 1, num_l, eb)
-    prior_c = counts.sum(0)[:, :num_e].astype(np.float64)
-    ctx_c = counts[:nu, :, :num_e].astype(np.float64)
-    n_train_u = np.bincount(kt, minlength=nu + 1)[:nu]
-    sc_valid = np.stack([np.asarray(sc_d[c.strip('"')]) != no for c in flat])
-    nv = sc_valid.reshape(num_l, k, n_scored).sum(1)  # [L, n_scored] routed slots
-    w = np.where(sc_valid, np.repeat(1.0 / np.maximum(nv, 1), k, axis=0), 0.0)
-    score_w = np.bincount(codes(sc_d, ks).ravel(), weights=w.ravel(), minlength=size)
-    score_w = score_w.reshape(nu + 1, num_l, eb)[:nu, :, :num_e]
-    n_scored_u = np.bincount(ks, minlength=nu)
-    ok_l = (nv > 0).sum(1).astype(np.float64)
-    use_ctx = n_train_u >= int(min_fit)
-    prior_set = _top_mask(prior_c, k)  # [L, E]
-    # context counts dominate; the token prior breaks their ties
-    ctx_set = _top_mask(ctx_c * (prior_c.sum(1).max() + 1.0) + prior_c[None], k)
-    pred = np.where(use_ctx[:, None, None], ctx_set, prior_set[None])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prior_hit = np.where(ok_l > 0, (score_w * prior_set[None]).sum((0, 2)) / ok_l, np.nan)
-        ctx_hit = np.where(ok_l > 0, (score_w * pred).sum((0, 2)) / ok_l, np.nan)
+    prior = np.asarray(prior_row[1:], np.int64).reshape(num_l, k)
+    pcols = pred_columns(m, "p")
+    fit = cur.execute(
+        f"SELECT prev_id, n, {', '.join(pcols)} FROM fitp WHERE token_id = ? ORDER BY prev_id",
+        [tok],
+    ).fetchnumpy()
+    fit_prev = np.asarray(fit["prev_id"], np.int64)
+    prev = np.asarray(sc["prev_id"], np.int64)
+    at = _index_in(fit_prev, prev)  # the scored row's (token, previous) pair, -1 if unseen
+    n_pair = np.where(at >= 0, np.asarray(fit["n"], np.int64)[np.maximum(at, 0)], 0)
+    use_ctx = n_pair >= int(min_fit)
+    pick = np.maximum(at, 0)
+    prior_hit = np.empty(num_l)
+    ctx_hit = np.empty(num_l)
+    for li in range(num_l):
+        ids = np.stack([np.asarray(sc[f"e{li}_{j}"]).astype(np.int64) for j in range(k)])
+        routed = (ids != ex.sentinel).sum(0)
+        pair = np.stack([np.asarray(fit[f"p{li}_{j}"], np.int64)[pick] for j in range(k)])
+        pred = np.where(use_ctx[None], pair, prior[li][:, None])  # [k, n_scored]
+        # predicted sets hold k distinct experts < E, never the dropped-slot value
+        hp = sum((ids == prior[li, i]).sum(0) for i in range(k))
+        hc = sum((ids == pred[i][None]).sum(0) for i in range(k))
+        prior_hit[li] = _recall(hp, routed, k)
+        ctx_hit[li] = _recall(hc, routed, k)
     out.update(
         prior=prior_hit,
         context=ctx_hit,
         prior_mean=float(np.nanmean(prior_hit)),
         context_mean=float(np.nanmean(ctx_hit)),
-        backoff=float((n_scored_u * ~use_ctx).sum() / n_scored),
+        backoff=float((~use_ctx).sum() / n_scored),
         note="",
     )
     return out
