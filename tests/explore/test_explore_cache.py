@@ -19,7 +19,7 @@ from moelab.explore import queries as Q
 from moelab.explore.cache import (
     _cache_key,
     build_cache,
-    build_fit_tables,
+    build_token_tables,
     pred_columns,
     user_cache_dir,
 )
@@ -86,13 +86,41 @@ def test_fit_tables_match_duckdb_and_numpy(explorer, store, ref):
                 assert [pairs[c][prow] for c in cols] == top[: meta.top_k]
 
 
+def test_heat_table_matches_duckdb(explorer, store):
+    """Per-token expert counts of heat.parquet = DuckDB histograms over the shards."""
+    meta = explorer.meta
+    con = duckdb.connect()
+    glob = str(store / "shards" / "*.parquet")
+    cols = [f"e{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
+    rows = con.execute(
+        f"SELECT token_id, {', '.join(f'histogram({c})' for c in cols)} FROM read_parquet(?)"
+        " WHERE NOT is_bos GROUP BY token_id",
+        [glob],
+    ).fetchall()
+    want = collections.Counter()
+    for tok, *hists in rows:
+        for s, h in enumerate(hists):
+            for e, c in h.items():
+                if e < meta.num_experts:  # not a dropped slot
+                    want[(tok, s // meta.top_k, e)] += c
+    heat = pq.read_table(explorer.cache_path.parent / "heat.parquet").to_pydict()
+    got = {
+        (t, li, e): n
+        for t, li, e, n in zip(
+            heat["token_id"], heat["layer"], heat["expert"], heat["n"], strict=True
+        )
+    }
+    assert got == dict(want) and len(got) > 100
+    assert heat["token_id"] == sorted(heat["token_id"])
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 100, 1000])
-def test_fit_tables_do_not_depend_on_chunking(explorer, tmp_path, chunk):
+def test_token_tables_do_not_depend_on_chunking(explorer, tmp_path, chunk):
     """Chunks never split a token, so any chunk size gives the same tables."""
     d = explorer.cache_path.parent
-    build_fit_tables(explorer.cache_path, explorer.meta, tmp_path / "q", tmp_path / "p", chunk)
-    assert pq.read_table(tmp_path / "q").equals(pq.read_table(d / "fit_prior.parquet"))
-    assert pq.read_table(tmp_path / "p").equals(pq.read_table(d / "fit_pairs.parquet"))
+    build_token_tables(explorer.cache_path, explorer.meta, tmp_path, chunk)
+    for name in ("fit_prior.parquet", "fit_pairs.parquet", "heat.parquet"):
+        assert pq.read_table(tmp_path / name).equals(pq.read_table(d / name)), name
 
 
 def test_predictor_without_held_out_match_says_so(client, ref):

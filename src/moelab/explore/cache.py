@@ -3,8 +3,9 @@
 Every view of the explorer starts from "the occurrences of token T" (with optional previous /
 next token and domain filters). Scanning the shards for that is a full read per request, so
 the explorer writes once, beside the store, a Parquet file holding the id columns needed by
-the views, sorted by token id (row groups then cover narrow token-id ranges and DuckDB skips
-all others from the row-group statistics):
+the views, sorted by token id, then held-out flag, document and position (row groups then
+cover narrow token-id ranges and DuckDB skips all others from the row-group statistics; a
+frequent token's held-out rows, the predictor's scored rows, fill row groups of their own):
 
   token_id, prev_id, next_id (-1 at a document boundary or gap), doc_id, position, domain,
   heldout (the document's split for predictor scores), e{l}_{j} (expert ids as on disk),
@@ -40,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moelab._io import atomic_write_json, atomic_write_with
@@ -53,8 +53,10 @@ CACHE_VERSION = 2
 ROWS_FILE = "rows.parquet"
 PRIOR_FILE = "fit_prior.parquet"
 PAIRS_FILE = "fit_pairs.parquet"
+HEAT_FILE = "heat.parquet"
 KEY_FILE = "key.json"
 ROW_GROUP = 65_536
+FIT_ROW_GROUP = 8_192  # a token's rows of the fit / heat tables span few rows: small groups
 FOOTER_MAX = 1 << 24  # bytes of a shard's Parquet footer hashed into the key (at most)
 
 
@@ -75,6 +77,11 @@ class CacheInfo:
     def pairs_path(self) -> Path:
         """The predictor's per-(token, previous token) table."""
         return self.path.parent / PAIRS_FILE
+
+    @property
+    def heat_path(self) -> Path:
+        """The per-token expert counts (heatmap without filters)."""
+        return self.path.parent / HEAT_FILE
 
 
 def weight_sql(layer: int, slot: int) -> str:
@@ -159,7 +166,9 @@ def user_cache_dir(store_path: Path) -> Path:
 def _valid(cache_dir: Path, key: dict[str, Any]) -> bool:
     """True when `cache_dir` holds a complete cache built under `key`."""
     key_file = cache_dir / KEY_FILE
-    if not all((cache_dir / f).is_file() for f in (ROWS_FILE, PRIOR_FILE, PAIRS_FILE, KEY_FILE)):
+    if not all(
+        (cache_dir / f).is_file() for f in (ROWS_FILE, PRIOR_FILE, PAIRS_FILE, HEAT_FILE, KEY_FILE)
+    ):
         return False
     try:
         return json.loads(key_file.read_text()) == key
@@ -256,7 +265,7 @@ def build_cache(
                    {", ".join(f"b.t{li}" for li in range(meta.num_layers))}
             FROM base b JOIN held h USING (doc_id)
             WHERE NOT b.is_bos
-            ORDER BY b.token_id, b.doc_id, b.position
+            ORDER BY b.token_id, h.heldout, b.doc_id, b.position
         """
 
         def write(tmp: Path) -> None:
@@ -268,7 +277,7 @@ def build_cache(
         atomic_write_with(rows, write)
     finally:
         con.close()
-    build_fit_tables(rows, meta, cache_dir / PRIOR_FILE, cache_dir / PAIRS_FILE)
+    build_token_tables(rows, meta, cache_dir)
     atomic_write_json(key_file, key)
     try:
         os.rmdir(cache_dir / "duckdb-tmp")
@@ -319,23 +328,53 @@ def _fit_chunk(
     return prior_cols, pair_cols
 
 
-def build_fit_tables(
-    rows: Path, meta: TraceMeta, prior_out: Path, pairs_out: Path, chunk_rows: int = ROW_GROUP
-) -> None:
-    """Write the predictor's fitted tables (see the module doc) from the rows cache.
+def _heat_chunk(tok: np.ndarray, ids: np.ndarray, meta: TraceMeta) -> dict[str, np.ndarray]:
+    """Heatmap cells (token, layer, expert, count > 0) of rows holding every row of their
+    tokens; ids [n, L*k] as on disk (dropped slots not counted)."""
+    num_l, num_e, k = meta.num_layers, meta.num_experts, meta.top_k
+    eb = num_e + 1
+    uniq, inv = np.unique(tok, return_inverse=True)
+    base = inv.astype(np.int64) * (num_l * eb)
+    codes = np.empty((num_l * k, tok.size), np.int64)
+    for s in range(num_l * k):
+        codes[s] = base + (s // k) * eb + np.minimum(ids[:, s], num_e)
+    counts = np.bincount(codes.ravel(), minlength=uniq.size * num_l * eb)
+    del codes
+    counts = counts.reshape(uniq.size, num_l, eb)[:, :, :num_e]
+    t, li, e = np.nonzero(counts)
+    return {
+        "token_id": uniq[t].astype(np.int32),
+        "layer": li.astype(np.int32),
+        "expert": e.astype(id_dtype(num_e)),
+        "n": counts[t, li, e],
+    }
 
-    Streams the train rows of rows.parquet (sorted by token id) in chunks of about
-    `chunk_rows` rows that never split a token, so memory stays bounded by the largest token.
+
+def build_token_tables(
+    rows: Path, meta: TraceMeta, out_dir: Path, chunk_rows: int = ROW_GROUP
+) -> None:
+    """Write the per-token tables (the predictor's fit on the train rows, the heatmap of all
+    rows; see the module doc) from the rows cache into `out_dir`.
+
+    Streams rows.parquet (sorted by token id) in chunks of about `chunk_rows` rows that never
+    split a token, so memory stays bounded by the largest token.
     """
     ecols = expert_columns(meta)
     pf = pq.ParquetFile(rows)
-    out: dict[str, list[list[np.ndarray]]] = {"prior": [], "pairs": []}
+    out: dict[str, list[list[np.ndarray]]] = {"prior": [], "pairs": [], "heat": []}
 
     def flush(pieces: list[pa.Table]) -> None:
         t = pa.concat_tables(pieces)
         ids = np.stack([t.column(c).to_numpy() for c in ecols], axis=1)
+        tok = t.column("token_id").to_numpy()
+        heat = _heat_chunk(tok, ids, meta)
+        out["heat"].append(list(heat.values()))
+        names["heat"] = list(heat)
+        train = ~t.column("heldout").to_numpy(zero_copy_only=False)
+        if not train.any():
+            return
         prior, pairs = _fit_chunk(
-            t.column("token_id").to_numpy(), t.column("prev_id").to_numpy(), ids, meta
+            tok[train], t.column("prev_id").to_numpy()[train], ids[train], meta
         )
         out["prior"].append(list(prior.values()))
         out["pairs"].append(list(pairs.values()))
@@ -348,9 +387,6 @@ def build_fit_tables(
         batch_size=chunk_rows, columns=["token_id", "prev_id", "heldout", *ecols]
     ):
         t = pa.Table.from_batches([batch])
-        t = t.filter(pc.invert(t.column("heldout")))
-        if t.num_rows == 0:
-            continue
         pending.append(t)
         n_pending += t.num_rows
         if n_pending < chunk_rows:
@@ -364,16 +400,18 @@ def build_fit_tables(
         pending, n_pending = [whole.slice(cut)], whole.num_rows - cut
     if n_pending:
         flush(pending)
-    for name, path in (("prior", prior_out), ("pairs", pairs_out)):
+    files = {"prior": PRIOR_FILE, "pairs": PAIRS_FILE, "heat": HEAT_FILE}
+    for name, file in files.items():
+        path = Path(out_dir) / file
         if out[name]:
             cols = [np.concatenate(parts) for parts in zip(*out[name], strict=True)]
             table = pa.table(dict(zip(names[name], cols, strict=True)))
-        else:  # no train row at all
+        else:  # no (train) row at all
             table = _empty_fit(meta, name)
         atomic_write_with(
             path,
             lambda tmp, t=table: pq.write_table(
-                t, tmp, compression="zstd", row_group_size=ROW_GROUP
+                t, tmp, compression="zstd", row_group_size=FIT_ROW_GROUP
             ),
         )
 
@@ -381,6 +419,10 @@ def build_fit_tables(
 def _empty_fit(meta: TraceMeta, name: str) -> pa.Table:
     """An empty fitted table with the right columns."""
     dt = pa.from_numpy_dtype(id_dtype(meta.num_experts))
+    if name == "heat":
+        return pa.schema(
+            [("token_id", pa.int32()), ("layer", pa.int32()), ("expert", dt), ("n", pa.int64())]
+        ).empty_table()
     fields = [("token_id", pa.int32())]
     if name == "pairs":
         fields.append(("prev_id", pa.int32()))

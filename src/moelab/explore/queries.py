@@ -136,7 +136,9 @@ def open_explorer(
     if threads:
         con.execute(f"SET threads={int(threads)}")
     con.execute("SET parquet_metadata_cache=true")  # the cache files do not change while open
-    for view, file in (("tok", info.path), ("fitq", info.prior_path), ("fitp", info.pairs_path)):
+    views = {"tok": info.path, "fitq": info.prior_path, "fitp": info.pairs_path}
+    views["heat"] = info.heat_path
+    for view, file in views.items():
         lit = "'" + str(file).replace("'", "''") + "'"
         con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({lit})")
     n = int(con.execute("SELECT count(*) FROM tok").fetchone()[0])
@@ -262,22 +264,34 @@ def top_tokens(ex: Explorer | str | Path, limit: int = 20) -> list[tuple[int, in
 
 # ------------------------------------------------------------------------------- views
 def heatmap(ex: Explorer | str | Path, f: Filters) -> dict[str, Any]:
-    """Per layer and expert: occurrences routed to it (any slot), share, chance k/E."""
+    """Per layer and expert: occurrences routed to it (any slot), share, chance k/E.
+
+    Without previous / next / domain filters the counts come from the per-token table built
+    with the cache (heat.parquet); with filters, from one read of the matching rows
+    (bincount per slot column; dropped slots not counted)."""
     ex = as_explorer(ex)
     m = ex.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
     where, params = _where(ex, f)
-    cols = [(li, _ecol(ex, li, j)) for li in range(num_l) for j in range(k)]
-    sel = ", ".join(f"histogram({c})" for _, c in cols)
-    row = ex.cursor().execute(f"SELECT count(*), {sel} FROM tok WHERE {where}", params).fetchone()
-    n = int(row[0])
-    if n == 0:
-        raise _not_found(ex, f)
+    cur = ex.cursor()
     counts = np.zeros((num_l, num_e), np.int64)
-    for (li, _), h in zip(cols, row[1:], strict=True):
-        for e, c in (h or {}).items():
-            if int(e) != ex.sentinel:
-                counts[li, int(e)] += int(c)
+    if len(params) == 1:  # the token only
+        n = int(cur.execute(f"SELECT count(*) FROM tok WHERE {where}", params).fetchone()[0])
+        if n == 0:
+            raise _not_found(ex, f)
+        d = cur.execute(
+            "SELECT layer, expert, n FROM heat WHERE token_id = ?", [int(f.token)]
+        ).fetchnumpy()
+        counts[np.asarray(d["layer"], np.int64), np.asarray(d["expert"], np.int64)] = d["n"]
+    else:
+        cols = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
+        d = cur.execute(f"SELECT {', '.join(cols)} FROM tok WHERE {where}", params).fetchnumpy()
+        n = int(np.asarray(d[cols[0].strip('"')]).size)
+        if n == 0:
+            raise _not_found(ex, f)
+        for s, c in enumerate(cols):
+            ids = np.asarray(d[c.strip('"')])
+            counts[s // k] += np.bincount(ids[ids != ex.sentinel], minlength=num_e)[:num_e]
     share = counts / n
     chance = k / num_e
     return {"n": n, "counts": counts, "share": share, "chance": chance, "ratio": share / chance}
@@ -382,13 +396,15 @@ def _filter_sql(ex: Explorer, f: Filters) -> tuple[str, list[Any]]:
     return (rest[1] if len(rest) > 1 else "TRUE"), params[1:]
 
 
-def _recall(hits: np.ndarray, routed: np.ndarray, k: int) -> float:
-    """Mean of hits / routed over rows with a routed slot (NaN if none), summed exactly per
-    number of routed slots (integer sums, one division each)."""
-    ok = int((routed > 0).sum())
-    if ok == 0:
-        return float("nan")
-    return sum(int(hits[routed == v].sum()) / v for v in range(1, k + 1)) / ok
+def _recall(hits: np.ndarray, routed: np.ndarray, k: int) -> np.ndarray:
+    """[L] mean over rows with a routed slot of hits / routed ([L, n] each; NaN for a layer
+    with none), summed exactly per number of routed slots (integer sums, one division each)."""
+    ok = (routed > 0).sum(1)
+    total = np.zeros(routed.shape[0])
+    for v in range(1, k + 1):
+        total += np.where(routed == v, hits, 0).sum(1) / v
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok > 0, total / np.maximum(ok, 1), np.nan)
 
 
 def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[str, Any]:
@@ -456,27 +472,30 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
     prior = np.asarray(prior_row[1:], np.int64).reshape(num_l, k)
     pcols = pred_columns(m, "p")
     fit = cur.execute(
-        f"SELECT prev_id, n, {', '.join(pcols)} FROM fitp WHERE token_id = ? ORDER BY prev_id",
-        [tok],
+        f"SELECT prev_id, n, {', '.join(pcols)} FROM fitp WHERE token_id = ?", [tok]
     ).fetchnumpy()
     fit_prev = np.asarray(fit["prev_id"], np.int64)
+    order = np.argsort(fit_prev, kind="stable")  # unique per token
     prev = np.asarray(sc["prev_id"], np.int64)
-    at = _index_in(fit_prev, prev)  # the scored row's (token, previous) pair, -1 if unseen
-    n_pair = np.where(at >= 0, np.asarray(fit["n"], np.int64)[np.maximum(at, 0)], 0)
+    at = _index_in(fit_prev[order], prev)  # the scored row's (token, previous) pair, -1 if unseen
+    pick = order[np.maximum(at, 0)]
+    n_pair = np.where(at >= 0, np.asarray(fit["n"], np.int64)[pick], 0)
     use_ctx = n_pair >= int(min_fit)
-    pick = np.maximum(at, 0)
-    prior_hit = np.empty(num_l)
-    ctx_hit = np.empty(num_l)
-    for li in range(num_l):
-        ids = np.stack([np.asarray(sc[f"e{li}_{j}"]).astype(np.int64) for j in range(k)])
-        routed = (ids != ex.sentinel).sum(0)
-        pair = np.stack([np.asarray(fit[f"p{li}_{j}"], np.int64)[pick] for j in range(k)])
-        pred = np.where(use_ctx[None], pair, prior[li][:, None])  # [k, n_scored]
-        # predicted sets hold k distinct experts < E, never the dropped-slot value
-        hp = sum((ids == prior[li, i]).sum(0) for i in range(k))
-        hc = sum((ids == pred[i][None]).sum(0) for i in range(k))
-        prior_hit[li] = _recall(hp, routed, k)
-        ctx_hit[li] = _recall(hc, routed, k)
+    # [L, k, n_scored] routed experts; predicted sets hold k distinct experts < E, never the
+    # dropped-slot value, so a slot hits when its expert equals one of the k predicted
+    ids = np.stack([np.asarray(sc[c.strip('"')]) for c in flat]).reshape(num_l, k, n_scored)
+    routed = (ids != ex.sentinel).sum(1)  # [L, n_scored]
+    prior_ids = prior.astype(ids.dtype)
+    pair = np.stack([np.asarray(fit[c]) for c in pcols]).reshape(num_l, k, -1)[:, :, pick]
+    pred = np.where(use_ctx[None, None], pair.astype(ids.dtype), prior_ids[:, :, None])
+    hp = np.zeros((num_l, n_scored), np.int64)
+    hc = np.zeros((num_l, n_scored), np.int64)
+    for j in range(k):
+        for i in range(k):
+            hp += ids[:, j] == prior_ids[:, i, None]
+            hc += ids[:, j] == pred[:, i]
+    prior_hit = _recall(hp, routed, k)
+    ctx_hit = _recall(hc, routed, k)
     out.update(
         prior=prior_hit,
         context=ctx_hit,
