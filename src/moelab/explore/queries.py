@@ -397,12 +397,19 @@ def _filter_sql(ex: Explorer, f: Filters) -> tuple[str, list[Any]]:
 
 
 def _recall(hits: np.ndarray, routed: np.ndarray, k: int) -> np.ndarray:
-    """[L] mean over rows with a routed slot of hits / routed ([L, n] each; NaN for a layer
-    with none), summed exactly per number of routed slots (integer sums, one division each)."""
-    ok = (routed > 0).sum(1)
-    total = np.zeros(routed.shape[0])
+    """[L] mean over rows with a routed slot of hits / routed ([L, n] each, values 0..k; NaN
+    for a layer with none), summed exactly per number of routed slots (integer sums from one
+    bincount of (layer, routed, hits), one division each)."""
+    num_l, n = routed.shape
+    b = (k + 1) ** 2
+    code = routed.astype(np.int64) * (k + 1) + hits
+    code += (np.arange(num_l, dtype=np.int64) * b)[:, None]
+    cnt = np.bincount(code.ravel(), minlength=num_l * b).reshape(num_l, k + 1, k + 1)
+    ok = cnt[:, 1:].sum((1, 2))
+    h = np.arange(k + 1)
+    total = np.zeros(num_l)
     for v in range(1, k + 1):
-        total += np.where(routed == v, hits, 0).sum(1) / v
+        total += (cnt[:, v] * h).sum(1) / v
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(ok > 0, total / np.maximum(ok, 1), np.nan)
 
@@ -484,13 +491,16 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
     # [L, k, n_scored] routed experts; predicted sets hold k distinct experts < E, never the
     # dropped-slot value, so a slot hits when its expert equals one of the k predicted
     ids = np.stack([np.asarray(sc[c.strip('"')]) for c in flat]).reshape(num_l, k, n_scored)
-    routed = (ids != ex.sentinel).sum(1)  # [L, n_scored]
     prior_ids = prior.astype(ids.dtype)
-    pair = np.stack([np.asarray(fit[c]) for c in pcols]).reshape(num_l, k, -1)[:, :, pick]
-    pred = np.where(use_ctx[None, None], pair.astype(ids.dtype), prior_ids[:, :, None])
-    hp = np.zeros((num_l, n_scored), np.int64)
-    hc = np.zeros((num_l, n_scored), np.int64)
+    pred = np.stack([np.asarray(fit[c]) for c in pcols]).reshape(num_l, k, -1)[:, :, pick]
+    pred = pred.astype(ids.dtype, copy=False)
+    pred[:, :, ~use_ctx] = prior_ids[:, :, None]
+    # per layer and scored row: routed slots and hits (uint8: at most k each)
+    routed = np.zeros((num_l, n_scored), np.uint8)
+    hp = np.zeros((num_l, n_scored), np.uint8)
+    hc = np.zeros((num_l, n_scored), np.uint8)
     for j in range(k):
+        routed += ids[:, j] != ex.sentinel
         for i in range(k):
             hp += ids[:, j] == prior_ids[:, i, None]
             hc += ids[:, j] == pred[:, i]
