@@ -64,6 +64,12 @@ def test_heatmap_counts_dropped_slot_out(client, ref):
     # layer 1 has one slot less than 2 per occurrence (the dropped slot of row 7)
     assert np.array(d["counts"])[1].sum() == 2 * m.sum() - 1
     assert np.array(d["counts"])[0].sum() == 2 * m.sum()
+    # the same through the filtered path (a read of the rows, not the per-token table)
+    dom = t.meta.domains[int(t.domain[row])]
+    d = client.get("/api/heatmap", params={"token": tok, "domain": dom}).json()
+    m = ref.mask(tok, domain=dom)
+    assert np.array_equal(np.array(d["counts"]), _heat_ref(ref, m))
+    assert np.array(d["counts"])[1].sum() == 2 * m.sum() - 1
 
 
 def test_trajectories_match_numpy(client, ref):

@@ -3,20 +3,36 @@
 Every view of the explorer starts from "the occurrences of token T" (with optional previous /
 next token and domain filters). Scanning the shards for that is a full read per request, so
 the explorer writes once, beside the store, a Parquet file holding the id columns needed by
-the views, sorted by token id (row groups then cover narrow token-id ranges and DuckDB skips
-all others from the row-group statistics):
+the views, sorted by token id, then held-out flag, document and position (row groups then
+cover narrow token-id ranges and DuckDB skips all others from the row-group statistics; a
+frequent token's held-out rows, the predictor's scored rows, fill row groups of their own):
 
   token_id, prev_id, next_id (-1 at a document boundary or gap), doc_id, position, domain,
   heldout (the document's split for predictor scores), e{l}_{j} (expert ids as on disk),
   t{l} (top-1 expert of layer l: the slot with the highest combine weight)
 
 BOS rows are left out (as the analyses do); they still serve as the previous token of the
-first real token. The file is rebuilt when the shards change (name, size, mtime), when the
-held-out fraction or seed changes, or when this module's CACHE_VERSION changes.
+first real token.
+
+Beside it, the predictor view's fitted tables (everything of the predictor that does not
+depend on a request's filters), computed once from the train (not held-out) rows:
+
+  fit_prior.parquet  token_id, n (train occurrences), q{l}_{j}: the token's k most frequent
+                     experts per layer (count desc, then id asc), rank order
+  fit_pairs.parquet  token_id, prev_id, n (train occurrences after prev_id), p{l}_{j}: the k
+                     most frequent experts per layer after that previous token (count desc,
+                     then the token's count desc, then id asc), sorted by (token_id, prev_id)
+
+The files are rebuilt when the store changes (meta.json's bytes; each shard's name, size,
+mtime and Parquet footer), when the held-out fraction or seed changes, or when this module's
+CACHE_VERSION changes. The cache goes to STORE/cache/explore; when the store cannot be
+written (a read-only store), to a per-store folder of the user's cache
+($XDG_CACHE_HOME or ~/.cache)/moelab/explore/<hash of the store's path>.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,26 +41,47 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from moelab._io import atomic_write_json, atomic_write_with
 from moelab.analysis._common import doc_split
 from moelab.errors import TraceError
 from moelab.trace.schema import TraceMeta
-from moelab.trace.store import TraceStore
+from moelab.trace.store import TraceStore, id_dtype
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 ROWS_FILE = "rows.parquet"
+PRIOR_FILE = "fit_prior.parquet"
+PAIRS_FILE = "fit_pairs.parquet"
+HEAT_FILE = "heat.parquet"
 KEY_FILE = "key.json"
 ROW_GROUP = 65_536
+FIT_ROW_GROUP = 8_192  # a token's rows of the fit / heat tables span few rows: small groups
+FOOTER_MAX = 1 << 24  # bytes of a shard's Parquet footer hashed into the key (at most)
 
 
 @dataclass(frozen=True)
 class CacheInfo:
     """Where the cache lives and what it was built from."""
 
-    path: Path  # the Parquet file
+    path: Path  # the Parquet file of the rows
     key: dict[str, Any]
     rebuilt: bool  # True when this call wrote it
+
+    @property
+    def prior_path(self) -> Path:
+        """The predictor's per-token prior table."""
+        return self.path.parent / PRIOR_FILE
+
+    @property
+    def pairs_path(self) -> Path:
+        """The predictor's per-(token, previous token) table."""
+        return self.path.parent / PAIRS_FILE
+
+    @property
+    def heat_path(self) -> Path:
+        """The per-token expert counts (heatmap without filters)."""
+        return self.path.parent / HEAT_FILE
 
 
 def weight_sql(layer: int, slot: int) -> str:
@@ -80,15 +117,36 @@ def top1_columns(meta: TraceMeta) -> list[str]:
     return [f"t{li}" for li in range(meta.num_layers)]
 
 
+def pred_columns(meta: TraceMeta, prefix: str) -> list[str]:
+    """Names of the fitted top-k columns {prefix}{l}_{j} (q: token prior, p: after a previous)."""
+    return [f"{prefix}{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
+
+
+def _footer_digest(path: Path) -> str:
+    """sha256 of a Parquet file's footer (schema, row groups, column statistics, offsets)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 12:
+            return ""
+        f.seek(size - 8)
+        tail = f.read(8)
+        n = min(int.from_bytes(tail[:4], "little"), size - 8, FOOTER_MAX)
+        f.seek(size - 8 - n)
+        return hashlib.sha256(f.read(n) + tail).hexdigest()
+
+
 def _cache_key(store: TraceStore, holdout: float, seed: int) -> dict[str, Any]:
     shards = []
     for s in store.shards:
         st = s.stat()
-        shards.append([s.name, int(st.st_size), int(st.st_mtime_ns)])
+        shards.append([s.name, int(st.st_size), int(st.st_mtime_ns), _footer_digest(s)])
+    meta = hashlib.sha256((Path(store.path) / "meta.json").read_bytes()).hexdigest()
     return {
         "version": CACHE_VERSION,
         "holdout": float(holdout),
         "seed": int(seed),
+        "meta": meta,
         "shards": shards,
     }
 
@@ -96,6 +154,38 @@ def _cache_key(store: TraceStore, holdout: float, seed: int) -> dict[str, Any]:
 def default_cache_dir(store_path: Path) -> Path:
     """STORE/cache/explore: the cache folder beside the shards."""
     return Path(store_path) / "cache" / "explore"
+
+
+def user_cache_dir(store_path: Path) -> Path:
+    """The cache folder of a store that cannot be written: per store path, in the user's cache."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    tag = hashlib.sha256(str(Path(store_path).resolve()).encode()).hexdigest()[:16]
+    return Path(root) / "moelab" / "explore" / f"{Path(store_path).resolve().name}-{tag}"
+
+
+def _valid(cache_dir: Path, key: dict[str, Any]) -> bool:
+    """True when `cache_dir` holds a complete cache built under `key`."""
+    key_file = cache_dir / KEY_FILE
+    if not all(
+        (cache_dir / f).is_file() for f in (ROWS_FILE, PRIOR_FILE, PAIRS_FILE, HEAT_FILE, KEY_FILE)
+    ):
+        return False
+    try:
+        return json.loads(key_file.read_text()) == key
+    except (OSError, ValueError):
+        return False
+
+
+def _writable(cache_dir: Path) -> OSError | None:
+    """None when files can be created in `cache_dir` (made if needed), else the error."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return exc
+    return None
 
 
 def build_cache(
@@ -106,31 +196,37 @@ def build_cache(
     threads: int | None = None,
     memory_limit: str | None = "2GB",
 ) -> CacheInfo:
-    """Write (or reuse) the per-token cache of `store`; returns where it is and its key."""
+    """Write (or reuse) the per-token cache of `store`; returns where it is and its key.
+
+    Without `cache_dir`: STORE/cache/explore, or user_cache_dir(STORE) when the store cannot
+    be written; a given `cache_dir` must be writable (unless it holds a valid cache already).
+    """
     if not 0.0 < holdout < 1.0:
         raise TraceError(f"explore: holdout={holdout}; expected a fraction in (0, 1)")
     if not store.shards:
         raise TraceError(f"{store.path}: the trace has no shards; nothing to explore")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(store.path)
     key = _cache_key(store, holdout, seed)
-    rows, key_file = cache_dir / ROWS_FILE, cache_dir / KEY_FILE
-    if rows.is_file() and key_file.is_file():
-        try:
-            old = json.loads(key_file.read_text())
-        except ValueError:
-            old = None
-        if old == key:
-            return CacheInfo(rows, key, rebuilt=False)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        probe = cache_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        if _valid(cache_dir, key):
+            return CacheInfo(cache_dir / ROWS_FILE, key, rebuilt=False)
+        err = _writable(cache_dir)
+    else:
+        cache_dir = default_cache_dir(store.path)
+        for cand in (cache_dir, user_cache_dir(store.path)):
+            if _valid(cand, key):
+                return CacheInfo(cand / ROWS_FILE, key, rebuilt=False)
+        err = _writable(cache_dir)
+        if err is not None:  # a read-only store: the user's cache
+            cache_dir = user_cache_dir(store.path)
+            err = _writable(cache_dir)
+    if err is not None:
         raise TraceError(
-            f"{cache_dir}: cannot write the explorer's cache there ({exc.strerror}); pass"
+            f"{cache_dir}: cannot write the explorer's cache there ({err.strerror}); pass"
             " --cache DIR with a writable folder"
         ) from None
+    rows, key_file = cache_dir / ROWS_FILE, cache_dir / KEY_FILE
+    key_file.unlink(missing_ok=True)  # the files below are replaced one by one
     import duckdb
 
     meta = store.meta
@@ -169,7 +265,7 @@ def build_cache(
                    {", ".join(f"b.t{li}" for li in range(meta.num_layers))}
             FROM base b JOIN held h USING (doc_id)
             WHERE NOT b.is_bos
-            ORDER BY b.token_id, b.doc_id, b.position
+            ORDER BY b.token_id, h.heldout, b.doc_id, b.position
         """
 
         def write(tmp: Path) -> None:
@@ -181,12 +277,158 @@ def build_cache(
         atomic_write_with(rows, write)
     finally:
         con.close()
+    build_token_tables(rows, meta, cache_dir)
     atomic_write_json(key_file, key)
     try:
         os.rmdir(cache_dir / "duckdb-tmp")
     except OSError:
         pass
     return CacheInfo(rows, key, rebuilt=True)
+
+
+def _fit_chunk(
+    tok: np.ndarray, prev: np.ndarray, ids: np.ndarray, meta: TraceMeta
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Fitted tables of train rows holding every row of their tokens: (prior, pairs) columns.
+
+    ids [n, L*k] as on disk (dropped slot = the dtype's max, not counted). Expert counts per
+    (token, previous token, layer) by one bincount; the token prior is their sum per token;
+    top-k sets by a stable argsort (ties -> lower id), the pair counts ranked first and the
+    token's counts breaking their ties (count * (max prior + 1) + prior, exact in int64).
+    """
+    num_l, num_e, k = meta.num_layers, meta.num_experts, meta.top_k
+    eb = num_e + 1  # one extra bucket for dropped slots
+    key = (tok.astype(np.int64) << 32) | (prev.astype(np.int64) + 1)
+    uniq, inv = np.unique(key, return_inverse=True)
+    npairs = uniq.size
+    base = inv.astype(np.int64) * (num_l * eb)
+    codes = np.empty((num_l * k, tok.size), np.int64)
+    for s in range(num_l * k):
+        codes[s] = base + (s // k) * eb + np.minimum(ids[:, s], num_e)
+    counts = np.bincount(codes.ravel(), minlength=npairs * num_l * eb)
+    del codes
+    counts = counts.reshape(npairs, num_l, eb)[:, :, :num_e]
+    pair_tok = (uniq >> 32).astype(np.int32)
+    pair_prev = ((uniq & 0xFFFFFFFF) - 1).astype(np.int32)
+    n_pair = np.bincount(inv, minlength=npairs).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, pair_tok[1:] != pair_tok[:-1]])
+    prior = np.add.reduceat(counts, starts, axis=0)  # [tokens, L, E]
+    n_tok = np.add.reduceat(n_pair, starts)
+    owner = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, npairs]))
+    big = int(prior.max(initial=0)) + 1
+    prior_top = np.argsort(-prior, axis=-1, kind="stable")[..., :k]
+    pair_top = np.argsort(-(counts * big + prior[owner]), axis=-1, kind="stable")[..., :k]
+    dt = id_dtype(num_e)
+    prior_cols = {"token_id": pair_tok[starts], "n": n_tok}
+    pair_cols = {"token_id": pair_tok, "prev_id": pair_prev, "n": n_pair}
+    for li in range(num_l):
+        for j in range(k):
+            prior_cols[f"q{li}_{j}"] = prior_top[:, li, j].astype(dt)
+            pair_cols[f"p{li}_{j}"] = pair_top[:, li, j].astype(dt)
+    return prior_cols, pair_cols
+
+
+def _heat_chunk(tok: np.ndarray, ids: np.ndarray, meta: TraceMeta) -> dict[str, np.ndarray]:
+    """Heatmap cells (token, layer, expert, count > 0) of rows holding every row of their
+    tokens; ids [n, L*k] as on disk (dropped slots not counted)."""
+    num_l, num_e, k = meta.num_layers, meta.num_experts, meta.top_k
+    eb = num_e + 1
+    uniq, inv = np.unique(tok, return_inverse=True)
+    base = inv.astype(np.int64) * (num_l * eb)
+    codes = np.empty((num_l * k, tok.size), np.int64)
+    for s in range(num_l * k):
+        codes[s] = base + (s // k) * eb + np.minimum(ids[:, s], num_e)
+    counts = np.bincount(codes.ravel(), minlength=uniq.size * num_l * eb)
+    del codes
+    counts = counts.reshape(uniq.size, num_l, eb)[:, :, :num_e]
+    t, li, e = np.nonzero(counts)
+    return {
+        "token_id": uniq[t].astype(np.int32),
+        "layer": li.astype(np.int32),
+        "expert": e.astype(id_dtype(num_e)),
+        "n": counts[t, li, e],
+    }
+
+
+def build_token_tables(
+    rows: Path, meta: TraceMeta, out_dir: Path, chunk_rows: int = ROW_GROUP
+) -> None:
+    """Write the per-token tables (the predictor's fit on the train rows, the heatmap of all
+    rows; see the module doc) from the rows cache into `out_dir`.
+
+    Streams rows.parquet (sorted by token id) in chunks of about `chunk_rows` rows that never
+    split a token, so memory stays bounded by the largest token.
+    """
+    ecols = expert_columns(meta)
+    pf = pq.ParquetFile(rows)
+    out: dict[str, list[list[np.ndarray]]] = {"prior": [], "pairs": [], "heat": []}
+
+    def flush(pieces: list[pa.Table]) -> None:
+        t = pa.concat_tables(pieces)
+        ids = np.stack([t.column(c).to_numpy() for c in ecols], axis=1)
+        tok = t.column("token_id").to_numpy()
+        heat = _heat_chunk(tok, ids, meta)
+        out["heat"].append(list(heat.values()))
+        names["heat"] = list(heat)
+        train = ~t.column("heldout").to_numpy(zero_copy_only=False)
+        if not train.any():
+            return
+        prior, pairs = _fit_chunk(
+            tok[train], t.column("prev_id").to_numpy()[train], ids[train], meta
+        )
+        out["prior"].append(list(prior.values()))
+        out["pairs"].append(list(pairs.values()))
+        names["prior"], names["pairs"] = list(prior), list(pairs)
+
+    names: dict[str, list[str]] = {}
+    pending: list[pa.Table] = []
+    n_pending = 0
+    for batch in pf.iter_batches(
+        batch_size=chunk_rows, columns=["token_id", "prev_id", "heldout", *ecols]
+    ):
+        t = pa.Table.from_batches([batch])
+        pending.append(t)
+        n_pending += t.num_rows
+        if n_pending < chunk_rows:
+            continue
+        last = pending[-1].column("token_id")[-1].as_py()
+        if pending[0].column("token_id")[0].as_py() == last:
+            continue  # one token so far: keep reading
+        whole = pa.concat_tables(pending)
+        cut = int(np.searchsorted(whole.column("token_id").to_numpy(), last, side="left"))
+        flush([whole.slice(0, cut)])
+        pending, n_pending = [whole.slice(cut)], whole.num_rows - cut
+    if n_pending:
+        flush(pending)
+    files = {"prior": PRIOR_FILE, "pairs": PAIRS_FILE, "heat": HEAT_FILE}
+    for name, file in files.items():
+        path = Path(out_dir) / file
+        if out[name]:
+            cols = [np.concatenate(parts) for parts in zip(*out[name], strict=True)]
+            table = pa.table(dict(zip(names[name], cols, strict=True)))
+        else:  # no (train) row at all
+            table = _empty_fit(meta, name)
+        atomic_write_with(
+            path,
+            lambda tmp, t=table: pq.write_table(
+                t, tmp, compression="zstd", row_group_size=FIT_ROW_GROUP
+            ),
+        )
+
+
+def _empty_fit(meta: TraceMeta, name: str) -> pa.Table:
+    """An empty fitted table with the right columns."""
+    dt = pa.from_numpy_dtype(id_dtype(meta.num_experts))
+    if name == "heat":
+        return pa.schema(
+            [("token_id", pa.int32()), ("layer", pa.int32()), ("expert", dt), ("n", pa.int64())]
+        ).empty_table()
+    fields = [("token_id", pa.int32())]
+    if name == "pairs":
+        fields.append(("prev_id", pa.int32()))
+    fields.append(("n", pa.int64()))
+    fields += [(c, dt) for c in pred_columns(meta, "p" if name == "pairs" else "q")]
+    return pa.schema(fields).empty_table()
 
 
 def _sql_str(text: str) -> str:

@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 
 from moelab.errors import AnalysisError
-from moelab.explore.cache import build_cache, expert_columns, top1_columns
+from moelab.explore.cache import (
+    build_cache,
+    expert_columns,
+    pred_columns,
+    top1_columns,
+)
 from moelab.explore.tokens import Vocab, load_vocab
 from moelab.trace.schema import TraceMeta
 from moelab.trace.store import TraceStore, id_dtype
@@ -130,8 +135,12 @@ def open_explorer(
     con = duckdb.connect()
     if threads:
         con.execute(f"SET threads={int(threads)}")
-    lit = "'" + str(info.path).replace("'", "''") + "'"
-    con.execute(f"CREATE VIEW tok AS SELECT * FROM read_parquet({lit})")
+    con.execute("SET parquet_metadata_cache=true")  # the cache files do not change while open
+    views = {"tok": info.path, "fitq": info.prior_path, "fitp": info.pairs_path}
+    views["heat"] = info.heat_path
+    for view, file in views.items():
+        lit = "'" + str(file).replace("'", "''") + "'"
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({lit})")
     n = int(con.execute("SELECT count(*) FROM tok").fetchone()[0])
     vocab = load_vocab(store.path, store.meta, None if tokenizer is None else Path(tokenizer))
     return Explorer(store.path, store.meta, info.path, vocab, holdout, seed, n, con)
@@ -255,22 +264,34 @@ def top_tokens(ex: Explorer | str | Path, limit: int = 20) -> list[tuple[int, in
 
 # ------------------------------------------------------------------------------- views
 def heatmap(ex: Explorer | str | Path, f: Filters) -> dict[str, Any]:
-    """Per layer and expert: occurrences routed to it (any slot), share, chance k/E."""
+    """Per layer and expert: occurrences routed to it (any slot), share, chance k/E.
+
+    Without previous / next / domain filters the counts come from the per-token table built
+    with the cache (heat.parquet); with filters, from one read of the matching rows
+    (bincount per slot column; dropped slots not counted)."""
     ex = as_explorer(ex)
     m = ex.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
     where, params = _where(ex, f)
-    cols = [(li, _ecol(ex, li, j)) for li in range(num_l) for j in range(k)]
-    sel = ", ".join(f"histogram({c})" for _, c in cols)
-    row = ex.cursor().execute(f"SELECT count(*), {sel} FROM tok WHERE {where}", params).fetchone()
-    n = int(row[0])
-    if n == 0:
-        raise _not_found(ex, f)
+    cur = ex.cursor()
     counts = np.zeros((num_l, num_e), np.int64)
-    for (li, _), h in zip(cols, row[1:], strict=True):
-        for e, c in (h or {}).items():
-            if int(e) != ex.sentinel:
-                counts[li, int(e)] += int(c)
+    if len(params) == 1:  # the token only
+        n = int(cur.execute(f"SELECT count(*) FROM tok WHERE {where}", params).fetchone()[0])
+        if n == 0:
+            raise _not_found(ex, f)
+        d = cur.execute(
+            "SELECT layer, expert, n FROM heat WHERE token_id = ?", [int(f.token)]
+        ).fetchnumpy()
+        counts[np.asarray(d["layer"], np.int64), np.asarray(d["expert"], np.int64)] = d["n"]
+    else:
+        cols = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
+        d = cur.execute(f"SELECT {', '.join(cols)} FROM tok WHERE {where}", params).fetchnumpy()
+        n = int(np.asarray(d[cols[0].strip('"')]).size)
+        if n == 0:
+            raise _not_found(ex, f)
+        for s, c in enumerate(cols):
+            ids = np.asarray(d[c.strip('"')])
+            counts[s // k] += np.bincount(ids[ids != ex.sentinel], minlength=num_e)[:num_e]
     share = counts / n
     chance = k / num_e
     return {"n": n, "counts": counts, "share": share, "chance": chance, "ratio": share / chance}
@@ -362,14 +383,6 @@ def cooccurrence(
     }
 
 
-def _top_mask(score: np.ndarray, k: int) -> np.ndarray:
-    """Bool mask [..., E] of the k highest scores along the last axis (ties -> lower id)."""
-    order = np.argsort(-score, axis=-1, kind="stable")[..., :k]
-    mask = np.zeros(score.shape, bool)
-    np.put_along_axis(mask, order, True, axis=-1)
-    return mask
-
-
 def _index_in(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Index of each value in the sorted unique array `sorted_ids`, -1 where absent."""
     pos = np.minimum(np.searchsorted(sorted_ids, values), max(sorted_ids.size - 1, 0))
@@ -383,6 +396,24 @@ def _filter_sql(ex: Explorer, f: Filters) -> tuple[str, list[Any]]:
     return (rest[1] if len(rest) > 1 else "TRUE"), params[1:]
 
 
+def _recall(hits: np.ndarray, routed: np.ndarray, k: int) -> np.ndarray:
+    """[L] mean over rows with a routed slot of hits / routed ([L, n] each, values 0..k; NaN
+    for a layer with none), summed exactly per number of routed slots (integer sums from one
+    bincount of (layer, routed, hits), one division each)."""
+    num_l, n = routed.shape
+    b = (k + 1) ** 2
+    code = routed.astype(np.int64) * (k + 1) + hits
+    code += (np.arange(num_l, dtype=np.int64) * b)[:, None]
+    cnt = np.bincount(code.ravel(), minlength=num_l * b).reshape(num_l, k + 1, k + 1)
+    ok = cnt[:, 1:].sum((1, 2))
+    h = np.arange(k + 1)
+    total = np.zeros(num_l)
+    for v in range(1, k + 1):
+        total += (cnt[:, v] * h).sum(1) / v
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok > 0, total / np.maximum(ok, 1), np.nan)
+
+
 def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[str, Any]:
     """recall@k for the token's experts per layer: a token-id prior (train counts of the
     token) and a previous-token table (train counts of (previous, token), used when seen at
@@ -391,50 +422,37 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
 
     recall of one occurrence at layer l = |predicted k ∩ routed experts| / |routed experts|
     (dropped slots are not routed); the mean is over occurrences with a routed slot at l.
-    One read of the token's rows, then bincounts over (previous token, layer, expert): the
-    score of a previous token's occurrences is the sum over experts of their
-    (1/|routed|)-weighted counts inside its predicted set.
+    The fit does not depend on the filters: the per-token and per-(token, previous token)
+    top-k tables are built once with the cache (fit_prior / fit_pairs, moelab.explore.cache);
+    a request reads the token's row of the first, its rows of the second and its held-out
+    occurrences that match the filters.
     """
     ex = as_explorer(ex)
     if int(min_fit) < 1:
         raise ExploreInputError(f"min_fit={min_fit}: expected an integer >= 1")
     m = ex.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
-    no = ex.sentinel
     flat = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
     fsql, fparams = _filter_sql(ex, f)
     cur = ex.cursor()
+    tok = int(f.token)
     n_match = int(
         cur.execute(
-            f"SELECT count(*) FROM tok WHERE token_id = ? AND {fsql}", [int(f.token), *fparams]
+            f"SELECT count(*) FROM tok WHERE token_id = ? AND {fsql}", [tok, *fparams]
         ).fetchone()[0]
     )
     if n_match == 0:
         raise _not_found(ex, f)
-    eb = num_e + 1  # one extra bucket for dropped slots
-    ns = num_l * k
-
-    def fetch(where: str, params: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        d = cur.execute(
-            f"SELECT prev_id, {', '.join(flat)} FROM tok WHERE token_id = ? AND {where}",
-            [int(f.token), *params],
-        ).fetchnumpy()
-        return np.asarray(d["prev_id"], np.int64), d
-
-    def codes(d: dict[str, np.ndarray], bucket: np.ndarray) -> np.ndarray:
-        """Slot-major codes (previous-token bucket, layer, expert) [L*k, n]; dropped -> E."""
-        ids = np.empty((ns, bucket.size), np.int32)
-        base = bucket.astype(np.int32) * (num_l * eb)
-        for s, c in enumerate(flat):
-            row = ids[s]
-            row[:] = np.asarray(d[c.strip('"')])
-            np.minimum(row, num_e, out=row)
-            row += base + (s // k) * eb
-        return ids
-
-    sc_prev, sc_d = fetch(f"heldout AND {fsql}", fparams)
-    tr_prev, tr_d = fetch("NOT heldout", [])
-    n_train, n_scored = int(tr_prev.size), int(sc_prev.size)
+    sc = cur.execute(
+        f"SELECT prev_id, {', '.join(flat)} FROM tok WHERE token_id = ? AND heldout AND {fsql}",
+        [tok, *fparams],
+    ).fetchnumpy()
+    qcols = pred_columns(m, "q")
+    prior_row = cur.execute(
+        f"SELECT n, {', '.join(qcols)} FROM fitq WHERE token_id = ?", [tok]
+    ).fetchone()
+    n_train = 0 if prior_row is None else int(prior_row[0])
+    n_scored = int(np.asarray(sc["prev_id"]).size)
     out: dict[str, Any] = {
         "n": n_match,
         "n_train": n_train,
@@ -458,36 +476,42 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
             ),
         )
         return out
-    uniq = np.unique(sc_prev)  # previous tokens of the scored rows; bucket U = any other
-    nu = uniq.size
-    kt, ks = _index_in(uniq, tr_prev), _index_in(uniq, sc_prev)
-    kt[kt < 0] = nu
-    size = (nu + 1) * num_l * eb
-    counts = np.bincount(codes(tr_d, kt).ravel(), minlength=size).reshape(nu + 1, num_l, eb)
-    prior_c = counts.sum(0)[:, :num_e].astype(np.float64)
-    ctx_c = counts[:nu, :, :num_e].astype(np.float64)
-    n_train_u = np.bincount(kt, minlength=nu + 1)[:nu]
-    sc_valid = np.stack([np.asarray(sc_d[c.strip('"')]) != no for c in flat])
-    nv = sc_valid.reshape(num_l, k, n_scored).sum(1)  # [L, n_scored] routed slots
-    w = np.where(sc_valid, np.repeat(1.0 / np.maximum(nv, 1), k, axis=0), 0.0)
-    score_w = np.bincount(codes(sc_d, ks).ravel(), weights=w.ravel(), minlength=size)
-    score_w = score_w.reshape(nu + 1, num_l, eb)[:nu, :, :num_e]
-    n_scored_u = np.bincount(ks, minlength=nu)
-    ok_l = (nv > 0).sum(1).astype(np.float64)
-    use_ctx = n_train_u >= int(min_fit)
-    prior_set = _top_mask(prior_c, k)  # [L, E]
-    # context counts dominate; the token prior breaks their ties
-    ctx_set = _top_mask(ctx_c * (prior_c.sum(1).max() + 1.0) + prior_c[None], k)
-    pred = np.where(use_ctx[:, None, None], ctx_set, prior_set[None])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prior_hit = np.where(ok_l > 0, (score_w * prior_set[None]).sum((0, 2)) / ok_l, np.nan)
-        ctx_hit = np.where(ok_l > 0, (score_w * pred).sum((0, 2)) / ok_l, np.nan)
+    prior = np.asarray(prior_row[1:], np.int64).reshape(num_l, k)
+    pcols = pred_columns(m, "p")
+    fit = cur.execute(
+        f"SELECT prev_id, n, {', '.join(pcols)} FROM fitp WHERE token_id = ?", [tok]
+    ).fetchnumpy()
+    fit_prev = np.asarray(fit["prev_id"], np.int64)
+    order = np.argsort(fit_prev, kind="stable")  # unique per token
+    prev = np.asarray(sc["prev_id"], np.int64)
+    at = _index_in(fit_prev[order], prev)  # the scored row's (token, previous) pair, -1 if unseen
+    pick = order[np.maximum(at, 0)]
+    n_pair = np.where(at >= 0, np.asarray(fit["n"], np.int64)[pick], 0)
+    use_ctx = n_pair >= int(min_fit)
+    # [L, k, n_scored] routed experts; predicted sets hold k distinct experts < E, never the
+    # dropped-slot value, so a slot hits when its expert equals one of the k predicted
+    ids = np.stack([np.asarray(sc[c.strip('"')]) for c in flat]).reshape(num_l, k, n_scored)
+    prior_ids = prior.astype(ids.dtype)
+    pred = np.stack([np.asarray(fit[c]) for c in pcols]).reshape(num_l, k, -1)[:, :, pick]
+    pred = pred.astype(ids.dtype, copy=False)
+    pred[:, :, ~use_ctx] = prior_ids[:, :, None]
+    # per layer and scored row: routed slots and hits (uint8: at most k each)
+    routed = np.zeros((num_l, n_scored), np.uint8)
+    hp = np.zeros((num_l, n_scored), np.uint8)
+    hc = np.zeros((num_l, n_scored), np.uint8)
+    for j in range(k):
+        routed += ids[:, j] != ex.sentinel
+        for i in range(k):
+            hp += ids[:, j] == prior_ids[:, i, None]
+            hc += ids[:, j] == pred[:, i]
+    prior_hit = _recall(hp, routed, k)
+    ctx_hit = _recall(hc, routed, k)
     out.update(
         prior=prior_hit,
         context=ctx_hit,
         prior_mean=float(np.nanmean(prior_hit)),
         context_mean=float(np.nanmean(ctx_hit)),
-        backoff=float((n_scored_u * ~use_ctx).sum() / n_scored),
+        backoff=float((~use_ctx).sum() / n_scored),
         note="",
     )
     return out
