@@ -54,6 +54,7 @@ __all__ = [
     "moe_sites",
     "ablated",
     "ablation_importance",
+    "batched_path_reason",
 ]
 
 MODES = ("reroute", "zero")
