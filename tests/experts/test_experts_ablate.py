@@ -13,6 +13,7 @@ from moelab.errors import ConfigError, ModelError
 from moelab.experts.ablate import (
     ablated,
     ablation_importance,
+    batched_path_reason,
     plot_importance,
     top_experts_by_domain,
 )
@@ -55,13 +56,15 @@ def test_sequence_sums_match_the_token_mean_cross_entropy() -> None:
         assert np.allclose(s2, sums, rtol=1e-6, atol=1e-6) and np.array_equal(c2, counts)
 
 
-def test_a_never_routed_expert_has_zero_importance() -> None:
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_never_routed_expert_has_zero_importance(batched: bool) -> None:
     m = tiny_moe(num_experts=4, router_bias=True)
     with torch.no_grad():
         for i in m.moe_layer_indices():
             m.blocks[i].ffn.router.gate.bias[2] = -100.0  # expert 2 is never chosen
     s = _sample()
-    res = ablation_importance(m, s, show_progress=False)
+    res = ablation_importance(m, s, show_progress=False, batched=batched)
+    assert res.extra["path"] == "batched" if batched else res.extra["path"].startswith("one")
     for mode in ("reroute", "zero"):
         imp = res.importance(mode)
         assert imp.shape == (2, 4)
@@ -70,6 +73,52 @@ def test_a_never_routed_expert_has_zero_importance() -> None:
     assert np.all(res.delta["zero"][:, 2, :] == 0.0)  # bit-identical forward
     top = top_experts_by_domain(res, "zero", 2)
     assert set(top) == {"a", "b", "all"} and all(r["expert"] != 2 for r in top["all"])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"bias_update_rate": 0.001},  # selection bias: per-copy bias in the stacked forward
+        {"norm_topk_prob": False},  # every token's weights change when a logit is masked
+        {"router": "noisy_topk"},
+    ],
+)
+def test_the_batched_path_equals_one_removal_per_forward(kw: dict) -> None:
+    m = tiny_moe(num_experts=5, n_layers=3, **kw)
+    if "bias_update_rate" in kw:
+        with torch.no_grad():
+            for li in m.moe_layer_indices():
+                bias = torch.tensor([0.01, -0.02, 0.0, 0.3, 0.02]) * (li + 1)
+                m.blocks[li].ffn.router.selection_bias.copy_(bias)
+    s = _sample(B=7, S=16)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fast = ablation_importance(m, s, show_progress=False, batch_size=3)
+    slow = ablation_importance(m, s, show_progress=False, batch_size=3, batched=False)
+    assert fast.extra["path"] == "batched"
+    assert slow.extra["path"] == "one removal per forward: batched=False was asked for"
+    assert fast.base.value == pytest.approx(slow.base.value, abs=1e-6)
+    for mode in ("reroute", "zero"):
+        assert np.isfinite(slow.delta[mode]).all() and np.abs(slow.delta[mode]).max() > 1e-3
+        np.testing.assert_allclose(fast.delta[mode], slow.delta[mode], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(fast.se[mode], slow.se[mode], rtol=0, atol=1e-5)
+    for k, v in m.state_dict().items():  # weights and the selection-bias buffers restored
+        assert torch.equal(v, before[k]), k
+    # one layer, one mode, through a resume cache: the same entries
+    part = ablation_importance(m, s, modes=("zero",), layers=[1], show_progress=False)
+    np.testing.assert_allclose(part.delta["zero"][1], slow.delta["zero"][1], atol=1e-5)
+    assert np.isnan(part.delta["zero"][0]).all()
+
+
+def test_the_batched_path_states_why_it_does_not_apply() -> None:
+    assert batched_path_reason(tiny_moe()) is None
+    cap = tiny_moe(num_experts=4, capacity_factor=1.0)
+    assert "capacity" in batched_path_reason(cap)
+    ec = tiny_moe(num_experts=4, router="expert_choice")
+    assert "expert_choice" in batched_path_reason(ec)
+    s = _sample(B=3, S=10)
+    res = ablation_importance(cap, s, show_progress=False)  # falls back, still computes
+    assert res.extra["path"].startswith("one removal per forward: expert capacity")
+    assert np.isfinite(res.delta["zero"]).all()
 
 
 def test_reroute_equals_the_pruned_model_and_hooks_are_removed() -> None:
@@ -189,6 +238,7 @@ def test_importance_on_a_hf_model_and_heatmap(tmp_path) -> None:
     m = _tiny_hf("mixtral")
     s = _sample(B=4, S=12)
     res = ablation_importance(m, s, show_progress=False, cache=tmp_path / "c.json")
+    assert res.extra["path"].startswith("one removal per forward: transformers models")
     assert res.delta["reroute"].shape == (2, 5, 3)
     assert np.isfinite(res.delta["zero"]).all() and np.isfinite(res.se["zero"]).all()
     again = ablation_importance(m, s, show_progress=False, cache=tmp_path / "c.json")  # resumed

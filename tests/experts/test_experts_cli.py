@@ -34,6 +34,7 @@ def test_ablate_cli(prepared: Path, model_dir: Path, tmp_path: Path, capsys) -> 
     assert r["modes"] == ["reroute", "zero"] and r["domains"] == ["code", "english-toy", "all"]
     assert len(r["delta"]["zero"]) == 2 and len(r["delta"]["zero"][0]) == 6
     assert r["split"].startswith("test split of")
+    assert r["path"] == "batched" and "(batched)" in text
     assert (out / "importance.png").is_file()
     code, text = run_cli(["ablate", "--model", str(model_dir), "--corpus", str(prepared), "--out", str(out),
                           "--modes", "drop"], capsys)  # fmt: skip

@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
         con.print(
             f"{res.split}: {res.tokens} tokens in {res.sequences} sequences; base loss "
             f"{res.base.value['all']:.4f} ± {res.base.se['all']:.4f} nats/token; "
-            f"{res.seconds:.1f} s"
+            f"{res.seconds:.1f} s ({res.extra['path']})"
         )
         for mode in mode_list:
             t = Table(

@@ -33,6 +33,7 @@ __all__ = [
     "forward_logits",
     "sequence_sums",
     "block_inputs",
+    "logit_sums",
     "ratio_and_se",
     "DomainLoss",
     "domain_loss",
@@ -181,18 +182,27 @@ def sequence_sums(
             logits = model.lm_head(model.norm(h))[:, :-1].float()
         else:
             logits = forward_logits(model, ids)[:, :-1].float()
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        ).view(ids.shape[0], -1)
-        valid = dom >= 0
-        idx = dom.clamp_min(0)
-        s = torch.zeros(ids.shape[0], D, dtype=torch.float64, device=device)
-        c = torch.zeros_like(s)
-        s.scatter_add_(1, idx, (nll * valid).double())
-        c.scatter_add_(1, idx, valid.double())
+        s, c = logit_sums(logits, ids, dom, D)
         sums[i : i + ids.shape[0]] = s.cpu().numpy()
         counts[i : i + ids.shape[0]] = c.cpu().numpy()
     return sums, counts
+
+
+def logit_sums(
+    logits: torch.Tensor, ids: torch.Tensor, dom: torch.Tensor, num_domains: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token loss sums [B, D], counts [B, D]) in float64 from float logits [B, S-1, V] of
+    input_ids [B, S], with the target domain [B, S-1] (-1 = not scored)."""
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], -1)
+    valid = dom >= 0
+    idx = dom.clamp_min(0)
+    s = torch.zeros(ids.shape[0], num_domains, dtype=torch.float64, device=logits.device)
+    c = torch.zeros_like(s)
+    s.scatter_add_(1, idx, (nll * valid).double())
+    c.scatter_add_(1, idx, valid.double())
+    return s, c
 
 
 def ratio_and_se(s: np.ndarray, n: np.ndarray) -> tuple[float, float]:
