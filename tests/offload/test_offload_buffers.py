@@ -33,7 +33,9 @@ def test_spare_buffers_are_bounded() -> None:
     del kept, other
     assert pool.spare_bytes() == 4000  # released by their users, pruned at the next take
     pool.take(2000)
-    assert pool.spare_bytes() == 1000 + 2000  # spare=1 free besides the re-handed 2000 (dropped view)
+    assert (
+        pool.spare_bytes() == 1000 + 2000
+    )  # spare=1 free besides the re-handed 2000 (dropped view)
 
 
 def test_pool_never_hands_out_a_buffer_twice() -> None:
