@@ -27,10 +27,10 @@ from moelab.analysis._common import (
     n_sets,
     nmi,
 )
-from moelab.analysis.coactivation import Coactivation, load_weighted_sets, pair_matrix
+from moelab.analysis.coactivation import Coactivation, from_counts
 from moelab.analysis.engines import Engine
 from moelab.analysis.predictability import PredictabilityResult, SpreadResult
-from moelab.analysis.repeat import RepeatResult, overlap_count
+from moelab.analysis.repeat import RepeatResult, load_chances, overlap_count
 from moelab.analysis.specialization import (
     TOKEN_CLASSES,
     GroupShares,
@@ -341,32 +341,7 @@ def coactivation(
     counts = counts + counts.T
     np.fill_diagonal(counts, 0.0)
     n_e = expert_counts(st, num_e)
-    p = n_e / n
-    joint = counts / n
-    from moelab.analysis._common import npmi
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cond = np.where(n_e[:, None] > 0, counts / np.where(n_e[:, None] > 0, n_e[:, None], 1), 0.0)
-    nm = npmi(joint, p, p)
-    np.fill_diagonal(nm, 0.0)
-    rng = np.random.default_rng(seed)
-    mm = min(n, max_baseline)
-    base_ids = load_weighted_sets(n_e / max(n_e.sum(), 1), mm, k, rng)
-    bc = pair_matrix(base_ids, num_e)
-    bn = np.bincount(base_ids.ravel(), minlength=num_e).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        base_cond = np.where(bn[:, None] > 0, bc / np.where(bn[:, None] > 0, bn[:, None], 1), 0.0)
-    return Coactivation(
-        layer % m.num_layers,
-        counts,
-        joint,
-        cond,
-        nm,
-        k * (k - 1) / (num_e * (num_e - 1)),
-        (k - 1) / (num_e - 1),
-        base_cond,
-        n,
-    )
+    return from_counts(layer % m.num_layers, counts, n_e, n, k, seed, max_baseline)
 
 
 # -- transitions -----------------------------------------------------------------------------
@@ -485,22 +460,6 @@ def transition_summary(
 # -- repeat rate -----------------------------------------------------------------------------
 
 
-def _load_any(sets: np.ndarray, w: np.ndarray, num_e: int, k: int) -> float:
-    if n_sets(num_e, k) > MAX_DENSE_SETS:
-        return float("nan")
-    s = n_sets(num_e, k)
-    ok = sets >= 0
-    q = np.bincount(sets[ok], weights=w[ok].astype(np.float64), minlength=s)
-    if q.sum() == 0:
-        return float("nan")
-    q /= q.sum()
-    members = all_sets(num_e, k)
-    onehot = np.zeros((s, num_e))
-    np.put_along_axis(onehot, members, 1.0, axis=1)
-    disjoint = (onehot @ onehot.T) == 0
-    return float(1.0 - q @ disjoint @ q)
-
-
 def repeat_rate(
     sc: StoreCounts, seed: int = 0, progress: Callable[[], None] | None = None
 ) -> RepeatResult:
@@ -533,13 +492,16 @@ def repeat_rate(
         res["st"][layer] = cnt[ua[ii, k] == pool.top1[jj]].sum() / n_pairs
         res["sa"][layer] = cnt[ovs > 0].sum() / n_pairs
         res["sm"][layer] = (cnt * ovs).sum() / n_pairs
-        rows = max(pool.total, 1)
         ok = pool.top1 >= 0
-        p1 = np.bincount(pool.top1[ok], weights=pool.count[ok], minlength=num_e) / rows
-        cov = expert_counts(pool, num_e) / rows
-        res["lt"][layer] = float((p1**2).sum())
-        res["lm"][layer] = float((cov**2).sum())
-        res["la"][layer] = _load_any(pool.sets(num_e), pool.count, num_e, k)
+        res["lt"][layer], res["la"][layer], res["lm"][layer] = load_chances(
+            np.bincount(pool.top1[ok], weights=pool.count[ok], minlength=num_e),
+            expert_counts(pool, num_e),
+            pool.sets(num_e),
+            pool.total,
+            num_e,
+            k,
+            pool.count,
+        )
         if progress:
             progress()
     chance_any = 1.0 - comb(num_e - k, k) / comb(num_e, k)
@@ -751,7 +713,7 @@ def _cond_entropy_w(group: np.ndarray, label: np.ndarray, w: np.ndarray) -> tupl
     n = w.sum()
     _, ig = np.unique(group, return_inverse=True)
     _, iy = np.unique(label, return_inverse=True)
-    _, ij = np.unique(np.stack([group, label], 1), axis=0, return_inverse=True)
+    _, ij = C.codes(group, label)
     cg = np.bincount(ig.reshape(-1), weights=w)
     cy = np.bincount(iy.reshape(-1), weights=w)
     cj = np.bincount(ij.reshape(-1), weights=w)
@@ -770,6 +732,14 @@ def _shuffled_labels(
     t = C.shuffled_table(rk, cl, rng)
     ii, jj = np.nonzero(t)
     return uk[ii], ul[jj], t[ii, jj]
+
+
+SHARED_PAIRS_SQL = (
+    "SELECT p_token AS bs_prev, token_id AS bs_cur FROM pr WHERE NOT is_bos"
+    " GROUP BY p_token, token_id"
+    " HAVING SUM(CASE WHEN is_test THEN 1 ELSE 0 END) > 0"
+    " AND SUM(CASE WHEN is_test THEN 0 ELSE 1 END) > 0"
+)
 
 
 def predictability(
@@ -799,8 +769,15 @@ def predictability(
     n_train = n_test = 0
     layers = list(range(num_l))
     tts = C.grouped_layers(eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"})
+    # only (previous, current) pairs seen in both parts change a prediction: a held-out row
+    # whose pair has no training rows backs off to the token rule (zero correction), and a
+    # training pair never held out predicts nothing that is scored
+    eng.define("bshared", SHARED_PAIRS_SQL)
     bgs = C.grouped_layers(
-        eng, layers, {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"}, "pr"
+        eng,
+        layers,
+        {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"},
+        "pr JOIN bshared ON bs_prev = p_token AND bs_cur = token_id",
     )
     for layer, tt, bg in zip(layers, tts, bgs, strict=True):
         tok, te, w = tt.keys["tok"], tt.keys["te"] == 1, tt.count
@@ -884,8 +861,8 @@ def _modes_pairs(
     if pair.shape[0] == 0:
         z = np.zeros(0, np.int64)
         return z, z, z, z
-    up, ip = np.unique(pair, axis=0, return_inverse=True)
-    keys, mv, mc, size = _modes(ip.reshape(-1), label, w)
+    up, ip = C.codes(pair[:, 0], pair[:, 1])
+    keys, mv, mc, size = _modes(ip, label, w)
     return up[keys], mv, mc, size
 
 
