@@ -45,6 +45,30 @@ class States:
         return int(self.count.sum())
 
 
+class CompactTables:
+    """A list of keyed States kept as (key, state code, count) in 32-bit columns where they fit
+    (a third of the memory of decoded States); each item is decoded when read."""
+
+    def __init__(self, tables: Iterator[States], key: str, meta: TraceMeta) -> None:
+        self.key, self.meta, self._rows = key, meta, []
+        for st in tables:
+            cols = [st.keys[key], st.code, st.count]
+            self._rows.append(
+                [c.astype(np.int32) if c.size and np.abs(c).max() < 2**31 else c for c in cols]
+            )
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> States:
+        g, code, n = self._rows[i]
+        ids, top = decode_states(code, self.meta)
+        return States({self.key: g.astype(np.int64)}, ids, top, n.astype(np.int64), None, code)
+
+    def __iter__(self) -> Iterator[States]:
+        return (self[i] for i in range(len(self)))
+
+
 def decode_states(code: np.ndarray, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray]:
     """(ids [S, k] with -1 = no expert, top-1 [S]) of state codes (engines.state_code_sql)."""
     base, k = code_base(meta), meta.top_k
@@ -100,7 +124,7 @@ def grouped_sql(
     weights: bool = False,
 ) -> str:
     """SQL counting (key expressions, state of `layer`) over `source` rows matching `where`
-    (weights: summed gate weights per slot too)."""
+    (weights: summed gate weights per slot too, over a source with them: rw)."""
     keys = keys or {}
     items = [f"{expr} AS {name}" for name, expr in keys.items()] + state_select(layer, prefix)
     groups = list(keys.values()) + [f"{prefix}c{layer}"]
@@ -161,15 +185,19 @@ def grouped(
 
 
 def layer_states(eng: Engine, weights: bool = True) -> list[States]:
-    """Per MoE layer: counts of each state over non-BOS rows (one UNION ALL query)."""
+    """Per MoE layer: counts of each state over non-BOS rows (one UNION ALL query; with
+    weights, the engine's own tally when it keeps one: DuckDB sums while materialising)."""
     k, num_l = eng.meta.top_k, eng.meta.num_layers
-    parts = []
-    for li in range(num_l):
-        items = [f"{li} AS layer", *state_select(li), "COUNT(*) AS n"]
-        if weights:
-            items += [f"SUM(CAST(w{li}_{j} AS DOUBLE)) AS w{j}" for j in range(k)]
-        parts.append(f"SELECT {', '.join(items)} FROM rt WHERE NOT is_bos GROUP BY c{li}")
-    res = eng.query(" UNION ALL ".join(parts))
+    res = eng.layer_weight_states() if weights and hasattr(eng, "layer_weight_states") else None
+    if res is None:
+        parts = []
+        for li in range(num_l):
+            items = [f"{li} AS layer", *state_select(li), "COUNT(*) AS n"]
+            if weights:
+                items += [f"SUM(CAST(w{li}_{j} AS DOUBLE)) AS w{j}" for j in range(k)]
+            src = "rw" if weights else "rt"
+            parts.append(f"SELECT {', '.join(items)} FROM {src} WHERE NOT is_bos GROUP BY c{li}")
+        res = eng.query(" UNION ALL ".join(parts))
     out = []
     for li in range(num_l):
         sel = res["layer"] == li

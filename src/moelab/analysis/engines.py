@@ -4,9 +4,10 @@ Both engines expose the same views and run the same SQL text (a subset DuckDB an
 share), so their integer counts are equal by construction and tested to be:
 
   trace  the shards as written (docs/trace_schema.md)
+  rw     one row per token with every column: rt's plus e{l}_{j} and the gate weights w{l}_{j}
   rt     one row per token: doc_id, position, token_id, domain, is_bos, is_test (the row's
-         document is in the held-out set registered with `set_test_docs`), w{l}_{j} the gate
-         weights, t{l} the highest-weight expert of layer l (first slot on ties, -1 when no
+         document is in the held-out set registered with `set_test_docs`), t{l} the
+         highest-weight expert of layer l (first slot on ties, -1 when no
          slot is filled: the rule of moelab.analysis._common.top1) and c{l}, the row's *state
          code* at layer l: sum_j (e{l}_{j} + 1) B^j + (t{l} + 1) B^k with B = E + 1 and
          e{l}_{j} the slot's expert id, -1 for none (state_code_sql; counts.decode_states)
@@ -153,7 +154,6 @@ def rc_sql(meta: TraceMeta) -> str:
     cols = ["doc_id", "position", "token_id", "domain", "is_bos"]
     cols += [f"t{li}" for li in range(meta.num_layers)]
     cols += [f"c{li}" for li in range(meta.num_layers)]
-    cols += [f"w{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
     return "SELECT " + ", ".join(cols) + " FROM rw0"
 
 
@@ -225,7 +225,9 @@ def _columns(tab: pa.Table) -> dict[str, np.ndarray]:
 
 
 class DuckDBEngine(Engine):
-    """DuckDB in-process over the shards, under `memory_limit` (spilling to a temp directory)."""
+    """DuckDB in-process over the shards; `memory_limit` is for the whole process: DuckDB's
+    buffer manager gets half of it (spilling to a temp directory beyond that), the count
+    tables in numpy the rest."""
 
     name = "duckdb"
     batch_layers = 1  # one layer's table per query: bounded memory, no per-query overhead
@@ -240,16 +242,22 @@ class DuckDBEngine(Engine):
         self._tmp = tempfile.mkdtemp(prefix="moelab-duckdb-")
         # a database file: the materialised tables are buffer-managed (paged to disk)
         con = duckdb.connect(str(Path(self._tmp) / "work.duckdb"))
-        if self.memory_limit:
-            con.execute(f"SET memory_limit='{max(self.memory_limit // 2**20, 64)}MiB'")
+        if self.memory_limit:  # DuckDB's buffers get half: the rest is this process's tables
+            con.execute(f"SET memory_limit='{max(self.memory_limit // 2 // 2**20, 64)}MiB'")
         con.execute(f"SET temp_directory='{self._tmp}'")
         if threads:
             con.execute(f"SET threads={int(threads)}")
         con.execute("SET preserve_insertion_order=false")
+        self._wstates: dict | None = None
         files = ", ".join("'" + str(s).replace("'", "''") + "'" for s in self.shards)
         con.execute(f"CREATE VIEW trace AS SELECT * FROM read_parquet([{files}])")
         con.execute("CREATE TABLE test_docs (doc_id BIGINT)")
         code_base(self.meta)  # fail early when the state codes would not fit
+        # the full per-row view over the shards (weights): for the rare weighted token queries
+        con.execute(f"CREATE VIEW rt0 AS {rt_sql(self.meta)}")
+        con.execute(f"CREATE VIEW rt1 AS {rt_top1_sql(self.meta)}")
+        con.execute(f"CREATE VIEW rw0 AS {rw_sql(self.meta)}")
+        con.execute(f"CREATE VIEW rw AS {with_test_sql('rw0')}")
         self.con = con
         self._materialised = False
 
@@ -267,6 +275,13 @@ class DuckDBEngine(Engine):
         self._materialised = True
         m = self.meta
         num_l, k, base = m.num_layers, m.top_k, code_base(m)
+        dense = base ** (k + 1)
+        # weighted per-layer state counts accumulate while streaming (dense code bins)
+        self._wstates = (
+            {"n": np.zeros((num_l, dense)), "w": np.zeros((num_l, k, dense))}
+            if dense <= 2**16
+            else None
+        )
         no = no_expert_value(m.num_experts)
         wcols = [f"w{li}_{j}" for li in range(num_l) for j in range(k)]
         ecols = [f"e{li}_{j}" for li in range(num_l) for j in range(k)]
@@ -275,7 +290,7 @@ class DuckDBEngine(Engine):
         try:
             for shard in self.shards:
                 for bt in pq.ParquetFile(str(shard)).iter_batches(batch_rows, columns=cols):
-                    tab = pa.table(self._rc_batch(bt, num_l, k, base, no))
+                    tab = pa.table(self._rc_batch(bt, num_l, k, base, no, self._wstates))
                     self.con.register("_rc_batch", tab)
                     if created:
                         self.con.execute("INSERT INTO rt SELECT * FROM _rc_batch")
@@ -298,9 +313,12 @@ class DuckDBEngine(Engine):
             )
 
     @staticmethod
-    def _rc_batch(bt: pa.RecordBatch, num_l: int, k: int, base: int, no: int) -> dict:
+    def _rc_batch(
+        bt: pa.RecordBatch, num_l: int, k: int, base: int, no: int, acc: dict | None = None
+    ) -> dict:
         """rt's columns of one record batch (the rules of rc_sql, in numpy; columns in the
-        order doc_id, position, token_id, domain, is_bos, e*, w* as read)."""
+        order doc_id, position, token_id, domain, is_bos, e*, w* as read); adds the batch's
+        non-BOS state counts and weight sums to `acc` (dense over codes) when given."""
         n = bt.num_rows
         cols = [bt.column(i).to_numpy(zero_copy_only=False) for i in range(bt.num_columns)]
         nlk = num_l * k
@@ -327,7 +345,29 @@ class DuckDBEngine(Engine):
         t32 = t.astype(np.int32)
         out.update({f"t{li}": t32[:, li] for li in range(num_l)})
         out.update({f"c{li}": code[:, li] for li in range(num_l)})
-        out.update({f"w{li}_{j}": w[:, li, j] for li in range(num_l) for j in range(k)})
+        if acc is not None:
+            keep = ~out["is_bos"]
+            dense = acc["n"].shape[1]
+            for li in range(num_l):
+                c = code[keep, li]
+                acc["n"][li] += np.bincount(c, minlength=dense)
+                for j in range(k):
+                    acc["w"][li, j] += np.bincount(
+                        c, weights=w[keep, li, j].astype(np.float64), minlength=dense
+                    )
+        return out
+
+    def layer_weight_states(self) -> dict[str, np.ndarray] | None:
+        """{"c", "layer", "n", "w0".."w{k-1}"}: per-layer non-BOS state counts and weight sums
+        gathered while materialising (a layer_states query result), or None if not kept."""
+        self._materialise()
+        acc = self._wstates
+        if acc is None:
+            return None
+        layer, c = np.nonzero(acc["n"])
+        out = {"layer": layer, "c": c, "n": acc["n"][layer, c].astype(np.int64)}
+        for j in range(acc["w"].shape[1]):
+            out[f"w{j}"] = acc["w"][layer, j, c]
         return out
 
     def define(self, name: str, sql: str) -> None:
@@ -470,6 +510,7 @@ class SparkEngine(Engine):
             ("rt0", rt_sql(self.meta)),
             ("rt1", rt_top1_sql(self.meta)),
             ("rw0", rw_sql(self.meta)),
+            ("rw", with_test_sql("rw0")),
             ("rc", rc_sql(self.meta)),
             ("pc", pc_sql(self.meta)),
             ("rt", with_test_sql("rc")),
@@ -500,7 +541,7 @@ class SparkEngine(Engine):
         return _columns(tab)
 
     def close(self) -> None:
-        names = ["pr", "rt", "pc", "rc", "rw0", "rt1", "rt0", "test_docs", "trace"]
+        names = ["pr", "rt", "pc", "rc", "rw", "rw0", "rt1", "rt0", "test_docs", "trace"]
         for v in [*self._derived, *names]:
             self.spark.catalog.dropTempView(v)
 

@@ -12,7 +12,7 @@ multinomial rows. They have the distribution of the in-memory baselines, not the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from math import comb
 
 import numpy as np
@@ -238,7 +238,7 @@ def _token_states(sc: StoreCounts, token_id: int, prev_ids: list[int]) -> list[C
         C.grouped_layers(
             eng,
             list(range(m.num_layers)),
-            source=f"rt a{joins}",
+            source=f"rw a{joins}",
             where=f"NOT a.is_bos AND a.token_id = {token_id}",
             prefix="a.",
             weights=True,
@@ -526,21 +526,24 @@ def repeat_rate(
 
 
 def _group_view(
-    per_layer: list[tuple[np.ndarray, C.States]],
+    per_layer: Callable[[int], tuple[np.ndarray, C.States]],
+    num_l: int,
     names: list[str],
     k: int,
     num_e: int,
     seed: int,
 ) -> GroupShares:
-    """GroupShares from per-layer (group index of each table row, table) with G = len(names)."""
-    n_groups, num_l = len(names), len(per_layer)
-    g0, st0 = per_layer[0]
+    """GroupShares from per_layer(l) = (group index of each table row, table) for each of the
+    num_l layers (built one at a time) with G = len(names)."""
+    n_groups = len(names)
+    g0, st0 = per_layer(0)
     counts = np.bincount(g0, weights=st0.count, minlength=n_groups).astype(np.float64)
     share = np.zeros((n_groups, num_l, num_e))
     s_share = np.zeros_like(share)
     rng = np.random.default_rng(seed)
     size = np.maximum(counts, 1)[:, None]
-    for li, (g, st) in enumerate(per_layer):
+    for li in range(num_l):
+        g, st = (g0, st0) if li == 0 else per_layer(li)
         share[:, li, :] = _group_expert(g, st.ids, st.count, n_groups, num_e) / size
         us, iu = C.codes(*st.ids.T)
         cols = np.bincount(iu, weights=st.count, minlength=len(us)).astype(np.int64)
@@ -577,14 +580,17 @@ def _key_tables(
     where: str = "NOT is_bos",
     prefix: str = "",
     progress: Callable[[], None] | None = None,
-) -> list[C.States]:
-    out = []
+) -> C.CompactTables:
+    """Per layer, counts of (key expression, state), kept compact (decoded when read)."""
     layers = list(range(sc.eng.meta.num_layers))
-    for st in C.grouped_layers(sc.eng, layers, {key: expr}, source, where, prefix):
-        out.append(st)
-        if progress:
-            progress()
-    return out
+
+    def tables() -> Iterator[C.States]:
+        for st in C.grouped_layers(sc.eng, layers, {key: expr}, source, where, prefix):
+            yield st
+            if progress:
+                progress()
+
+    return C.CompactTables(tables(), key, sc.eng.meta)
 
 
 def by_domain(sc: StoreCounts, seed: int = 0) -> GroupShares:
@@ -594,12 +600,16 @@ def by_domain(sc: StoreCounts, seed: int = 0) -> GroupShares:
     codes_ = np.unique(tabs[0].keys["g"])
     dn = m.domains
     names = [dn[c] if 0 <= c < len(dn) else f"domain {c}" for c in codes_.tolist()]
-    per = [(np.searchsorted(codes_, t.keys["g"]), t) for t in tabs]
-    return _group_view(per, names, m.top_k, m.num_experts, seed)
+
+    def per(li: int) -> tuple[np.ndarray, C.States]:
+        t = tabs[li]
+        return np.searchsorted(codes_, t.keys["g"]), t
+
+    return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
 
 
 def _vocab_view(
-    tabs: list[C.States], target: str, min_count: int, k: int, num_e: int, seed: int
+    tabs: C.CompactTables, target: str, min_count: int, k: int, num_e: int, seed: int
 ) -> VocabShares:
     t0 = tabs[0]
     uniq, inv = np.unique(t0.keys["g"], return_inverse=True)
@@ -611,13 +621,14 @@ def _vocab_view(
             f" (most frequent: {int(cnt.max()) if cnt.size else 0}); lower min_count or trace more text"
         )
     kept = uniq[keep]
-    per = []
-    for t in tabs:
+
+    def per(li: int) -> tuple[np.ndarray, C.States]:
+        t = tabs[li]
         pos = np.searchsorted(kept, t.keys["g"])
         ok = (pos < kept.size) & (kept[np.minimum(pos, kept.size - 1)] == t.keys["g"])
-        sub = C.States({}, t.ids[ok], t.top1[ok], t.count[ok])
-        per.append((pos[ok], sub))
-    view = _group_view(per, [str(int(x)) for x in kept], k, num_e, seed)
+        return pos[ok], C.States({}, t.ids[ok], t.top1[ok], t.count[ok])
+
+    view = _group_view(per, len(tabs), [str(int(x)) for x in kept], k, num_e, seed)
     return VocabShares(target, kept, view, min_count, int((~keep).sum()))
 
 
@@ -626,7 +637,7 @@ def by_vocab(
     target: str = "input",
     min_count: int = 10,
     seed: int = 0,
-    tables: list[C.States] | None = None,
+    tables: C.CompactTables | None = None,
 ) -> VocabShares:
     """specialization.by_vocab out of core (input token, or the next token of the document)."""
     m = sc.eng.meta
@@ -647,7 +658,7 @@ def by_token_class(
     sc: StoreCounts,
     decode: Callable[[int], str],
     seed: int = 0,
-    tables: list[C.States] | None = None,
+    tables: C.CompactTables | None = None,
 ) -> GroupShares:
     """specialization.by_token_class out of core."""
     m = sc.eng.meta
@@ -659,8 +670,13 @@ def by_token_class(
     present = np.unique(cls_of)
     remap = np.full(len(TOKEN_CLASSES), -1, dtype=np.int64)
     remap[present] = np.arange(present.size)
-    per = [(remap[cls_of[np.searchsorted(uniq, t.keys["g"])]], t) for t in tabs]
-    return _group_view(per, [TOKEN_CLASSES[c] for c in present], m.top_k, m.num_experts, seed)
+
+    def per(li: int) -> tuple[np.ndarray, C.States]:
+        t = tabs[li]
+        return remap[cls_of[np.searchsorted(uniq, t.keys["g"])]], t
+
+    names = [TOKEN_CLASSES[c] for c in present]
+    return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
 
 
 # -- predictability --------------------------------------------------------------------------
