@@ -315,3 +315,18 @@ def test_state_codes_too_wide_and_draw_orientation():
     np.testing.assert_array_equal(t.sum(1), rows)
     np.testing.assert_array_equal(t.sum(0), cols)
     assert t.shape == (10, 2) and 0 < t[:, 0].std()
+
+
+def test_modes_and_sort_order():
+    rng = np.random.default_rng(2)
+    key, lab = rng.integers(0, 30, 2000), rng.integers(-1, 6, 2000)
+    w = rng.integers(0, 4, 2000)
+    k, mv, mc, size = O._modes(key, lab, w)
+    for g, v, c, n in zip(k, mv, mc, size, strict=True):  # the brute-force mode, ties smallest
+        sel = (key == g) & (lab >= 0)
+        tally = np.bincount(lab[sel], weights=w[sel], minlength=6)
+        assert v == int(np.argmax(tally)) and c == tally.max() and n == tally.sum()
+    cols = [rng.integers(-1, 50, 500), rng.integers(0, 3, 500)]
+    np.testing.assert_array_equal(C.sort_order(cols), np.lexsort(cols[::-1]))
+    wide = [rng.integers(0, 2**40, 300), rng.integers(0, 2**40, 300)]  # lexsort fallback
+    np.testing.assert_array_equal(C.sort_order(wide), np.lexsort(wide[::-1]))

@@ -692,14 +692,17 @@ def _modes(
     if key.size == 0:
         z = np.zeros(0, np.int64)
         return z, z, z, z
-    u, inv = C.codes(key, label)
+    u, inv = C.codes(key, label)  # sorted by (key, label)
     c = np.bincount(inv, weights=w, minlength=len(u)).astype(np.int64)
-    order = np.lexsort((u[:, 1], -c, u[:, 0]))
-    u, c = u[order], c[order]
     first = np.ones(len(u), bool)
     first[1:] = u[1:, 0] != u[:-1, 0]
-    size = np.add.reduceat(c, np.flatnonzero(first))
-    return u[first, 0], u[first, 1], c[first], size
+    starts = np.flatnonzero(first)
+    group = np.cumsum(first) - 1
+    cmax = np.maximum.reduceat(c, starts)
+    best = np.flatnonzero(c == cmax[group])  # in label order within each key
+    pick = best[np.r_[True, group[best[1:]] != group[best[:-1]]]]  # smallest label
+    size = np.add.reduceat(c, starts)
+    return u[starts, 0], u[pick, 1], c[pick], size
 
 
 def _lookup(keys: np.ndarray, vals: np.ndarray, q: np.ndarray, default: np.ndarray) -> np.ndarray:
