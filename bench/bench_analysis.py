@@ -343,6 +343,8 @@ def replicate_store(src: Path, dst: Path, copies: int) -> None:
 
 def child(args) -> None:
     """One measured run in a fresh process: engine over a store, JSON of times + peak RSS."""
+    import sys
+
     from moelab.analysis.engines import open_engine
     from moelab.analysis.sources import StoreSource, TraceSource
     from moelab.trace.store import TraceStore
@@ -371,6 +373,12 @@ def child(args) -> None:
             t = time.perf_counter()
             fn()
             times[name] = time.perf_counter() - t
+            rss_now = rss.peak / 2**30
+            print(
+                f"PROGRESS {name}: {times[name]:.2f} s (peak RSS so far {rss_now:.2f} GiB)",
+                file=sys.stderr,
+                flush=True,
+            )
         counts = [s.count.tolist() for s in src.sc.states()] if hasattr(src, "sc") else None
         src.close()
     print(

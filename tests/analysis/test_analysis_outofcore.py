@@ -265,3 +265,68 @@ def test_cli_engines_and_memory_limit(small, tmp_path, capsys, monkeypatch):
     ):
         code, out = cli([*base, "--out", str(tmp_path / "x"), *args], capsys, monkeypatch)
         assert code == 2 and want in out, out
+
+
+def test_codes_equal_unique_rows():
+    rng = np.random.default_rng(5)
+    m = rng.integers(-1, 9, size=(500, 3))
+    u, inv = C.codes(*m.T)
+    eu, einv = np.unique(m, axis=0, return_inverse=True)
+    np.testing.assert_array_equal(u, eu)
+    np.testing.assert_array_equal(inv, einv.reshape(-1))
+    wide = np.stack([rng.integers(0, 2**40, 200), rng.integers(0, 2**40, 200)], 1)
+    wide[::2] = wide[1::2]  # repeats; spans too wide for a 62-bit key: the axis=0 fallback
+    u, inv = C.codes(*wide.T)
+    np.testing.assert_array_equal(u[inv], wide)
+    assert len(u) == 100
+
+
+def test_materialised_states_equal_sql_definition(stored):
+    """DuckDB builds rt in numpy; Spark runs rc_sql: both must give the same codes and top-1."""
+    from moelab.analysis import engines as E
+
+    _, sc, _ = stored
+    eng, m = sc.eng, sc.eng.meta
+    eng.query("SELECT COUNT(*) AS n FROM rt")  # materialised
+    for name, body in (("rt0", E.rt_sql(m)), ("rt1", E.rt_top1_sql(m)), ("rw0", E.rw_sql(m))):
+        eng.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+    cols = ", ".join(f"t{li}, c{li}" for li in range(m.num_layers))
+    order = "ORDER BY doc_id, position"
+    a = eng.query(f"SELECT doc_id, position, {cols} FROM rt {order}")
+    b = eng.query(f"SELECT doc_id, position, {cols} FROM ({E.rc_sql(m)}) q {order}")
+    for key in a:
+        np.testing.assert_array_equal(a[key].astype(np.int64), b[key].astype(np.int64), key)
+    ids, top = C.decode_states(a["c2"], m)
+    assert (top == a["t2"]).all() and (ids[ids >= 0] < m.num_experts).all()
+    assert (top == -1).sum() == 1  # the fully dropped token of the fixture
+
+
+def test_state_codes_too_wide_and_draw_orientation():
+    from moelab.analysis.engines import code_base
+    from moelab.errors import AnalysisError
+    from moelab.trace.schema import TraceMeta
+
+    meta = TraceMeta(num_layers=1, num_experts=256, top_k=8, layer_indices=[0])
+    with pytest.raises(AnalysisError, match="62-bit"):
+        code_base(meta)
+    rng = np.random.default_rng(1)
+    rows, cols = np.full(10, 50), np.array([250, 250])  # few columns: draws along them
+    t = C.shuffled_table(rows, cols, rng)
+    np.testing.assert_array_equal(t.sum(1), rows)
+    np.testing.assert_array_equal(t.sum(0), cols)
+    assert t.shape == (10, 2) and 0 < t[:, 0].std()
+
+
+def test_modes_and_sort_order():
+    rng = np.random.default_rng(2)
+    key, lab = rng.integers(0, 30, 2000), rng.integers(-1, 6, 2000)
+    w = rng.integers(0, 4, 2000)
+    k, mv, mc, size = O._modes(key, lab, w)
+    for g, v, c, n in zip(k, mv, mc, size, strict=True):  # the brute-force mode, ties smallest
+        sel = (key == g) & (lab >= 0)
+        tally = np.bincount(lab[sel], weights=w[sel], minlength=6)
+        assert v == int(np.argmax(tally)) and c == tally.max() and n == tally.sum()
+    cols = [rng.integers(-1, 50, 500), rng.integers(0, 3, 500)]
+    np.testing.assert_array_equal(C.sort_order(cols), np.lexsort(cols[::-1]))
+    wide = [rng.integers(0, 2**40, 300), rng.integers(0, 2**40, 300)]  # lexsort fallback
+    np.testing.assert_array_equal(C.sort_order(wide), np.lexsort(wide[::-1]))

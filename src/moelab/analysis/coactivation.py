@@ -74,6 +74,21 @@ def coactivation(
     counts = pair_matrix(ids, num_e)
     valid = ids[ids != NO_EXPERT].astype(np.int64)
     n_e = np.bincount(valid, minlength=num_e).astype(np.float64)
+    return from_counts(layer, counts, n_e, n, k, seed, max_baseline)
+
+
+def from_counts(
+    layer: int,
+    counts: np.ndarray,
+    n_e: np.ndarray,
+    n: int,
+    k: int,
+    seed: int = 0,
+    max_baseline: int = 50_000,
+) -> Coactivation:
+    """Coactivation from the [E, E] pair counts, the [E] slot counts and the token count (the
+    one derivation both the in-memory and the out-of-core paths use)."""
+    num_e = n_e.size
     p = n_e / n
     joint = counts / n
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -4,12 +4,23 @@ Both engines expose the same views and run the same SQL text (a subset DuckDB an
 share), so their integer counts are equal by construction and tested to be:
 
   trace  the shards as written (docs/trace_schema.md)
+  rw     one row per token with every column: rt's plus e{l}_{j} and the gate weights w{l}_{j}
   rt     one row per token: doc_id, position, token_id, domain, is_bos, is_test (the row's
-         document is in the held-out set registered with `set_test_docs`), e{l}_{j} INT with
-         -1 for no expert, w{l}_{j} DOUBLE, t{l} the highest-weight expert of layer l (first
-         slot on ties, -1 when no slot is filled: the rule of moelab.analysis._common.top1)
-  pr     the pairs (a row, the previous token of its document): every column of rt for the
-         row, and p_token, p_bos, p_e{l}_{j}, p_t{l} of the previous row
+         document is in the held-out set registered with `set_test_docs`), t{l} the
+         highest-weight expert of layer l (first slot on ties, -1 when no
+         slot is filled: the rule of moelab.analysis._common.top1) and c{l}, the row's *state
+         code* at layer l: sum_j (e{l}_{j} + 1) B^j + (t{l} + 1) B^k with B = E + 1 and
+         e{l}_{j} the slot's expert id, -1 for none (state_code_sql; counts.decode_states)
+  pr     the pairs (a row, the previous token of its document): doc_id, token_id, is_bos,
+         is_test, c{l} of the row and p_token, p_bos, p_c{l} of the previous row
+
+Spark defines rt and pr as SQL views (rc_sql, pc_sql, plus is_test from test_docs),
+recomputed by each query. DuckDB materialises them once per engine as tables of a database
+file in its temp directory (rt by Arrow streaming over the shards, one record batch at a
+time, pr by a join; is_test a stored column that set_test_docs updates), so the per-layer
+queries scan one narrow integer column instead of re-reading and re-joining the shards; the
+tables live under DuckDB's buffer manager (memory_limit, paged to disk when larger), not in
+this process's heap.
 
 DuckDB (Raasveldt and Mühleisen 2019) runs in-process under `memory_limit`, spilling to
 `temp_directory`; Spark (Zaharia et al. 2016) runs the same queries in local mode or on a
@@ -97,7 +108,6 @@ def rt_sql(meta: TraceMeta) -> str:
         "CAST(token_id AS BIGINT) AS token_id",
     ]
     cols += ["CAST(domain AS INT) AS domain", "is_bos"]
-    cols += ["doc_id IN (SELECT doc_id FROM test_docs) AS is_test"]
     for li in range(meta.num_layers):
         for j in range(meta.top_k):
             cols.append(
@@ -107,22 +117,63 @@ def rt_sql(meta: TraceMeta) -> str:
     return "SELECT " + ", ".join(cols) + " FROM trace"
 
 
+def code_base(meta: TraceMeta) -> int:
+    """B = E + 1 of the state codes; AnalysisError when B^(k+1) does not fit in 62 bits."""
+    base = meta.num_experts + 1
+    if base ** (meta.top_k + 1) >= 2**62:
+        raise AnalysisError(
+            f"out-of-core analyses: E={meta.num_experts}, k={meta.top_k} gives"
+            f" (E+1)^(k+1) = {base ** (meta.top_k + 1):.3g} state codes, more than a 62-bit"
+            " integer holds; use --engine memory for this trace"
+        )
+    return base
+
+
+def state_code_sql(layer: int, meta: TraceMeta, prefix: str = "") -> str:
+    """SQL of the state code of `layer` over rw-style columns (e{l}_{j}, t{l})."""
+    base, k = code_base(meta), meta.top_k
+    terms = [f"(CAST({prefix}e{layer}_{j} AS BIGINT) + 1) * {base**j}" for j in range(k)]
+    terms.append(f"(CAST({prefix}t{layer} AS BIGINT) + 1) * {base**k}")
+    return "(" + " + ".join(terms) + ")"
+
+
 def rt_top1_sql(meta: TraceMeta) -> str:
-    """rt plus the t{l} columns."""
+    """rt0 plus the t{l} columns."""
     tops = ", ".join(f"{top1_sql(li, meta.top_k)} AS t{li}" for li in range(meta.num_layers))
     return f"SELECT *, {tops} FROM rt0"
 
 
-def pr_sql(meta: TraceMeta) -> str:
-    """The (row, previous token of its document) pairs as a join of rt with itself."""
-    prev = ["b.token_id AS p_token", "b.is_bos AS p_bos"]
-    for li in range(meta.num_layers):
-        prev += [f"b.e{li}_{j} AS p_e{li}_{j}" for j in range(meta.top_k)]
-        prev.append(f"b.t{li} AS p_t{li}")
+def rw_sql(meta: TraceMeta) -> str:
+    """rt0 with t{l} plus the c{l} state codes (the full per-row view)."""
+    codes = ", ".join(f"{state_code_sql(li, meta)} AS c{li}" for li in range(meta.num_layers))
+    return f"SELECT *, {codes} FROM rt1"
+
+
+def rc_sql(meta: TraceMeta) -> str:
+    """The compact per-row columns (rt without is_test) selected from rw0."""
+    cols = ["doc_id", "position", "token_id", "domain", "is_bos"]
+    cols += [f"t{li}" for li in range(meta.num_layers)]
+    cols += [f"c{li}" for li in range(meta.num_layers)]
+    return "SELECT " + ", ".join(cols) + " FROM rw0"
+
+
+def pc_sql(meta: TraceMeta, rows: str = "rc", test: bool = False) -> str:
+    """The (row, previous token of its document) pairs as a join of `rows` with itself
+    (test: keep the row's is_test column)."""
+    cols = ["a.doc_id AS doc_id", "a.token_id AS token_id", "a.is_bos AS is_bos"]
+    cols += ["a.is_test AS is_test"] if test else []
+    cols += [f"a.c{li} AS c{li}" for li in range(meta.num_layers)]
+    cols += ["b.token_id AS p_token", "b.is_bos AS p_bos"]
+    cols += [f"b.c{li} AS p_c{li}" for li in range(meta.num_layers)]
     return (
-        "SELECT a.*, " + ", ".join(prev) + " FROM rt a JOIN rt b"
+        "SELECT " + ", ".join(cols) + f" FROM {rows} a JOIN {rows} b"
         " ON a.doc_id = b.doc_id AND a.position = b.position + 1"
     )
+
+
+def with_test_sql(table: str) -> str:
+    """`table` plus the is_test column (its document is in test_docs)."""
+    return f"SELECT *, doc_id IN (SELECT doc_id FROM test_docs) AS is_test FROM {table}"
 
 
 class Engine:
@@ -143,6 +194,10 @@ class Engine:
 
     def query(self, sql: str) -> dict[str, np.ndarray]:
         """Run `sql`; the result as column name -> numpy array."""
+        raise NotImplementedError
+
+    def define(self, name: str, sql: str) -> None:
+        """Make `name` a table (DuckDB: materialised) or view (Spark) of the SELECT `sql`."""
         raise NotImplementedError
 
     def set_test_docs(self, doc_ids: np.ndarray) -> None:
@@ -170,7 +225,9 @@ def _columns(tab: pa.Table) -> dict[str, np.ndarray]:
 
 
 class DuckDBEngine(Engine):
-    """DuckDB in-process over the shards, under `memory_limit` (spilling to a temp directory)."""
+    """DuckDB in-process over the shards; `memory_limit` is for the whole process: DuckDB's
+    buffer manager gets half of it (spilling to a temp directory beyond that), the count
+    tables in numpy the rest."""
 
     name = "duckdb"
     batch_layers = 1  # one layer's table per query: bounded memory, no per-query overhead
@@ -183,20 +240,139 @@ class DuckDBEngine(Engine):
         super().__init__(store)
         self.memory_limit = parse_bytes(memory_limit)
         self._tmp = tempfile.mkdtemp(prefix="moelab-duckdb-")
-        con = duckdb.connect()
-        if self.memory_limit:
-            con.execute(f"SET memory_limit='{max(self.memory_limit // 2**20, 64)}MiB'")
+        # a database file: the materialised tables are buffer-managed (paged to disk)
+        con = duckdb.connect(str(Path(self._tmp) / "work.duckdb"))
+        if self.memory_limit:  # DuckDB's buffers get half: the rest is this process's tables
+            con.execute(f"SET memory_limit='{max(self.memory_limit // 2 // 2**20, 64)}MiB'")
         con.execute(f"SET temp_directory='{self._tmp}'")
         if threads:
             con.execute(f"SET threads={int(threads)}")
         con.execute("SET preserve_insertion_order=false")
+        self._wstates: dict | None = None
         files = ", ".join("'" + str(s).replace("'", "''") + "'" for s in self.shards)
         con.execute(f"CREATE VIEW trace AS SELECT * FROM read_parquet([{files}])")
         con.execute("CREATE TABLE test_docs (doc_id BIGINT)")
+        code_base(self.meta)  # fail early when the state codes would not fit
+        # the full per-row view over the shards (weights): for the rare weighted token queries
         con.execute(f"CREATE VIEW rt0 AS {rt_sql(self.meta)}")
-        con.execute(f"CREATE VIEW rt AS {rt_top1_sql(self.meta)}")
-        con.execute(f"CREATE VIEW pr AS {pr_sql(self.meta)}")
+        con.execute(f"CREATE VIEW rt1 AS {rt_top1_sql(self.meta)}")
+        con.execute(f"CREATE VIEW rw0 AS {rw_sql(self.meta)}")
+        con.execute(f"CREATE VIEW rw AS {with_test_sql('rw0')}")
         self.con = con
+        self._materialised = False
+
+    def _materialise(self, batch_rows: int = 32768) -> None:
+        """Create the rt and pr tables (once, on the first query that needs them).
+
+        rt is built by Arrow streaming over the shards (one record batch in memory at a time;
+        states computed in numpy by the rules of rc_sql, which Spark runs as SQL: the test
+        suite checks both give equal counts), pr by a DuckDB join of rt with itself; is_test
+        is a stored column, set by set_test_docs."""
+        if self._materialised:
+            return
+        import pyarrow.parquet as pq
+
+        self._materialised = True
+        m = self.meta
+        num_l, k, base = m.num_layers, m.top_k, code_base(m)
+        dense = base ** (k + 1)
+        # weighted per-layer state counts accumulate while streaming (dense code bins)
+        self._wstates = (
+            {"n": np.zeros((num_l, dense)), "w": np.zeros((num_l, k, dense))}
+            if dense <= 2**16
+            else None
+        )
+        no = no_expert_value(m.num_experts)
+        wcols = [f"w{li}_{j}" for li in range(num_l) for j in range(k)]
+        ecols = [f"e{li}_{j}" for li in range(num_l) for j in range(k)]
+        cols = ["doc_id", "position", "token_id", "domain", "is_bos", *ecols, *wcols]
+        created = False
+        try:
+            for shard in self.shards:
+                for bt in pq.ParquetFile(str(shard)).iter_batches(batch_rows, columns=cols):
+                    tab = pa.table(self._rc_batch(bt, num_l, k, base, no, self._wstates))
+                    self.con.register("_rc_batch", tab)
+                    if created:
+                        self.con.execute("INSERT INTO rt SELECT * FROM _rc_batch")
+                    else:
+                        self.con.execute("CREATE TABLE rt AS SELECT * FROM _rc_batch")
+                        created = True
+                    self.con.unregister("_rc_batch")
+            self.con.execute(f"CREATE TABLE pr AS {pc_sql(m, 'rt', test=True)}")
+        except (OSError, pa.ArrowException) as exc:
+            raise TraceError(f"{self.path}: could not read the shards: {str(exc)[:400]}") from exc
+        self._apply_test()
+
+    def _apply_test(self) -> None:
+        """Set the stored is_test columns from test_docs (a column, not a join per query)."""
+        if not self._materialised:
+            return
+        for table in ("rt", "pr"):
+            self.con.execute(
+                f"UPDATE {table} SET is_test = doc_id IN (SELECT doc_id FROM test_docs)"
+            )
+
+    @staticmethod
+    def _rc_batch(
+        bt: pa.RecordBatch, num_l: int, k: int, base: int, no: int, acc: dict | None = None
+    ) -> dict:
+        """rt's columns of one record batch (the rules of rc_sql, in numpy; columns in the
+        order doc_id, position, token_id, domain, is_bos, e*, w* as read); adds the batch's
+        non-BOS state counts and weight sums to `acc` (dense over codes) when given."""
+        n = bt.num_rows
+        cols = [bt.column(i).to_numpy(zero_copy_only=False) for i in range(bt.num_columns)]
+        nlk = num_l * k
+        it = np.int32 if base ** (k + 1) < 2**31 else np.int64  # codes: INTEGER when they fit
+        e = np.stack(cols[5 : 5 + nlk], 1).astype(it).reshape(n, num_l, k)
+        e[e == no] = -1
+        w = np.stack(cols[5 + nlk :], 1).astype(np.float32).reshape(n, num_l, k)
+        if k == 1:
+            t = e[:, :, 0]
+        else:  # highest weight among filled slots, first slot on ties (_common.top1)
+            j = np.argmax(np.where(e >= 0, w, -np.inf), axis=2)
+            t = np.take_along_axis(e, j[:, :, None], axis=2)[:, :, 0]
+        code = (t + 1) * it(base**k)
+        for j in range(k):
+            code += (e[:, :, j] + 1) * it(base**j)
+        out: dict[str, np.ndarray] = {
+            "doc_id": cols[0].astype(np.int64),
+            "position": cols[1].astype(np.int64),
+            "token_id": cols[2].astype(np.int64),
+            "domain": cols[3].astype(np.int32),
+            "is_bos": cols[4].astype(bool),
+            "is_test": np.zeros(n, bool),
+        }
+        t32 = t.astype(np.int32)
+        out.update({f"t{li}": t32[:, li] for li in range(num_l)})
+        out.update({f"c{li}": code[:, li] for li in range(num_l)})
+        if acc is not None:
+            keep = ~out["is_bos"]
+            dense = acc["n"].shape[1]
+            for li in range(num_l):
+                c = code[keep, li]
+                acc["n"][li] += np.bincount(c, minlength=dense)
+                for j in range(k):
+                    acc["w"][li, j] += np.bincount(
+                        c, weights=w[keep, li, j].astype(np.float64), minlength=dense
+                    )
+        return out
+
+    def layer_weight_states(self) -> dict[str, np.ndarray] | None:
+        """{"c", "layer", "n", "w0".."w{k-1}"}: per-layer non-BOS state counts and weight sums
+        gathered while materialising (a layer_states query result), or None if not kept."""
+        self._materialise()
+        acc = self._wstates
+        if acc is None:
+            return None
+        layer, c = np.nonzero(acc["n"])
+        out = {"layer": layer, "c": c, "n": acc["n"][layer, c].astype(np.int64)}
+        for j in range(acc["w"].shape[1]):
+            out[f"w{j}"] = acc["w"][layer, j, c]
+        return out
+
+    def define(self, name: str, sql: str) -> None:
+        self._materialise()
+        self.con.execute(f"CREATE OR REPLACE TABLE {name} AS {sql}")
 
     def set_test_docs(self, doc_ids: np.ndarray) -> None:
         tab = pa.table({"doc_id": pa.array(np.asarray(doc_ids, dtype=np.int64))})
@@ -204,8 +380,10 @@ class DuckDBEngine(Engine):
         self.con.execute("DELETE FROM test_docs")
         self.con.execute("INSERT INTO test_docs SELECT doc_id FROM _test_docs_in")
         self.con.unregister("_test_docs_in")
+        self._apply_test()
 
     def query(self, sql: str) -> dict[str, np.ndarray]:
+        self._materialise()
         try:
             tab = self.con.sql(sql).to_arrow_table()
         except Exception as exc:  # noqa: BLE001 - re-raised naming the store
@@ -324,15 +502,27 @@ class SparkEngine(Engine):
         # temp views are per session: one SparkEngine at a time (opening one redefines them)
         df = self.spark.read.parquet(*[str(s) for s in self.shards])
         df.createOrReplaceTempView("trace")
+        self._derived: dict[str, str] = {}
         self.set_test_docs(np.zeros(0, np.int64))
 
     def _define(self) -> None:
         for name, body in (
             ("rt0", rt_sql(self.meta)),
-            ("rt", rt_top1_sql(self.meta)),
-            ("pr", pr_sql(self.meta)),
+            ("rt1", rt_top1_sql(self.meta)),
+            ("rw0", rw_sql(self.meta)),
+            ("rw", with_test_sql("rw0")),
+            ("rc", rc_sql(self.meta)),
+            ("pc", pc_sql(self.meta)),
+            ("rt", with_test_sql("rc")),
+            ("pr", with_test_sql("pc")),
         ):
             self.spark.sql(body).createOrReplaceTempView(name)
+        for name, body in self._derived.items():
+            self.spark.sql(body).createOrReplaceTempView(name)
+
+    def define(self, name: str, sql: str) -> None:
+        self._derived[name] = sql
+        self.spark.sql(sql).createOrReplaceTempView(name)
 
     def set_test_docs(self, doc_ids: np.ndarray) -> None:
         ids = np.asarray(doc_ids, dtype=np.int64)
@@ -351,7 +541,8 @@ class SparkEngine(Engine):
         return _columns(tab)
 
     def close(self) -> None:
-        for v in ("pr", "rt", "rt0", "test_docs", "trace"):
+        names = ["pr", "rt", "pc", "rc", "rw", "rw0", "rt1", "rt0", "test_docs", "trace"]
+        for v in [*self._derived, *names]:
             self.spark.catalog.dropTempView(v)
 
 

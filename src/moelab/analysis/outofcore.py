@@ -12,7 +12,7 @@ multinomial rows. They have the distribution of the in-memory baselines, not the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from math import comb
 
 import numpy as np
@@ -27,10 +27,10 @@ from moelab.analysis._common import (
     n_sets,
     nmi,
 )
-from moelab.analysis.coactivation import Coactivation, load_weighted_sets, pair_matrix
+from moelab.analysis.coactivation import Coactivation, from_counts
 from moelab.analysis.engines import Engine
 from moelab.analysis.predictability import PredictabilityResult, SpreadResult
-from moelab.analysis.repeat import RepeatResult, overlap_count
+from moelab.analysis.repeat import RepeatResult, load_chances, overlap_count
 from moelab.analysis.specialization import (
     TOKEN_CLASSES,
     GroupShares,
@@ -238,7 +238,7 @@ def _token_states(sc: StoreCounts, token_id: int, prev_ids: list[int]) -> list[C
         C.grouped_layers(
             eng,
             list(range(m.num_layers)),
-            source=f"rt a{joins}",
+            source=f"rw a{joins}",
             where=f"NOT a.is_bos AND a.token_id = {token_id}",
             prefix="a.",
             weights=True,
@@ -341,32 +341,7 @@ def coactivation(
     counts = counts + counts.T
     np.fill_diagonal(counts, 0.0)
     n_e = expert_counts(st, num_e)
-    p = n_e / n
-    joint = counts / n
-    from moelab.analysis._common import npmi
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cond = np.where(n_e[:, None] > 0, counts / np.where(n_e[:, None] > 0, n_e[:, None], 1), 0.0)
-    nm = npmi(joint, p, p)
-    np.fill_diagonal(nm, 0.0)
-    rng = np.random.default_rng(seed)
-    mm = min(n, max_baseline)
-    base_ids = load_weighted_sets(n_e / max(n_e.sum(), 1), mm, k, rng)
-    bc = pair_matrix(base_ids, num_e)
-    bn = np.bincount(base_ids.ravel(), minlength=num_e).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        base_cond = np.where(bn[:, None] > 0, bc / np.where(bn[:, None] > 0, bn[:, None], 1), 0.0)
-    return Coactivation(
-        layer % m.num_layers,
-        counts,
-        joint,
-        cond,
-        nm,
-        k * (k - 1) / (num_e * (num_e - 1)),
-        (k - 1) / (num_e - 1),
-        base_cond,
-        n,
-    )
+    return from_counts(layer % m.num_layers, counts, n_e, n, k, seed, max_baseline)
 
 
 # -- transitions -----------------------------------------------------------------------------
@@ -485,22 +460,6 @@ def transition_summary(
 # -- repeat rate -----------------------------------------------------------------------------
 
 
-def _load_any(sets: np.ndarray, w: np.ndarray, num_e: int, k: int) -> float:
-    if n_sets(num_e, k) > MAX_DENSE_SETS:
-        return float("nan")
-    s = n_sets(num_e, k)
-    ok = sets >= 0
-    q = np.bincount(sets[ok], weights=w[ok].astype(np.float64), minlength=s)
-    if q.sum() == 0:
-        return float("nan")
-    q /= q.sum()
-    members = all_sets(num_e, k)
-    onehot = np.zeros((s, num_e))
-    np.put_along_axis(onehot, members, 1.0, axis=1)
-    disjoint = (onehot @ onehot.T) == 0
-    return float(1.0 - q @ disjoint @ q)
-
-
 def repeat_rate(
     sc: StoreCounts, seed: int = 0, progress: Callable[[], None] | None = None
 ) -> RepeatResult:
@@ -533,13 +492,16 @@ def repeat_rate(
         res["st"][layer] = cnt[ua[ii, k] == pool.top1[jj]].sum() / n_pairs
         res["sa"][layer] = cnt[ovs > 0].sum() / n_pairs
         res["sm"][layer] = (cnt * ovs).sum() / n_pairs
-        rows = max(pool.total, 1)
         ok = pool.top1 >= 0
-        p1 = np.bincount(pool.top1[ok], weights=pool.count[ok], minlength=num_e) / rows
-        cov = expert_counts(pool, num_e) / rows
-        res["lt"][layer] = float((p1**2).sum())
-        res["lm"][layer] = float((cov**2).sum())
-        res["la"][layer] = _load_any(pool.sets(num_e), pool.count, num_e, k)
+        res["lt"][layer], res["la"][layer], res["lm"][layer] = load_chances(
+            np.bincount(pool.top1[ok], weights=pool.count[ok], minlength=num_e),
+            expert_counts(pool, num_e),
+            pool.sets(num_e),
+            pool.total,
+            num_e,
+            k,
+            pool.count,
+        )
         if progress:
             progress()
     chance_any = 1.0 - comb(num_e - k, k) / comb(num_e, k)
@@ -564,21 +526,24 @@ def repeat_rate(
 
 
 def _group_view(
-    per_layer: list[tuple[np.ndarray, C.States]],
+    per_layer: Callable[[int], tuple[np.ndarray, C.States]],
+    num_l: int,
     names: list[str],
     k: int,
     num_e: int,
     seed: int,
 ) -> GroupShares:
-    """GroupShares from per-layer (group index of each table row, table) with G = len(names)."""
-    n_groups, num_l = len(names), len(per_layer)
-    g0, st0 = per_layer[0]
+    """GroupShares from per_layer(l) = (group index of each table row, table) for each of the
+    num_l layers (built one at a time) with G = len(names)."""
+    n_groups = len(names)
+    g0, st0 = per_layer(0)
     counts = np.bincount(g0, weights=st0.count, minlength=n_groups).astype(np.float64)
     share = np.zeros((n_groups, num_l, num_e))
     s_share = np.zeros_like(share)
     rng = np.random.default_rng(seed)
     size = np.maximum(counts, 1)[:, None]
-    for li, (g, st) in enumerate(per_layer):
+    for li in range(num_l):
+        g, st = (g0, st0) if li == 0 else per_layer(li)
         share[:, li, :] = _group_expert(g, st.ids, st.count, n_groups, num_e) / size
         us, iu = C.codes(*st.ids.T)
         cols = np.bincount(iu, weights=st.count, minlength=len(us)).astype(np.int64)
@@ -615,14 +580,17 @@ def _key_tables(
     where: str = "NOT is_bos",
     prefix: str = "",
     progress: Callable[[], None] | None = None,
-) -> list[C.States]:
-    out = []
+) -> C.CompactTables:
+    """Per layer, counts of (key expression, state), kept compact (decoded when read)."""
     layers = list(range(sc.eng.meta.num_layers))
-    for st in C.grouped_layers(sc.eng, layers, {key: expr}, source, where, prefix):
-        out.append(st)
-        if progress:
-            progress()
-    return out
+
+    def tables() -> Iterator[C.States]:
+        for st in C.grouped_layers(sc.eng, layers, {key: expr}, source, where, prefix):
+            yield st
+            if progress:
+                progress()
+
+    return C.CompactTables(tables(), key, sc.eng.meta)
 
 
 def by_domain(sc: StoreCounts, seed: int = 0) -> GroupShares:
@@ -632,12 +600,16 @@ def by_domain(sc: StoreCounts, seed: int = 0) -> GroupShares:
     codes_ = np.unique(tabs[0].keys["g"])
     dn = m.domains
     names = [dn[c] if 0 <= c < len(dn) else f"domain {c}" for c in codes_.tolist()]
-    per = [(np.searchsorted(codes_, t.keys["g"]), t) for t in tabs]
-    return _group_view(per, names, m.top_k, m.num_experts, seed)
+
+    def per(li: int) -> tuple[np.ndarray, C.States]:
+        t = tabs[li]
+        return np.searchsorted(codes_, t.keys["g"]), t
+
+    return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
 
 
 def _vocab_view(
-    tabs: list[C.States], target: str, min_count: int, k: int, num_e: int, seed: int
+    tabs: C.CompactTables, target: str, min_count: int, k: int, num_e: int, seed: int
 ) -> VocabShares:
     t0 = tabs[0]
     uniq, inv = np.unique(t0.keys["g"], return_inverse=True)
@@ -649,13 +621,14 @@ def _vocab_view(
             f" (most frequent: {int(cnt.max()) if cnt.size else 0}); lower min_count or trace more text"
         )
     kept = uniq[keep]
-    per = []
-    for t in tabs:
+
+    def per(li: int) -> tuple[np.ndarray, C.States]:
+        t = tabs[li]
         pos = np.searchsorted(kept, t.keys["g"])
         ok = (pos < kept.size) & (kept[np.minimum(pos, kept.size - 1)] == t.keys["g"])
-        sub = C.States({}, t.ids[ok], t.top1[ok], t.count[ok])
-        per.append((pos[ok], sub))
-    view = _group_view(per, [str(int(x)) for x in kept], k, num_e, seed)
+        return pos[ok], C.States({}, t.ids[ok], t.top1[ok], t.count[ok])
+
+    view = _group_view(per, len(tabs), [str(int(x)) for x in kept], k, num_e, seed)
     return VocabShares(target, kept, view, min_count, int((~keep).sum()))
 
 
@@ -664,7 +637,7 @@ def by_vocab(
     target: str = "input",
     min_count: int = 10,
     seed: int = 0,
-    tables: list[C.States] | None = None,
+    tables: C.CompactTables | None = None,
 ) -> VocabShares:
     """specialization.by_vocab out of core (input token, or the next token of the document)."""
     m = sc.eng.meta
@@ -685,7 +658,7 @@ def by_token_class(
     sc: StoreCounts,
     decode: Callable[[int], str],
     seed: int = 0,
-    tables: list[C.States] | None = None,
+    tables: C.CompactTables | None = None,
 ) -> GroupShares:
     """specialization.by_token_class out of core."""
     m = sc.eng.meta
@@ -697,8 +670,13 @@ def by_token_class(
     present = np.unique(cls_of)
     remap = np.full(len(TOKEN_CLASSES), -1, dtype=np.int64)
     remap[present] = np.arange(present.size)
-    per = [(remap[cls_of[np.searchsorted(uniq, t.keys["g"])]], t) for t in tabs]
-    return _group_view(per, [TOKEN_CLASSES[c] for c in present], m.top_k, m.num_experts, seed)
+
+    def per(li: int) -> tuple[np.ndarray, C.States]:
+        t = tabs[li]
+        return remap[cls_of[np.searchsorted(uniq, t.keys["g"])]], t
+
+    names = [TOKEN_CLASSES[c] for c in present]
+    return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
 
 
 # -- predictability --------------------------------------------------------------------------
@@ -714,14 +692,17 @@ def _modes(
     if key.size == 0:
         z = np.zeros(0, np.int64)
         return z, z, z, z
-    u, inv = C.codes(key, label)
+    u, inv = C.codes(key, label)  # sorted by (key, label)
     c = np.bincount(inv, weights=w, minlength=len(u)).astype(np.int64)
-    order = np.lexsort((u[:, 1], -c, u[:, 0]))
-    u, c = u[order], c[order]
     first = np.ones(len(u), bool)
     first[1:] = u[1:, 0] != u[:-1, 0]
-    size = np.add.reduceat(c, np.flatnonzero(first))
-    return u[first, 0], u[first, 1], c[first], size
+    starts = np.flatnonzero(first)
+    group = np.cumsum(first) - 1
+    cmax = np.maximum.reduceat(c, starts)
+    best = np.flatnonzero(c == cmax[group])  # in label order within each key
+    pick = best[np.r_[True, group[best[1:]] != group[best[:-1]]]]  # smallest label
+    size = np.add.reduceat(c, starts)
+    return u[starts, 0], u[pick, 1], c[pick], size
 
 
 def _lookup(keys: np.ndarray, vals: np.ndarray, q: np.ndarray, default: np.ndarray) -> np.ndarray:
@@ -751,7 +732,7 @@ def _cond_entropy_w(group: np.ndarray, label: np.ndarray, w: np.ndarray) -> tupl
     n = w.sum()
     _, ig = np.unique(group, return_inverse=True)
     _, iy = np.unique(label, return_inverse=True)
-    _, ij = np.unique(np.stack([group, label], 1), axis=0, return_inverse=True)
+    _, ij = C.codes(group, label)
     cg = np.bincount(ig.reshape(-1), weights=w)
     cy = np.bincount(iy.reshape(-1), weights=w)
     cj = np.bincount(ij.reshape(-1), weights=w)
@@ -770,6 +751,14 @@ def _shuffled_labels(
     t = C.shuffled_table(rk, cl, rng)
     ii, jj = np.nonzero(t)
     return uk[ii], ul[jj], t[ii, jj]
+
+
+SHARED_PAIRS_SQL = (
+    "SELECT p_token AS bs_prev, token_id AS bs_cur FROM pr WHERE NOT is_bos"
+    " GROUP BY p_token, token_id"
+    " HAVING SUM(CASE WHEN is_test THEN 1 ELSE 0 END) > 0"
+    " AND SUM(CASE WHEN is_test THEN 0 ELSE 1 END) > 0"
+)
 
 
 def predictability(
@@ -799,8 +788,15 @@ def predictability(
     n_train = n_test = 0
     layers = list(range(num_l))
     tts = C.grouped_layers(eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"})
+    # only (previous, current) pairs seen in both parts change a prediction: a held-out row
+    # whose pair has no training rows backs off to the token rule (zero correction), and a
+    # training pair never held out predicts nothing that is scored
+    eng.define("bshared", SHARED_PAIRS_SQL)
     bgs = C.grouped_layers(
-        eng, layers, {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"}, "pr"
+        eng,
+        layers,
+        {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"},
+        "pr JOIN bshared ON bs_prev = p_token AND bs_cur = token_id",
     )
     for layer, tt, bg in zip(layers, tts, bgs, strict=True):
         tok, te, w = tt.keys["tok"], tt.keys["te"] == 1, tt.count
@@ -884,8 +880,8 @@ def _modes_pairs(
     if pair.shape[0] == 0:
         z = np.zeros(0, np.int64)
         return z, z, z, z
-    up, ip = np.unique(pair, axis=0, return_inverse=True)
-    keys, mv, mc, size = _modes(ip.reshape(-1), label, w)
+    up, ip = C.codes(pair[:, 0], pair[:, 1])
+    keys, mv, mc, size = _modes(ip, label, w)
     return up[keys], mv, mc, size
 
 

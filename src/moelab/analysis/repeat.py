@@ -59,11 +59,16 @@ def overlap_count(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _load_any(idx: np.ndarray, num_e: int, k: int) -> float:
+def load_any(sets: np.ndarray, num_e: int, k: int, w: np.ndarray | None = None) -> float:
+    """1 - q^T D q: chance that two independent draws from the set distribution q (set
+    indices `sets`, with counts `w`) overlap; NaN when C(E,k) is too large for a dense D."""
     if n_sets(num_e, k) > MAX_DENSE_SETS:
         return float("nan")
     s = n_sets(num_e, k)
-    q = np.bincount(idx[idx >= 0], minlength=s).astype(np.float64)
+    ok = sets >= 0
+    q = np.bincount(
+        sets[ok], weights=None if w is None else w[ok].astype(np.float64), minlength=s
+    ).astype(np.float64)
     if q.sum() == 0:
         return float("nan")
     q /= q.sum()
@@ -72,6 +77,22 @@ def _load_any(idx: np.ndarray, num_e: int, k: int) -> float:
     np.put_along_axis(onehot, members, 1.0, axis=1)
     disjoint = (onehot @ onehot.T) == 0
     return float(1.0 - q @ disjoint @ q)
+
+
+def load_chances(
+    top1_counts: np.ndarray,
+    cover_counts: np.ndarray,
+    sets: np.ndarray,
+    rows: int,
+    num_e: int,
+    k: int,
+    w: np.ndarray | None = None,
+) -> tuple[float, float, float]:
+    """(top-1, any-overlap, mean-overlap) load-weighted chances from a layer's [E] top-1 and
+    slot counts and its set indices (with counts `w`) over `rows` tokens (both engines)."""
+    rows = max(int(rows), 1)
+    p1, cov = top1_counts / rows, cover_counts / rows
+    return float((p1**2).sum()), load_any(sets, num_e, k, w), float((cov**2).sum())
 
 
 def repeat_rate(trace: Trace, seed: int = 0) -> RepeatResult:
@@ -105,13 +126,15 @@ def repeat_rate(trace: Trace, seed: int = 0) -> RepeatResult:
         res["sa"][layer] = np.mean(ovs > 0)
         res["sm"][layer] = ovs.mean()
         ids = trace.expert_ids[mask, layer, :]
-        p1 = np.bincount(t1[mask][t1[mask] >= 0], minlength=num_e) / max(int(mask.sum()), 1)
-        cov = np.bincount(ids[ids != NO_EXPERT].astype(np.int64), minlength=num_e) / max(
-            ids.shape[0], 1
+        t1m = t1[mask]
+        res["lt"][layer], res["la"][layer], res["lm"][layer] = load_chances(
+            np.bincount(t1m[t1m >= 0], minlength=num_e),
+            np.bincount(ids[ids != NO_EXPERT].astype(np.int64), minlength=num_e),
+            layer_sets(trace, layer)[mask],
+            int(mask.sum()),
+            num_e,
+            k,
         )
-        res["lt"][layer] = float((p1**2).sum())
-        res["lm"][layer] = float((cov**2).sum())
-        res["la"][layer] = _load_any(layer_sets(trace, layer)[mask], num_e, k)
     chance_any = 1.0 - comb(num_e - k, k) / comb(num_e, k)
     return RepeatResult(
         res["t"],

@@ -220,7 +220,7 @@ class StoreSource:
     def by_domain(self, seed: int) -> specialization.GroupShares:
         return outofcore.by_domain(self.sc, seed=seed)
 
-    def _input_tables(self) -> list:
+    def _input_tables(self) -> outofcore.C.CompactTables:
         if not hasattr(self, "_inp"):
             self._inp = outofcore._key_tables(self.sc, "g", "token_id", progress=self.tick)
         return self._inp
