@@ -576,10 +576,16 @@ def teacher_forced(
 
 
 def measure_compute(
-    load_model: Callable[[], torch.nn.Module], stores: dict[str, Path], tokens: np.ndarray
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    tokens: np.ndarray,
+    repeats: int = 3,
 ) -> dict[str, float]:
     """Seconds per MoE layer per decode token with every expert in the cache, per precision
-    (hooks, attention and the weight-only kernels included, as a live run pays them)."""
+    (hooks, attention and the weight-only kernels included, as a live run pays them): the
+    median of `repeats` teacher-forced decodes of `tokens` after a warm-up."""
+    if repeats < 1:
+        raise ConfigError(f"measure_compute: repeats={repeats} must be >= 1")
     out = {}
     for prec, d in stores.items():
         m = load_model()
@@ -595,10 +601,13 @@ def measure_compute(
                     for e in range(shape.num_experts):
                         cache.preload((layer, e), st.read(layer, e))
                 teacher_forced(m, tokens[:4], om)  # warm-up
-                om.reset_stats()
-                teacher_forced(m, tokens, om)
-                d = om.stats()["decode"]
-                out[prec] = d["seconds"] / max(d["tokens"], 1) / shape.num_layers
+                per_layer = []
+                for _ in range(repeats):  # median: one decode pays first-touch costs
+                    om.reset_stats()
+                    teacher_forced(m, tokens, om)
+                    d = om.stats()["decode"]
+                    per_layer.append(d["seconds"] / max(d["tokens"], 1) / shape.num_layers)
+                out[prec] = float(np.median(per_layer))
     return out
 
 
