@@ -13,7 +13,6 @@ multinomial rows. They have the distribution of the in-memory baselines, not the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from math import comb
 
 import numpy as np
 
@@ -30,7 +29,13 @@ from moelab.analysis._common import (
 from moelab.analysis.coactivation import Coactivation, from_counts
 from moelab.analysis.engines import Engine
 from moelab.analysis.predictability import PredictabilityResult, SpreadResult
-from moelab.analysis.repeat import RepeatResult, load_chances, overlap_count
+from moelab.analysis.repeat import (
+    RepeatResult,
+    empty_tallies,
+    load_chances,
+    overlap_count,
+    repeat_result,
+)
 from moelab.analysis.specialization import (
     TOKEN_CLASSES,
     GroupShares,
@@ -467,7 +472,7 @@ def repeat_rate(
     m = sc.eng.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
     rng = np.random.default_rng(seed)
-    res = {key: np.zeros(num_l) for key in ("t", "a", "m", "lt", "la", "lm", "st", "sa", "sm")}
+    res = empty_tallies(num_l)
     n_pairs = 0
     layers = list(range(num_l))
     for layer, (a, b) in zip(layers, C.prev_pair_states_many(sc.eng, layers), strict=True):
@@ -504,22 +509,7 @@ def repeat_rate(
         )
         if progress:
             progress()
-    chance_any = 1.0 - comb(num_e - k, k) / comb(num_e, k)
-    return RepeatResult(
-        res["t"],
-        res["a"],
-        res["m"],
-        1.0 / num_e,
-        chance_any,
-        k * k / num_e,
-        res["lt"],
-        res["la"],
-        res["lm"],
-        res["st"],
-        res["sa"],
-        res["sm"],
-        int(n_pairs),
-    )
+    return repeat_result(res, num_e, k, int(n_pairs))
 
 
 # -- specialisation --------------------------------------------------------------------------

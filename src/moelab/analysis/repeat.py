@@ -48,6 +48,23 @@ class RepeatResult:
     n_pairs: int
 
 
+RATE_KEYS = ("t", "a", "m", "lt", "la", "lm", "st", "sa", "sm")
+
+
+def empty_tallies(num_l: int) -> dict[str, np.ndarray]:
+    """Per-layer rate arrays filled by both engines (keys of RepeatResult's layer fields)."""
+    return {key: np.zeros(num_l) for key in RATE_KEYS}
+
+
+def repeat_result(res: dict[str, np.ndarray], num_e: int, k: int, n_pairs: int) -> RepeatResult:
+    """RepeatResult from per-layer tallies plus the uniform-routing chances of E experts, top-k."""
+    chance_any = 1.0 - comb(num_e - k, k) / comb(num_e, k)
+    return RepeatResult(
+        res["t"], res["a"], res["m"], 1.0 / num_e, chance_any, k * k / num_e,
+        res["lt"], res["la"], res["lm"], res["st"], res["sa"], res["sm"], int(n_pairs),
+    )  # fmt: skip
+
+
 def overlap_count(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """[n] |set(a_t) ∩ set(b_t)| for [n, k] id arrays (NO_EXPERT ignored, ids distinct per row)."""
     out = np.zeros(a.shape[0], dtype=np.int64)
@@ -111,7 +128,7 @@ def repeat_rate(trace: Trace, seed: int = 0) -> RepeatResult:
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(mask)
     rnd = rng.choice(pool, size=cur.size, replace=True)
-    res = {key: np.zeros(num_l) for key in ("t", "a", "m", "lt", "la", "lm", "st", "sa", "sm")}
+    res = empty_tallies(num_l)
     for layer in range(num_l):
         t1 = top1(trace, layer)
         a = trace.expert_ids[cur, layer, :]
@@ -135,19 +152,4 @@ def repeat_rate(trace: Trace, seed: int = 0) -> RepeatResult:
             num_e,
             k,
         )
-    chance_any = 1.0 - comb(num_e - k, k) / comb(num_e, k)
-    return RepeatResult(
-        res["t"],
-        res["a"],
-        res["m"],
-        1.0 / num_e,
-        chance_any,
-        k * k / num_e,
-        res["lt"],
-        res["la"],
-        res["lm"],
-        res["st"],
-        res["sa"],
-        res["sm"],
-        int(cur.size),
-    )
+    return repeat_result(res, num_e, k, int(cur.size))
