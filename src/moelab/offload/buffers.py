@@ -10,6 +10,8 @@ import threading
 
 import torch
 
+from moelab.errors import ConfigError
+
 
 def _storage_refs(t: torch.Tensor) -> int:
     return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
@@ -25,7 +27,7 @@ class BufferPool:
 
     def __init__(self, spare: int = 2) -> None:
         if spare < 0:
-            raise ValueError(f"BufferPool spare={spare}: must be >= 0")
+            raise ConfigError(f"BufferPool spare={spare}: must be >= 0")
         self.spare = spare
         self._bufs: list[torch.Tensor] = []
         self._lock = threading.Lock()
@@ -59,8 +61,3 @@ class BufferPool:
         """Bytes of pooled buffers nothing else references (memory outside the cache budget)."""
         with self._lock:
             return sum(b.numel() for b in self._bufs if self._free(b))
-
-    def clear(self) -> None:
-        """Forget every buffer (those still referenced elsewhere stay alive through their users)."""
-        with self._lock:
-            self._bufs = []
