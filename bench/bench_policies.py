@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.offload.cache import parse_capacity, usage_counts
+from moelab.offload.cache import POLICIES, parse_capacity, usage_counts
 from moelab.offload.choose import choose_policy
 from moelab.offload.simulate import get_hardware, plan_from_predictor, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMED = ("lru", "lfu", "lfru", "lfuda", "wlfu", "decay-lfu", "arc", "s3fifo", "least-stale")
+NAMED = ("lru", "lfu", "lfru", "lfuda", "wlfu", "decay-lfu", "arc", "s3fifo", "lirs", "least-stale")
 MOELAB = ("adaptive", "predict", "predict:coact=1", "static")
 
 
@@ -113,8 +113,9 @@ def oracle_hints(ids):
     return plan
 
 
-def run_case(case, caches, hw, nb, prefetches, log):
-    """All policies x caches x prefetch on one trace -> rows."""
+def run_case(case, caches, hw, nb, prefetches, log, only=None):
+    """All policies (or `only` these, without auto and the oracle) x caches x prefetch on one
+    trace -> rows."""
     name, fit, val, test, gates = case
     m = test.meta
     L, E, k = m.num_layers, m.num_experts, m.top_k
@@ -132,7 +133,7 @@ def run_case(case, caches, hw, nb, prefetches, log):
             kw = dict(hardware=hw, per_layer=per_layer, expert_bytes=nb)
             t0 = time.perf_counter()
             hits = {}
-            for pol in (*NAMED, *MOELAB, "belady"):
+            for pol in only or (*NAMED, *MOELAB, "belady"):
                 if pol == "static" and cap <= k:
                     continue
                 r = simulate(
@@ -140,6 +141,13 @@ def run_case(case, caches, hw, nb, prefetches, log):
                     static_counts=static_counts, **kw,
                 )  # fmt: skip
                 hits[pol] = r.hit_rate
+            if only:
+                rows.append({"trace": name, "shape": f"L{L} E{E} k{k}", "cache": f"{pct} "
+                             f"{'per layer' if per_layer else 'global'}", "prefetch": label,
+                             "hits": hits})  # fmt: skip
+                log(f"{name:10s} {rows[-1]['cache']:18s} {label:18s} " + " ".join(
+                    f"{p} {h:.3f}" for p, h in hits.items()))  # fmt: skip
+                continue
             r = simulate(
                 test.expert_ids, E, cap, "predict", plan=tplan,
                 hints=oracle_hints(test.expert_ids), **kw,
@@ -271,6 +279,10 @@ def main() -> None:
         help="cache sizes: g = one global cache over L x E experts, l = per layer",
     )  # fmt: skip
     ap.add_argument(
+        "--only", default="",
+        help="comma-separated policies: replay only these (no auto, no oracle); a quick check",
+    )  # fmt: skip
+    ap.add_argument(
         "--render", type=Path, nargs="+", default=None,
         help="re-render saved policies.json files (rows concatenated; no replay)",
     )  # fmt: skip
@@ -304,9 +316,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     t0 = time.perf_counter()
+    only = tuple(p for p in args.only.split(",") if p)
+    if bad := [p for p in only if p not in POLICIES]:
+        raise SystemExit(f"--only {','.join(bad)}: not a policy ({', '.join(POLICIES)})")
     for case in cases:
-        rows += run_case(case, caches, hw, nb, ("none", "predictor"), print)
+        rows += run_case(case, caches, hw, nb, ("none", "predictor"), print, only or None)
     seconds = time.perf_counter() - t0
+    if only:
+        print(f"replay wall time {seconds:.0f} s (--only: no auto, no oracle, nothing written)")
+        return
     summary = summarize(rows, seconds)
     print(table(rows))
     print(summary)

@@ -79,6 +79,30 @@ def test_s3fifo_main_queue_reinsertion():
     assert keys_of(pol.ghost) == [3, 4]
 
 
+def test_lirs_promotes_ghosts_and_demotes_the_bottom_lir():
+    cache, hits = replay([1, 2, 3, 1, 4, 3, 2, 5, 2], 3, "lirs")
+    pol = cache._policies[0]
+    # 3 slots: 2 LIR + 1 HIR. 1, 2 fill the LIR set, 3 is HIR; 4 evicts the HIR 3 (its entry
+    # stays in S as a ghost); 3 again evicts 4, and being in S becomes LIR: the bottom LIR (2)
+    # is demoted to Q. 2 hits as HIR (not in S: it goes on top of S); 5 evicts it; 2 again is a
+    # ghost in S: it evicts 5, becomes LIR, demotes the bottom LIR 1, and pruning drops 4's ghost.
+    assert pol.lir_target == 2
+    assert hits == [False, False, False, True, False, False, True, False, False]
+    assert sorted(k[1] for k in pol.lir) == [2, 3]
+    assert keys_of(pol.queue) == [1] and keys_of(pol.stack) == [3, 5, 2]
+    assert sorted(k[1] for k in cache.resident()) == [1, 2, 3]
+
+
+def test_lirs_keeps_the_hot_set_through_a_scan():
+    seq = [1, 2, 1, 2, 3, 4, 5, 6, 1, 2]
+    _, lirs = replay(seq, 3, "lirs")
+    _, lru = replay(seq, 3, "lru")
+    assert lirs[-2:] == [True, True]  # one-time experts only pass through the HIR slot
+    assert lru[-2:] == [False, False]
+    with pytest.raises(ConfigError, match="hir_fraction"):
+        ExpertCache(3, "lirs:hir_fraction=1", num_layers=1, num_experts=8)
+
+
 def test_lfuda_ages_out_old_frequency():
     seq = [1, 1, 2, 3, 2, 3]
     cache, hits = replay(seq, 2, "lfuda")
@@ -274,9 +298,7 @@ def test_policy_specs():
             parse_policy(bad)
     with pytest.raises(ConfigError, match="unexpected keyword"):
         ExpertCache(2, "arc:window=3", num_layers=1, num_experts=8)
-    assert {"lfuda", "arc", "s3fifo", "least-stale", "wlfu", "decay-lfu", "predict"} <= set(
-        POLICIES
-    )
+    assert {"lfuda", "arc", "s3fifo", "lirs", "least-stale", "wlfu", "decay-lfu"} <= set(POLICIES)
 
 
 def test_adaptive_follows_the_leading_shadow_cache():

@@ -12,7 +12,13 @@ from moelab.offload.store import ExpertStore
 
 @pytest.mark.parametrize(
     ("policy", "capacity", "per_layer", "staging"),
-    [("predict", 3, True, 0), ("arc", 2, True, 0), ("s3fifo", 6, False, 0), ("lfuda", 3, True, 1)],
+    [
+        ("predict", 3, True, 0),
+        ("arc", 2, True, 0),
+        ("s3fifo", 6, False, 0),
+        ("lfuda", 3, True, 1),
+        ("lirs", 5, False, 1),
+    ],
 )
 def test_live_generation_is_exact(model_and_store, policy, capacity, per_layer, staging):
     m, ref, d = model_and_store

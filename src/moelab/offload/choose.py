@@ -31,6 +31,7 @@ AUTO_CANDIDATES = (
     "decay-lfu:half_life=1024:rank_weight=0.5",
     "arc",
     "s3fifo",
+    "lirs",
     "least-stale",
     "predict",
     "predict:coact=1",

@@ -19,7 +19,12 @@ Queues with ghosts:
 - "s3fifo": Yang et al. 2023, "FIFO queues are all you need for cache eviction" (S3-FIFO): a small
   FIFO S (10%) for new experts, a main FIFO M with reinsertion (2-bit counters) and a ghost FIFO;
   one-hit wonders leave from S into the ghost, an expert hit while in S moves to M, a ghost hit
-  re-enters directly into M.
+  re-enters directly into M;
+- "lirs": Jiang & Zhang 2002, "LIRS: An Efficient Low Inter-reference Recency Set Replacement
+  Policy": experts with a short reuse distance (LIR, most of the cache) are kept; the rest (HIR,
+  `hir_fraction` of the slots) pass through a FIFO queue Q and are evicted first; a recency stack
+  S keeps ghost entries of evicted HIR experts, so one re-used while still in S becomes LIR and
+  the least recent LIR expert is demoted to Q.
 MoE-structured:
 - "least-stale": after Hoang et al. 2026, SpecMD (arXiv:2602.03921): experts are visited layer by
   layer, so the one whose layer comes round again last (the current and just-passed layers of
@@ -436,6 +441,101 @@ class S3FIFOPolicy(Policy):
         return next(iter(resident), None)
 
 
+class LIRSPolicy(Policy):
+    """LIRS (Jiang & Zhang 2002): LIR set by inter-reference recency, HIR queue Q, ghost stack S."""
+
+    def __init__(self, slots: int, hir_fraction: float = 0.1, ghosts: float = 2.0, **kw: Any):
+        super().__init__(slots, **kw)
+        if not 0 < hir_fraction < 1:
+            raise ConfigError(f"lirs hir_fraction={hir_fraction}: must be in (0, 1)")
+        if ghosts < 0:
+            raise ConfigError(f"lirs ghosts={ghosts}: must be >= 0 (x slots)")
+        hir = max(1, int(round(hir_fraction * slots)))
+        self.lir_target = max(1, slots - hir)
+        self.max_ghosts = int(round(ghosts * slots))
+        self.stack: OrderedDict[Key, None] = OrderedDict()  # S, bottom (least recent) first
+        self.queue: OrderedDict[Key, None] = OrderedDict()  # Q: resident HIR, front first
+        self.lir: set[Key] = set()
+        self._miss: tuple[Key, bool] | None = None  # (key, was in S) between touch and insert
+
+    def _prune(self) -> None:
+        """Pop HIR entries off the bottom of S until an LIR expert is there (LIRS invariant)."""
+        while self.stack:
+            k = next(iter(self.stack))
+            if k in self.lir:
+                return
+            del self.stack[k]
+
+    def _demote_bottom(self) -> None:
+        """The least recent LIR expert becomes resident HIR at the end of Q."""
+        self._prune()
+        if not self.stack:
+            return
+        k = next(iter(self.stack))
+        del self.stack[k]
+        self.lir.discard(k)
+        self.queue[k] = None
+        self._prune()
+
+    def _trim_ghosts(self) -> None:
+        """Drop the oldest non-resident entries of S beyond max_ghosts."""
+        ghosts = [k for k in self.stack if k not in self.lir and k not in self.queue]
+        for k in ghosts[: max(0, len(ghosts) - self.max_ghosts)]:
+            del self.stack[k]
+        self._prune()
+
+    def touch(self, key: Key, now: int, rank: int = 0) -> None:
+        self._miss = None
+        if key in self.lir:
+            self.stack[key] = None
+            self.stack.move_to_end(key)
+            self._prune()
+        elif key in self.queue:
+            if key in self.stack:  # short reuse distance: promote, demote the bottom LIR
+                self.stack.move_to_end(key)
+                del self.queue[key]
+                self.lir.add(key)
+                self._demote_bottom()
+            else:
+                self.stack[key] = None
+                self.queue.move_to_end(key)
+        else:  # a miss: the cache evicts (victim) and then inserts
+            self._miss = (key, key in self.stack)
+            self.stack[key] = None
+            self.stack.move_to_end(key)
+
+    def inserted(self, key: Key, now: int) -> None:
+        if key in self.lir or key in self.queue:
+            return
+        miss, self._miss = self._miss, None
+        if miss is None or miss[0] != key:  # a prefetch nobody asked for yet: resident HIR
+            self.queue[key] = None
+            return
+        if len(self.lir) < self.lir_target:
+            self.lir.add(key)
+        elif miss[1]:  # a ghost in S: its reuse distance beat the bottom LIR's recency
+            self.lir.add(key)
+            self._demote_bottom()
+        else:
+            self.queue[key] = None
+        self._trim_ghosts()
+
+    def removed(self, key: Key) -> None:
+        if key in self.queue:
+            del self.queue[key]  # its S entry, if any, stays as a ghost
+        elif key in self.lir:  # forced out (no HIR was evictable): forget it
+            self.lir.discard(key)
+            self.stack.pop(key, None)
+            self._prune()
+
+    def victim(self, resident: Sequence[Key], now: int) -> Key | None:
+        res = set(resident)
+        k = next((k for k in self.queue if k in res), None)
+        if k is None:  # every resident HIR expert is locked: the least recent LIR one
+            k = next((k for k in self.stack if k in self.lir and k in res), None)
+        return k if k is not None else next(iter(resident), None)
+
+
 def _distance(key_layer: int, layer: int, num_layers: int) -> int:
     """Layer steps from MoE layer `layer` (being served) to the next visit of `key_layer`."""
     return key_layer - layer if key_layer > layer else num_layers - layer + key_layer
@@ -743,6 +843,7 @@ POLICY_REGISTRY: dict[str, type[Policy]] = {
     "decay-lfu": DecayLFUPolicy,
     "arc": ARCPolicy,
     "s3fifo": S3FIFOPolicy,
+    "lirs": LIRSPolicy,
     "least-stale": LeastStalePolicy,
     "predict": PredictivePolicy,
     "adaptive": AdaptivePolicy,
