@@ -113,6 +113,28 @@ def test_verdict_when_loads_dominate(ctx):
     assert "int8 / int4" in slow.verdicts[0]
 
 
+@pytest.mark.parametrize("predictors", [["none", "gate", "prev"], ["none", "prev"]])
+def test_verdict_says_what_the_predictors_at_hand_reach(ctx, predictors):
+    # one load (1.5 ms) a little longer than one layer (1 ms): a perfect predictor pays
+    rep = make_plan(ctx.model_arg, ["50%"], precisions=["full"], predictors=predictors,
+                    policy_names=["lru", "lfu"], bandwidth=5e7, layer_compute=1e-3, ctx=ctx)  # fmt: skip
+    (v,) = rep.verdicts
+    lru = rep.best(precision="full", policy="lru", predictor="none").tokens_per_s
+    best = max((r for r in rep.rows if r.predictor != "none"), key=lambda r: r.tokens_per_s)
+    reach = best.tokens_per_s / lru
+    bound = max(b["tokens_per_s"] for b in rep.bounds if b["predictor"] != "none") / lru
+    gain = float(v.split("prefetch would give ")[1].split("x")[0])
+    assert gain >= 1.15 and "cannot pay" not in v
+    assert f"reach {reach:.2f}x (best: {best.policy} + {best.predictor}" in v
+    assert f"{bound:.2f}x with Belady's eviction" in v
+    if reach >= 1.15:
+        assert "predictor-driven prefetch pays" in v
+    else:
+        assert "not by the predictors at hand" in v and "predictor's accuracy" in v
+    if predictors == ["none", "prev"]:  # the previous token's experts do not name the next layer's
+        assert reach < 1.15
+
+
 def test_refusals(ctx):
     with pytest.raises(ConfigError, match="cannot hold one token's experts"):
         make_plan(ctx.model_arg, ["100B"], bandwidth=1e7, layer_compute=1e-3, ctx=ctx)

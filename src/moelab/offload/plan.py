@@ -485,10 +485,13 @@ def plan_configs(
                                    "hit_rate": b.hit_rate})  # fmt: skip
             if not low:
                 rep.verdicts.append(_verdict(ev, shape, slots, machine, prec, m_spec, oracle,
-                                             steps, timed, nb, counts))  # fmt: skip
+                                             steps, timed, nb, counts, rep))  # fmt: skip
     rep.skipped = list(dict.fromkeys(rep.skipped))
     rep.rows.sort(key=lambda r: -r.tokens_per_s if math.isfinite(r.tokens_per_s) else 0.0)
     return rep
+
+
+PREFETCH_PAYS = 1.15  # the gain over LRU below which the planner says prefetch does not pay
 
 
 def _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb, counts, low) -> SimResult:
@@ -502,8 +505,10 @@ def _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb, counts, low) -> S
     )  # fmt: skip
 
 
-def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, counts) -> str:
-    """Say with numbers whether prefetching can pay at this precision and budget."""
+def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, counts, rep) -> str:
+    """Say with numbers whether prefetching can pay at this precision and budget: the bound of a
+    perfect 1-layer-ahead predictor, and what the predictors at hand reach (best policy, and
+    Belady's eviction with the same predictor)."""
     hw = machine.hardware(prec, shape)
     lru = _replay(ev, shape, slots, "lru", hw, None, steps, timed, nb, counts, None)
     orc = _replay(ev, shape, slots, "lru", hw, oracle, steps, timed, nb, counts, None)
@@ -511,13 +516,14 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
     t_layer = machine.layer_compute[prec] * 1e3
     miss_ms = lru.stall_seconds / max(lru.tokens, 1) * 1e3
     comp_ms = t_layer * shape.num_layers
-    gain = orc.tokens_per_s / lru.tokens_per_s if lru.tokens_per_s > 0 else float("nan")
+    base = lru.tokens_per_s
+    gain = orc.tokens_per_s / base if base > 0 else float("nan")
     head = (
         f"{prec} at {m_spec} ({slots}/{shape.num_experts} per layer): LRU stalls {miss_ms:.1f} ms/token "
         f"on loads vs {comp_ms:.1f} ms/token compute; one expert load {t_load:.2f} ms vs one layer "
         f"{t_layer:.2f} ms; perfect 1-layer-ahead prefetch would give {gain:.2f}x LRU."
     )
-    if gain < 1.15:
+    if gain < PREFETCH_PAYS:
         why = "loads are the bottleneck" if t_load > t_layer else "few misses are left to hide"
         return head + (
             f" Prefetch cannot pay here ({why}): a layer's compute hides at most "
@@ -525,7 +531,33 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
             "bytes per expert (int8 / int4 tiers), more resident memory (higher hit rate) or a "
             "faster tier."
         )
-    return head + " Loads can be hidden: predictor-driven prefetch can pay."
+    mine = [r for r in rep.rows if r.precision == prec and r.memory_spec == m_spec
+            and r.predictor != "none"]  # fmt: skip
+    bounds = [b for b in rep.bounds if b["precision"] == prec and b["memory"] == m_spec
+              and b["predictor"] != "none"]  # fmt: skip
+    if not mine or base <= 0:
+        return head + " Loads can be hidden: a predictor that names the next layer's experts pays."
+    best = max(mine, key=lambda r: r.tokens_per_s)
+    b_best = max(bounds, key=lambda b: b["tokens_per_s"]) if bounds else None
+    reach = best.tokens_per_s / base
+    tail = (
+        f" The predictors here reach {reach:.2f}x (best: {best.policy} + {best.predictor}, hit"
+        f" {best.hit_rate:.3f})"
+        + (
+            f", {b_best['tokens_per_s'] / base:.2f}x with Belady's eviction and"
+            f" {b_best['predictor']}"
+            if b_best
+            else ""
+        )
+        + "."
+    )
+    if reach >= PREFETCH_PAYS:
+        return head + " Loads can be hidden: predictor-driven prefetch pays." + tail
+    return (
+        head + " Loads could be hidden, but not by the predictors at hand." + tail + " What"
+        " limits prefetch here is the predictor's accuracy (each wrong guess is a wasted read),"
+        " not the link: a better next-layer predictor, or a quantised tier, would help."
+    )
 
 
 # --------------------------------------------------------------------------- measurement
