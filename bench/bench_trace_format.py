@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moelab.analysis.synthetic import synthetic_trace
-from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.store import TraceStore, write_trace
 
 console = Console()
 
@@ -31,21 +32,7 @@ def write(path: Path, tr, version: int, logits: bool) -> int:
     meta = copy.deepcopy(tr.meta)
     meta.schema_version = version
     meta.extra = {}
-    w = TraceWriter(path, meta, shard_tokens=65536, logits=logits)
-    step = 65536
-    for s in range(0, tr.num_tokens, step):
-        sl = slice(s, s + step)
-        w.append(
-            tr.doc_id[sl],
-            tr.position[sl],
-            tr.token_id[sl],
-            tr.domain[sl],
-            tr.is_bos[sl],
-            tr.expert_ids[sl],
-            tr.weights[sl],
-            tr.logits[sl] if logits else None,
-        )
-    w.close()
+    write_trace(dataclasses.replace(tr, meta=meta), path, shard_tokens=65536, logits=logits)
     return TraceStore.open(path).nbytes()
 
 

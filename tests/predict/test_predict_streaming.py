@@ -11,7 +11,7 @@ from moelab.predict import Horizon, make_predictor
 from moelab.predict.base import split_by_document
 from moelab.predict.streaming import fit_store, iter_documents, train_documents
 from moelab.trace.schema import NO_EXPERT
-from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.store import write_trace
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,7 @@ def store(tmp_path_factory):
     tr.expert_ids[10, 1, 1] = NO_EXPERT
     tr.weights[10, 1, 1] = 0.0
     path = tmp_path_factory.mktemp("stream") / "s"
-    w = TraceWriter(path, tr.meta, shard_tokens=300, logits=False)  # documents span shards
-    w.append(tr.doc_id, tr.position, tr.token_id, tr.domain, tr.is_bos, tr.expert_ids, tr.weights)
-    w.close()
-    return TraceStore.open(path)
+    return write_trace(tr, path, shard_tokens=300, logits=False)  # documents span shards
 
 
 def test_chunks_are_whole_documents(store):

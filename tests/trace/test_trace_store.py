@@ -17,8 +17,8 @@ from moelab.errors import ModelError, TraceError
 from moelab.trace.adapters import get_adapter
 from moelab.trace.api import hidden_sample, load_model, trace_model
 from moelab.trace.export import expert_activation_matrix, export_moe_infinity
-from moelab.trace.schema import NO_EXPERT, TraceMeta
-from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.schema import NO_EXPERT, Trace, TraceMeta
+from moelab.trace.store import TraceStore, TraceWriter, write_trace
 
 
 def synthetic_rows(n: int, L: int, k: int, E: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -75,6 +75,28 @@ def test_round_trip_exact(tmp_path: Path, E: int) -> None:
         int(e): int(c)
         for e, c in zip(*np.unique(rows["expert_ids"][:, 1, 0], return_counts=True), strict=True)
     }
+
+
+def test_write_trace_round_trip_with_drop_flags(tmp_path: Path) -> None:
+    L, k, E, n = 2, 2, 8, 57
+    rows = synthetic_rows(n, L, k, E, seed=4)
+    meta = TraceMeta(num_layers=L, num_experts=E, top_k=k, split="test")
+    dropped = np.zeros((n, L, k), bool)
+    dropped[3, 1, 0] = dropped[40, 0, 1] = True
+    tr = Trace(meta=meta, dropped=dropped, **{key: v for key, v in rows.items()})
+    st = write_trace(tr, tmp_path / "s", shard_tokens=20, chunk_tokens=13)
+    assert len(st.shards) == 3 and st.meta.extra["dropped"] and "dropped" not in meta.extra
+    back = st.load()
+    for key in ("doc_id", "position", "token_id", "expert_ids", "dropped"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(tr, key))
+    np.testing.assert_array_equal(back.logits, rows["logits"].astype(np.float32))
+    no_logits = write_trace(tr, tmp_path / "n", logits=False).load()
+    assert no_logits.logits is None and no_logits.num_tokens == n
+    tr.logits = None
+    with pytest.raises(TraceError, match="no logits"):
+        write_trace(tr, tmp_path / "x", logits=True)
+    with pytest.raises(TraceError, match="chunk_tokens"):
+        write_trace(tr, tmp_path / "y", chunk_tokens=0)
 
 
 def test_foreign_readers_without_moelab(tmp_path: Path, mixtral_dir: Path) -> None:

@@ -21,6 +21,7 @@ TraceWriter sees fewer rows than the done marker, drops the marker and retraces 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -481,6 +482,36 @@ class TraceWriter:
     def is_done(self) -> bool:
         """True when this rank already finished in a previous run."""
         return (self.path / done_name(self.rank)).exists()
+
+
+def write_trace(
+    trace: Trace,
+    path: str | Path,
+    shard_tokens: int = 65536,
+    logits: bool | None = None,
+    chunk_tokens: int = 65536,
+) -> TraceStore:
+    """Write an in-memory Trace as a store (chunked appends, so shards can split documents) and
+    open it. logits=None keeps them when the trace has them; hidden states are not written."""
+    if chunk_tokens < 1:
+        raise TraceError(f"write_trace: chunk_tokens={chunk_tokens} must be >= 1")
+    keep = trace.logits is not None if logits is None else bool(logits)
+    if keep and trace.logits is None:
+        raise TraceError(f"write_trace {path}: logits=True but the trace has no logits")
+    meta = trace.meta
+    if trace.dropped is not None and not meta.extra.get("dropped"):
+        meta = dataclasses.replace(meta, extra={**meta.extra, "dropped": True})
+    w = TraceWriter(path, meta, shard_tokens=shard_tokens, logits=keep)
+    for a in range(0, trace.num_tokens, chunk_tokens):
+        sl = slice(a, a + chunk_tokens)
+        w.append(
+            trace.doc_id[sl], trace.position[sl], trace.token_id[sl], trace.domain[sl],
+            trace.is_bos[sl], trace.expert_ids[sl], trace.weights[sl],
+            trace.logits[sl] if keep else None,
+            dropped=None if trace.dropped is None else trace.dropped[sl],
+        )  # fmt: skip
+    w.close()
+    return TraceStore.open(path)
 
 
 def open_shard(path: Path) -> pq.ParquetFile:
