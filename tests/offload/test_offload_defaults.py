@@ -12,8 +12,9 @@ import pytest
 from moelab.cli import main
 from moelab.errors import ConfigError
 from moelab.offload.cache import parse_capacity
-from moelab.trace.schema import TraceMeta
-from moelab.trace.store import TraceWriter
+from moelab.trace.schema import NO_EXPERT, TraceMeta
+from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.store import write_trace as write_store
 
 
 def run(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
@@ -87,3 +88,25 @@ def test_explicit_count_below_top_k_is_a_clear_cli_error(tmp_path, capsys, monke
     assert code == 2 and "Traceback" not in output
     assert "capacity '1': 1 experts per layer cannot hold one token's top_k=2" in output
     assert not out.exists()
+
+
+def test_capacity_dropped_slots_load_nothing(tmp_path, capsys, monkeypatch) -> None:
+    tr = TraceStore.open(write_trace(tmp_path / "t", 2, 8, 2, n=300, seed=3)).load()
+    dropped = np.random.default_rng(1).random(tr.expert_ids.shape) < 0.3
+    flagged = tr.select(np.arange(tr.num_tokens))
+    flagged.dropped = dropped
+    gone = tr.select(np.arange(tr.num_tokens))
+    gone.expert_ids = np.where(dropped, NO_EXPERT, tr.expert_ids)
+    np.testing.assert_array_equal(flagged.computed_expert_ids(), gone.expert_ids)
+    curves = {}
+    for name, t in (("flagged", flagged), ("gone", gone), ("intended", tr)):
+        write_store(t, tmp_path / name, logits=False)
+        code, output = run(["offload", "simulate", "--trace", str(tmp_path / name), "--cache",
+                            "2,4", "--policies", "lru,lfu", "--out", str(tmp_path / f"o{name}")],
+                           capsys, monkeypatch)  # fmt: skip
+        assert code == 0, output
+        curves[name] = json.loads((tmp_path / f"o{name}" / "offload_sim.json").read_text())[
+            "curves"
+        ]
+    # a dropped slot's expert (kept in expert_ids as the router's choice) never ran: not loaded
+    assert curves["flagged"] == curves["gone"] != curves["intended"]

@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
 
         tr = TraceStore.open(trace).load()
         m = tr.meta
-        ids = tr.expert_ids
+        ids = tr.computed_expert_ids()  # capacity-dropped slots load nothing
         L, E, k = m.num_layers, m.num_experts, m.top_k
         span = E if per_layer else L * E
         specs = _parse_list(cache)
@@ -117,6 +117,7 @@ def register(app: typer.Typer) -> None:
         calib = None
         if calibration is not None:
             calib = TraceStore.open(calibration).load()
+            calib.expert_ids = calib.computed_expert_ids()
             cm = calib.meta
             check_same_model(
                 cm.model_fingerprint, cm.model, f"--calibration {calibration}",
@@ -172,7 +173,7 @@ def register(app: typer.Typer) -> None:
                 "offload simulate: give --expert-bytes (the preset has no expert size)"
             )
         static_src = (
-            TraceStore.open(static_from).load().expert_ids
+            TraceStore.open(static_from).load().computed_expert_ids()
             if static_from
             else (calib.expert_ids if calib is not None else ids)
         )

@@ -211,7 +211,7 @@ def workload_from_trace(path: str | Path, max_len: int = 128) -> Workload:
     if not toks:
         raise OffloadError(f"{path}: no document with >= 2 tokens to replay")
     idx = np.concatenate(rows)
-    return Workload(toks, tr.expert_ids[idx], None if hid is None else hid[idx],
+    return Workload(toks, tr.computed_expert_ids()[idx], None if hid is None else hid[idx],
                     f"trace {path} (split {tr.meta.split if hasattr(tr.meta, 'split') else '?'})")  # fmt: skip
 
 

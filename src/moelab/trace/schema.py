@@ -112,6 +112,13 @@ class Trace:
         """N."""
         return int(self.token_id.shape[0])
 
+    def computed_expert_ids(self) -> np.ndarray:
+        """[N, L, k] experts that actually ran: capacity-dropped slots (which keep the router's
+        choice in expert_ids) become NO_EXPERT; what an offloaded model has to load."""
+        if self.dropped is None:
+            return self.expert_ids
+        return np.where(self.dropped, np.asarray(NO_EXPERT, self.expert_ids.dtype), self.expert_ids)
+
     def validate(self) -> None:
         """Check shapes agree with each other and with meta; raise TraceError naming the field."""
         n, m = self.num_tokens, self.meta
