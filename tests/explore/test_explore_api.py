@@ -194,6 +194,88 @@ def test_predictor_matches_reference(client, ref, filters):
     assert d["chance"] == pytest.approx(0.25)
 
 
+def _predictor_exact(ref, token, prev=None, next=None, domain=None, min_fit=5):
+    """Pure-Python reference with the explorer's arithmetic: integer sums of hits per layer and
+    number of routed slots v, then sum_v S_v / v (in order v = 1..k) over the rows with a
+    routed slot; returns (n_scored, prior [3], context [3], backoff) or None (nothing to
+    score / fit)."""
+    t = ref.trace
+    docs = np.unique(t.doc_id)
+    held_docs = set(docs[doc_split(docs, 0.2, 0)].tolist())
+    rows = np.flatnonzero(ref.keep & (t.token_id == token))
+    train = [r for r in rows if int(t.doc_id[r]) not in held_docs]
+    scored = [r for r in np.flatnonzero(ref.mask(token, prev, next, domain)) if r not in train]
+    if not train or not scored:
+        return None
+    pair_n = collections.Counter(int(ref.prev[q]) for q in train)
+    out = {"prior": [], "context": []}
+    for layer in range(3):
+        pc = collections.Counter(int(e) for q in train for e in t.expert_ids[q, layer] if e >= 0)
+        prior = sorted(range(8), key=lambda e: (-pc[e], e))[:2]
+        ok, sp, sc = 0, [0, 0], [0, 0]
+        for r in scored:
+            true = [int(e) for e in t.expert_ids[r, layer] if e >= 0]
+            if not true:
+                continue
+            p = int(ref.prev[r])
+            pred = prior
+            if pair_n[p] >= min_fit:
+                cc = collections.Counter(
+                    int(e)
+                    for q in train
+                    if ref.prev[q] == p
+                    for e in t.expert_ids[q, layer]
+                    if e >= 0
+                )
+                pred = sorted(range(8), key=lambda e: (-cc[e], -pc[e], e))[:2]
+            ok += 1
+            sp[len(true) - 1] += sum(e in prior for e in true)
+            sc[len(true) - 1] += sum(e in pred for e in true)
+        for name, s in (("prior", sp), ("context", sc)):
+            total = np.float64(0.0)
+            for v in (1, 2):
+                total += np.int64(s[v - 1]) / v
+            out[name].append(float(total / ok) if ok else float("nan"))
+    backoff = sum(pair_n[int(ref.prev[r])] < min_fit for r in scored) / len(scored)
+    return len(scored), out["prior"], out["context"], backoff
+
+
+def test_predictor_engines_equal_the_exact_reference(explorer, ref):
+    """Every token x filters x min_fit: the cached tallies (a lookup), the tallies of the
+    rows and the pure-Python reference give bitwise the same numbers."""
+    from moelab.explore import queries as Q
+
+    t = ref.trace
+    checked = 0
+    for token in range(1, len(WORDS)):
+        if not ref.mask(token).any():
+            continue
+        p0 = collections.Counter(ref.prev[ref.mask(token)].tolist()).most_common(1)[0][0]
+        n0 = collections.Counter(ref.next[ref.mask(token)].tolist()).most_common(1)[0][0]
+        dom = t.meta.domains[token % 2]
+        for filt in ({}, {"domain": dom}, {"prev": p0}, {"next": n0}, {"prev": p0, "domain": dom}):
+            if not ref.mask(token, **filt).any():
+                continue
+            f = Q.Filters(token, **filt)
+            for min_fit in (1, 3, 50):
+                want = _predictor_exact(ref, token, min_fit=min_fit, **filt)
+                engines = ["rows"] if ("prev" in filt or "next" in filt) else ["rows", "cached"]
+                for engine in engines:
+                    d = Q.predictor(explorer, f, min_fit, engine=engine)
+                    if want is None:
+                        assert d["prior"] is None and d["note"], (token, filt, engine)
+                        continue
+                    n_scored, prior, ctx, backoff = want
+                    assert d["n_scored"] == n_scored, (token, filt, engine)
+                    assert np.array_equal(d["prior"], prior, equal_nan=True), (token, filt)
+                    assert np.array_equal(d["context"], ctx, equal_nan=True), (token, filt)
+                    assert d["backoff"] == backoff, (token, filt, engine, min_fit)
+                    checked += 1
+    assert checked > 200
+    with pytest.raises(Q.ExploreInputError, match="cached"):
+        Q.predictor(explorer, Q.Filters(CAN, prev=I_), engine="cached")
+
+
 def test_contexts_show_the_document_text(client, ref):
     r = client.get("/api/contexts", params={"token": CAN, "prev": I_, "limit": 5, "width": 3})
     assert r.status_code == 200, r.text

@@ -114,12 +114,37 @@ def test_heat_table_matches_duckdb(explorer, store):
     assert heat["token_id"] == sorted(heat["token_id"])
 
 
+def test_paths_table_matches_a_group_by(explorer):
+    """paths.parquet = per token a DuckDB GROUP BY of the cached top-1 columns, count desc then
+    t0, t1, ... asc, the first 100, with the distinct-path and occurrence counts."""
+    meta = explorer.meta
+    tcols = ", ".join(f"t{li}" for li in range(meta.num_layers))
+    con = duckdb.connect()
+    rows = str(explorer.cache_path)
+    want = con.execute(
+        f"WITH g AS (SELECT token_id, {tcols}, count(*) AS n FROM read_parquet(?) GROUP BY ALL),"
+        " r AS (SELECT *, row_number() OVER (PARTITION BY token_id ORDER BY n DESC,"
+        f" {tcols}) - 1 AS rank, count(*) OVER (PARTITION BY token_id) AS n_paths,"
+        " sum(n) OVER (PARTITION BY token_id) AS n_all FROM g)"
+        f" SELECT token_id, rank, n, n_paths, n_all, {tcols} FROM r WHERE rank < 100"
+        " ORDER BY token_id, rank",
+        [rows],
+    ).fetchall()
+    got = con.execute(
+        f"SELECT token_id, rank, n, n_paths, n_all, {tcols} FROM read_parquet(?)",
+        [str(explorer.cache_path.parent / "paths.parquet")],
+    ).fetchall()
+    assert got == want and len(got) > 100
+    assert max(r[3] for r in want) > 100  # some token has more paths than are kept
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 100, 1000])
 def test_token_tables_do_not_depend_on_chunking(explorer, tmp_path, chunk):
     """Chunks never split a token, so any chunk size gives the same tables."""
     d = explorer.cache_path.parent
     build_token_tables(explorer.cache_path, explorer.meta, tmp_path, chunk)
-    for name in ("fit_prior.parquet", "fit_pairs.parquet", "heat.parquet"):
+    names = ["fit_prior.parquet", "fit_pairs.parquet", "heat.parquet"]
+    for name in [*names, "paths.parquet", "pred_tally.parquet"]:
         assert pq.read_table(tmp_path / name).equals(pq.read_table(d / name)), name
 
 

@@ -5,7 +5,9 @@ next token and domain filters). Scanning the shards for that is a full read per 
 the explorer writes once, beside the store, a Parquet file holding the id columns needed by
 the views, sorted by token id, then held-out flag, document and position (row groups then
 cover narrow token-id ranges and DuckDB skips all others from the row-group statistics; a
-frequent token's held-out rows, the predictor's scored rows, fill row groups of their own):
+frequent token's held-out rows, the predictor's scored rows, fill row groups of their own, and
+within them the rows of one previous token lie together, so a previous-token filter skips
+most of a frequent token's row groups too):
 
   token_id, prev_id, next_id (-1 at a document boundary or gap), doc_id, position, domain,
   heldout (the document's split for predictor scores), e{l}_{j} (expert ids as on disk),
@@ -22,6 +24,19 @@ depend on a request's filters), computed once from the train (not held-out) rows
   fit_pairs.parquet  token_id, prev_id, n (train occurrences after prev_id), p{l}_{j}: the k
                      most frequent experts per layer after that previous token (count desc,
                      then the token's count desc, then id asc), sorted by (token_id, prev_id)
+  pred_tally.parquet the predictor's hit tallies of the held-out rows, per (token_id, domain,
+                     n_pair = train occurrences of the row's (token, previous token) pair):
+                     rows, and per layer ok{l} (rows with a routed slot), sp{l}_{v} / sc{l}_{v}
+                     (v = 1..k: summed hits of the token prior / of the pair's top-k, or of the
+                     prior when the pair has no train row, over rows with v routed slots);
+                     a request without previous / next filter sums them (a lookup)
+
+Beside those, two per-token tables of the views without filters:
+
+  heat.parquet       token_id, layer, expert, n (> 0): the heatmap counts
+  paths.parquet      token_id, rank, n, n_paths, n_all, t{l}: the token's MAX_PATHS most
+                     frequent top-1 paths (count desc, then t0, t1, ... asc), n_paths distinct
+                     paths and n_all occurrences of the token
 
 The files are rebuilt when the store changes (meta.json's bytes; each shard's name, size,
 mtime and Parquet footer), when the held-out fraction or seed changes, or when this module's
@@ -49,11 +64,15 @@ from moelab.errors import TraceError
 from moelab.trace.schema import TraceMeta
 from moelab.trace.store import TraceStore, id_dtype
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 ROWS_FILE = "rows.parquet"
 PRIOR_FILE = "fit_prior.parquet"
 PAIRS_FILE = "fit_pairs.parquet"
 HEAT_FILE = "heat.parquet"
+PATHS_FILE = "paths.parquet"
+TALLY_FILE = "pred_tally.parquet"
+TABLE_FILES = (PRIOR_FILE, PAIRS_FILE, HEAT_FILE, PATHS_FILE, TALLY_FILE)
+MAX_PATHS = 100  # paths kept per token (the trajectories view asks for at most this many)
 KEY_FILE = "key.json"
 ROW_GROUP = 65_536
 FIT_ROW_GROUP = 8_192  # a token's rows of the fit / heat tables span few rows: small groups
@@ -82,6 +101,16 @@ class CacheInfo:
     def heat_path(self) -> Path:
         """The per-token expert counts (heatmap without filters)."""
         return self.path.parent / HEAT_FILE
+
+    @property
+    def paths_path(self) -> Path:
+        """The per-token most frequent top-1 paths (trajectories without filters)."""
+        return self.path.parent / PATHS_FILE
+
+    @property
+    def tally_path(self) -> Path:
+        """The predictor's held-out hit tallies per (token, domain, pair count)."""
+        return self.path.parent / TALLY_FILE
 
 
 def weight_sql(layer: int, slot: int) -> str:
@@ -120,6 +149,15 @@ def top1_columns(meta: TraceMeta) -> list[str]:
 def pred_columns(meta: TraceMeta, prefix: str) -> list[str]:
     """Names of the fitted top-k columns {prefix}{l}_{j} (q: token prior, p: after a previous)."""
     return [f"{prefix}{li}_{j}" for li in range(meta.num_layers) for j in range(meta.top_k)]
+
+
+def tally_columns(meta: TraceMeta) -> tuple[list[str], list[str], list[str]]:
+    """Names of pred_tally's per-layer columns: ok{l}, sp{l}_{v}, sc{l}_{v} (v = 1..k)."""
+    num_l, k = meta.num_layers, meta.top_k
+    ok = [f"ok{li}" for li in range(num_l)]
+    sp = [f"sp{li}_{v}" for li in range(num_l) for v in range(1, k + 1)]
+    sc = [f"sc{li}_{v}" for li in range(num_l) for v in range(1, k + 1)]
+    return ok, sp, sc
 
 
 def _footer_digest(path: Path) -> str:
@@ -166,9 +204,7 @@ def user_cache_dir(store_path: Path) -> Path:
 def _valid(cache_dir: Path, key: dict[str, Any]) -> bool:
     """True when `cache_dir` holds a complete cache built under `key`."""
     key_file = cache_dir / KEY_FILE
-    if not all(
-        (cache_dir / f).is_file() for f in (ROWS_FILE, PRIOR_FILE, PAIRS_FILE, HEAT_FILE, KEY_FILE)
-    ):
+    if not all((cache_dir / f).is_file() for f in (ROWS_FILE, *TABLE_FILES, KEY_FILE)):
         return False
     try:
         return json.loads(key_file.read_text()) == key
@@ -265,7 +301,7 @@ def build_cache(
                    {", ".join(f"b.t{li}" for li in range(meta.num_layers))}
             FROM base b JOIN held h USING (doc_id)
             WHERE NOT b.is_bos
-            ORDER BY b.token_id, h.heldout, b.doc_id, b.position
+            ORDER BY b.token_id, h.heldout, prev_id, b.doc_id, b.position
         """
 
         def write(tmp: Path) -> None:
@@ -350,41 +386,145 @@ def _heat_chunk(tok: np.ndarray, ids: np.ndarray, meta: TraceMeta) -> dict[str, 
     }
 
 
+def _hits(ids: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """[n, L] hits: routed slots whose expert is one of the k predicted ([n, L*k] each; the
+    predicted experts are distinct and < E, never the dropped-slot value)."""
+    n, lk = ids.shape
+    out = np.zeros((n, lk // k), np.int64)
+    for j in range(k):
+        for i in range(k):
+            out += ids[:, j::k] == pred[:, i::k]
+    return out
+
+
+def tally_chunk(
+    tok: np.ndarray,
+    dom: np.ndarray,
+    prev: np.ndarray,
+    ids: np.ndarray,
+    prior: dict[str, np.ndarray],
+    pairs: dict[str, np.ndarray],
+    meta: TraceMeta,
+) -> dict[str, np.ndarray]:
+    """pred_tally rows (see the module doc) of held-out rows whose tokens' train rows made
+    `prior` / `pairs` (rows of tokens without a train row are left out: nothing to score)."""
+    num_l, k = meta.num_layers, meta.top_k
+    sentinel = int(np.iinfo(id_dtype(meta.num_experts)).max)
+    ptok = prior["token_id"]
+    at = np.minimum(np.searchsorted(ptok, tok), max(ptok.size - 1, 0))
+    keep = (ptok[at] == tok) if ptok.size else np.zeros(tok.size, bool)
+    tok, dom, prev, ids, at = tok[keep], dom[keep], prev[keep], ids[keep], at[keep]
+    qcols, pcols = pred_columns(meta, "q"), pred_columns(meta, "p")
+    q = np.stack([prior[c] for c in qcols], axis=1)[at]  # [n, L*k] the token's prior
+    pkey = (pairs["token_id"].astype(np.int64) << 32) | (pairs["prev_id"].astype(np.int64) + 1)
+    rkey = (tok.astype(np.int64) << 32) | (prev.astype(np.int64) + 1)
+    pos = np.minimum(np.searchsorted(pkey, rkey), max(pkey.size - 1, 0))
+    seen = (pkey[pos] == rkey) if pkey.size else np.zeros(tok.size, bool)
+    n_pair = np.where(seen, pairs["n"][pos] if pkey.size else 0, 0).astype(np.int64)
+    p = np.stack([pairs[c] for c in pcols], axis=1)[pos] if pkey.size else q.copy()
+    p[~seen] = q[~seen]  # an unseen pair: the prior (any min_fit >= 1 backs off to it)
+    routed = np.zeros((tok.size, num_l), np.int64)
+    for j in range(k):
+        routed += ids[:, j::k] != sentinel
+    hp, hc = _hits(ids, q, k), _hits(ids, p, k)
+    key = np.stack([tok.astype(np.int64), dom.astype(np.int64), n_pair], axis=1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.int64)
+    g = uniq.shape[0]
+    b = (k + 1) ** 2
+    base = (inv * (num_l * b))[:, None] + (np.arange(num_l, dtype=np.int64) * b)[None, :]
+    h = np.arange(k + 1)
+    out: dict[str, np.ndarray] = {
+        "token_id": uniq[:, 0].astype(np.int32),
+        "domain": uniq[:, 1].astype(np.int32),
+        "n_pair": uniq[:, 2],
+        "rows": np.bincount(inv, minlength=g).astype(np.int64),
+    }
+    ok_c, sp_c, sc_c = tally_columns(meta)
+    for hits, names in ((hp, sp_c), (hc, sc_c)):
+        code = base + routed * (k + 1) + hits
+        cnt = np.bincount(code.ravel(), minlength=g * num_l * b).reshape(g, num_l, k + 1, k + 1)
+        if names is sp_c:
+            ok = cnt[:, :, 1:].sum((2, 3))
+            for li in range(num_l):
+                out[ok_c[li]] = ok[:, li]
+        sums = (cnt * h).sum(-1)  # [g, L, routed]: summed hits per number of routed slots
+        for li in range(num_l):
+            for v in range(1, k + 1):
+                out[names[li * k + v - 1]] = sums[:, li, v]
+    return out
+
+
+def _paths_chunk(tok: np.ndarray, top1: np.ndarray) -> dict[str, np.ndarray]:
+    """paths rows (see the module doc) of rows holding every row of their tokens; top1 [n, L]
+    the cached t{l} values (the dropped-slot value kept as on disk)."""
+    num_l = top1.shape[1]
+    keys = np.concatenate([tok.astype(np.int64)[:, None], top1.astype(np.int64)], axis=1)
+    uniq, cnt = np.unique(keys, axis=0, return_counts=True)
+    # token asc, count desc, then t0, t1, ... asc (the trajectories view's ORDER BY)
+    order = np.lexsort((*(uniq[:, c] for c in range(num_l, 0, -1)), -cnt, uniq[:, 0]))
+    uniq, cnt = uniq[order], cnt[order].astype(np.int64)
+    t = uniq[:, 0]
+    starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
+    sizes = np.diff(np.r_[starts, t.size])
+    rank = np.arange(t.size) - np.repeat(starts, sizes)
+    n_all = np.repeat(np.add.reduceat(cnt, starts), sizes)
+    n_paths = np.repeat(sizes, sizes).astype(np.int64)
+    keep = rank < MAX_PATHS
+    out = {
+        "token_id": t[keep].astype(np.int32),
+        "rank": rank[keep].astype(np.int32),
+        "n": cnt[keep],
+        "n_paths": n_paths[keep],
+        "n_all": n_all[keep],
+    }
+    for li in range(num_l):
+        out[f"t{li}"] = uniq[keep, li + 1].astype(top1.dtype)
+    return out
+
+
 def build_token_tables(
     rows: Path, meta: TraceMeta, out_dir: Path, chunk_rows: int = ROW_GROUP
 ) -> None:
-    """Write the per-token tables (the predictor's fit on the train rows, the heatmap of all
-    rows; see the module doc) from the rows cache into `out_dir`.
+    """Write the per-token tables (the predictor's fit on the train rows and its hit tallies
+    on the held-out rows, the heatmap and top paths of all rows; see the module doc) from the
+    rows cache into `out_dir`.
 
     Streams rows.parquet (sorted by token id) in chunks of about `chunk_rows` rows that never
     split a token, so memory stays bounded by the largest token.
     """
-    ecols = expert_columns(meta)
+    ecols, tcols = expert_columns(meta), top1_columns(meta)
     pf = pq.ParquetFile(rows)
-    out: dict[str, list[list[np.ndarray]]] = {"prior": [], "pairs": [], "heat": []}
+    names = {"prior": PRIOR_FILE, "pairs": PAIRS_FILE, "heat": HEAT_FILE}
+    names.update(paths=PATHS_FILE, tally=TALLY_FILE)
+    out: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
 
     def flush(pieces: list[pa.Table]) -> None:
         t = pa.concat_tables(pieces)
         ids = np.stack([t.column(c).to_numpy() for c in ecols], axis=1)
         tok = t.column("token_id").to_numpy()
-        heat = _heat_chunk(tok, ids, meta)
-        out["heat"].append(list(heat.values()))
-        names["heat"] = list(heat)
-        train = ~t.column("heldout").to_numpy(zero_copy_only=False)
+        out["heat"].append(_heat_chunk(tok, ids, meta))
+        top1 = np.stack([t.column(c).to_numpy() for c in tcols], axis=1)
+        out["paths"].append(_paths_chunk(tok, top1))
+        held = t.column("heldout").to_numpy(zero_copy_only=False)
+        train = ~held
         if not train.any():
             return
-        prior, pairs = _fit_chunk(
-            tok[train], t.column("prev_id").to_numpy()[train], ids[train], meta
-        )
-        out["prior"].append(list(prior.values()))
-        out["pairs"].append(list(pairs.values()))
-        names["prior"], names["pairs"] = list(prior), list(pairs)
+        prev = t.column("prev_id").to_numpy()
+        prior, pairs = _fit_chunk(tok[train], prev[train], ids[train], meta)
+        out["prior"].append(prior)
+        out["pairs"].append(pairs)
+        if held.any():
+            dom = t.column("domain").to_numpy()
+            out["tally"].append(
+                tally_chunk(tok[held], dom[held], prev[held], ids[held], prior, pairs, meta)
+            )
 
-    names: dict[str, list[str]] = {}
     pending: list[pa.Table] = []
     n_pending = 0
     for batch in pf.iter_batches(
-        batch_size=chunk_rows, columns=["token_id", "prev_id", "heldout", *ecols]
+        batch_size=chunk_rows,
+        columns=["token_id", "prev_id", "domain", "heldout", *ecols, *tcols],
     ):
         t = pa.Table.from_batches([batch])
         pending.append(t)
@@ -400,14 +540,13 @@ def build_token_tables(
         pending, n_pending = [whole.slice(cut)], whole.num_rows - cut
     if n_pending:
         flush(pending)
-    files = {"prior": PRIOR_FILE, "pairs": PAIRS_FILE, "heat": HEAT_FILE}
-    for name, file in files.items():
+    for name, file in names.items():
         path = Path(out_dir) / file
-        if out[name]:
-            cols = [np.concatenate(parts) for parts in zip(*out[name], strict=True)]
-            table = pa.table(dict(zip(names[name], cols, strict=True)))
-        else:  # no (train) row at all
-            table = _empty_fit(meta, name)
+        parts = [p for p in out[name] if p["token_id"].size]
+        if parts:
+            table = pa.table({c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
+        else:  # no (train / held-out) row at all
+            table = _empty_table(meta, name)
         atomic_write_with(
             path,
             lambda tmp, t=table: pq.write_table(
@@ -416,17 +555,25 @@ def build_token_tables(
         )
 
 
-def _empty_fit(meta: TraceMeta, name: str) -> pa.Table:
-    """An empty fitted table with the right columns."""
+def _empty_table(meta: TraceMeta, name: str) -> pa.Table:
+    """An empty per-token table with the right columns."""
     dt = pa.from_numpy_dtype(id_dtype(meta.num_experts))
+    i32, i64 = pa.int32(), pa.int64()
     if name == "heat":
         return pa.schema(
-            [("token_id", pa.int32()), ("layer", pa.int32()), ("expert", dt), ("n", pa.int64())]
+            [("token_id", i32), ("layer", i32), ("expert", dt), ("n", i64)]
         ).empty_table()
-    fields = [("token_id", pa.int32())]
+    if name == "paths":
+        fields = [("token_id", i32), ("rank", i32), ("n", i64), ("n_paths", i64), ("n_all", i64)]
+        return pa.schema(fields + [(c, dt) for c in top1_columns(meta)]).empty_table()
+    if name == "tally":
+        ok, sp, sc = tally_columns(meta)
+        fields = [("token_id", i32), ("domain", i32), ("n_pair", i64), ("rows", i64)]
+        return pa.schema(fields + [(c, i64) for c in ok + sp + sc]).empty_table()
+    fields = [("token_id", i32)]
     if name == "pairs":
-        fields.append(("prev_id", pa.int32()))
-    fields.append(("n", pa.int64()))
+        fields.append(("prev_id", i32))
+    fields.append(("n", i64))
     fields += [(c, dt) for c in pred_columns(meta, "p" if name == "pairs" else "q")]
     return pa.schema(fields).empty_table()
 

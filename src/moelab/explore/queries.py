@@ -30,9 +30,12 @@ import numpy as np
 
 from moelab.errors import AnalysisError
 from moelab.explore.cache import (
+    MAX_PATHS,
     build_cache,
     expert_columns,
     pred_columns,
+    tally_chunk,
+    tally_columns,
     top1_columns,
 )
 from moelab.explore.tokens import Vocab, load_vocab
@@ -40,7 +43,7 @@ from moelab.trace.schema import TraceMeta
 from moelab.trace.store import TraceStore, id_dtype
 
 NORMS = ("row", "column", "joint")
-MAX_TOP = 100
+MAX_TOP = MAX_PATHS  # trajectories without filters read the cache's top MAX_PATHS per token
 MAX_CONTEXTS = 50
 MAX_WIDTH = 64
 
@@ -79,6 +82,7 @@ class Explorer:
     seed: int
     num_rows: int  # non-BOS rows in the cache
     con: Any = None
+    tables: dict[str, str] = field(default_factory=dict)  # view name -> read_parquet('file')
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -90,6 +94,17 @@ class Explorer:
     def src(self) -> str:
         """The view over the cache (created at open; its name is fixed, not user text)."""
         return "tok"
+
+    def table(self, name: str) -> str:
+        """SQL of a cache file: read_parquet of its path (the views of the same names answer
+        the same, but DuckDB re-reads a view's Parquet footer on every query: 40 ms for the
+        rows of a 10M-token, 32-layer store)."""
+        return self.tables.get(name, name)
+
+    @property
+    def rows(self) -> str:
+        """SQL of the cached rows (one per non-BOS occurrence)."""
+        return self.table("tok")
 
     def cursor(self) -> Any:
         """A DuckDB cursor of the shared connection (one per request thread)."""
@@ -137,13 +152,15 @@ def open_explorer(
         con.execute(f"SET threads={int(threads)}")
     con.execute("SET parquet_metadata_cache=true")  # the cache files do not change while open
     views = {"tok": info.path, "fitq": info.prior_path, "fitp": info.pairs_path}
-    views["heat"] = info.heat_path
+    views.update(heat=info.heat_path, paths=info.paths_path, tally=info.tally_path)
+    tables = {}
     for view, file in views.items():
         lit = "'" + str(file).replace("'", "''") + "'"
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({lit})")
-    n = int(con.execute("SELECT count(*) FROM tok").fetchone()[0])
+        tables[view] = f"read_parquet({lit})"
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM {tables[view]}")
+    n = int(con.execute(f"SELECT count(*) FROM {tables['tok']}").fetchone()[0])
     vocab = load_vocab(store.path, store.meta, None if tokenizer is None else Path(tokenizer))
-    return Explorer(store.path, store.meta, info.path, vocab, holdout, seed, n, con)
+    return Explorer(store.path, store.meta, info.path, vocab, holdout, seed, n, con, tables)
 
 
 @lru_cache(maxsize=4)
@@ -225,7 +242,9 @@ def count(ex: Explorer | str | Path, f: Filters) -> int:
     """Number of (non-BOS) occurrences matching the filters."""
     ex = as_explorer(ex)
     where, params = _where(ex, f)
-    return int(ex.cursor().execute(f"SELECT count(*) FROM tok WHERE {where}", params).fetchone()[0])
+    return int(
+        ex.cursor().execute(f"SELECT count(*) FROM {ex.rows} WHERE {where}", params).fetchone()[0]
+    )
 
 
 def token_counts(ex: Explorer | str | Path, ids: list[int]) -> dict[int, int]:
@@ -238,7 +257,7 @@ def token_counts(ex: Explorer | str | Path, ids: list[int]) -> dict[int, int]:
     rows = (
         ex.cursor()
         .execute(
-            f"SELECT token_id, count(*) FROM tok WHERE token_id IN ({marks}) GROUP BY token_id",
+            f"SELECT token_id, count(*) FROM {ex.rows} WHERE token_id IN ({marks}) GROUP BY token_id",
             ids,
         )
         .fetchall()
@@ -254,7 +273,7 @@ def top_tokens(ex: Explorer | str | Path, limit: int = 20) -> list[tuple[int, in
         (int(a), int(b))
         for a, b in ex.cursor()
         .execute(
-            "SELECT token_id, count(*) AS n FROM tok GROUP BY token_id ORDER BY n DESC, token_id"
+            f"SELECT token_id, count(*) AS n FROM {ex.rows} GROUP BY token_id ORDER BY n DESC, token_id"
             " LIMIT ?",
             [int(limit)],
         )
@@ -276,16 +295,18 @@ def heatmap(ex: Explorer | str | Path, f: Filters) -> dict[str, Any]:
     cur = ex.cursor()
     counts = np.zeros((num_l, num_e), np.int64)
     if len(params) == 1:  # the token only
-        n = int(cur.execute(f"SELECT count(*) FROM tok WHERE {where}", params).fetchone()[0])
+        n = int(cur.execute(f"SELECT count(*) FROM {ex.rows} WHERE {where}", params).fetchone()[0])
         if n == 0:
             raise _not_found(ex, f)
         d = cur.execute(
-            "SELECT layer, expert, n FROM heat WHERE token_id = ?", [int(f.token)]
+            f"SELECT layer, expert, n FROM {ex.table('heat')} WHERE token_id = ?", [int(f.token)]
         ).fetchnumpy()
         counts[np.asarray(d["layer"], np.int64), np.asarray(d["expert"], np.int64)] = d["n"]
     else:
         cols = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
-        d = cur.execute(f"SELECT {', '.join(cols)} FROM tok WHERE {where}", params).fetchnumpy()
+        d = cur.execute(
+            f"SELECT {', '.join(cols)} FROM {ex.rows} WHERE {where}", params
+        ).fetchnumpy()
         n = int(np.asarray(d[cols[0].strip('"')]).size)
         if n == 0:
             raise _not_found(ex, f)
@@ -298,17 +319,28 @@ def heatmap(ex: Explorer | str | Path, f: Filters) -> dict[str, Any]:
 
 
 def trajectories(ex: Explorer | str | Path, f: Filters, top: int = 10) -> dict[str, Any]:
-    """The `top` most frequent top-1 expert paths over all layers, with their counts."""
+    """The `top` most frequent top-1 expert paths over all layers, with their counts (ties:
+    paths in ascending order of t0, t1, ...).
+
+    Without previous / next / domain filters they come from the per-token table built with the
+    cache (paths.parquet, the MAX_PATHS most frequent per token); with filters, from one
+    GROUP BY over the matching rows."""
     ex = as_explorer(ex)
     if not 1 <= int(top) <= MAX_TOP:
         raise ExploreInputError(f"top={top}: expected 1..{MAX_TOP}")
     where, params = _where(ex, f)
     tcols = ", ".join(f'"{c}"' for c in top1_columns(ex.meta))
-    q = (
-        f"WITH g AS (SELECT {tcols}, count(*) AS n FROM tok WHERE {where} GROUP BY ALL)"
-        f" SELECT *, (SELECT count(*) FROM g) AS n_paths, (SELECT sum(n) FROM g) AS n_all"
-        f" FROM g ORDER BY n DESC, {tcols} LIMIT ?"
-    )
+    if len(params) == 1:  # the token only
+        q = (
+            f"SELECT {tcols}, n, n_paths, n_all FROM {ex.table('paths')}"
+            " WHERE token_id = ? AND rank < ? ORDER BY rank"
+        )
+    else:
+        q = (
+            f"WITH g AS (SELECT {tcols}, count(*) AS n FROM {ex.rows} WHERE {where} GROUP BY ALL)"
+            f" SELECT *, (SELECT count(*) FROM g) AS n_paths, (SELECT sum(n) FROM g) AS n_all"
+            f" FROM g ORDER BY n DESC, {tcols} LIMIT ?"
+        )
     rows = ex.cursor().execute(q, [*params, int(top)]).fetchall()
     if not rows:
         raise _not_found(ex, f)
@@ -352,7 +384,11 @@ def cooccurrence(
     ]
     where, params = _where(ex, f)
     sel = ", ".join(f"histogram({x})" for x in exprs) if exprs else "NULL"
-    row = ex.cursor().execute(f"SELECT count(*), {sel} FROM tok WHERE {where}", params).fetchone()
+    row = (
+        ex.cursor()
+        .execute(f"SELECT count(*), {sel} FROM {ex.rows} WHERE {where}", params)
+        .fetchone()
+    )
     n = int(row[0])
     if n == 0:
         raise _not_found(ex, f)
@@ -383,12 +419,6 @@ def cooccurrence(
     }
 
 
-def _index_in(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Index of each value in the sorted unique array `sorted_ids`, -1 where absent."""
-    pos = np.minimum(np.searchsorted(sorted_ids, values), max(sorted_ids.size - 1, 0))
-    return np.where(sorted_ids[pos] == values, pos, -1) if sorted_ids.size else pos * 0 - 1
-
-
 def _filter_sql(ex: Explorer, f: Filters) -> tuple[str, list[Any]]:
     """The filters other than the token (for rows already restricted to it), as SQL + params."""
     where, params = _where(ex, f)
@@ -396,25 +426,95 @@ def _filter_sql(ex: Explorer, f: Filters) -> tuple[str, list[Any]]:
     return (rest[1] if len(rest) > 1 else "TRUE"), params[1:]
 
 
-def _recall(hits: np.ndarray, routed: np.ndarray, k: int) -> np.ndarray:
-    """[L] mean over rows with a routed slot of hits / routed ([L, n] each, values 0..k; NaN
-    for a layer with none), summed exactly per number of routed slots (integer sums from one
-    bincount of (layer, routed, hits), one division each)."""
-    num_l, n = routed.shape
-    b = (k + 1) ** 2
-    code = routed.astype(np.int64) * (k + 1) + hits
-    code += (np.arange(num_l, dtype=np.int64) * b)[:, None]
-    cnt = np.bincount(code.ravel(), minlength=num_l * b).reshape(num_l, k + 1, k + 1)
-    ok = cnt[:, 1:].sum((1, 2))
-    h = np.arange(k + 1)
-    total = np.zeros(num_l)
-    for v in range(1, k + 1):
-        total += (cnt[:, v] * h).sum(1) / v
+def _recall(ok: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """[L] mean over rows with a routed slot of hits / routed slots (NaN for a layer with
+    none), from exact integer tallies: ok [L] rows with a routed slot, sums [L, k] summed hits
+    of the rows with v = 1..k routed slots (one division per v)."""
+    total = np.zeros(ok.shape[0])
+    for v in range(1, sums.shape[1] + 1):
+        total += sums[:, v - 1] / v
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(ok > 0, total / np.maximum(ok, 1), np.nan)
 
 
-def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[str, Any]:
+Tallies = tuple[int, int, np.ndarray, np.ndarray, np.ndarray]  # scored, backoff, ok, sp, sc
+
+
+def _sum_tallies(d: dict[str, Any], meta: TraceMeta, min_fit: int) -> Tallies:
+    """Sum pred_tally rows (module moelab.explore.cache): the previous-token table where the
+    row group's pair count n_pair >= min_fit, else the prior (exact integer sums)."""
+    num_l, k = meta.num_layers, meta.top_k
+    ok_c, sp_c, sc_c = tally_columns(meta)
+    use = np.asarray(d["n_pair"], np.int64) >= int(min_fit)
+    rows = np.asarray(d["rows"], np.int64)
+
+    def col(names: list[str], sel: np.ndarray | None = None) -> np.ndarray:
+        a = np.stack([np.asarray(d[c], np.int64) for c in names], axis=1)
+        return (a if sel is None else a[sel]).sum(0)
+
+    ok = col(ok_c)
+    sp = col(sp_c).reshape(num_l, k)
+    sc = (col(sc_c, use) + col(sp_c, ~use)).reshape(num_l, k)
+    return int(rows.sum()), int(rows[~use].sum()), ok, sp, sc
+
+
+def _tallies_cached(ex: Explorer, cur: Any, f: Filters, min_fit: int) -> Tallies:
+    """The predictor's tallies of the token's held-out rows (optionally of one domain): the
+    token's rows of pred_tally, built with the cache (a lookup)."""
+    ok_c, sp_c, sc_c = tally_columns(ex.meta)
+    sql = f"SELECT n_pair, rows, {', '.join(ok_c + sp_c + sc_c)} FROM {ex.table('tally')}"
+    sql += " WHERE token_id = ?"
+    params = [int(f.token)]
+    code = domain_code(ex, f.domain)
+    if code is not None:
+        sql += " AND domain = ?"
+        params.append(code)
+    return _sum_tallies(cur.execute(sql, params).fetchnumpy(), ex.meta, min_fit)
+
+
+def _tallies_rows(ex: Explorer, cur: Any, f: Filters, min_fit: int) -> Tallies:
+    """The same tallies from the held-out rows that match the filters, read from the rows
+    cache and tallied by the function that built pred_tally (so the same integers), with the
+    token's prior and its (token, previous token) rows of the fitted tables."""
+    m = ex.meta
+    fsql, fparams = _filter_sql(ex, f)
+    tok = int(f.token)
+    ecols = expert_columns(m)
+    sel = ", ".join(_ecol(ex, li, j) for li in range(m.num_layers) for j in range(m.top_k))
+    d = cur.execute(
+        f"SELECT prev_id, domain, {sel} FROM {ex.rows} WHERE token_id = ? AND heldout AND {fsql}",
+        [tok, *fparams],
+    ).fetchnumpy()
+    prev = np.asarray(d["prev_id"], np.int32)
+    if prev.size == 0:
+        zk = np.zeros((m.num_layers, m.top_k), np.int64)
+        return 0, 0, np.zeros(m.num_layers, np.int64), zk, zk.copy()
+    ids = np.stack([np.asarray(d[c]) for c in ecols], axis=1)
+    qcols = ", ".join(f'"{c}"' for c in pred_columns(m, "q"))
+    pcols = ", ".join(f'"{c}"' for c in pred_columns(m, "p"))
+    prior = cur.execute(
+        f"SELECT token_id, {qcols} FROM {ex.table('fitq')} WHERE token_id = ?", [tok]
+    ).fetchnumpy()
+    psql, pparams = "token_id = ?", [tok]
+    if f.prev is not None:
+        psql += " AND prev_id = ?"
+        pparams.append(int(f.prev))
+    pairs = cur.execute(
+        f"SELECT token_id, prev_id, n, {pcols} FROM {ex.table('fitp')} WHERE {psql}"
+        " ORDER BY prev_id",
+        pparams,
+    ).fetchnumpy()
+    prior = {c: np.asarray(v) for c, v in prior.items()}
+    pairs = {c: np.asarray(v) for c, v in pairs.items()}
+    tok_col = np.full(prev.size, tok, np.int32)
+    dom = np.asarray(d["domain"])
+    t = tally_chunk(tok_col, dom, prev, ids, prior, pairs, m)
+    return _sum_tallies(t, m, min_fit)
+
+
+def predictor(
+    ex: Explorer | str | Path, f: Filters, min_fit: int = 5, engine: str = "auto"
+) -> dict[str, Any]:
     """recall@k for the token's experts per layer: a token-id prior (train counts of the
     token) and a previous-token table (train counts of (previous, token), used when seen at
     least `min_fit` times, else the prior), fitted on the train documents on all occurrences
@@ -423,42 +523,54 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
     recall of one occurrence at layer l = |predicted k ∩ routed experts| / |routed experts|
     (dropped slots are not routed); the mean is over occurrences with a routed slot at l.
     The fit does not depend on the filters: the per-token and per-(token, previous token)
-    top-k tables are built once with the cache (fit_prior / fit_pairs, moelab.explore.cache);
-    a request reads the token's row of the first, its rows of the second and its held-out
-    occurrences that match the filters.
+    top-k tables are built once with the cache (fit_prior / fit_pairs, moelab.explore.cache),
+    and so are the hit tallies of the held-out rows per (token, domain, pair count)
+    (pred_tally). Without previous / next filters a request sums the token's tallies
+    (engine "cached"); with them it reads the matching held-out rows and tallies them with
+    the same function (engine "rows"; also right without filters). Both give the same
+    integer tallies, so the same numbers; "auto" picks.
     """
     ex = as_explorer(ex)
     if int(min_fit) < 1:
         raise ExploreInputError(f"min_fit={min_fit}: expected an integer >= 1")
+    if engine not in ("auto", "cached", "rows"):
+        raise ExploreInputError(f"engine={engine!r}: expected auto, cached or rows")
+    filtered = f.prev is not None or f.next is not None
+    if engine == "cached" and filtered:
+        raise ExploreInputError("engine='cached' answers without previous / next filters only")
     m = ex.meta
-    num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
-    flat = [_ecol(ex, li, j) for li in range(num_l) for j in range(k)]
+    k = m.top_k
     fsql, fparams = _filter_sql(ex, f)
     cur = ex.cursor()
     tok = int(f.token)
     n_match = int(
         cur.execute(
-            f"SELECT count(*) FROM tok WHERE token_id = ? AND {fsql}", [tok, *fparams]
+            f"SELECT count(*) FROM {ex.rows} WHERE token_id = ? AND {fsql}", [tok, *fparams]
         ).fetchone()[0]
     )
     if n_match == 0:
         raise _not_found(ex, f)
-    sc = cur.execute(
-        f"SELECT prev_id, {', '.join(flat)} FROM tok WHERE token_id = ? AND heldout AND {fsql}",
-        [tok, *fparams],
-    ).fetchnumpy()
-    qcols = pred_columns(m, "q")
     prior_row = cur.execute(
-        f"SELECT n, {', '.join(qcols)} FROM fitq WHERE token_id = ?", [tok]
+        f"SELECT n FROM {ex.table('fitq')} WHERE token_id = ?", [tok]
     ).fetchone()
     n_train = 0 if prior_row is None else int(prior_row[0])
-    n_scored = int(np.asarray(sc["prev_id"]).size)
+    if n_train == 0:
+        n_scored = int(
+            cur.execute(
+                f"SELECT count(*) FROM {ex.rows} WHERE token_id = ? AND heldout AND {fsql}",
+                [tok, *fparams],
+            ).fetchone()[0]
+        )
+    else:
+        from_rows = engine == "rows" or (engine == "auto" and filtered)
+        tallies = (_tallies_rows if from_rows else _tallies_cached)(ex, cur, f, int(min_fit))
+        n_scored, n_back, ok, sp, sc = tallies
     out: dict[str, Any] = {
         "n": n_match,
         "n_train": n_train,
         "n_scored": n_scored,
         "min_fit": int(min_fit),
-        "chance": k / num_e,
+        "chance": k / m.num_experts,
         "k": k,
         **ex.split_note(),
     }
@@ -476,42 +588,13 @@ def predictor(ex: Explorer | str | Path, f: Filters, min_fit: int = 5) -> dict[s
             ),
         )
         return out
-    prior = np.asarray(prior_row[1:], np.int64).reshape(num_l, k)
-    pcols = pred_columns(m, "p")
-    fit = cur.execute(
-        f"SELECT prev_id, n, {', '.join(pcols)} FROM fitp WHERE token_id = ?", [tok]
-    ).fetchnumpy()
-    fit_prev = np.asarray(fit["prev_id"], np.int64)
-    order = np.argsort(fit_prev, kind="stable")  # unique per token
-    prev = np.asarray(sc["prev_id"], np.int64)
-    at = _index_in(fit_prev[order], prev)  # the scored row's (token, previous) pair, -1 if unseen
-    pick = order[np.maximum(at, 0)]
-    n_pair = np.where(at >= 0, np.asarray(fit["n"], np.int64)[pick], 0)
-    use_ctx = n_pair >= int(min_fit)
-    # [L, k, n_scored] routed experts; predicted sets hold k distinct experts < E, never the
-    # dropped-slot value, so a slot hits when its expert equals one of the k predicted
-    ids = np.stack([np.asarray(sc[c.strip('"')]) for c in flat]).reshape(num_l, k, n_scored)
-    prior_ids = prior.astype(ids.dtype)
-    pred = np.stack([np.asarray(fit[c]) for c in pcols]).reshape(num_l, k, -1)[:, :, pick]
-    pred = pred.astype(ids.dtype, copy=False)
-    pred[:, :, ~use_ctx] = prior_ids[:, :, None]
-    # per layer and scored row: routed slots and hits (uint8: at most k each)
-    routed = np.zeros((num_l, n_scored), np.uint8)
-    hp = np.zeros((num_l, n_scored), np.uint8)
-    hc = np.zeros((num_l, n_scored), np.uint8)
-    for j in range(k):
-        routed += ids[:, j] != ex.sentinel
-        for i in range(k):
-            hp += ids[:, j] == prior_ids[:, i, None]
-            hc += ids[:, j] == pred[:, i]
-    prior_hit = _recall(hp, routed, k)
-    ctx_hit = _recall(hc, routed, k)
+    prior_hit, ctx_hit = _recall(ok, sp), _recall(ok, sc)
     out.update(
         prior=prior_hit,
         context=ctx_hit,
         prior_mean=float(np.nanmean(prior_hit)),
         context_mean=float(np.nanmean(ctx_hit)),
-        backoff=float((~use_ctx).sum() / n_scored),
+        backoff=float(n_back / n_scored),
         note="",
     )
     return out
@@ -530,11 +613,11 @@ def contexts(
     limit, width = int(limit), int(width)
     where, params = _where(ex, f)
     cur = ex.cursor()
-    n = int(cur.execute(f"SELECT count(*) FROM tok WHERE {where}", params).fetchone()[0])
+    n = int(cur.execute(f"SELECT count(*) FROM {ex.rows} WHERE {where}", params).fetchone()[0])
     if n == 0:
         raise _not_found(ex, f)
     occ = cur.execute(
-        f"SELECT doc_id, position, domain FROM tok WHERE {where}"
+        f"SELECT doc_id, position, domain FROM {ex.rows} WHERE {where}"
         " ORDER BY hash(doc_id, position), doc_id, position LIMIT ?",
         [*params, limit],
     ).fetchall()
