@@ -166,15 +166,34 @@ def test_specialisation(stored):
 def test_shuffled_table_keeps_margins():
     rng = np.random.default_rng(0)
     rows, cols = np.array([5, 0, 7, 3]), np.array([6, 6, 3])
-    for limit in (4_000_000, 1):  # hypergeometric draws and the permutation fallback
-        t = C.shuffled_table(rows, cols, rng, limit=limit)
+    for split in (None, 0, 1, 2, 4):  # all permutation, mixed, all hypergeometric draws
+        t = C.shuffled_table(rows, cols, rng, split=split)
         np.testing.assert_array_equal(t.sum(1), rows)
         np.testing.assert_array_equal(t.sum(0), cols)
-    big = rng.integers(0, 5, 300)  # > 256 row labels: the permutation path
+    big = rng.integers(0, 5, 300)
     t = C.shuffled_table(big, np.array([big.sum() - 7, 7]), rng)
     np.testing.assert_array_equal(t.sum(1), big)
     with pytest.raises(ValueError):
         C.shuffled_table(np.array([1]), np.array([2]), rng)
+
+
+@pytest.mark.parametrize("split", [0, 1, 3, None])
+def test_shuffled_table_has_the_permutation_distribution(split):
+    """Every split draws the exact hypergeometric table: each cell's mean r_i c_j / N and
+    variance r_i c_j (N - r_i)(N - c_j) / (N^2 (N - 1)) over many draws."""
+    rng = np.random.default_rng(5)
+    rows, cols = np.array([9, 4, 2, 1]), np.array([7, 5, 4])
+    n, reps = rows.sum(), 4000
+    draws = np.stack([C.shuffled_table(rows, cols, rng, split=split) for _ in range(reps)])
+    mean = np.outer(rows, cols) / n
+    var = np.outer(rows * (n - rows), cols * (n - cols)) / (n**2 * (n - 1))
+    np.testing.assert_allclose(draws.mean(0), mean, atol=4 * np.sqrt(var.max() / reps))
+    np.testing.assert_allclose(draws.var(0), var, rtol=0.12, atol=0.01)
+    # the pairing itself: P(cell (0, 0) = 7) by the hypergeometric pmf
+    from scipy.stats import hypergeom
+
+    p7 = hypergeom(n, rows[0], cols[0]).pmf(7)
+    assert abs((draws[:, 0, 0] == 7).mean() - p7) < 4 * np.sqrt(p7 * (1 - p7) / reps)
 
 
 def test_analyze_store_numbers_match_memory(stored, tmp_path):
@@ -330,3 +349,62 @@ def test_modes_and_sort_order():
     np.testing.assert_array_equal(C.sort_order(cols), np.lexsort(cols[::-1]))
     wide = [rng.integers(0, 2**40, 300), rng.integers(0, 2**40, 300)]  # lexsort fallback
     np.testing.assert_array_equal(C.sort_order(wide), np.lexsort(wide[::-1]))
+
+
+def test_pairs_from_the_stream_equal_the_join(stored, tmp_path):
+    """pr comes from each row's previous stream row; a store whose rows are out of order
+    (documents split across shards) falls back to the join and gives the same pairs."""
+    import pyarrow.parquet as pq
+
+    from moelab.analysis import engines as E
+
+    _, sc, path = stored
+    eng, m = sc.eng, sc.eng.meta
+    cols = "doc_id, token_id, is_bos, p_token, p_bos, " + ", ".join(
+        f"c{li}, p_c{li}" for li in range(m.num_layers)
+    )
+    order = f"ORDER BY {cols}"
+    joined = eng.query(f"SELECT {cols} FROM ({E.pc_sql(m, 'rt')}) q {order}")
+    streamed = eng.query(f"SELECT {cols} FROM pr {order}")
+    assert (
+        eng._tables == ["rtc"] and joined["doc_id"].size == 3000 - 30
+    )  # one pair per non-first row
+    for key in joined:
+        np.testing.assert_array_equal(streamed[key], joined[key], key)
+    # the same rows, each shard's rows reversed: no previous row is adjacent any more
+    shuffled = tmp_path / "reversed"
+    (shuffled / "shards").mkdir(parents=True)
+    for f in (path / "shards").iterdir():
+        t = pq.read_table(f)
+        pq.write_table(t.take(np.arange(t.num_rows)[::-1]), shuffled / "shards" / f.name)
+    for f in path.iterdir():
+        if f.is_file():
+            (shuffled / f.name).write_bytes(f.read_bytes())
+    with DuckDBEngine(shuffled, threads=1) as other:
+        got = other.query(f"SELECT {cols} FROM pr {order}")
+        assert other._tables == ["rtc", "prj"]
+        for key in joined:
+            np.testing.assert_array_equal(got[key], joined[key], key)
+        a = list(C.prev_pair_states_many(other, list(range(1, m.num_layers))))
+    b = list(C.prev_pair_states_many(eng, list(range(1, m.num_layers))))
+    for (x0, x1), (y0, y1) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x0.count, y0.count)
+        np.testing.assert_array_equal(x1.ids, y1.ids)
+
+
+def test_unique_inverse_equals_numpy():
+    rng = np.random.default_rng(3)
+    cases = [
+        rng.integers(-5, 40, 1000),  # small range: the counting pass
+        np.sort(rng.integers(0, 2**40, 500)),  # sorted: one pass
+        rng.integers(0, 2**40, 500),  # wide and unsorted: np.unique
+        np.array([7], np.int64),
+        np.zeros(0, np.int64),
+        rng.integers(0, 300, 50).astype(np.int32),
+    ]
+    for x in cases:
+        u, inv = C.unique_inverse(x)
+        eu, einv = np.unique(x, return_inverse=True)
+        np.testing.assert_array_equal(u, eu)
+        np.testing.assert_array_equal(inv, einv.reshape(-1))
+        assert u.dtype == x.dtype

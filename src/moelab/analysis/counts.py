@@ -12,8 +12,9 @@ Functions are plain: an Engine (moelab.analysis.engines) and parameters in, nump
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -154,15 +155,22 @@ def grouped_sql(
     )
 
 
-def batched(eng: Engine, parts: list[str]) -> Iterator[dict[str, np.ndarray]]:
+def batched(
+    eng: Engine,
+    parts: list[str],
+    then: Callable[[dict[str, np.ndarray]], Any] = lambda r: r,
+) -> Iterator[Any]:
     """Run the SELECTs `parts` (same columns) as UNION ALL queries of eng.batch_layers parts
-    each (DuckDB: 1, one layer's table in memory at a time; Spark: several, fewer jobs) and
-    yield each part's result in order."""
+    each (DuckDB: 1, one layer's table in memory at a time, the next one's query running
+    meanwhile; Spark: several, fewer jobs) and yield then(each part's result) in order."""
     step = max(1, int(getattr(eng, "batch_layers", 1)))
+    if step == 1:
+        yield from eng.query_many(parts, then)
+        return
     for start in range(0, len(parts), step):
         chunk = parts[start : start + step]
         if len(chunk) == 1:
-            yield eng.query(chunk[0])
+            yield then(eng.query(chunk[0]))
             continue
         sql = " UNION ALL ".join(
             f"SELECT {i} AS part_, q.* FROM ({p}) q" for i, p in enumerate(chunk)
@@ -170,7 +178,7 @@ def batched(eng: Engine, parts: list[str]) -> Iterator[dict[str, np.ndarray]]:
         res = eng.query(sql)
         for i in range(len(chunk)):
             sel = res["part_"] == i
-            yield {c: v[sel] for c, v in res.items() if c != "part_"}
+            yield then({c: v[sel] for c, v in res.items() if c != "part_"})
 
 
 def grouped_layers(
@@ -185,8 +193,8 @@ def grouped_layers(
     """`grouped` for each of `layers`, in order (batched per engine)."""
     k = eng.meta.top_k
     parts = [grouped_sql(k, li, keys, source, where, prefix, weights) for li in layers]
-    for res in batched(eng, parts):
-        yield _states(res, list(keys or {}), eng.meta, weights)
+    names = list(keys or {})
+    yield from batched(eng, parts, lambda res: _states(res, names, eng.meta, weights))
 
 
 def grouped(
@@ -232,8 +240,7 @@ def pair_states_many(eng: Engine, pairs: list[tuple[int, int]]) -> Iterator[tupl
     """Joint counts of (state at layer a, state at layer b) of the same non-BOS row for each
     (a, b), as two aligned States (a's and b's columns; counts shared)."""
     parts = [_pair_sql(a, b, "", "rt", "NOT is_bos") for a, b in pairs]
-    for res in batched(eng, parts):
-        yield _split(res, eng.meta)
+    yield from batched(eng, parts, lambda res: _split(res, eng.meta))
 
 
 def pair_states(eng: Engine, layer_a: int, layer_b: int) -> tuple[States, States]:
@@ -246,8 +253,7 @@ def prev_pair_states_many(eng: Engine, layers: list[int]) -> Iterator[tuple[Stat
     document) at each layer (the consecutive-token pairs of the repeat-rate analysis)."""
     where = "NOT is_bos AND NOT p_bos"
     parts = [_pair_sql(li, li, "p_", "pr", where) for li in layers]
-    for res in batched(eng, parts):
-        yield _split(res, eng.meta)
+    yield from batched(eng, parts, lambda res: _split(res, eng.meta))
 
 
 def prev_pair_states(eng: Engine, layer: int) -> tuple[States, States]:
@@ -267,49 +273,65 @@ def distinct_docs(eng: Engine) -> np.ndarray:
     return np.sort(eng.query("SELECT DISTINCT doc_id AS d FROM trace")["d"].astype(np.int64))
 
 
+# measured on this machine (out/prof/hg.py): one multivariate_hypergeometric call costs
+# ~19 us plus ~0.25 us per category; shuffling and counting labels ~65 ns per item
+_DRAW_CALL_S, _DRAW_CATEGORY_S, _PERMUTE_ITEM_S = 2.0e-5, 2.5e-7, 6.5e-8
+
+
+def _split_plan(side: np.ndarray, other: int) -> tuple[np.ndarray, int, float]:
+    """(labels of `side` by decreasing count, how many of them to draw one by one, modelled
+    cost in s): the largest labels are drawn by hypergeometric draws, the rest by permuting
+    their few items, at the split that minimises the modelled cost."""
+    order = np.argsort(-side, kind="stable")
+    left = side.sum() - np.concatenate([[0], np.cumsum(side[order])])
+    cost = np.arange(order.size + 1) * (_DRAW_CALL_S + _DRAW_CATEGORY_S * other)
+    cost = cost + left * _PERMUTE_ITEM_S
+    m = int(np.argmin(cost))
+    return order, m, float(cost[m])
+
+
 def shuffled_table(
-    rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator, limit: int = 4_000_000
+    rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator, split: int | None = None
 ) -> np.ndarray:
     """[R, C] counts of a uniformly random pairing of R row labels (with counts `rows`) and C
-    column labels (counts `cols`, same total): the distribution of the contingency table after a
-    random permutation of one side, drawn from the margins alone (sequential multivariate
-    hypergeometric draws), so shuffle baselines need no row-level data."""
+    column labels (counts `cols`, same total): the contingency table after a random
+    permutation of one side, drawn from the margins alone, so shuffle baselines need no
+    row-level data. Exact: the largest row labels draw their columns by sequential
+    multivariate hypergeometric draws, the remaining items are paired by one permutation
+    (`split` = how many rows are drawn one by one; default: the cheaper plan, either side)."""
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)
     if rows.sum() != cols.sum():
         raise ValueError("shuffled_table: the margins have different totals")
-    cells = rows.size * cols.size
-    if cells > limit or min(rows.size, cols.size) > 256 or cells > 3 * rows.sum():
-        # many labels, or few items per cell: one vectorised permutation of the labels
-        # expanded to items beats a loop of draws (cost ~ items, not ~ cells; measured: a
-        # draw costs ~20 ns per cell, the permutation ~60 ns per item)
-        a = np.repeat(np.arange(rows.size), rows)
-        b = rng.permutation(np.repeat(np.arange(cols.size), cols))
-        return (
-            np.bincount(a * cols.size + b, minlength=rows.size * cols.size)
-            .reshape(rows.size, cols.size)
-            .astype(np.int64)
-        )
-    if cols.size < rows.size:  # draw along the shorter side (same distribution)
-        return _sequential_draws(cols, rows, rng).T
-    return _sequential_draws(rows, cols, rng)
+    if split is None:
+        r_plan, c_plan = _split_plan(rows, cols.size), _split_plan(cols, rows.size)
+        if c_plan[2] < r_plan[2]:  # drawing along the columns is cheaper (same distribution)
+            return _draw_split(cols, rows, rng, *c_plan[:2]).T
+        return _draw_split(rows, cols, rng, *r_plan[:2])
+    order = np.argsort(-rows, kind="stable")
+    return _draw_split(rows, cols, rng, order, min(max(int(split), 0), rows.size))
 
 
-def _sequential_draws(rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """[R, C] table of sequential multivariate hypergeometric draws (one per row label)."""
+def _draw_split(
+    rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator, order: np.ndarray, m: int
+) -> np.ndarray:
+    """shuffled_table with rows order[:m] drawn one by one, the rest by a permutation."""
     left = cols.copy()
     out = np.zeros((rows.size, cols.size), np.int64)
-    for i in np.argsort(-rows, kind="stable"):
+    for i in order[:m]:
         r = int(rows[i])
         if r == 0:
-            continue
-        if r == left.sum():
-            out[i] = left
-            left = left - left
-            continue
-        d = rng.multivariate_hypergeometric(left, r, method="marginals")
+            break
+        d = left.copy() if r == left.sum() else rng.multivariate_hypergeometric(left, r)
         out[i] = d
         left -= d
+    rest = order[m:][rows[order[m:]] > 0]
+    if rest.size:
+        n_c = cols.size
+        a = np.repeat(np.arange(rest.size, dtype=np.int64) * n_c, rows[rest])
+        b = np.repeat(np.arange(n_c, dtype=np.int8 if n_c < 128 else np.int64), left)
+        rng.shuffle(b)
+        out[rest] = np.bincount(a + b, minlength=rest.size * n_c).reshape(rest.size, n_c)
     return out
 
 
@@ -317,6 +339,34 @@ def multinomial_table(rows: np.ndarray, p: np.ndarray, rng: np.random.Generator)
     """[R, C] counts when each of rows[i] items draws a column independently with probs p (a
     random partner drawn with replacement)."""
     return np.stack([rng.multinomial(int(r), p) for r in rows]) if rows.size else np.zeros((0,))
+
+
+def unique_inverse(x: np.ndarray, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(x, return_inverse=True) for a 1-D integer array, without a sort when x is
+    already sorted (one pass) or its values span a small range (a counting pass): the same
+    sorted uniques and inverse. `span` = max - min + 1 when the caller knows it."""
+    x = np.asarray(x)
+    if x.ndim != 1 or x.dtype.kind not in "iu":
+        u, inv = np.unique(x, return_inverse=True)
+        return u, inv.reshape(-1)
+    if x.size == 0:
+        return x.copy(), np.zeros(0, np.int64)
+    if x.size < 2 or bool((x[1:] >= x[:-1]).all()):
+        first = np.ones(x.size, bool)
+        first[1:] = x[1:] != x[:-1]
+        return x[first], np.cumsum(first) - 1
+    lo = int(x.min())
+    span = int(x.max()) - lo + 1 if span is None else int(span)
+    if span <= max(4 * x.size, 1 << 16):
+        seen = np.zeros(span, bool)
+        off = x - lo
+        seen[off] = True
+        present = np.flatnonzero(seen)
+        remap = np.zeros(span, np.int64)
+        remap[present] = np.arange(present.size)
+        return (present + lo).astype(x.dtype), remap[off]
+    u, inv = np.unique(x, return_inverse=True)
+    return u, inv.reshape(-1)
 
 
 def codes(*cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +386,7 @@ def codes(*cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     key = np.zeros(m.shape[0], np.int64)
     for j in range(m.shape[1]):
         key = key * int(span[j]) + (m[:, j] - lo[j])
-    uk, inv = np.unique(key, return_inverse=True)
+    uk, inv = unique_inverse(key, total)
     u = np.empty((uk.size, m.shape[1]), np.int64)
     rest = uk
     for j in range(m.shape[1] - 1, -1, -1):

@@ -32,8 +32,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,7 @@ from moelab.trace.schema import TraceMeta
 from moelab.trace.store import read_meta, shard_indices, shard_name
 
 ENGINES = ("duckdb", "spark")
+T = TypeVar("T")
 
 
 def parse_bytes(text: str | int | None) -> int | None:
@@ -196,6 +198,14 @@ class Engine:
         """Run `sql`; the result as column name -> numpy array."""
         raise NotImplementedError
 
+    def query_many(
+        self, sqls: list[str], then: Callable[[dict[str, np.ndarray]], T]
+    ) -> Iterator[T]:
+        """then(query(sql)) for each of `sqls`, in order (engines may run the next query
+        while the caller works on this one's result)."""
+        for sql in sqls:
+            yield then(self.query(sql))
+
     def define(self, name: str, sql: str) -> None:
         """Make `name` a table (DuckDB: materialised) or view (Spark) of the SELECT `sql`."""
         raise NotImplementedError
@@ -260,14 +270,19 @@ class DuckDBEngine(Engine):
         con.execute(f"CREATE VIEW rw AS {with_test_sql('rw0')}")
         self.con = con
         self._materialised = False
+        self._tables: list[str] = []
 
-    def _materialise(self, batch_rows: int = 32768) -> None:
+    def _materialise(self, batch_rows: int = 65536) -> None:
         """Create the rt and pr tables (once, on the first query that needs them).
 
-        rt is built by Arrow streaming over the shards (one record batch in memory at a time;
-        states computed in numpy by the rules of rc_sql, which Spark runs as SQL: the test
-        suite checks both give equal counts), pr by a DuckDB join of rt with itself; is_test
-        is a stored column, set by set_test_docs."""
+        One streaming pass over the shards (one record batch in memory at a time) computes in
+        numpy, by the rules of rc_sql (which Spark runs as SQL: the tests check both agree),
+        each row's state codes and, from the row before it in the stream, its previous token's
+        columns; DuckDB reads the batches as an Arrow stream into the table rtc. rt is a view
+        over it (t{l} decoded from c{l}); pr is the rows whose previous stream row is their
+        document's previous position, unless that misses pairs a join of rt with itself finds
+        (documents split across ranks' shards): then pr is that join, stored. is_test is a
+        stored column, set by set_test_docs."""
         if self._materialised:
             return
         import pyarrow.parquet as pq
@@ -286,28 +301,61 @@ class DuckDBEngine(Engine):
         wcols = [f"w{li}_{j}" for li in range(num_l) for j in range(k)]
         ecols = [f"e{li}_{j}" for li in range(num_l) for j in range(k)]
         cols = ["doc_id", "position", "token_id", "domain", "is_bos", *ecols, *wcols]
-        created = False
+        failed: list[BaseException] = []
+        carry: dict | None = None
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            nonlocal carry
+            try:
+                for shard in self.shards:
+                    for bt in pq.ParquetFile(str(shard)).iter_batches(batch_rows, columns=cols):
+                        out, carry = _stream_batch(bt, num_l, k, base, no, carry, self._wstates)
+                        yield pa.RecordBatch.from_pydict(out)
+            except (OSError, pa.ArrowException) as exc:
+                failed.append(exc)
+                raise
+
+        names = ["doc_id", "position", "token_id", "domain", "is_bos", "is_test", "has_prev"]
+        names += ["p_token", "p_bos"] + [f"c{li}" for li in range(num_l)]
+        names += [f"p_c{li}" for li in range(num_l)]
+        it = pa.int32() if dense < 2**31 else pa.int64()
+        types = [pa.int64()] * 3 + [pa.int32(), pa.bool_(), pa.bool_(), pa.bool_(), pa.int64()]
+        types += [pa.bool_()] + [it] * (2 * num_l)
+        schema = pa.schema(list(zip(names, types, strict=True)))
         try:
-            for shard in self.shards:
-                for bt in pq.ParquetFile(str(shard)).iter_batches(batch_rows, columns=cols):
-                    tab = pa.table(self._rc_batch(bt, num_l, k, base, no, self._wstates))
-                    self.con.register("_rc_batch", tab)
-                    if created:
-                        self.con.execute("INSERT INTO rt SELECT * FROM _rc_batch")
-                    else:
-                        self.con.execute("CREATE TABLE rt AS SELECT * FROM _rc_batch")
-                        created = True
-                    self.con.unregister("_rc_batch")
-            self.con.execute(f"CREATE TABLE pr AS {pc_sql(m, 'rt', test=True)}")
-        except (OSError, pa.ArrowException) as exc:
-            raise TraceError(f"{self.path}: could not read the shards: {str(exc)[:400]}") from exc
+            self.con.register("_rc_stream", pa.RecordBatchReader.from_batches(schema, batches()))
+            self.con.execute("CREATE TABLE rtc AS SELECT * FROM _rc_stream")
+            self.con.unregister("_rc_stream")
+        except Exception as exc:  # noqa: BLE001 - re-raised naming the store
+            if failed:
+                raise TraceError(
+                    f"{self.path}: could not read the shards: {str(failed[0])[:400]}"
+                ) from failed[0]
+            raise TraceError(f"{self.path}: DuckDB could not build the state codes: {exc}") from exc
+        tops = ", ".join(f"c{li} // {base**k} - 1 AS t{li}" for li in range(num_l))
+        keep = ", ".join(n for n in names if not n.startswith("p_") and n != "has_prev")
+        self.con.execute(f"CREATE VIEW rt AS SELECT {keep}, {tops} FROM rtc")
+        pcols = ["doc_id", "token_id", "is_bos", "is_test"] + [f"c{li}" for li in range(num_l)]
+        pcols += ["p_token", "p_bos"] + [f"p_c{li}" for li in range(num_l)]
+        adjacent = self.con.execute("SELECT COUNT(*) FROM rtc WHERE has_prev").fetchall()[0][0]
+        joined = self.con.execute(
+            "SELECT COUNT(*) FROM rtc a JOIN rtc b"
+            " ON a.doc_id = b.doc_id AND a.position = b.position + 1"
+        ).fetchall()[0][0]
+        if adjacent == joined:
+            self.con.execute(f"CREATE VIEW pr AS SELECT {', '.join(pcols)} FROM rtc WHERE has_prev")
+            self._tables = ["rtc"]
+        else:  # some previous positions are elsewhere in the stream: pair by the join
+            self.con.execute(f"CREATE TABLE prj AS {pc_sql(m, 'rt', test=True)}")
+            self.con.execute("CREATE VIEW pr AS SELECT * FROM prj")
+            self._tables = ["rtc", "prj"]
         self._apply_test()
 
     def _apply_test(self) -> None:
         """Set the stored is_test columns from test_docs (a column, not a join per query)."""
         if not self._materialised:
             return
-        for table in ("rt", "pr"):
+        for table in self._tables:
             self.con.execute(
                 f"UPDATE {table} SET is_test = doc_id IN (SELECT doc_id FROM test_docs)"
             )
@@ -316,45 +364,15 @@ class DuckDBEngine(Engine):
     def _rc_batch(
         bt: pa.RecordBatch, num_l: int, k: int, base: int, no: int, acc: dict | None = None
     ) -> dict:
-        """rt's columns of one record batch (the rules of rc_sql, in numpy; columns in the
-        order doc_id, position, token_id, domain, is_bos, e*, w* as read); adds the batch's
-        non-BOS state counts and weight sums to `acc` (dense over codes) when given."""
-        n = bt.num_rows
-        cols = [bt.column(i).to_numpy(zero_copy_only=False) for i in range(bt.num_columns)]
-        nlk = num_l * k
-        it = np.int32 if base ** (k + 1) < 2**31 else np.int64  # codes: INTEGER when they fit
-        e = np.stack(cols[5 : 5 + nlk], 1).astype(it).reshape(n, num_l, k)
-        e[e == no] = -1
-        w = np.stack(cols[5 + nlk :], 1).astype(np.float32).reshape(n, num_l, k)
-        if k == 1:
-            t = e[:, :, 0]
-        else:  # highest weight among filled slots, first slot on ties (_common.top1)
-            j = np.argmax(np.where(e >= 0, w, -np.inf), axis=2)
-            t = np.take_along_axis(e, j[:, :, None], axis=2)[:, :, 0]
-        code = (t + 1) * it(base**k)
-        for j in range(k):
-            code += (e[:, :, j] + 1) * it(base**j)
-        out: dict[str, np.ndarray] = {
-            "doc_id": cols[0].astype(np.int64),
-            "position": cols[1].astype(np.int64),
-            "token_id": cols[2].astype(np.int64),
-            "domain": cols[3].astype(np.int32),
-            "is_bos": cols[4].astype(bool),
-            "is_test": np.zeros(n, bool),
-        }
-        t32 = t.astype(np.int32)
-        out.update({f"t{li}": t32[:, li] for li in range(num_l)})
-        out.update({f"c{li}": code[:, li] for li in range(num_l)})
-        if acc is not None:
-            keep = ~out["is_bos"]
-            dense = acc["n"].shape[1]
-            for li in range(num_l):
-                c = code[keep, li]
-                acc["n"][li] += np.bincount(c, minlength=dense)
-                for j in range(k):
-                    acc["w"][li, j] += np.bincount(
-                        c, weights=w[keep, li, j].astype(np.float64), minlength=dense
-                    )
+        """rc's columns of one record batch (the rules of rc_sql, in numpy; columns in the
+        order doc_id, position, token_id, domain, is_bos, e*, w* as read) plus is_test; adds
+        the batch's non-BOS state counts and weight sums to `acc` (dense over codes)."""
+        out, _ = _stream_batch(bt, num_l, k, base, no, None, acc)
+        code = [out.pop(f"c{li}") for li in range(num_l)]
+        for key in [x for x in out if x.startswith("p_") or x == "has_prev"]:
+            del out[key]
+        out.update({f"t{li}": (c // base**k - 1).astype(np.int32) for li, c in enumerate(code)})
+        out.update({f"c{li}": c for li, c in enumerate(code)})
         return out
 
     def layer_weight_states(self) -> dict[str, np.ndarray] | None:
@@ -384,13 +402,41 @@ class DuckDBEngine(Engine):
 
     def query(self, sql: str) -> dict[str, np.ndarray]:
         self._materialise()
+        return self._run(self.con, sql)
+
+    def _run(self, con: Any, sql: str) -> dict[str, np.ndarray]:
         try:
-            tab = self.con.sql(sql).to_arrow_table()
+            tab = con.sql(sql).to_arrow_table()
         except Exception as exc:  # noqa: BLE001 - re-raised naming the store
             raise TraceError(f"{self.path}: DuckDB query failed: {str(exc)[:400]}") from exc
         if isinstance(tab, pa.RecordBatchReader):
             tab = tab.read_all()
         return _columns(tab)
+
+    def query_many(
+        self, sqls: list[str], then: Callable[[dict[str, np.ndarray]], T]
+    ) -> Iterator[T]:
+        """Pipelined: a worker thread on its own cursor runs query i + 1 (and `then` of it)
+        while the caller works on result i; DuckDB and numpy release the GIL, so the query
+        and the caller's numpy work share the cores. At most two results are held."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._materialise()
+        if len(sqls) < 2:
+            yield from super().query_many(sqls, then)
+            return
+        cur = self.con.cursor()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="moelab-duckdb")
+        try:
+            nxt = pool.submit(lambda q: then(self._run(cur, q)), sqls[0])
+            for i in range(len(sqls)):
+                res = nxt.result()
+                if i + 1 < len(sqls):
+                    nxt = pool.submit(lambda q: then(self._run(cur, q)), sqls[i + 1])
+                yield res
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            cur.close()
 
     def close(self) -> None:
         try:
@@ -400,6 +446,82 @@ class DuckDBEngine(Engine):
 
 
 _SPARK: dict[str, Any] = {}
+
+
+def _stream_batch(
+    bt: pa.RecordBatch,
+    num_l: int,
+    k: int,
+    base: int,
+    no: int,
+    carry: dict | None,
+    acc: dict | None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """(rtc's columns of one record batch, the carry for the next batch): the state codes
+    c{l} by the rules of rc_sql, and the previous stream row's token, BOS flag and codes
+    (p_token, p_bos, p_c{l}; has_prev when it is the same document's previous position;
+    `carry` = the last row of the batch before). Adds the batch's non-BOS state counts and
+    weight sums to `acc` (dense over codes) when given."""
+    n = bt.num_rows
+    cols = [bt.column(i).to_numpy(zero_copy_only=False) for i in range(bt.num_columns)]
+    nlk = num_l * k
+    dense = base ** (k + 1)
+    it = np.int32 if dense < 2**31 else np.int64  # codes: INTEGER when they fit
+    slot_major = [li * k + s for s in range(k) for li in range(num_l)]  # [k, L, n] blocks
+    e = np.stack([cols[5 + i] for i in slot_major]).reshape(k, num_l, n)
+    w = np.stack([cols[5 + nlk + i] for i in slot_major]).reshape(k, num_l, n)
+    filled = e != no
+    e = e.astype(it)
+    # highest weight among filled slots, first slot on ties, -1 when none (_common.top1 and
+    # top1_sql: a NaN weight never wins a comparison)
+    t = np.where(filled[0], e[0], it(-1))
+    best = np.where(filled[0], w[0], np.float32(-np.inf))
+    for s in range(1, k):
+        better = filled[s] & (w[s] > best)
+        t = np.where(better, e[s], t)
+        best = np.where(better, w[s], best)
+    code = (t + 1) * it(base**k)
+    for s in range(k):
+        code += np.where(filled[s], e[s] + 1, 0) * it(base**s)
+    doc = cols[0].astype(np.int64, copy=False)
+    pos = cols[1].astype(np.int64, copy=False)
+    tok = cols[2].astype(np.int64, copy=False)
+    bos = cols[4].astype(bool, copy=False)
+    if carry is None:
+        carry = {"doc": -1, "pos": -2, "tok": 0, "bos": False, "code": np.zeros(num_l, it)}
+    p_doc = np.concatenate([[carry["doc"]], doc[:-1]])
+    p_pos = np.concatenate([[carry["pos"]], pos[:-1]])
+    p_code = np.concatenate([carry["code"][:, None], code[:, :-1]], axis=1)
+    out: dict[str, np.ndarray] = {
+        "doc_id": doc,
+        "position": pos,
+        "token_id": tok,
+        "domain": cols[3].astype(np.int32),
+        "is_bos": bos,
+        "is_test": np.zeros(n, bool),
+        "has_prev": (p_doc == doc) & (pos == p_pos + 1),
+        "p_token": np.concatenate([[carry["tok"]], tok[:-1]]),
+        "p_bos": np.concatenate([[carry["bos"]], bos[:-1]]),
+    }
+    out.update({f"c{li}": code[li] for li in range(num_l)})
+    out.update({f"p_c{li}": p_code[li] for li in range(num_l)})
+    if acc is not None:  # BOS rows go to a spare bin past the last layer's codes
+        idx = code + (np.arange(num_l, dtype=it) * it(dense))[:, None]
+        idx[:, bos] = num_l * dense
+        acc["n"] += np.bincount(idx.ravel(), minlength=num_l * dense + 1)[:-1].reshape(num_l, dense)
+        for s in range(k):
+            acc["w"][:, s] += np.bincount(
+                idx.ravel(), weights=w[s].ravel(), minlength=num_l * dense + 1
+            )[:-1].reshape(num_l, dense)
+    if n:
+        carry = {
+            "doc": doc[-1],
+            "pos": pos[-1],
+            "tok": tok[-1],
+            "bos": bos[-1],
+            "code": code[:, -1],
+        }
+    return out, carry
 
 
 def ensure_java() -> str:

@@ -97,12 +97,12 @@ def _weighted_mi(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[float, fl
         return 0.0, 0.0, 0.0
 
     def h(x: np.ndarray) -> float:
-        _, inv = np.unique(x, return_inverse=True)
+        _, inv = C.unique_inverse(x)
         return float(entropy(np.bincount(inv.reshape(-1), weights=w) / n))
 
     hx, hy = h(a), h(b)
-    _, ia = np.unique(a, return_inverse=True)
-    _, ib = np.unique(b, return_inverse=True)
+    _, ia = C.unique_inverse(a)
+    _, ib = C.unique_inverse(b)
     hxy = h(ia.reshape(-1).astype(np.int64) * (int(ib.max()) + 1) + ib.reshape(-1))
     return max(hx + hy - hxy, 0.0), hx, hy
 
@@ -602,7 +602,7 @@ def _vocab_view(
     tabs: C.CompactTables, target: str, min_count: int, k: int, num_e: int, seed: int
 ) -> VocabShares:
     t0 = tabs[0]
-    uniq, inv = np.unique(t0.keys["g"], return_inverse=True)
+    uniq, inv = C.unique_inverse(t0.keys["g"])
     cnt = np.bincount(inv.reshape(-1), weights=t0.count, minlength=uniq.size).astype(np.int64)
     keep = cnt >= min_count
     if not keep.any():
@@ -720,8 +720,8 @@ def _hits(
 def _cond_entropy_w(group: np.ndarray, label: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     """(H(label | group), H(label)) in bits from a weighted table."""
     n = w.sum()
-    _, ig = np.unique(group, return_inverse=True)
-    _, iy = np.unique(label, return_inverse=True)
+    _, ig = C.unique_inverse(group)
+    _, iy = C.unique_inverse(label)
     _, ij = C.codes(group, label)
     cg = np.bincount(ig.reshape(-1), weights=w)
     cy = np.bincount(iy.reshape(-1), weights=w)
@@ -734,8 +734,8 @@ def _shuffled_labels(
     key: np.ndarray, label: np.ndarray, w: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(key, label, count) rows of the table after permuting the keys over the rows."""
-    uk, ik = np.unique(key, return_inverse=True)
-    ul, il = np.unique(label, return_inverse=True)
+    uk, ik = C.unique_inverse(key)
+    ul, il = C.unique_inverse(label)
     rk = np.bincount(ik.reshape(-1), weights=w, minlength=uk.size).astype(np.int64)
     cl = np.bincount(il.reshape(-1), weights=w, minlength=ul.size).astype(np.int64)
     t = C.shuffled_table(rk, cl, rng)
@@ -805,11 +805,8 @@ def predictability(
         tr = ~te
         valid_tr = tr & (y >= 0)
         if valid_tr.any():
-            gs = np.bincount(
-                np.unique(y[valid_tr], return_inverse=True)[1].reshape(-1),
-                weights=w[valid_tr],
-            )
-            glob = int(np.unique(y[valid_tr])[np.argmax(gs)])
+            uy, iy = C.unique_inverse(y[valid_tr])
+            glob = int(uy[np.argmax(np.bincount(iy, weights=w[valid_tr]))])
         else:
             glob = -1
         mk, mv, _, _ = _modes(tok[tr], y[tr], w[tr])
@@ -838,7 +835,7 @@ def predictability(
         res["rt"][layer] = (wt * hit_tok).sum() / n_test / k
         res["rb"][layer] = ((wt * hit_tok).sum() + (wbt * (hb - hbt)).sum()) / n_test / k
         # H(set | token) over the rows of frequent tokens with a valid set (train + test)
-        ut, it = np.unique(tok, return_inverse=True)
+        ut, it = C.unique_inverse(tok)
         tc = np.bincount(it.reshape(-1), weights=w, minlength=ut.size)
         fr = (tc[it.reshape(-1)] >= min_count) & (y >= 0)
         if fr.any():
@@ -911,7 +908,7 @@ def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0
         return float(mc[keep].sum() / size[keep].sum()) if keep.any() else float("nan")
 
     def norm_h(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
-        ug, ig = np.unique(g, return_inverse=True)
+        ug, ig = C.unique_inverse(g)
         gc = np.bincount(ig.reshape(-1), weights=w, minlength=ug.size)
         f = (gc[ig.reshape(-1)] >= min_count) & (y >= 0)
         if not f.any():
