@@ -372,24 +372,24 @@ def unique_inverse(x: np.ndarray, span: int | None = None) -> tuple[np.ndarray, 
 def codes(*cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(unique rows [U, c] in lexicographic order, inverse [n]) of the stacked integer
     columns (one 1-D unique over a mixed-radix key when the value ranges fit in 62 bits)."""
-    m = np.stack([np.asarray(c, dtype=np.int64) for c in cols], 1)
-    if m.shape[0] == 0:
-        return m, np.zeros(0, np.int64)
-    lo, hi = m.min(axis=0), m.max(axis=0)
-    span = (hi - lo + 1).astype(object)
+    cs = [np.asarray(c, dtype=np.int64) for c in cols]
+    if cs[0].size == 0:
+        return np.zeros((0, len(cs)), np.int64), np.zeros(0, np.int64)
+    lo = [int(c.min()) for c in cs]  # per column: a strided axis-0 reduction is 10x slower
+    span = [int(c.max()) - a + 1 for c, a in zip(cs, lo, strict=True)]
     total = 1
     for x in span:
-        total *= int(x)
+        total *= x
     if total >= 2**62:
-        u, inv = np.unique(m, axis=0, return_inverse=True)
+        u, inv = np.unique(np.stack(cs, 1), axis=0, return_inverse=True)
         return u, inv.reshape(-1)
-    key = np.zeros(m.shape[0], np.int64)
-    for j in range(m.shape[1]):
-        key = key * int(span[j]) + (m[:, j] - lo[j])
+    key = cs[0] - lo[0]
+    for c, a, b in zip(cs[1:], lo[1:], span[1:], strict=True):
+        key = key * b + (c - a)
     uk, inv = unique_inverse(key, total)
-    u = np.empty((uk.size, m.shape[1]), np.int64)
+    u = np.empty((uk.size, len(cs)), np.int64)
     rest = uk
-    for j in range(m.shape[1] - 1, -1, -1):
-        u[:, j] = rest % int(span[j]) + lo[j]
-        rest = rest // int(span[j])
-    return u, inv.reshape(-1)
+    for j in range(len(cs) - 1, -1, -1):
+        u[:, j] = rest % span[j] + lo[j]
+        rest = rest // span[j]
+    return u, inv

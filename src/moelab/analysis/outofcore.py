@@ -711,10 +711,15 @@ def _hits(
     """[n] |members(pred) ∩ ids| per row (0 where pred < 0)."""
     k = ids.shape[1]
     p = members(np.maximum(pred, 0))
+    pcols = [np.ascontiguousarray(p[:, j]) for j in range(p.shape[1])]
     hit = np.zeros(ids.shape[0], np.int64)
     for i in range(k):
-        hit += np.any(p == ids[:, [i]], axis=1) & (pred >= 0) & (ids[:, i] >= 0)
-    return hit
+        col = ids[:, i]
+        found = pcols[0] == col
+        for pc in pcols[1:]:
+            found |= pc == col
+        hit += found & (col >= 0)
+    return np.where(pred >= 0, hit, 0)
 
 
 def _cond_entropy_w(group: np.ndarray, label: np.ndarray, w: np.ndarray) -> tuple[float, float]:
@@ -899,7 +904,7 @@ def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0
 
     def table(r: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g, y, w = r["g"].astype(np.int64), r["y"].astype(np.int64), r["n"].astype(np.int64)
-        o = np.lexsort((y, g))  # canonical order: the seeded draws match on every engine
+        o = C.sort_order([g, y])  # canonical order: the seeded draws match on every engine
         return g[o], y[o], w[o]
 
     def consistency(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
