@@ -408,3 +408,10 @@ def test_unique_inverse_equals_numpy():
         np.testing.assert_array_equal(u, eu)
         np.testing.assert_array_equal(inv, einv.reshape(-1))
         assert u.dtype == x.dtype
+
+
+def test_argsort_stable_equals_numpy():
+    rng = np.random.default_rng(4)
+    for x in (rng.integers(0, 50, 3000), rng.integers(0, 2**40, 2000), rng.integers(0, 2**60, 50)):
+        np.testing.assert_array_equal(C.argsort_stable(x), np.argsort(x, kind="stable"))
+    np.testing.assert_array_equal(C.argsort_stable(np.zeros(0, np.int64)), np.zeros(0, np.int64))

@@ -593,7 +593,7 @@ def by_domain(sc: StoreCounts, seed: int = 0) -> GroupShares:
 
     def per(li: int) -> tuple[np.ndarray, C.States]:
         t = tabs[li]
-        return np.searchsorted(codes_, t.keys["g"]), t
+        return _positions(codes_, t.keys["g"]), t
 
     return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
 
@@ -614,8 +614,8 @@ def _vocab_view(
 
     def per(li: int) -> tuple[np.ndarray, C.States]:
         t = tabs[li]
-        pos = np.searchsorted(kept, t.keys["g"])
-        ok = (pos < kept.size) & (kept[np.minimum(pos, kept.size - 1)] == t.keys["g"])
+        pos = _positions(kept, t.keys["g"])
+        ok = pos >= 0
         return pos[ok], C.States({}, t.ids[ok], t.top1[ok], t.count[ok])
 
     view = _group_view(per, len(tabs), [str(int(x)) for x in kept], k, num_e, seed)
@@ -663,7 +663,7 @@ def by_token_class(
 
     def per(li: int) -> tuple[np.ndarray, C.States]:
         t = tabs[li]
-        return remap[cls_of[np.searchsorted(uniq, t.keys["g"])]], t
+        return remap[cls_of[_positions(uniq, t.keys["g"])]], t
 
     names = [TOKEN_CLASSES[c] for c in present]
     return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
@@ -699,10 +699,22 @@ def _lookup(keys: np.ndarray, vals: np.ndarray, q: np.ndarray, default: np.ndarr
     """vals of q in sorted keys, `default` (array) where q is not a key."""
     if keys.size == 0:
         return default.copy()
-    pos = np.searchsorted(keys, q)
-    pc = np.minimum(pos, keys.size - 1)
-    hit = keys[pc] == q
-    return np.where(hit, vals[pc], default)
+    pos = _positions(keys, q)
+    return np.where(pos >= 0, vals[np.maximum(pos, 0)], default)
+
+
+def _positions(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Index of each q in the sorted unique integer `keys`, -1 where absent (a dense table
+    when the key range is small, else a binary search)."""
+    if keys.size == 0 or q.size == 0:
+        return np.full(q.size, -1, np.int64)
+    lo, hi = int(min(keys[0], q.min())), int(max(keys[-1], q.max()))
+    if hi - lo + 1 <= max(4 * (keys.size + q.size), 1 << 16):
+        table = np.full(hi - lo + 1, -1, np.int64)
+        table[keys - lo] = np.arange(keys.size)
+        return table[q - lo]
+    pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)
+    return np.where(keys[pos] == q, pos, -1)
 
 
 def _hits(
