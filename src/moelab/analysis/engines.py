@@ -14,13 +14,16 @@ share), so their integer counts are equal by construction and tested to be:
   pr     the pairs (a row, the previous token of its document): doc_id, token_id, is_bos,
          is_test, c{l} of the row and p_token, p_bos, p_c{l} of the previous row
 
-Spark defines rt and pr as SQL views (rc_sql, pc_sql, plus is_test from test_docs),
-recomputed by each query. DuckDB materialises them once per engine as tables of a database
-file in its temp directory (rt by Arrow streaming over the shards, one record batch at a
-time, pr by a join; is_test a stored column that set_test_docs updates), so the per-layer
-queries scan one narrow integer column instead of re-reading and re-joining the shards; the
-tables live under DuckDB's buffer manager (memory_limit, paged to disk when larger), not in
-this process's heap.
+Spark defines rt and pr as SQL views (rc_sql, pc_sql, plus is_test from test_docs).
+DuckDB materialises them once per engine, in a database file in its temp directory: one
+streaming pass over the shards (one record batch at a time) computes each row's state codes
+and its previous stream row's token, BOS flag and codes in numpy (_stream_batch) into the
+table rtc; rt is a view over it (t{l} decoded from c{l}) and pr the rows whose previous
+stream row is their document's previous position (a join, stored, only when the stream
+misses pairs the join finds); is_test is a stored column that set_test_docs updates. The
+per-layer queries then scan narrow integer columns under DuckDB's buffer manager
+(memory_limit, paged to disk when larger), not this process's heap, and run pipelined
+(query_many: the next layer's query on a second cursor while the caller works on this one).
 
 DuckDB (Raasveldt and Mühleisen 2019) runs in-process under `memory_limit`, spilling to
 `temp_directory`; Spark (Zaharia et al. 2016) runs the same queries in local mode or on a
