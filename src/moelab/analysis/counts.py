@@ -164,10 +164,7 @@ def batched(eng: Engine, parts: list[str]) -> Iterator[dict[str, np.ndarray]]:
         if len(chunk) == 1:
             yield eng.query(chunk[0])
             continue
-        sql = " UNION ALL ".join(
-            f"SELECT {i} AS part_, q.* FROM ({p}) q" for i, p in enumerate(chunk)
-        )
-        res = eng.query(sql)
+        res = eng.query(eng.union_sql(chunk))
         for i in range(len(chunk)):
             sel = res["part_"] == i
             yield {c: v[sel] for c, v in res.items() if c != "part_"}
