@@ -58,7 +58,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class RssSampler:
-    """Peak resident set size of this process, sampled every 20 ms from /proc/self/statm."""
+    """Peak resident set size of this process and its children (Spark's JVM and Python
+    workers), summed, sampled every 20 ms from /proc/PID/statm."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -66,9 +67,18 @@ class RssSampler:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
         while not self._stop.is_set():
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * PAGE)
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    with open(f"/proc/{p.pid}/statm") as f:
+                        total += int(f.read().split()[1]) * PAGE
+                except OSError:
+                    pass  # exited meanwhile
+            self.peak = max(self.peak, total)
             time.sleep(0.02)
 
     def __enter__(self) -> RssSampler:

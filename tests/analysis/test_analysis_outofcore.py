@@ -415,3 +415,98 @@ def test_argsort_stable_equals_numpy():
     for x in (rng.integers(0, 50, 3000), rng.integers(0, 2**40, 2000), rng.integers(0, 2**60, 50)):
         np.testing.assert_array_equal(C.argsort_stable(x), np.argsort(x, kind="stable"))
     np.testing.assert_array_equal(C.argsort_stable(np.zeros(0, np.int64)), np.zeros(0, np.int64))
+
+
+def _sorted(res: dict) -> dict:
+    """A query result in a canonical row order (every column, as a lexsort key)."""
+    keys = [res[c] for c in sorted(res)]
+    order = np.lexsort(keys[::-1]) if keys and keys[0].size else np.zeros(0, np.int64)
+    return {c: v[order] for c, v in res.items()}
+
+
+def _equal(a: dict, b: dict, floats: tuple[str, ...] = ()) -> None:
+    a, b = _sorted(a), _sorted(b)
+    assert sorted(a) == sorted(b)
+    for c in a:
+        if c in floats:
+            np.testing.assert_allclose(a[c], b[c], rtol=1e-12, err_msg=c)
+        else:
+            np.testing.assert_array_equal(a[c].astype(np.int64), b[c].astype(np.int64), c)
+
+
+def test_spark_codes_tallies_and_stacked_queries_equal_duckdb(small):
+    """Spark computes rt's codes with DuckDB's numpy function (mapInArrow): rt and pr equal
+    DuckDB's row by row, the weighted tallies equal layer_weight_states, and the per-layer
+    queries run as one LATERAL VIEW stack scan give exactly the UNION ALL's tables."""
+    from moelab.analysis.engines import SparkEngine, stacked_sql
+
+    d = DuckDBEngine(small, threads=1)
+    s = SparkEngine(small, "local[1]")
+    try:
+        m = d.meta
+        cols = ", ".join(f"t{li}, c{li}" for li in range(m.num_layers))
+        q = f"SELECT doc_id, position, token_id, domain, is_bos, {cols} FROM rt"
+        a = d.query(q)
+        _equal(a, s.query(q))
+        assert a["doc_id"].size == 1200
+        assert (C.decode_states(a["c1"], m)[0] == -1).sum() == 1  # the fixture's dropped slot
+        pcols = ", ".join(f"c{li}, p_c{li}" for li in range(m.num_layers))
+        q = f"SELECT doc_id, token_id, is_bos, p_token, p_bos, {pcols} FROM pr"
+        _equal(d.query(q), s.query(q))
+        wd, ws = d.layer_weight_states(), s.layer_weight_states()
+        _equal(wd, ws, floats=("w0", "w1"))
+        docs = np.unique(a["doc_id"])[::3]
+        d.set_test_docs(docs), s.set_test_docs(docs)
+        keys = {"tok": "token_id", "te": "CAST(is_test AS INT)"}
+        k, layers = m.top_k, range(m.num_layers)
+        src = "rw a JOIN rt b1 ON b1.doc_id = a.doc_id AND b1.position = a.position - 1"
+        kinds = [
+            [C.grouped_sql(k, li, keys) for li in layers],
+            [C._pair_sql(0, 1, "", "rt", "NOT is_bos"), C._pair_sql(1, 0, "", "rt", "NOT is_bos")],
+            [C._pair_sql(li, li, "p_", "pr", "NOT is_bos AND NOT p_bos") for li in layers],
+            [
+                f"SELECT {g} AS g, t{li} AS y, COUNT(*) AS n FROM rt WHERE NOT is_bos"
+                f" GROUP BY {g}, t{li}"
+                for li in layers
+                for g in ("token_id", "position")
+            ],
+            [
+                C.grouped_sql(k, li, {}, src, "NOT a.is_bos AND a.token_id = 3", "a.", True)
+                for li in layers
+            ],
+        ]
+        s.batch_layers = 8
+        for parts in kinds:
+            assert stacked_sql(parts) is not None, parts[0]
+            want = list(C.batched(d, parts))
+            got = list(C.batched(s, parts))
+            assert len(got) == len(parts) and any(r["n"].size for r in got)
+            for x, y in zip(want, got, strict=True):
+                _equal(x, y, floats=("w0", "w1"))
+        assert sum(int(r["n"][r["te"] == 1].sum()) for r in C.batched(s, kinds[0])) > 0
+    finally:
+        s.close()
+        d.close()
+
+
+def test_stacked_sql_only_for_per_column_variants():
+    from moelab.analysis.engines import stacked_sql
+
+    one = "SELECT c0 AS c, COUNT(*) AS n FROM rt WHERE NOT is_bos GROUP BY c0"
+    two = one.replace("c0", "c1")
+    got = stacked_sql([one, two])
+    assert got == (
+        "SELECT part_, x_0_ AS c, COUNT(*) AS n FROM rt  LATERAL VIEW stack(2, 0, c0, 1, c1)"
+        " s_ AS part_, x_0_ WHERE NOT is_bos GROUP BY part_, x_0_"
+    )
+    for bad in (
+        [one],  # nothing to stack
+        [one, one.replace("FROM rt", "FROM pr")],  # another source
+        [one, one.replace("AS c,", "AS d,")],  # another output name
+        [one.replace("is_bos", "is_bos AND c0 > 0"), two.replace("is_bos", "is_bos OR c1 > 0")],
+        [one, one.replace("NOT is_bos", "token_id = 4")],  # another shape
+        [one, two.replace(" GROUP BY c1", "")],
+        ["SELECT COUNT(*) AS n FROM rt WHERE c0 = 1", "SELECT COUNT(*) AS n FROM rt WHERE c1 = 1"],
+        [f"SELECT * FROM ({one}) q GROUP BY c", f"SELECT * FROM ({two}) q GROUP BY c"],
+    ):
+        assert stacked_sql(bad) is None, bad

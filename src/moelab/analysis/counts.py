@@ -184,10 +184,7 @@ def batched(
         if len(chunk) == 1:
             yield then(eng.query(chunk[0]))
             continue
-        sql = " UNION ALL ".join(
-            f"SELECT {i} AS part_, q.* FROM ({p}) q" for i, p in enumerate(chunk)
-        )
-        res = eng.query(sql)
+        res = eng.query(eng.union_sql(chunk))
         for i in range(len(chunk)):
             sel = res["part_"] == i
             yield then({c: v[sel] for c, v in res.items() if c != "part_"})

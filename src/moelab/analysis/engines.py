@@ -14,7 +14,9 @@ share), so their integer counts are equal by construction and tested to be:
   pr     the pairs (a row, the previous token of its document): doc_id, token_id, is_bos,
          is_test, c{l} of the row and p_token, p_bos, p_c{l} of the previous row
 
-Spark defines rt and pr as SQL views (rc_sql, pc_sql, plus is_test from test_docs).
+Spark computes the codes with the same numpy function as DuckDB (mapInArrow on its
+executors) and caches rc and pc (the pairs, pc_sql) once; rt and pr add is_test from
+test_docs over them (SparkEngine). rc_sql states the same rules in SQL (tested equal).
 DuckDB materialises them once per engine, in a database file in its temp directory: one
 streaming pass over the shards (one record batch at a time) computes each row's state codes
 and its previous stream row's token, BOS flag and codes in numpy (_stream_batch) into the
@@ -33,7 +35,9 @@ cluster (`master`), reading the store from any path its executors can reach.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -217,6 +221,13 @@ class Engine:
         """Register the held-out documents (the is_test column of rt)."""
         raise NotImplementedError
 
+    def union_sql(self, parts: list[str]) -> str:
+        """One query returning every SELECT of `parts` (same columns) with its index as a
+        leading part_ column (here: a UNION ALL)."""
+        return " UNION ALL ".join(
+            f"SELECT {i} AS part_, q.* FROM ({p}) q" for i, p in enumerate(parts)
+        )
+
     def close(self) -> None:
         """Release the engine's resources."""
 
@@ -365,17 +376,32 @@ class DuckDBEngine(Engine):
 
     @staticmethod
     def _rc_batch(
-        bt: pa.RecordBatch, num_l: int, k: int, base: int, no: int, acc: dict | None = None
+        bt: pa.RecordBatch,
+        num_l: int,
+        k: int,
+        base: int,
+        no: int,
+        acc: dict | None = None,
+        full: bool = False,
     ) -> dict:
-        """rc's columns of one record batch (the rules of rc_sql, in numpy; columns in the
+        """rt's columns of one record batch (the rules of rc_sql, in numpy; columns in the
         order doc_id, position, token_id, domain, is_bos, e*, w* as read) plus is_test; adds
-        the batch's non-BOS state counts and weight sums to `acc` (dense over codes)."""
+        the batch's non-BOS state counts and weight sums to `acc` (dense over codes) when
+        given; full: rw's slot columns e{l}_{j} (-1 = none) and w{l}_{j} (float64) too."""
         out, _ = _stream_batch(bt, num_l, k, base, no, None, acc)
         code = [out.pop(f"c{li}") for li in range(num_l)]
         for key in [x for x in out if x.startswith("p_") or x == "has_prev"]:
             del out[key]
         out.update({f"t{li}": (c // base**k - 1).astype(np.int32) for li, c in enumerate(code)})
         out.update({f"c{li}": c for li, c in enumerate(code)})
+        if full:
+            nlk = num_l * k
+            for i in range(nlk):
+                li, j = divmod(i, k)
+                e = bt.column(5 + i).to_numpy(zero_copy_only=False).astype(np.int32)
+                out[f"e{li}_{j}"] = np.where(e == no, -1, e).astype(np.int32)
+                w = bt.column(5 + nlk + i).to_numpy(zero_copy_only=False)
+                out[f"w{li}_{j}"] = w.astype(np.float64)
         return out
 
     def layer_weight_states(self) -> dict[str, np.ndarray] | None:
@@ -584,6 +610,15 @@ def java_shim(home: Path) -> str:
     return str(shim)
 
 
+def local_cores(master: str) -> int:
+    """Worker threads of a local master URL: local -> 1, local[4] -> 4, local[*] -> the CPUs."""
+    inner = master[master.find("[") + 1 : master.find("]")] if "[" in master else "1"
+    inner = inner.split(",")[0]
+    if inner == "*":
+        return os.cpu_count() or 1
+    return max(1, int(inner)) if inner.isdigit() else 1
+
+
 def spark_session(master: str = "local[1]", memory_limit: str | int | None = None) -> Any:
     """One SparkSession per process (reused: the JVM starts once); `memory_limit` sizes the
     driver heap in local mode (executors on a cluster are sized by spark-submit)."""
@@ -596,12 +631,19 @@ def spark_session(master: str = "local[1]", memory_limit: str | int | None = Non
             "--engine spark needs pyspark: `pip install 'moelab[spark]'` (pyspark >= 4)"
         ) from None
     ensure_java()
+    local = master.startswith("local")
+    if local:  # the executors' Python workers run this interpreter (moelab importable)
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     b = SparkSession.builder.appName("moelab-analyze").master(master)
     mem = parse_bytes(memory_limit)
-    if mem and master.startswith("local"):
-        b = b.config("spark.driver.memory", f"{max(mem // 2**20, 512)}m")
+    if mem and local:  # the JVM heap gets half, as DuckDB's buffers: the rest is Python's
+        b = b.config("spark.driver.memory", f"{max(mem // 2 // 2**20, 512)}m")
+    cores = local_cores(master) if local else 0
     b = (
-        b.config("spark.sql.shuffle.partitions", "2" if master.startswith("local") else "200")
+        b.config("spark.sql.shuffle.partitions", str(max(2, 2 * cores)) if local else "200")
+        # adaptive re-planning costs more than it saves on the small local jobs (measured)
+        .config("spark.sql.adaptive.enabled", "false" if local else "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "32768")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -613,34 +655,153 @@ def spark_session(master: str = "local[1]", memory_limit: str | int | None = Non
     return s
 
 
+_TOKENS = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|\d+(?:\.\d+)?|'(?:[^']|'')*'|\s+|."
+)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?")
+_KEYWORDS = {"SELECT", "FROM", "WHERE", "GROUP", "BY", "AS", "AND", "OR", "NOT", "JOIN", "ON"}
+_KEYWORDS |= {"HAVING", "CASE", "WHEN", "THEN", "ELSE", "END", "CAST", "IN", "IS", "NULL"}
+
+
+def stacked_sql(parts: list[str]) -> str | None:
+    """The SELECTs `parts` as one scan: when they are one `SELECT ... FROM source [WHERE ...]
+    GROUP BY ...` text that differs only in column names outside the FROM clause (the per-layer
+    tables: c0 vs c1, ...), `LATERAL VIEW stack` emits each source row once per part with that
+    part's columns, and one GROUP BY part_, ... counts every part (exactly the UNION ALL's
+    rows); None when the parts have another shape."""
+    toks = [_TOKENS.findall(p) for p in parts]
+    if len(parts) < 2 or len({len(t) for t in toks}) != 1:
+        return None
+    first = toks[0]
+    up = [t.upper() for t in first]
+    if up.count("SELECT") != 1 or up.count("FROM") != 1 or up[0] != "SELECT":
+        return None
+    words = [i for i, t in enumerate(up) if not t.isspace()]
+    pairs = list(zip(words, words[1:], strict=False))
+    group = [(a, b) for a, b in pairs if up[a] == "GROUP" and up[b] == "BY"]
+    if len(group) != 1:
+        return None
+    group_at, by_at = group[0]
+    start = up.index("FROM")
+    end = up.index("WHERE") if "WHERE" in up else group_at  # the FROM clause: [start, end)
+    slots: dict[tuple[str, ...], str] = {}
+    out = list(first)
+    for i, t0 in enumerate(first):
+        vals = tuple(t[i] for t in toks)
+        if all(v == t0 for v in vals):
+            continue
+        prev = [up[j] for j in words if j < i]
+        if start <= i < end or (prev and prev[-1] == "AS"):
+            return None  # a varying source or output name: not one scan
+        if not all(_IDENT.fullmatch(v) and v.upper() not in _KEYWORDS for v in vals):
+            return None
+        out[i] = slots.setdefault(vals, f"x_{len(slots)}_")
+    if not slots:
+        return None
+    rows = ", ".join(f"{p}, " + ", ".join(v[p] for v in slots) for p in range(len(parts)))
+    view = f" LATERAL VIEW stack({len(parts)}, {rows}) s_ AS part_, {', '.join(slots.values())} "
+    out[end] = view + out[end]
+    out[by_at] = "BY part_,"
+    out[0] = "SELECT part_,"
+    return "".join(out)
+
+
+def _spark_type(dtype: np.dtype) -> str:
+    """Spark SQL type of a numpy column dtype of _rc_batch's output."""
+    return {
+        np.dtype(np.int64): "BIGINT",
+        np.dtype(np.int32): "INT",
+        np.dtype(np.bool_): "BOOLEAN",
+        np.dtype(np.float64): "DOUBLE",
+    }[np.dtype(dtype)]
+
+
+def _rc_mapper(num_l: int, k: int, base: int, no: int, mode: str, names: list[str]) -> Any:
+    """The function Spark's mapInArrow runs on the executors over record batches of the shards
+    (columns as _rc_batch reads them): mode "rc" yields rc's columns, "rw" rw's (the slot
+    columns too), "tally" one batch per partition of (layer, c, n, w0..) non-BOS state counts
+    and weight sums (columns `names`, in that order); every mode computes the codes with DuckDBEngine._rc_batch, the code that
+    builds DuckDB's rt, so both engines' codes are the same by construction."""
+
+    def run(batches: Any) -> Any:
+        dense = base ** (k + 1)
+        acc = None
+        if mode == "tally":
+            acc = {"n": np.zeros((num_l, dense)), "w": np.zeros((num_l, k, dense))}
+        for bt in batches:
+            out = DuckDBEngine._rc_batch(bt, num_l, k, base, no, acc, full=mode == "rw")
+            if mode != "tally":
+                yield pa.RecordBatch.from_arrays([pa.array(out[c]) for c in names], names)
+        if acc is not None:
+            layer, c = np.nonzero(acc["n"])
+            cols = {
+                "layer": layer.astype(np.int32),
+                "c": c.astype(np.int64),
+                "n": acc["n"][layer, c].astype(np.int64),
+            }
+            cols.update({f"w{j}": acc["w"][layer, j, c] for j in range(k)})
+            yield pa.RecordBatch.from_arrays([pa.array(cols[c]) for c in names], names)
+
+    return run
+
+
 class SparkEngine(Engine):
     """The same views and SQL on Spark (local mode or a cluster master URL).
 
-    rc (the per-row state codes) and pc (the pairs) are computed once, by one job each, and
-    cached (`CACHE TABLE`, storage level MEMORY_AND_DISK: on the executors, spilled to their
-    local disks when larger than their memory); rt, pr and rw add is_test over them, so every
-    count query scans one or two cached integer columns instead of re-reading the shards and
-    re-deriving the 32-layer code expressions (uncached, a 20k x 32 store took > 300 s)."""
+    The state codes are computed on the executors by the numpy code that builds DuckDB's rt
+    (DuckDBEngine._rc_batch, run by `mapInArrow` over the shards' record batches), so the codes
+    are identical on both engines by construction, and Spark never plans the 32 layers' nested
+    CASE expressions of rc_sql (which took 25-49 s to cache at 20k x 32 and ran the driver out
+    of heap planning the UNION ALL queries over them). rc (codes) and pc (pairs, a join of rc
+    with itself) are computed once and cached (`CACHE TABLE`, MEMORY_AND_DISK: on the
+    executors, spilled to their local disks when larger than their memory); rt and pr add
+    is_test over them. The weighted per-layer state tallies come from one more mapInArrow pass
+    (per-partition dense tallies summed by a GROUP BY); rw (slots and weights, for the rare
+    token-filtered weighted queries) is the same mapper uncached. `define` caches its table
+    (a snapshot, as DuckDB's)."""
 
     name = "spark"
-    batch_layers = 8  # per-layer tables unioned into one job (32 ran out of driver heap planning)
+    batch_layers = 8  # per-layer tables unioned into one job (fewer jobs; planning stays small)
 
     def __init__(
         self, store: str | Path, master: str = "local[1]", memory_limit: str | int | None = None
     ) -> None:
         super().__init__(store)
         self.spark = spark_session(master, memory_limit)
-        code_base(self.meta)  # fail early when the state codes would not fit
+        m = self.meta
+        base = code_base(m)  # fail early when the state codes would not fit
+        no = no_expert_value(m.num_experts)
+        num_l, k = m.num_layers, m.top_k
         # temp views are per session: one SparkEngine at a time (opening one redefines them)
-        df = self.spark.read.parquet(*[str(s) for s in self.shards])
+        try:
+            df = self.spark.read.parquet(*[str(s) for s in self.shards])
+        except Exception as exc:  # noqa: BLE001 - re-raised naming the store
+            raise TraceError(
+                f"{self.path}: Spark could not read the shards: {str(exc)[:400]}"
+            ) from exc
         df.createOrReplaceTempView("trace")
-        for name, body in (
-            ("rt0", rt_sql(self.meta)),
-            ("rt1", rt_top1_sql(self.meta)),
-            ("rw0", rw_sql(self.meta)),
-        ):
-            self.spark.sql(body).createOrReplaceTempView(name)
-        self._derived: dict[str, str] = {}
+        ecols = [f"e{li}_{j}" for li in range(num_l) for j in range(k)]
+        wcols = [f"w{li}_{j}" for li in range(num_l) for j in range(k)]
+        src = df.select("doc_id", "position", "token_id", "domain", "is_bos", *ecols, *wcols)
+        it = np.int32 if base ** (k + 1) < 2**31 else np.int64
+        rc = [("doc_id", np.int64), ("position", np.int64), ("token_id", np.int64)]
+        rc += [("domain", np.int32), ("is_bos", np.bool_)]
+        rc += [(f"t{li}", np.int32) for li in range(num_l)]
+        rc += [(f"c{li}", it) for li in range(num_l)]
+        rw = rc + [(c, np.int32) for c in ecols] + [(c, np.float64) for c in wcols]
+        tally = [("layer", np.int32), ("c", np.int64), ("n", np.int64)]
+        tally += [(f"w{j}", np.float64) for j in range(k)]
+
+        def mapped(mode: str, cols: list[tuple[str, Any]]) -> Any:
+            schema = ", ".join(f"{n} {_spark_type(t)}" for n, t in cols)
+            fn = _rc_mapper(num_l, k, base, no, mode, [n for n, _ in cols])
+            return src.mapInArrow(fn, schema)
+
+        mapped("rc", rc).createOrReplaceTempView("rc_src")
+        mapped("rw", rw).createOrReplaceTempView("rw0")
+        self._tally_df = mapped("tally", tally) if base ** (k + 1) <= 2**16 else None
+        self._wstates: dict[str, np.ndarray] | None = None
+        self._derived: list[str] = []
         self._cached = False
         self.set_test_docs(np.zeros(0, np.int64))
 
@@ -650,7 +811,7 @@ class SparkEngine(Engine):
             return
         self._cached = True
         try:
-            self.spark.sql(f"CACHE TABLE rc AS {rc_sql(self.meta)}")
+            self.spark.sql("CACHE TABLE rc AS SELECT * FROM rc_src")
             self.spark.sql(f"CACHE TABLE pc AS {pc_sql(self.meta)}")
         except Exception as exc:  # noqa: BLE001 - re-raised naming the store
             raise TraceError(
@@ -659,20 +820,54 @@ class SparkEngine(Engine):
         self._define()
 
     def _define(self) -> None:
-        views = [("rw", with_test_sql("rw0"))]
-        if self._cached:
-            views += [("rt", with_test_sql("rc")), ("pr", with_test_sql("pc"))]
-            views += list(self._derived.items())
-        for name, body in views:
-            self.spark.sql(body).createOrReplaceTempView(name)
+        """(Re)define rw, rt and pr: their source plus is_test, a constant or an IN list of
+        the held-out documents (a hash-set test per row, no join per query), or the IN
+        subquery over test_docs when the list is long."""
+        ids = self._test
+        if ids.size == 0:
+            test = "FALSE AS is_test"
+        elif ids.size <= 100_000:
+            test = f"doc_id IN ({', '.join(str(int(d)) for d in ids)}) AS is_test"
+        else:
+            test = "doc_id IN (SELECT doc_id FROM test_docs) AS is_test"
+        views = [("rw", "rw0")] + ([("rt", "rc"), ("pr", "pc")] if self._cached else [])
+        for name, src in views:
+            self.spark.sql(f"SELECT *, {test} FROM {src}").createOrReplaceTempView(name)
+
+    def layer_weight_states(self) -> dict[str, np.ndarray] | None:
+        """{"c", "layer", "n", "w0".."w{k-1}"}: per-layer non-BOS state counts and weight sums
+        (per-partition tallies of one mapInArrow pass, summed), or None for wide codes."""
+        if self._tally_df is None:
+            return None
+        if self._wstates is None:
+            k = self.meta.top_k
+            sums = ", ".join(f"SUM(w{j}) AS w{j}" for j in range(k))
+            self._tally_df.createOrReplaceTempView("tally_src")
+            self._wstates = self.query(
+                f"SELECT layer, c, SUM(n) AS n, {sums} FROM tally_src GROUP BY layer, c"
+            )
+        return dict(self._wstates)
+
+    def union_sql(self, parts: list[str]) -> str:
+        """stacked_sql when the parts are per-layer variants of one query (one scan, one
+        small plan; a 32-way UNION ALL took ~7x as long and its planning can exhaust the
+        driver heap), else the UNION ALL."""
+        return stacked_sql(parts) or super().union_sql(parts)
 
     def define(self, name: str, sql: str) -> None:
         self._cache()
-        self._derived[name] = sql
-        self.spark.sql(sql).createOrReplaceTempView(name)
+        if name in self._derived:
+            self.spark.sql(f"UNCACHE TABLE IF EXISTS {name}")
+        else:
+            self._derived.append(name)
+        try:
+            self.spark.sql(f"CACHE TABLE {name} AS {sql}")
+        except Exception as exc:  # noqa: BLE001 - re-raised naming the store
+            raise TraceError(f"{self.path}: Spark query failed: {str(exc)[:400]}") from exc
 
     def set_test_docs(self, doc_ids: np.ndarray) -> None:
-        ids = np.asarray(doc_ids, dtype=np.int64)
+        ids = np.unique(np.asarray(doc_ids, dtype=np.int64))
+        self._test = ids
         vals = ", ".join(f"({int(d)})" for d in ids) if ids.size else "(0)"
         cond = "" if ids.size else " WHERE 1 = 0"
         self.spark.sql(
@@ -689,9 +884,9 @@ class SparkEngine(Engine):
         return _columns(tab)
 
     def close(self) -> None:
-        names = ["pr", "rt", "rw", "pc", "rc", "rw0", "rt1", "rt0", "test_docs", "trace"]
+        names = ["pr", "rt", "rw", "pc", "rc", "rc_src", "rw0", "tally_src", "test_docs", "trace"]
         for v in [*self._derived, *names]:
-            self.spark.catalog.dropTempView(v)  # uncaches rc and pc too
+            self.spark.catalog.dropTempView(v)  # uncaches rc, pc and the defined tables too
 
 
 def open_engine(
