@@ -513,6 +513,7 @@ def remeasure(ctx, stores, ev, tier):
     """The planner's Machine measured now: one expert read per precision and per-layer compute."""
     from moelab.offload.plan import (
         Machine,
+        measure_background,
         measure_compute,
         measure_fill_reads,
         measure_misses,
@@ -526,7 +527,8 @@ def remeasure(ctx, stores, ev, tier):
     comp = measure_compute(ctx.load, stores, ev.tokens[0][:48], tier=tier)
     mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
     miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
-    return Machine(secs, comp, used, False, miss, fresh)
+    bg = measure_background(ctx.load, stores["full"], ev.tokens[0][:48], tier)
+    return Machine(secs, comp, used, False, miss, fresh, bg)
 
 
 def replan(ctx, machine, row, mem) -> float:

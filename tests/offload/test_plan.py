@@ -270,3 +270,33 @@ def test_machine_fill_overhead_is_the_measured_difference(ctx):
     # a fresh read measured faster than a recycled one (noise) charges nothing, never a credit
     assert Machine({"full": 2e-3}, {"full": 1e-3},
                    seconds_per_fresh_read={"full": 1e-3}).fill_overhead("full") == 0.0  # fmt: skip
+
+
+def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx):
+    import numpy as np
+
+    from moelab.offload.plan import measure_background
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full"])
+    assert measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 1) >= 0.0
+    with pytest.raises(ConfigError, match="repeats"):
+        measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 0)
+    # replay: every finished prefetch adds exactly background_overhead of foreground time
+    rng = np.random.default_rng(1)
+    E, L, k, nb = 8, 3, 2, 1000
+    ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)])
+                    for _ in range(30)])  # fmt: skip
+    from moelab.offload.simulate import oracle_plan
+
+    plan = oracle_plan(ids, 1)
+    kw = dict(bandwidth=1e7, latency=0.0, layer_compute=1e-3, expert_bytes=nb)
+    a = simulate(ids, E, 4, "lru", Hardware("x", **kw), plan, expert_bytes=nb)
+    o = 2e-4
+    b = simulate(ids, E, 4, "lru", Hardware("x", background_overhead=o, **kw), plan,
+                 expert_bytes=nb)  # fmt: skip
+    loads = a.cache["prefetch_loads"]
+    assert loads > 0 and b.cache["prefetch_loads"] == loads and b.hit_rate == a.hit_rate
+    # loads finish 0.1 ms after issue, well within a layer: each completes before it is needed
+    assert a.late == 0
+    assert b.seconds - a.seconds == pytest.approx(o * loads, rel=1e-9)

@@ -312,6 +312,7 @@ def simulate_standin(
             ]
             for tr in link.advance(t):
                 cache.insert(tr.key, prefetched=True)
+                t += hw.background_overhead  # the background read shared the cores
             cache.lock(keys)
             for key in link.stale((si, layer)):
                 link.drop(key)
@@ -326,7 +327,7 @@ def simulate_standin(
                     tr = link.inflight.pop(key)
                     cache.insert(key, prefetched=True)
                     cache.access(key)
-                    ready = max(ready, tr.end)
+                    ready = max(ready, tr.end + hw.background_overhead)
                 else:
                     kind = "miss"
                     cache.access(key)
@@ -371,6 +372,8 @@ class Machine:
     # precision -> one expert read into memory not used before (measure_fill_reads): a load
     # that fills a free cache slot pays the difference to seconds_per_expert (first touch)
     seconds_per_fresh_read: dict[str, float] = field(default_factory=dict)
+    # foreground seconds one background (prefetch) load costs the decode (measure_background)
+    background_overhead: float = 0.0
 
     def fill_overhead(self, precision: str) -> float:
         """Extra seconds of a load into a free cache slot (fresh memory) over a recycled one."""
@@ -393,7 +396,7 @@ class Machine:
             f"this-machine/{self.tier}", bandwidth=nb / self.load_seconds(main), latency=0.0,
             layer_compute=self.layer_compute[main], predict_overhead=predict_overhead,
             expert_bytes=nb, description="measured" if not self.given else "given",
-            fill_overhead=self.fill_overhead(main),
+            fill_overhead=self.fill_overhead(main), background_overhead=self.background_overhead,
         )  # fmt: skip
 
 
@@ -736,6 +739,66 @@ def measure_misses(
             "misses_per_token": float(np.median(rate)),
         }
     return out
+
+
+def measure_background(
+    load_model: Callable[[], torch.nn.Module],
+    store_dir: Path,
+    tokens: np.ndarray,
+    tier: str = "auto",
+    repeats: int = 2,
+) -> float:
+    """Foreground seconds one background expert load costs a live decode (the prefetch thread's
+    reads share the cores with compute): all-resident decodes of `tokens` through the live path,
+    alternately alone and while a thread reads experts from the store on `tier` back to back;
+    (busy - alone) decode seconds / reads done meanwhile, median over `repeats` pairs (>= 0)."""
+    import threading
+
+    from moelab.offload.live import OffloadedModel
+
+    if repeats < 1:
+        raise ConfigError(f"measure_background: repeats={repeats} must be >= 1")
+    m = load_model()
+    shape = model_shape(m)
+    per = []
+    with ExpertStore(store_dir, tier=tier) as st, ExpertStore(store_dir, tier=tier) as bg:
+        cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
+                            num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
+                            top_k=shape.top_k)  # fmt: skip
+        with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+            for layer in range(shape.num_layers):
+                for e in range(shape.num_experts):
+                    cache.preload((layer, e), st.read(layer, e))
+            teacher_forced(m, tokens[:8], om)  # warm-up
+            bg.read(0, 0)
+
+            def decode() -> float:
+                om.reset_stats()
+                teacher_forced(m, tokens, om)
+                return float(om.stats()["decode"]["seconds"])
+
+            for _ in range(repeats):
+                alone = decode()
+                stop, n = threading.Event(), [0]
+
+                def reader(stop: threading.Event = stop, n: list[int] = n) -> None:
+                    rng = np.random.default_rng(0)
+                    while not stop.is_set():
+                        layer = int(rng.integers(bg.num_layers))
+                        bg.read(layer, int(rng.integers(bg.num_experts[layer])))
+                        n[0] += 1
+
+                th = threading.Thread(target=reader, daemon=True)
+                th.start()
+                n0 = n[0]
+                busy = decode()
+                reads = n[0] - n0
+                stop.set()
+                th.join()
+                if reads < 1:
+                    raise OffloadError("measure_background: no background read finished")
+                per.append((busy - alone) / reads)
+    return max(0.0, float(np.median(per)))
 
 
 def heldout_ppl(

@@ -177,6 +177,7 @@ def make_plan(
         Machine,
         check_memory,
         heldout_ppl,
+        measure_background,
         measure_compute,
         measure_fill_reads,
         measure_misses,
@@ -213,12 +214,15 @@ def make_plan(
         comp = dict.fromkeys(stores, layer_compute)
     else:
         comp = measure_compute(ctx.load, stores, ev.tokens[0][:48], tier=tier)
-    miss = {}
+    miss, bg = {}, 0.0
     if bandwidth is None:  # what a demand miss stalls the live path (given bandwidth: as given)
         mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
         miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
+    if bandwidth is None and layer_compute is None:  # prefetch reads share the cores
+        bg_store = stores.get("full") or next(iter(stores.values()))
+        bg = measure_background(ctx.load, bg_store, ev.tokens[0][:48], tier)
     machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None,
-                      miss, fresh)  # fmt: skip
+                      miss, fresh, bg)  # fmt: skip
     base = heldout_ppl(ctx.load, None, ev.tokens)
     ppl = {p: heldout_ppl(ctx.load, d, ev.tokens) / base for p, d in stores.items()}
 
@@ -262,7 +266,10 @@ def machine_line(m: dict[str, Any]) -> str:
         out += f"; into fresh memory (fills a free slot) {ms(m['seconds_per_fresh_read'])}"
     if m.get("seconds_per_miss"):
         out += f"; one demand miss in a live decode (the replay's load time) {ms(m['seconds_per_miss'])}"
-    return out + f"; one MoE layer per decode token {ms(m['layer_compute'])}"
+    out += f"; one MoE layer per decode token {ms(m['layer_compute'])}"
+    if m.get("background_overhead"):
+        out += f"; one background load costs compute {1e3 * m['background_overhead']:.2f} ms"
+    return out
 
 
 def print_plan(rep, top: int = 15) -> None:

@@ -44,6 +44,7 @@ class Hardware:
     predict_overhead: float = 0.0  # seconds per layer spent running the predictor
     description: str = ""
     fill_overhead: float = 0.0  # extra seconds of a load into a free cache slot (fresh memory)
+    background_overhead: float = 0.0  # foreground seconds each finished prefetch load costs
 
     def transfer(self, nbytes: int) -> float:
         """Seconds to move nbytes over the link."""
@@ -412,9 +413,12 @@ def simulate(
     t = 0.0
     tc = hw.layer_compute + hw.predict_overhead
 
-    def complete(upto: float) -> None:
-        for tr in link.advance(upto):
+    def complete(upto: float) -> float:
+        """Finished prefetches enter the cache; each cost the foreground hw.background_overhead."""
+        done = link.advance(upto)
+        for tr in done:
             cache.insert(tr.key, prefetched=True)
+        return len(done) * hw.background_overhead
 
     for si, rows in enumerate(steps):
         t_step, stall0 = t, res.stall_seconds
@@ -428,7 +432,7 @@ def simulate(
                     if e >= 0:
                         ranks[int(e)] = min(ranks.get(int(e), r), r)
             keys = [(layer, e) for e in sorted(ranks)]
-            complete(t)  # transfers done while the previous layer computed (nothing locked)
+            t += complete(t)  # transfers done while the previous layer computed (nothing locked)
             cache.at(si, layer)
             cache.lock(keys)
             if cache.uses_hints:  # issued once layer l has routed, before its loads
@@ -450,7 +454,7 @@ def simulate(
                     link.arrival[key] = tr.end
                     cache.insert(key, prefetched=True)
                     cache.access(key, ranks[key[1]])
-                    ready = max(ready, tr.end)
+                    ready = max(ready, tr.end + hw.background_overhead)
                 else:
                     kind = "miss"
                     link.drop(key)
