@@ -37,6 +37,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -386,8 +387,9 @@ def main_testbed(args) -> None:
           f"{info.expert_bytes('full') / 1e6:.2f} MB full / {info.expert_bytes('int8') / 1e6:.2f} int8 / "
           f"{info.expert_bytes('int4') / 1e6:.2f} int4; all experts {info.full_bytes / 1e6:.0f} MB; "
           f"tier {m['tier']}; plan took {plan_s:.0f} s")  # fmt: skip
-    print("measured: one expert read " + ", ".join(f"{p} {1e3 * v:.2f} ms" for p, v in m["seconds_per_expert"].items())
-          + "; one MoE layer per decode token " + ", ".join(f"{p} {1e3 * v:.2f} ms" for p, v in m["layer_compute"].items()))  # fmt: skip
+    from moelab.offload.plan_commands import machine_line
+
+    print("measured: " + machine_line(m))
     print(
         "held-out perplexity ratio (static tiers): "
         + ", ".join(f"{p} {v:.4f}" for p, v in m["ppl_ratio"].items())
@@ -429,6 +431,7 @@ def main_testbed(args) -> None:
         # the planner's machine measured again in this repeat, so planned and live tokens/s
         # compare numbers taken minutes (not a whole run) apart
         mach = remeasure(ctx, stores, ev, extra.tier)
+        print(f"  repeat {rep_i} machine: {machine_line(asdict(mach))}", flush=True)
         for v, (r, mem) in variants.items():
             planned[v].append(replan(ctx, mach, r, mem))
         for v, (r, _mem) in variants.items():
@@ -508,12 +511,24 @@ def main_testbed(args) -> None:
 
 def remeasure(ctx, stores, ev, tier):
     """The planner's Machine measured now: one expert read per precision and per-layer compute."""
-    from moelab.offload.plan import Machine, measure_compute, measure_reads
+    from moelab.offload.plan import (
+        Machine,
+        measure_background,
+        measure_compute,
+        measure_fill_reads,
+        measure_misses,
+        measure_reads,
+    )
 
-    secs, used = {}, tier
+    secs, fresh, used = {}, {}, tier
     for p, d in stores.items():
         secs[p], used = measure_reads(d, tier)
-    return Machine(secs, measure_compute(ctx.load, stores, ev.tokens[0][:48]), used)
+        fresh[p] = measure_fill_reads(d, tier)
+    comp = measure_compute(ctx.load, stores, ev.tokens[0][:48], tier=tier)
+    mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
+    miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
+    bg = measure_background(ctx.load, stores["full"], ev.tokens[0][:48], tier)
+    return Machine(secs, comp, used, False, miss, fresh, bg)
 
 
 def replan(ctx, machine, row, mem) -> float:

@@ -183,3 +183,120 @@ def test_cli_plan_and_refusals(ctx, capsys, monkeypatch, tmp_path):
     assert code == 2 and "cannot hold one token's experts" in out
     code, out = _cli([*base, "--memory", "50%", "--precisions", "fp8"], capsys, monkeypatch)
     assert code == 2 and "precision 'fp8'" in out
+
+
+# --------------------------------------------------------------------------- machine terms
+def test_live_path_miss_and_fill_are_measured(ctx):
+    from moelab.offload.plan import measure_fill_reads, measure_misses, measure_reads
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full", "int8"])
+    mm = measure_misses(ctx.load, stores, ev.tokens[0][:16], tier="ram", repeats=2)
+    assert set(mm) == {"full", "int8"}
+    for v in mm.values():
+        # top_k slots per layer: most of a token's experts miss, each stalls a measurable time
+        assert v["seconds_per_miss"] > 0 and v["layer_seconds"] > 0
+        assert 0 < v["misses_per_token"] <= ctx.shape.num_layers * ctx.shape.top_k
+    assert measure_fill_reads(stores["full"], "ram", reads=4) > 0
+    assert measure_reads(stores["full"], "ram")[0] > 0
+    with pytest.raises(ConfigError, match="repeats"):
+        measure_misses(ctx.load, stores, ev.tokens[0][:16], repeats=0)
+    with pytest.raises(ConfigError, match="reads"):
+        measure_fill_reads(stores["full"], "ram", reads=0)
+
+
+def _lru(ctx, machine, slots):
+    from moelab.offload.plan import plan_configs
+
+    nb = ctx.shape.expert_bytes("full")
+    mem = slots * ctx.shape.num_layers * nb
+    rep = plan_configs(ctx.shape, ctx.sites, machine, ctx.workload, [("m", mem)], ["full"],
+                       ["none"], ["lru"])  # fmt: skip
+    return rep.best(precision="full")
+
+
+def test_miss_term_replaces_the_read_time_exactly(ctx):
+    from moelab.offload.plan import Machine
+
+    read, miss, comp = 2e-3, 3.5e-3, 1e-3
+    plain = Machine({"full": read}, {"full": comp})
+    live = Machine({"full": read}, {"full": comp}, seconds_per_miss={"full": miss})
+    assert live.load_seconds("full") == miss and plain.load_seconds("full") == read
+    a, b = _lru(ctx, plain, 2), _lru(ctx, live, 2)
+    assert a.hit_rate == b.hit_rate < 1 and b.tokens_per_s < a.tokens_per_s
+    # no prefetch: every demand load stalls serially, so the stall grows by exactly
+    # (miss - read) per timed miss, and nothing else changes
+    _, ev = ctx.workload.split()
+    steps, timed = decode_steps(ev)
+    nb = ctx.shape.expert_bytes("full")
+    sims = [simulate(ev.expert_ids, ctx.shape.num_experts, 2, "lru", m.hardware("full", ctx.shape),
+                     None, True, steps, timed, expert_bytes=nb) for m in (plain, live)]  # fmt: skip
+    assert [s.tokens_per_s for s in sims] == pytest.approx([a.tokens_per_s, b.tokens_per_s])
+    n_miss, n_tok = sims[0].misses, sims[0].tokens
+    assert n_miss > 0 and sims[1].misses == n_miss
+    extra = sims[1].seconds - sims[0].seconds
+    assert extra == pytest.approx((miss - read) * n_miss, rel=1e-9)
+    assert 1 / b.tokens_per_s - 1 / a.tokens_per_s == pytest.approx(extra / n_tok, rel=1e-9)
+
+
+def test_fill_overhead_is_charged_once_per_free_slot():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    E, L, k, slots = 8, 3, 2, 4
+    ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)])
+                    for _ in range(40)])  # fmt: skip
+    nb = 1000
+    base = Hardware("x", bandwidth=1e6, latency=0.0, layer_compute=1e-3, expert_bytes=nb)
+    f = 7e-3
+    fill = Hardware("x", bandwidth=1e6, latency=0.0, layer_compute=1e-3, expert_bytes=nb,
+                    fill_overhead=f)  # fmt: skip
+    a = simulate(ids, E, slots, "lru", base, expert_bytes=nb)
+    b = simulate(ids, E, slots, "lru", fill, expert_bytes=nb)
+    # each layer's cache fills its free slots once (distinct experts, at most `slots` of them)
+    fills = sum(min(slots, len(np.unique(ids[:, layer]))) for layer in range(L))
+    assert fills == L * slots
+    assert b.seconds - a.seconds == pytest.approx(f * fills, rel=1e-9)
+    assert b.hit_rate == a.hit_rate and b.tokens_per_s < a.tokens_per_s
+
+
+def test_machine_fill_overhead_is_the_measured_difference(ctx):
+    from moelab.offload.plan import Machine
+
+    m = Machine({"full": 2e-3}, {"full": 1e-3}, seconds_per_fresh_read={"full": 5e-3})
+    assert m.fill_overhead("full") == pytest.approx(3e-3)
+    assert m.hardware("full", ctx.shape).fill_overhead == pytest.approx(3e-3)
+    assert Machine({"full": 2e-3}, {"full": 1e-3}).fill_overhead("full") == 0.0
+    # a fresh read measured faster than a recycled one (noise) charges nothing, never a credit
+    assert Machine({"full": 2e-3}, {"full": 1e-3},
+                   seconds_per_fresh_read={"full": 1e-3}).fill_overhead("full") == 0.0  # fmt: skip
+
+
+def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx):
+    import numpy as np
+
+    from moelab.offload.plan import measure_background
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full"])
+    assert measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 1) >= 0.0
+    with pytest.raises(ConfigError, match="repeats"):
+        measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 0)
+    # replay: every finished prefetch adds exactly background_overhead of foreground time
+    rng = np.random.default_rng(1)
+    E, L, k, nb = 8, 3, 2, 1000
+    ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)])
+                    for _ in range(30)])  # fmt: skip
+    from moelab.offload.simulate import oracle_plan
+
+    plan = oracle_plan(ids, 1)
+    kw = dict(bandwidth=1e7, latency=0.0, layer_compute=1e-3, expert_bytes=nb)
+    a = simulate(ids, E, 4, "lru", Hardware("x", **kw), plan, expert_bytes=nb)
+    o = 2e-4
+    b = simulate(ids, E, 4, "lru", Hardware("x", background_overhead=o, **kw), plan,
+                 expert_bytes=nb)  # fmt: skip
+    loads = a.cache["prefetch_loads"]
+    assert loads > 0 and b.cache["prefetch_loads"] == loads and b.hit_rate == a.hit_rate
+    # loads finish 0.1 ms after issue, well within a layer: each completes before it is needed
+    assert a.late == 0
+    assert b.seconds - a.seconds == pytest.approx(o * loads, rel=1e-9)

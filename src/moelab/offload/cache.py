@@ -324,6 +324,16 @@ class ExpertCache:
         with self._lock:
             return [k for s in self._stage for k in s]
 
+    def has_room(self, key: Key, prefetched: bool = False) -> bool:
+        """True if inserting key now would take a free slot (no eviction): in the staging buffer
+        for a prefetch when there is one, else in key's group of the cache."""
+        key = (int(key[0]), int(key[1]))
+        with self._lock:
+            g = self._group(key)
+            if prefetched and self._stage_limits[g] > 0:
+                return self._stage_bytes_used(g) + self._cost(key) <= self._stage_limits[g]
+            return self._used(g) + self._cost(key) <= self._limit(g)
+
     def peek(self, key: Key) -> Any:
         """Value if resident, without counting an access."""
         with self._lock:

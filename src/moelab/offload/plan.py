@@ -312,6 +312,7 @@ def simulate_standin(
             ]
             for tr in link.advance(t):
                 cache.insert(tr.key, prefetched=True)
+                t += hw.background_overhead  # the background read shared the cores
             cache.lock(keys)
             for key in link.stale((si, layer)):
                 link.drop(key)
@@ -326,12 +327,12 @@ def simulate_standin(
                     tr = link.inflight.pop(key)
                     cache.insert(key, prefetched=True)
                     cache.access(key)
-                    ready = max(ready, tr.end)
+                    ready = max(ready, tr.end + hw.background_overhead)
                 else:
                     kind = "miss"
                     cache.access(key)
                     if not link.busy(key):
-                        link.prefetch(key, t, nbytes, (si + 1, layer))
+                        link.prefetch(key, t, nbytes, (si + 1, layer), cache.has_room(key, True))
                 if count:
                     res.needed += 1
                     res.timely += kind == "timely"
@@ -344,7 +345,7 @@ def simulate_standin(
                 for e in list(experts)[: cache.slots]:
                     key = (t_layer, int(e))
                     if key not in cache and not link.busy(key) and len(link.pending) < 64:
-                        link.prefetch(key, t, nbytes, (t_row, t_layer))
+                        link.prefetch(key, t, nbytes, (t_row, t_layer), cache.has_room(key, True))
             t += tc
             cache.unlock()
         t += hw.token_overhead
@@ -365,6 +366,25 @@ class Machine:
     layer_compute: dict[str, float]  # precision -> seconds per MoE layer per decode token
     tier: str = "direct"
     given: bool = False
+    # precision -> seconds one demand miss stalls a live decode (measure_misses); when given, the
+    # replay's link moves an expert in this time instead of seconds_per_expert
+    seconds_per_miss: dict[str, float] = field(default_factory=dict)
+    # precision -> one expert read into memory not used before (measure_fill_reads): a load
+    # that fills a free cache slot pays the difference to seconds_per_expert (first touch)
+    seconds_per_fresh_read: dict[str, float] = field(default_factory=dict)
+    # foreground seconds one background (prefetch) load costs the decode (measure_background)
+    background_overhead: float = 0.0
+
+    def fill_overhead(self, precision: str) -> float:
+        """Extra seconds of a load into a free cache slot (fresh memory) over a recycled one."""
+        if precision not in self.seconds_per_fresh_read:
+            return 0.0
+        return max(0.0, self.seconds_per_fresh_read[precision] - self.seconds_per_expert[precision])
+
+    def load_seconds(self, precision: str) -> float:
+        """Seconds the replay's link takes per expert of a store precision: the live-path miss
+        cost when measured, else the tier's back-to-back read."""
+        return self.seconds_per_miss.get(precision, self.seconds_per_expert[precision])
 
     def hardware(
         self, precision: str, shape: ModelShape, predict_overhead: float = 0.0
@@ -373,9 +393,10 @@ class Machine:
         main, _ = split_precision(precision)
         nb = shape.expert_bytes(main)
         return Hardware(
-            f"this-machine/{self.tier}", bandwidth=nb / self.seconds_per_expert[main], latency=0.0,
+            f"this-machine/{self.tier}", bandwidth=nb / self.load_seconds(main), latency=0.0,
             layer_compute=self.layer_compute[main], predict_overhead=predict_overhead,
             expert_bytes=nb, description="measured" if not self.given else "given",
+            fill_overhead=self.fill_overhead(main), background_overhead=self.background_overhead,
         )  # fmt: skip
 
 
@@ -512,7 +533,7 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
     hw = machine.hardware(prec, shape)
     lru = _replay(ev, shape, slots, "lru", hw, None, steps, timed, nb, counts, None)
     orc = _replay(ev, shape, slots, "lru", hw, oracle, steps, timed, nb, counts, None)
-    t_load = machine.seconds_per_expert[prec] * 1e3
+    t_load = machine.load_seconds(prec) * 1e3
     t_layer = machine.layer_compute[prec] * 1e3
     miss_ms = lru.stall_seconds / max(lru.tokens, 1) * 1e3
     comp_ms = t_layer * shape.num_layers
@@ -584,6 +605,31 @@ def measure_reads(store_dir: Path, tier: str = "auto", reads: int = 24) -> tuple
         return float(st.measure(reads=reads)["seconds_per_expert"]), st.tier
 
 
+def measure_fill_reads(store_dir: Path, tier: str = "auto", reads: int = 8) -> float:
+    """Median seconds of one expert read from the tier into memory not used before (every result
+    is held, so the store's buffer pool allocates for each): what a load that fills a free cache
+    slot costs live, page faults of the fresh buffer included."""
+    if reads < 1:
+        raise ConfigError(f"measure_fill_reads: reads={reads} must be >= 1")
+    rng = np.random.default_rng(1)
+    held, times = [], []
+    with ExpertStore(store_dir, tier=tier) as st:
+        held.append(st.read(0, 0))  # opens the files; its buffer stays held
+        n0 = st.buffers.allocated
+        for _ in range(reads):
+            layer = int(rng.integers(st.num_layers))
+            e = int(rng.integers(st.num_experts[layer]))
+            t0 = time.perf_counter()
+            held.append(st.read(layer, e))
+            times.append(time.perf_counter() - t0)
+        if st.buffers.allocated - n0 != reads:
+            raise OffloadError(
+                f"measure_fill_reads: {st.buffers.allocated - n0} of {reads} reads went into fresh"
+                " buffers; the measurement needs every one fresh"
+            )
+    return float(np.median(times))
+
+
 @torch.no_grad()
 def teacher_forced(
     model: torch.nn.Module, tokens: np.ndarray, om: Any = None
@@ -612,16 +658,18 @@ def measure_compute(
     stores: dict[str, Path],
     tokens: np.ndarray,
     repeats: int = 3,
+    tier: str = "ram",
 ) -> dict[str, float]:
     """Seconds per MoE layer per decode token with every expert in the cache, per precision
     (hooks, attention and the weight-only kernels included, as a live run pays them): the
-    median of `repeats` teacher-forced decodes of `tokens` after a warm-up."""
+    median of `repeats` teacher-forced decodes of `tokens` after a warm-up. The experts are read
+    from the store on `tier` (the live run's tier gives the live run's buffers and layout)."""
     if repeats < 1:
         raise ConfigError(f"measure_compute: repeats={repeats} must be >= 1")
     out = {}
     for prec, d in stores.items():
         m = load_model()
-        with ExpertStore(d, tier="ram") as st:
+        with ExpertStore(d, tier=tier) as st:
             shape = model_shape(m)
             cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
                                 num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
@@ -641,6 +689,116 @@ def measure_compute(
                     per_layer.append(d["seconds"] / max(d["tokens"], 1) / shape.num_layers)
                 out[prec] = float(np.median(per_layer))
     return out
+
+
+def measure_misses(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    tokens: np.ndarray,
+    tier: str = "auto",
+    repeats: int = 3,
+) -> dict[str, dict[str, float]]:
+    """What a demand miss costs a live decode, per store precision: teacher-forced decodes of
+    `tokens` through the live path (OffloadedModel, Prefetcher without predictor, an LRU
+    ExpertCache of top_k experts per layer, the store on `tier`) after a warm-up decode that also
+    fills the store's buffer pool. Per decode: stall seconds / demand misses (one read into a
+    recycled buffer between computations, cache insert and eviction: what back-to-back reads of
+    one buffer, measure_reads, understate) and non-stall seconds per MoE layer; medians over
+    `repeats` decodes -> {precision: {"seconds_per_miss", "layer_seconds", "misses_per_token"}}."""
+    if repeats < 1:
+        raise ConfigError(f"measure_misses: repeats={repeats} must be >= 1")
+    from moelab.offload.live import OffloadedModel
+
+    out = {}
+    for prec, d in stores.items():
+        m = load_model()
+        shape = model_shape(m)
+        with ExpertStore(d, tier=tier) as st:
+            cache = ExpertCache(shape.top_k, "lru", num_layers=shape.num_layers,
+                                num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
+                                top_k=shape.top_k)  # fmt: skip
+            with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+                teacher_forced(m, tokens[:8], om)  # warm-up: model, kernels, buffer pool
+                per_miss, per_layer, rate = [], [], []
+                for _ in range(repeats):
+                    om.reset_stats()
+                    teacher_forced(m, tokens, om)
+                    dd = om.stats()["decode"]
+                    if dd["misses"] < 1 or dd["tokens"] < 1:
+                        raise OffloadError(
+                            f"measure_misses ({prec}): the calibration decode had no misses"
+                        )
+                    per_miss.append(dd["stall_seconds"] / dd["misses"])
+                    per_layer.append(
+                        (dd["seconds"] - dd["stall_seconds"]) / dd["tokens"] / shape.num_layers
+                    )
+                    rate.append(dd["misses"] / dd["tokens"])
+        out[prec] = {
+            "seconds_per_miss": float(np.median(per_miss)),
+            "layer_seconds": float(np.median(per_layer)),
+            "misses_per_token": float(np.median(rate)),
+        }
+    return out
+
+
+def measure_background(
+    load_model: Callable[[], torch.nn.Module],
+    store_dir: Path,
+    tokens: np.ndarray,
+    tier: str = "auto",
+    repeats: int = 2,
+) -> float:
+    """Foreground seconds one background expert load costs a live decode (the prefetch thread's
+    reads share the cores with compute): all-resident decodes of `tokens` through the live path,
+    alternately alone and while a thread reads experts from the store on `tier` back to back;
+    (busy - alone) decode seconds / reads done meanwhile, median over `repeats` pairs (>= 0)."""
+    import threading
+
+    from moelab.offload.live import OffloadedModel
+
+    if repeats < 1:
+        raise ConfigError(f"measure_background: repeats={repeats} must be >= 1")
+    m = load_model()
+    shape = model_shape(m)
+    per = []
+    with ExpertStore(store_dir, tier=tier) as st, ExpertStore(store_dir, tier=tier) as bg:
+        cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
+                            num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
+                            top_k=shape.top_k)  # fmt: skip
+        with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+            for layer in range(shape.num_layers):
+                for e in range(shape.num_experts):
+                    cache.preload((layer, e), st.read(layer, e))
+            teacher_forced(m, tokens[:8], om)  # warm-up
+            bg.read(0, 0)
+
+            def decode() -> float:
+                om.reset_stats()
+                teacher_forced(m, tokens, om)
+                return float(om.stats()["decode"]["seconds"])
+
+            for _ in range(repeats):
+                alone = decode()
+                stop, n = threading.Event(), [0]
+
+                def reader(stop: threading.Event = stop, n: list[int] = n) -> None:
+                    rng = np.random.default_rng(0)
+                    while not stop.is_set():
+                        layer = int(rng.integers(bg.num_layers))
+                        bg.read(layer, int(rng.integers(bg.num_experts[layer])))
+                        n[0] += 1
+
+                th = threading.Thread(target=reader, daemon=True)
+                th.start()
+                n0 = n[0]
+                busy = decode()
+                reads = n[0] - n0
+                stop.set()
+                th.join()
+                if reads < 1:
+                    raise OffloadError("measure_background: no background read finished")
+                per.append((busy - alone) / reads)
+    return max(0.0, float(np.median(per)))
 
 
 def heldout_ppl(

@@ -177,7 +177,10 @@ def make_plan(
         Machine,
         check_memory,
         heldout_ppl,
+        measure_background,
         measure_compute,
+        measure_fill_reads,
+        measure_misses,
         measure_reads,
         parse_memory,
         plan_configs,
@@ -196,7 +199,7 @@ def make_plan(
         check_memory(shape, nbytes, spec)
     stores = ctx.stores(precisions)
     _, ev = ctx.workload.split()
-    secs, used_tier = {}, tier
+    secs, fresh, used_tier = {}, {}, tier
     for p, d in stores.items():
         if bandwidth is not None:
             if bandwidth <= 0:
@@ -204,13 +207,22 @@ def make_plan(
             secs[p] = shape.expert_bytes(p) / bandwidth
         else:
             secs[p], used_tier = measure_reads(d, tier)
+            fresh[p] = measure_fill_reads(d, tier)
     if layer_compute is not None:
         if layer_compute <= 0:
             raise ConfigError(f"--layer-compute {layer_compute}: must be > 0 seconds")
         comp = dict.fromkeys(stores, layer_compute)
     else:
-        comp = measure_compute(ctx.load, stores, ev.tokens[0][:48])
-    machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None)
+        comp = measure_compute(ctx.load, stores, ev.tokens[0][:48], tier=tier)
+    miss, bg = {}, 0.0
+    if bandwidth is None:  # what a demand miss stalls the live path (given bandwidth: as given)
+        mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
+        miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
+    if bandwidth is None and layer_compute is None:  # prefetch reads share the cores
+        bg_store = stores.get("full") or next(iter(stores.values()))
+        bg = measure_background(ctx.load, bg_store, ev.tokens[0][:48], tier)
+    machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None,
+                      miss, fresh, bg)  # fmt: skip
     base = heldout_ppl(ctx.load, None, ev.tokens)
     ppl = {p: heldout_ppl(ctx.load, d, ev.tokens) / base for p, d in stores.items()}
 
@@ -242,6 +254,24 @@ def plan_json(rep) -> dict[str, Any]:
     }
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The planner's machine terms in one line (ms): reads, fresh-memory reads, live-path misses,
+    per-layer compute."""
+
+    def ms(d: dict[str, float]) -> str:
+        return ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in d.items())
+
+    out = f"one expert read {ms(m['seconds_per_expert'])}"
+    if m.get("seconds_per_fresh_read"):
+        out += f"; into fresh memory (fills a free slot) {ms(m['seconds_per_fresh_read'])}"
+    if m.get("seconds_per_miss"):
+        out += f"; one demand miss in a live decode (the replay's load time) {ms(m['seconds_per_miss'])}"
+    out += f"; one MoE layer per decode token {ms(m['layer_compute'])}"
+    if m.get("background_overhead"):
+        out += f"; one background load costs compute {1e3 * m['background_overhead']:.2f} ms"
+    return out
+
+
 def print_plan(rep, top: int = 15) -> None:
     """Rich table of the best `top` rows, then the prefetch verdicts and what was skipped."""
     from rich.console import Console
@@ -265,11 +295,10 @@ def print_plan(rep, top: int = 15) -> None:
     con.print("run a row live (decode tokens/s, hit rate, perplexity change):")
     for i, r in enumerate(rep.rows[:top]):
         con.print(f"  #{i + 1}: {r.command}", soft_wrap=True, highlight=False)
-    sp = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in m["seconds_per_expert"].items())
-    lc = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in m["layer_compute"].items())
     con.print(
-        f"{'given' if m['given'] else 'measured'}: one expert read {sp}; one MoE layer per decode token {lc}"
-    )
+        ("given" if m["given"] else "measured") + ": " + machine_line(m), soft_wrap=True,
+        highlight=False,
+    )  # fmt: skip
     con.print(f"held-out perplexity (full precision) {m.get('heldout_ppl_full', float('nan')):.2f}; "
               "ppl x = ratio at that precision (stand-in modes: measure with the command)")  # fmt: skip
     for v in rep.verdicts:

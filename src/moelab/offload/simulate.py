@@ -43,6 +43,8 @@ class Hardware:
     expert_bytes: int | None = None  # None: take the trace's/store's expert size
     predict_overhead: float = 0.0  # seconds per layer spent running the predictor
     description: str = ""
+    fill_overhead: float = 0.0  # extra seconds of a load into a free cache slot (fresh memory)
+    background_overhead: float = 0.0  # foreground seconds each finished prefetch load costs
 
     def transfer(self, nbytes: int) -> float:
         """Seconds to move nbytes over the link."""
@@ -233,16 +235,21 @@ class _Link:
         """Queued or in flight."""
         return key in self.pending_keys or key in self.inflight
 
-    def prefetch(self, key: Key, t: float, nbytes: int, target: tuple[int, int]) -> None:
+    def prefetch(
+        self, key: Key, t: float, nbytes: int, target: tuple[int, int], fill: bool = False
+    ) -> None:
+        """Queue a transfer; `fill`: it lands in a free cache slot (pays hw.fill_overhead)."""
         last = self.pending[-1].end if self.pending else self.busy_until
         start = max(t, last)
-        tr = _Transfer(key, t, start, start + self.hw.transfer(nbytes), target)
+        dur = self.hw.transfer(nbytes) + (self.hw.fill_overhead if fill else 0.0)
+        tr = _Transfer(key, t, start, start + dur, target)
         self.pending.append(tr)
         self.pending_keys[key] = tr
 
-    def demand(self, key: Key, t: float, nbytes: int) -> float:
+    def demand(self, key: Key, t: float, nbytes: int, fill: bool = False) -> float:
+        """A demand load ahead of the queue -> its end time (`fill` as for prefetch)."""
         start = max(t, self.busy_until)
-        end = start + self.hw.transfer(nbytes)
+        end = start + self.hw.transfer(nbytes) + (self.hw.fill_overhead if fill else 0.0)
         self.busy_until = end
         self.arrival[key] = end
         self._rechain(end)
@@ -406,9 +413,12 @@ def simulate(
     t = 0.0
     tc = hw.layer_compute + hw.predict_overhead
 
-    def complete(upto: float) -> None:
-        for tr in link.advance(upto):
+    def complete(upto: float) -> float:
+        """Finished prefetches enter the cache; each cost the foreground hw.background_overhead."""
+        done = link.advance(upto)
+        for tr in done:
             cache.insert(tr.key, prefetched=True)
+        return len(done) * hw.background_overhead
 
     for si, rows in enumerate(steps):
         t_step, stall0 = t, res.stall_seconds
@@ -422,7 +432,7 @@ def simulate(
                     if e >= 0:
                         ranks[int(e)] = min(ranks.get(int(e), r), r)
             keys = [(layer, e) for e in sorted(ranks)]
-            complete(t)  # transfers done while the previous layer computed (nothing locked)
+            t += complete(t)  # transfers done while the previous layer computed (nothing locked)
             cache.at(si, layer)
             cache.lock(keys)
             if cache.uses_hints:  # issued once layer l has routed, before its loads
@@ -444,12 +454,13 @@ def simulate(
                     link.arrival[key] = tr.end
                     cache.insert(key, prefetched=True)
                     cache.access(key, ranks[key[1]])
-                    ready = max(ready, tr.end)
+                    ready = max(ready, tr.end + hw.background_overhead)
                 else:
                     kind = "miss"
                     link.drop(key)
                     cache.access(key, ranks[key[1]])
-                    ready = max(ready, link.demand(key, t, nb))
+                    fill = cache.has_room(key)
+                    ready = max(ready, link.demand(key, t, nb, fill))
                     cache.insert(key)
                 if count:
                     res.needed += 1
@@ -470,7 +481,7 @@ def simulate(
                         continue
                     if len(link.pending) >= max_queue:
                         continue
-                    link.prefetch(key, t, nb, (t_row, t_layer))
+                    link.prefetch(key, t, nb, (t_row, t_layer), cache.has_room(key, True))
                     if left is not None:
                         left -= 1
             t += tc
