@@ -653,6 +653,21 @@ def teacher_forced(
     return torch.tensor(preds), torch.tensor(lps)
 
 
+def _lru_cache(st: ExpertStore, shape: ModelShape, slots: int) -> ExpertCache:
+    """An LRU ExpertCache of `slots` experts per layer over the experts of `st`."""
+    return ExpertCache(slots, "lru", num_layers=shape.num_layers, num_experts=shape.num_experts,
+                       expert_bytes=st.expert_nbytes(0), top_k=shape.top_k)  # fmt: skip
+
+
+def _all_resident(st: ExpertStore, shape: ModelShape) -> ExpertCache:
+    """An LRU ExpertCache holding every expert of `st`, read in up front (no misses)."""
+    cache = _lru_cache(st, shape, shape.num_experts)
+    for layer in range(shape.num_layers):
+        for e in range(shape.num_experts):
+            cache.preload((layer, e), st.read(layer, e))
+    return cache
+
+
 def measure_compute(
     load_model: Callable[[], torch.nn.Module],
     stores: dict[str, Path],
@@ -671,15 +686,10 @@ def measure_compute(
         m = load_model()
         with ExpertStore(d, tier=tier) as st:
             shape = model_shape(m)
-            cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
-                                num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
-                                top_k=shape.top_k)  # fmt: skip
+            cache = _all_resident(st, shape)
             from moelab.offload.live import OffloadedModel
 
             with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
-                for layer in range(shape.num_layers):
-                    for e in range(shape.num_experts):
-                        cache.preload((layer, e), st.read(layer, e))
                 teacher_forced(m, tokens[:4], om)  # warm-up
                 per_layer = []
                 for _ in range(repeats):  # median: one decode pays first-touch costs
@@ -714,9 +724,7 @@ def measure_misses(
         m = load_model()
         shape = model_shape(m)
         with ExpertStore(d, tier=tier) as st:
-            cache = ExpertCache(shape.top_k, "lru", num_layers=shape.num_layers,
-                                num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
-                                top_k=shape.top_k)  # fmt: skip
+            cache = _lru_cache(st, shape, shape.top_k)
             with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
                 teacher_forced(m, tokens[:8], om)  # warm-up: model, kernels, buffer pool
                 per_miss, per_layer, rate = [], [], []
@@ -762,13 +770,8 @@ def measure_background(
     shape = model_shape(m)
     per = []
     with ExpertStore(store_dir, tier=tier) as st, ExpertStore(store_dir, tier=tier) as bg:
-        cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
-                            num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
-                            top_k=shape.top_k)  # fmt: skip
+        cache = _all_resident(st, shape)
         with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
-            for layer in range(shape.num_layers):
-                for e in range(shape.num_experts):
-                    cache.preload((layer, e), st.read(layer, e))
             teacher_forced(m, tokens[:8], om)  # warm-up
             bg.read(0, 0)
 
@@ -814,12 +817,7 @@ def heldout_ppl(
     if store is not None:
         st = ExpertStore(store, tier="ram")
         shape = model_shape(m)
-        cache = ExpertCache(shape.num_experts, "lru", num_layers=shape.num_layers,
-                            num_experts=shape.num_experts, expert_bytes=st.expert_nbytes(0),
-                            top_k=shape.top_k)  # fmt: skip
-        for layer in range(shape.num_layers):
-            for e in range(shape.num_experts):
-                cache.preload((layer, e), st.read(layer, e))
+        cache = _all_resident(st, shape)
         ctx = OffloadedModel(m, st, cache, Prefetcher(st, cache, None))
     try:
         with torch.no_grad():
