@@ -12,6 +12,7 @@ Functions are plain: an Engine (moelab.analysis.engines) and parameters in, nump
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,17 +76,26 @@ def sort_order(cols: list[np.ndarray]) -> np.ndarray:
     argsort of a mixed-radix key when the value ranges fit in 62 bits, else np.lexsort."""
     if not cols or cols[0].size == 0:
         return np.zeros(0 if not cols else cols[0].size, np.int64)
-    lo = [int(c.min()) for c in cols]
-    span = [int(c.max()) - lo[i] + 1 for i, c in enumerate(cols)]
-    total = 1
-    for x in span:
-        total *= x
-    if total >= 2**62:
+    radix = _radix_key(cols)
+    if radix is None:
         return np.lexsort(cols[::-1])
-    key = np.zeros(cols[0].size, np.int64)
-    for c, a, b in zip(cols, lo, span, strict=True):
-        key = key * b + (c.astype(np.int64) - a)
-    return argsort_stable(key, total)
+    key, _, span = radix
+    return argsort_stable(key, math.prod(span))
+
+
+def _radix_key(cols: list[np.ndarray]) -> tuple[np.ndarray, list[int], list[int]] | None:
+    """(mixed-radix key [n] >= 0 ordering the non-empty integer columns lexicographically,
+    each column's minimum, each column's span), or None when the spans' product needs more
+    than 62 bits. Minima and maxima are taken per column: a strided axis-0 reduction of the
+    stacked columns is 10x slower."""
+    lo = [int(c.min()) for c in cols]
+    span = [int(c.max()) - a + 1 for c, a in zip(cols, lo, strict=True)]
+    if math.prod(span) >= 2**62:
+        return None
+    key = np.asarray(cols[0], dtype=np.int64) - lo[0]
+    for c, a, b in zip(cols[1:], lo[1:], span[1:], strict=True):
+        key = key * b + (np.asarray(c, dtype=np.int64) - a)
+    return key, lo, span
 
 
 def argsort_stable(key: np.ndarray, span: int | None = None) -> np.ndarray:
@@ -360,26 +370,27 @@ def unique_inverse(x: np.ndarray, span: int | None = None) -> tuple[np.ndarray, 
         return u, inv.reshape(-1)
     if x.size == 0:
         return x.copy(), np.zeros(0, np.int64)
-    if x.size < 2 or bool((x[1:] >= x[:-1]).all()):
-        first = np.ones(x.size, bool)
-        first[1:] = x[1:] != x[:-1]
-        return x[first], np.cumsum(first) - 1
-    lo = int(x.min())
-    span = int(x.max()) - lo + 1 if span is None else int(span)
-    if span <= max(4 * x.size, 1 << 16):
-        seen = np.zeros(span, bool)
-        off = x - lo
-        seen[off] = True
-        present = np.flatnonzero(seen)
-        remap = np.zeros(span, np.int64)
-        remap[present] = np.arange(present.size)
-        return (present + lo).astype(x.dtype), remap[off]
-    order = argsort_stable(x.astype(np.int64) - lo, span)
-    xs = x[order]
+    order = None  # x is sorted already
+    if x.size > 1 and not bool((x[1:] >= x[:-1]).all()):
+        lo = int(x.min())
+        span = int(x.max()) - lo + 1 if span is None else int(span)
+        if span <= max(4 * x.size, 1 << 16):
+            seen = np.zeros(span, bool)
+            off = x - lo
+            seen[off] = True
+            present = np.flatnonzero(seen)
+            remap = np.zeros(span, np.int64)
+            remap[present] = np.arange(present.size)
+            return (present + lo).astype(x.dtype), remap[off]
+        order = argsort_stable(x.astype(np.int64) - lo, span)
+    xs = x if order is None else x[order]
     first = np.ones(x.size, bool)
     first[1:] = xs[1:] != xs[:-1]
+    rank = np.cumsum(first) - 1
+    if order is None:
+        return xs[first], rank
     inv = np.empty(x.size, np.int64)
-    inv[order] = np.cumsum(first) - 1
+    inv[order] = rank
     return xs[first], inv
 
 
@@ -389,18 +400,12 @@ def codes(*cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cs = [np.asarray(c, dtype=np.int64) for c in cols]
     if cs[0].size == 0:
         return np.zeros((0, len(cs)), np.int64), np.zeros(0, np.int64)
-    lo = [int(c.min()) for c in cs]  # per column: a strided axis-0 reduction is 10x slower
-    span = [int(c.max()) - a + 1 for c, a in zip(cs, lo, strict=True)]
-    total = 1
-    for x in span:
-        total *= x
-    if total >= 2**62:
+    radix = _radix_key(cs)
+    if radix is None:
         u, inv = np.unique(np.stack(cs, 1), axis=0, return_inverse=True)
         return u, inv.reshape(-1)
-    key = cs[0] - lo[0]
-    for c, a, b in zip(cs[1:], lo[1:], span[1:], strict=True):
-        key = key * b + (c - a)
-    uk, inv = unique_inverse(key, total)
+    key, lo, span = radix
+    uk, inv = unique_inverse(key, math.prod(span))
     u = np.empty((uk.size, len(cs)), np.int64)
     rest = uk
     for j in range(len(cs) - 1, -1, -1):
