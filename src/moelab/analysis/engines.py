@@ -166,14 +166,21 @@ def rc_sql(meta: TraceMeta) -> str:
     return "SELECT " + ", ".join(cols) + " FROM rw0"
 
 
+def pc_items(meta: TraceMeta, test: bool = False) -> list[tuple[str, str]]:
+    """(column of the row a or its previous row b, name) of each column of the pairs
+    (test: with the row's is_test column)."""
+    items = [("a.doc_id", "doc_id"), ("a.token_id", "token_id"), ("a.is_bos", "is_bos")]
+    items += [("a.is_test", "is_test")] if test else []
+    items += [(f"a.c{li}", f"c{li}") for li in range(meta.num_layers)]
+    items += [("b.token_id", "p_token"), ("b.is_bos", "p_bos")]
+    items += [(f"b.c{li}", f"p_c{li}") for li in range(meta.num_layers)]
+    return items
+
+
 def pc_sql(meta: TraceMeta, rows: str = "rc", test: bool = False) -> str:
     """The (row, previous token of its document) pairs as a join of `rows` with itself
     (test: keep the row's is_test column)."""
-    cols = ["a.doc_id AS doc_id", "a.token_id AS token_id", "a.is_bos AS is_bos"]
-    cols += ["a.is_test AS is_test"] if test else []
-    cols += [f"a.c{li} AS c{li}" for li in range(meta.num_layers)]
-    cols += ["b.token_id AS p_token", "b.is_bos AS p_bos"]
-    cols += [f"b.c{li} AS p_c{li}" for li in range(meta.num_layers)]
+    cols = [f"{col} AS {name}" for col, name in pc_items(meta, test)]
     return (
         "SELECT " + ", ".join(cols) + f" FROM {rows} a JOIN {rows} b"
         " ON a.doc_id = b.doc_id AND a.position = b.position + 1"
@@ -349,8 +356,7 @@ class DuckDBEngine(Engine):
         tops = ", ".join(f"c{li} // {base**k} - 1 AS t{li}" for li in range(num_l))
         keep = ", ".join(n for n in names if not n.startswith("p_") and n != "has_prev")
         self.con.execute(f"CREATE VIEW rt AS SELECT {keep}, {tops} FROM rtc")
-        pcols = ["doc_id", "token_id", "is_bos", "is_test"] + [f"c{li}" for li in range(num_l)]
-        pcols += ["p_token", "p_bos"] + [f"p_c{li}" for li in range(num_l)]
+        pcols = [name for _, name in pc_items(m, test=True)]
         adjacent = self.con.execute("SELECT COUNT(*) FROM rtc WHERE has_prev").fetchall()[0][0]
         joined = self.con.execute(
             "SELECT COUNT(*) FROM rtc a JOIN rtc b"
