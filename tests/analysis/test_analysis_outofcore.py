@@ -19,6 +19,7 @@ from moelab.analysis import (
 )
 from moelab.analysis import counts as C
 from moelab.analysis import outofcore as O
+from moelab.analysis._common import doc_split
 from moelab.analysis.engines import DuckDBEngine, parse_bytes
 from moelab.analysis.run import analyze
 from moelab.analysis.sources import StoreSource
@@ -144,6 +145,40 @@ def test_repeat_predictability_spread(stored):
     b = predictability.spread_token_vs_position(tr, 5)
     close(a, b, ["consistency_token", "consistency_position", "norm_cond_entropy_token"])
     close(a, b, ["norm_cond_entropy_position"])
+
+
+def test_dense_token_matrices_equal_row_level(tmp_path, monkeypatch):
+    """Predictability and spread from dense [token, label] matrices equal the row-level code
+    on the same tables, the seeded shuffle baselines included (same margins, same draws),
+    with dropped slots, fully dropped tokens and repeated experts in both parts."""
+    from moelab.analysis import token_matrix as TM
+
+    tr = synthetic_trace(2400, 2, 6, 2, vocab=40, doc_len=60, logits=False, seed=7)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(tr.num_tokens, 150, replace=False)
+    tr.expert_ids[rows[:50], 0, 1] = NO_EXPERT
+    tr.expert_ids[rows[50:80], 1, :] = NO_EXPERT
+    tr.expert_ids[rows[80:], 0, 1] = tr.expert_ids[rows[80:], 0, 0]  # a repeated expert
+    eng = DuckDBEngine(write_store(tmp_path / "s", tr, logits=False), threads=1)
+    sc = O.StoreCounts(eng)
+    pred, spread = O.predictability(sc, min_count=3), O.spread_token_vs_position(sc, 3)
+    monkeypatch.setattr(TM, "MAX_DENSE_CELLS", 0)  # every table row-level
+    pred_rows, spread_rows = O.predictability(sc, min_count=3), O.spread_token_vs_position(sc, 3)
+    eng.close()
+    assert (pred.n_train, pred.n_test) == (pred_rows.n_train, pred_rows.n_test)
+    fields = ["acc_token", "acc_bigram", "acc_majority", "acc_token_shuffled", "recall_token"]
+    close(pred, pred_rows, [*fields, "recall_bigram", "cond_entropy", "set_entropy"])
+    close(pred, pred_rows, ["cond_entropy_shuffled"])
+    assert (pred.recall_token > pred.acc_token).all() and (pred.acc_token > 0).all()
+    fields = ["consistency_token", "consistency_position", "consistency_shuffled"]
+    close(spread, spread_rows, [*fields, "norm_cond_entropy_token", "norm_cond_entropy_position"])
+    assert not np.isnan(spread.consistency_shuffled).any()
+    # both parts hold rows of every kind (the split of O.predictability: seed 0, 20%)
+    docs = np.unique(tr.doc_id)
+    held = np.isin(tr.doc_id, docs[doc_split(docs, 0.2, 0)])
+    for part in (held, ~held):
+        for sel in (rows[:50], rows[50:80], rows[80:]):
+            assert part[sel].any()
 
 
 def test_specialisation(stored):

@@ -13,10 +13,12 @@ multinomial rows. They have the distribution of the in-memory baselines, not the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from moelab.analysis import counts as C
+from moelab.analysis import token_matrix as TM
 from moelab.analysis._common import (
     MAX_DENSE_SETS,
     all_sets,
@@ -718,9 +720,22 @@ def _positions(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def _hits(
-    pred: np.ndarray, ids: np.ndarray, members: Callable[[np.ndarray], np.ndarray]
+    pred: np.ndarray,
+    ids: np.ndarray,
+    members: Callable[[np.ndarray], np.ndarray],
+    y: np.ndarray | None = None,
+    overlap: np.ndarray | None = None,
 ) -> np.ndarray:
-    """[n] |members(pred) ∩ ids| per row (0 where pred < 0)."""
+    """[n] |members(pred) ∩ ids| per row (0 where pred < 0). With the rows' set indices y and
+    the [S, S] set overlap matrix, rows with a valid set are one lookup."""
+    if overlap is not None and y is not None:
+        ok = (y >= 0) & (pred >= 0)
+        hit = np.zeros(ids.shape[0], np.int64)
+        hit[ok] = overlap[pred[ok], y[ok]]
+        rest = np.flatnonzero(~ok)
+        if rest.size:
+            hit[rest] = _hits(pred[rest], ids[rest], members)
+        return hit
     k = ids.shape[1]
     p = members(np.maximum(pred, 0))
     pcols = [np.ascontiguousarray(p[:, j]) for j in range(p.shape[1])]
@@ -768,13 +783,114 @@ SHARED_PAIRS_SQL = (
 )
 
 
+@dataclass
+class _TokenRule:
+    """One layer's token-rule results: numerators over the held-out rows (correct sets, sets
+    equal to the majority set, correct after shuffling the tokens, recalled experts), the
+    conditional entropies, and the rule itself (tokens -> predicted set, else `default`)."""
+
+    correct: float
+    majority: float
+    shuffled: float
+    recalled: float
+    h: float
+    hh: float
+    hs: float
+    keys: np.ndarray
+    pred: np.ndarray
+    default: int
+
+
+def _token_rule_rows(
+    tt: C.States,
+    y: np.ndarray,
+    glob: int,
+    min_count: int,
+    rng: np.random.Generator,
+    members: Callable[[np.ndarray], np.ndarray],
+    overlap: np.ndarray | None,
+) -> _TokenRule:
+    """_TokenRule from the rows of the (token, is_test, state) table."""
+    tok, te, w = tt.keys["tok"], tt.keys["te"] == 1, tt.count
+    tr = ~te
+    mk, mv, _, _ = _modes(tok[tr], y[tr], w[tr])
+    p_tok = _lookup(mk, mv, tok, np.full(tok.size, glob))
+    wt = np.where(te, w, 0).astype(np.float64)
+    sk, sl, sw = _shuffled_labels(tok[tr], y[tr], w[tr], rng)
+    msk, msv, _, _ = _modes(sk, sl, sw)
+    p_shuf = _lookup(msk, msv, tok, np.full(tok.size, glob))
+    recalled = (wt * _hits(p_tok, tt.ids, members, y, overlap)).sum()
+    h = hh = hs = 0.0
+    ut, it = C.unique_inverse(tok)
+    tc = np.bincount(it.reshape(-1), weights=w, minlength=ut.size)
+    fr = (tc[it.reshape(-1)] >= min_count) & (y >= 0)
+    if fr.any():
+        h, hh = _cond_entropy_w(tok[fr], y[fr], w[fr].astype(float))
+        sk2, sl2, sw2 = _shuffled_labels(tok[fr], y[fr], w[fr], rng)
+        hs = _cond_entropy_w(sk2, sl2, sw2.astype(float))[0]
+    return _TokenRule(
+        wt[p_tok == y].sum(),
+        wt[y == glob].sum(),
+        wt[p_shuf == y].sum(),
+        recalled,
+        h,
+        hh,
+        hs,
+        mk,
+        mv,
+        glob,
+    )
+
+
+def _token_rule_dense(
+    tt: C.States,
+    ut: np.ndarray,
+    it: np.ndarray,
+    y: np.ndarray,
+    n_sets_: int,
+    min_count: int,
+    rng: np.random.Generator,
+    members: Callable[[np.ndarray], np.ndarray],
+    overlap: np.ndarray,
+) -> _TokenRule:
+    """_token_rule_rows on [tokens, sets] matrices of the train and held-out counts (ut, it:
+    the table's distinct tokens and each row's index into them): the same numbers and the
+    same seeded draws (the shuffles see the same margins in the same order)."""
+    te, w = tt.keys["te"] == 1, tt.count
+    train, test = TM.LabelMatrix.split(ut, it, y, w, n_sets_, te)
+    glob = int(np.argmax(train.valid.sum(0)))
+    p_tok = TM.modes(train.valid, glob)
+    p_shuf = TM.shuffled_modes(train, rng, glob)
+    rows = np.arange(ut.size)
+    recalled = float((test.valid * overlap[p_tok]).sum())
+    bad = np.flatnonzero(te & (y < 0))  # held-out rows without a valid set: slot by slot
+    if bad.size:
+        recalled += float((w[bad] * _hits(p_tok[it[bad]], tt.ids[bad], members)).sum())
+    h = hh = hs = 0.0
+    joint = (train.valid + test.valid)[(train.totals + test.totals) >= min_count]
+    if joint.sum() > 0:
+        h, hh = TM.cond_entropy(joint)
+        hs = TM.cond_entropy(TM.shuffled_joint(joint, rng))[0]
+    return _TokenRule(
+        float(test.valid[rows, p_tok].sum()),
+        float(test.valid[:, glob].sum()),
+        float(test.valid[rows, p_shuf].sum()),
+        recalled,
+        h,
+        hh,
+        hs,
+        ut,
+        p_tok,
+        glob,
+    )
+
+
 def predictability(
     sc: StoreCounts,
     test_fraction: float = 0.2,
     min_count: int = 10,
     seed: int = 0,
     progress: Callable[[], None] | None = None,
-    token_tables: list[C.States] | None = None,
 ) -> PredictabilityResult:
     """predictability.predictability out of core (held-out documents, the same split)."""
     eng, m = sc.eng, sc.eng.meta
@@ -790,6 +906,7 @@ def predictability(
     s = n_sets(num_e, k)
     dense = s <= MAX_DENSE_SETS
     table = all_sets(num_e, k) if dense else None
+    overlap = TM.overlaps(table) if dense else None
     rng = np.random.default_rng(seed)
     res = {key: np.zeros(num_l) for key in ("t", "b", "m", "ts", "rt", "rb", "h", "hs", "hh")}
     n_train = n_test = 0
@@ -806,7 +923,7 @@ def predictability(
         "pr JOIN bshared ON bs_prev = p_token AND bs_cur = token_id",
     )
     for layer, tt, bg in zip(layers, tts, bgs, strict=True):
-        tok, te, w = tt.keys["tok"], tt.keys["te"] == 1, tt.count
+        te, w = tt.keys["te"] == 1, tt.count
         y = tt.sets(num_e)
         n_train, n_test = int(w[~te].sum()), int(w[te].sum())
         if n_train == 0 or n_test == 0:
@@ -819,46 +936,36 @@ def predictability(
             pos = np.searchsorted(y[srt], idx)
             return np.sort(tt.ids[srt[np.minimum(pos, y.size - 1)]], axis=1)
 
-        tr = ~te
-        valid_tr = tr & (y >= 0)
-        if valid_tr.any():
-            uy, iy = C.unique_inverse(y[valid_tr])
-            glob = int(uy[np.argmax(np.bincount(iy, weights=w[valid_tr]))])
+        valid_tr = ~te & (y >= 0)
+        ut, it = C.unique_inverse(tt.keys["tok"])
+        if dense and valid_tr.any() and TM.fits(ut.size, s):
+            rule = _token_rule_dense(tt, ut, it, y, s, min_count, rng, members, overlap)
         else:
             glob = -1
-        mk, mv, _, _ = _modes(tok[tr], y[tr], w[tr])
-        p_tok = _lookup(mk, mv, tok, np.full(tok.size, glob))
-        wt = np.where(te, w, 0).astype(np.float64)
-        res["t"][layer] = wt[p_tok == y].sum() / n_test
-        res["m"][layer] = wt[y == glob].sum() / n_test
-        sk, sl, sw = _shuffled_labels(tok[tr], y[tr], w[tr], rng)
-        msk, msv, _, _ = _modes(sk, sl, sw)
-        p_shuf = _lookup(msk, msv, tok, np.full(tok.size, glob))
-        res["ts"][layer] = wt[p_shuf == y].sum() / n_test
-        hit_tok = _hits(p_tok, tt.ids, members)
+            if valid_tr.any():
+                uy, iy = C.unique_inverse(y[valid_tr])
+                glob = int(uy[np.argmax(np.bincount(iy, weights=w[valid_tr]))])
+            rule = _token_rule_rows(tt, y, glob, min_count, rng, members, overlap)
+        glob = rule.default
+        res["t"][layer] = rule.correct / n_test
+        res["m"][layer] = rule.majority / n_test
+        res["ts"][layer] = rule.shuffled / n_test
         # bigram: rows with a previous token use the (prev, cur) mode, else the token rule
         btok, bte, bw = bg.keys["tok"], bg.keys["te"] == 1, bg.count
         by = bg.sets(num_e)
         pair = np.stack([bg.keys["ptok"], btok], 1)
         trb = ~bte
         pk, pv, _, _ = _modes_pairs(pair[trb], by[trb], bw[trb])
-        pt_b = _lookup(mk, mv, btok, np.full(btok.size, glob))
+        pt_b = _lookup(rule.keys, rule.pred, btok, np.full(btok.size, glob))
         p_big = _lookup_pairs(pk, pv, pair, pt_b)
         wbt = np.where(bte, bw, 0).astype(np.float64)
         corr = wbt[p_big == by].sum() - wbt[pt_b == by].sum()
-        res["b"][layer] = (wt[p_tok == y].sum() + corr) / n_test
-        hb = _hits(p_big, bg.ids, members)
-        hbt = _hits(pt_b, bg.ids, members)
-        res["rt"][layer] = (wt * hit_tok).sum() / n_test / k
-        res["rb"][layer] = ((wt * hit_tok).sum() + (wbt * (hb - hbt)).sum()) / n_test / k
-        # H(set | token) over the rows of frequent tokens with a valid set (train + test)
-        ut, it = C.unique_inverse(tok)
-        tc = np.bincount(it.reshape(-1), weights=w, minlength=ut.size)
-        fr = (tc[it.reshape(-1)] >= min_count) & (y >= 0)
-        if fr.any():
-            res["h"][layer], res["hh"][layer] = _cond_entropy_w(tok[fr], y[fr], w[fr].astype(float))
-            sk2, sl2, sw2 = _shuffled_labels(tok[fr], y[fr], w[fr], rng)
-            res["hs"][layer] = _cond_entropy_w(sk2, sl2, sw2.astype(float))[0]
+        res["b"][layer] = (rule.correct + corr) / n_test
+        hb = _hits(p_big, bg.ids, members, by, overlap)
+        hbt = _hits(pt_b, bg.ids, members, by, overlap)
+        res["rt"][layer] = rule.recalled / n_test / k
+        res["rb"][layer] = (rule.recalled + (wbt * (hb - hbt)).sum()) / n_test / k
+        res["h"][layer], res["hh"][layer], res["hs"][layer] = rule.h, rule.hh, rule.hs
         if progress:
             progress()
     eng.set_test_docs(np.zeros(0, np.int64))
@@ -933,17 +1040,30 @@ def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0
         h, hy = _cond_entropy_w(g[f], y[f], w[f].astype(float))
         return h / hy if hy > 0 else 0.0
 
+    def stats(
+        g: np.ndarray, y: np.ndarray, w: np.ndarray, shuffle: bool
+    ) -> tuple[float, float, float]:
+        """(consistency, normalised H(top-1 | key), consistency after shuffling the keys)."""
+        ug, ig = C.unique_inverse(g)
+        if not TM.fits(ug.size, num_e):
+            shuf = consistency(*_shuffled_labels(g, y, w, rng)) if shuffle else float("nan")
+            return consistency(g, y, w), norm_h(g, y, w), shuf
+        mat = TM.LabelMatrix.indexed(ug, ig, y, w, num_e)
+        joint = mat.valid[mat.totals >= min_count]
+        nh = float("nan")
+        if joint.sum() > 0:
+            h, hy = TM.cond_entropy(joint)
+            nh = h / hy if hy > 0 else 0.0
+        shuf = TM.consistency(TM.shuffled(mat, rng)[1], min_count) if shuffle else float("nan")
+        return TM.consistency(mat.valid, min_count), nh, shuf
+
     parts = [sql(key, layer) for layer in range(num_l) for key in ("token_id", "position")]
     results = C.batched(sc.eng, parts)
     for layer in range(num_l):
         tg, ty, tw = table(next(results))
         pg, py, pw = table(next(results))
-        out["ct"][layer] = consistency(tg, ty, tw)
-        out["cp"][layer] = consistency(pg, py, pw)
-        sg, sy, sw = _shuffled_labels(tg, ty, tw, rng)
-        out["cs"][layer] = consistency(sg, sy, sw)
-        out["ht"][layer] = norm_h(tg, ty, tw)
-        out["hp"][layer] = norm_h(pg, py, pw)
+        out["ct"][layer], out["ht"][layer], out["cs"][layer] = stats(tg, ty, tw, True)
+        out["cp"][layer], out["hp"][layer], _ = stats(pg, py, pw, False)
     return SpreadResult(
         out["ct"], out["cp"], out["cs"], out["ht"], out["hp"], 1.0 / num_e, min_count
     )
