@@ -121,11 +121,19 @@ def decode_states(code: np.ndarray, meta: TraceMeta) -> tuple[np.ndarray, np.nda
 
 
 def _states(
-    res: dict[str, np.ndarray], key_names: list[str], meta: TraceMeta, w: bool = False, c: str = "c"
+    res: dict[str, np.ndarray],
+    key_names: list[str],
+    meta: TraceMeta,
+    w: bool = False,
+    ordered: bool = True,
 ) -> States:
     k = meta.top_k
-    code = res[c].astype(np.int64)
+    code = res["c"].astype(np.int64)
     keys = {n: res[n].astype(np.int64) for n in key_names}
+    if not ordered:
+        ids, top = decode_states(code, meta)
+        ws = np.stack([res[f"w{j}"].astype(np.float64) for j in range(k)], 1) if w else None
+        return States(keys, ids, top, res["n"].astype(np.int64), ws, code)
     # canonical row order (engines return groups in any order): seeded draws from the
     # tables are then the same on every engine
     order = sort_order([*[keys[n] for n in key_names], code])
@@ -208,12 +216,15 @@ def grouped_layers(
     where: str = "NOT is_bos",
     prefix: str = "",
     weights: bool = False,
+    ordered: bool = True,
 ) -> Iterator[States]:
-    """`grouped` for each of `layers`, in order (batched per engine)."""
+    """`grouped` for each of `layers`, in order (batched per engine). ordered=False keeps
+    the engine's row order, for callers whose results do not depend on it (margins,
+    bincounts, sorted uniques): it saves a sort of every table."""
     k = eng.meta.top_k
     parts = [grouped_sql(k, li, keys, source, where, prefix, weights) for li in layers]
     names = list(keys or {})
-    yield from batched(eng, parts, lambda res: _states(res, names, eng.meta, weights))
+    yield from batched(eng, parts, lambda res: _states(res, names, eng.meta, weights, ordered))
 
 
 def grouped(

@@ -540,14 +540,24 @@ def _group_view(
         us, iu = C.codes(*st.ids.T)
         cols = np.bincount(iu, weights=st.count, minlength=len(us)).astype(np.int64)
         t = C.shuffled_table(counts.astype(np.int64), cols, rng)
-        ii, jj = np.nonzero(t)
-        s_share[:, li, :] = _group_expert(ii, us[jj], t[ii, jj], n_groups, num_e) / size
+        s_share[:, li, :] = (t @ _slot_matrix(us, num_e)) / size
     share = np.where(counts[:, None, None] > 0, share, 0.0)
     s_share = np.where(counts[:, None, None] > 0, s_share, 0.0)
     overall = np.tensordot(counts, share, axes=1) / max(counts.sum(), 1.0)
     spec, mms = _summaries(share, counts, overall, k)
     s_spec, s_mms = _summaries(s_share, counts, overall, k)
     return GroupShares(names, counts, share, overall, k / num_e, spec, s_spec, mms, s_mms)
+
+
+def _slot_matrix(ids: np.ndarray, num_e: int) -> np.ndarray:
+    """[U, E] how many slots of each row of ids [U, k] hold expert e (empty slots skipped): a
+    table of counts over those rows times this matrix is _group_expert of the table."""
+    out = np.zeros((ids.shape[0], num_e))
+    rows = np.arange(ids.shape[0])
+    for j in range(ids.shape[1]):
+        ok = ids[:, j] >= 0
+        np.add.at(out, (rows[ok], ids[ok, j]), 1.0)
+    return out
 
 
 def _group_expert(
@@ -577,7 +587,10 @@ def _key_tables(
     layers = list(range(sc.eng.meta.num_layers))
 
     def tables() -> Iterator[C.States]:
-        for st in C.grouped_layers(sc.eng, layers, {key: expr}, source, where, prefix):
+        # the specialisation views take margins, bincounts and sorted uniques: any row order
+        for st in C.grouped_layers(
+            sc.eng, layers, {key: expr}, source, where, prefix, ordered=False
+        ):
             yield st
             if progress:
                 progress()
@@ -911,7 +924,11 @@ def predictability(
     res = {key: np.zeros(num_l) for key in ("t", "b", "m", "ts", "rt", "rb", "h", "hs", "hh")}
     n_train = n_test = 0
     layers = list(range(num_l))
-    tts = C.grouped_layers(eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"})
+    # every statistic below takes modes, margins and lookups over sorted uniques, so the
+    # engine's row order is kept (ordered=False)
+    tts = C.grouped_layers(
+        eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"}, ordered=False
+    )
     # only (previous, current) pairs seen in both parts change a prediction: a held-out row
     # whose pair has no training rows backs off to the token rule (zero correction), and a
     # training pair never held out predicts nothing that is scored
@@ -921,6 +938,7 @@ def predictability(
         layers,
         {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"},
         "pr JOIN bshared ON bs_prev = p_token AND bs_cur = token_id",
+        ordered=False,
     )
     for layer, tt, bg in zip(layers, tts, bgs, strict=True):
         te, w = tt.keys["te"] == 1, tt.count
@@ -1022,9 +1040,8 @@ def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0
         )
 
     def table(r: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        g, y, w = r["g"].astype(np.int64), r["y"].astype(np.int64), r["n"].astype(np.int64)
-        o = C.sort_order([g, y])  # canonical order: the seeded draws match on every engine
-        return g[o], y[o], w[o]
+        # any row order: the statistics and the shuffles' margins are taken over sorted uniques
+        return r["g"].astype(np.int64), r["y"].astype(np.int64), r["n"].astype(np.int64)
 
     def consistency(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
         _, _, mc, size = _modes(g, y, w)
