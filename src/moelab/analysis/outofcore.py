@@ -1026,8 +1026,15 @@ def _lookup_pairs(
     return _lookup(kc[order], vals[order], qc, default)
 
 
-def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0) -> SpreadResult:
-    """predictability.spread_token_vs_position out of core."""
+def spread_token_vs_position(
+    sc: StoreCounts,
+    min_count: int = 10,
+    seed: int = 0,
+    tables: C.CompactTables | None = None,
+) -> SpreadResult:
+    """predictability.spread_token_vs_position out of core (`tables`: the per-layer (token,
+    state) tables when the caller holds them already; the (token, top-1) counts are summed
+    from them instead of queried)."""
     m = sc.eng.meta
     num_l, num_e = m.num_layers, m.num_experts
     rng = np.random.default_rng(seed)
@@ -1074,10 +1081,18 @@ def spread_token_vs_position(sc: StoreCounts, min_count: int = 10, seed: int = 0
         shuf = TM.consistency(TM.shuffled(mat, rng)[1], min_count) if shuffle else float("nan")
         return TM.consistency(mat.valid, min_count), nh, shuf
 
-    parts = [sql(key, layer) for layer in range(num_l) for key in ("token_id", "position")]
-    results = C.batched(sc.eng, parts)
+    def from_states(st: C.States) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        u, inv = C.codes(st.keys["g"], st.top1)
+        return (
+            u[:, 0],
+            u[:, 1],
+            np.bincount(inv, weights=st.count, minlength=len(u)).astype(np.int64),
+        )
+
+    keys = ("position",) if tables is not None else ("token_id", "position")
+    results = C.batched(sc.eng, [sql(key, layer) for layer in range(num_l) for key in keys])
     for layer in range(num_l):
-        tg, ty, tw = table(next(results))
+        tg, ty, tw = table(next(results)) if tables is None else from_states(tables[layer])
         pg, py, pw = table(next(results))
         out["ct"][layer], out["ht"][layer], out["cs"][layer] = stats(tg, ty, tw, True)
         out["cp"][layer], out["hp"][layer], _ = stats(pg, py, pw, False)

@@ -236,7 +236,9 @@ class StoreSource:
         return outofcore.predictability(self.sc, min_count=min_count, seed=seed, progress=self.tick)
 
     def spread(self, min_count: int, seed: int) -> predictability.SpreadResult:
-        return outofcore.spread_token_vs_position(self.sc, min_count=min_count, seed=seed)
+        return outofcore.spread_token_vs_position(
+            self.sc, min_count=min_count, seed=seed, tables=self._input_tables()
+        )
 
     def close(self) -> None:
         """Release the tables and the engine."""
