@@ -24,7 +24,7 @@ from moelab.analysis.engines import DuckDBEngine, parse_bytes
 from moelab.analysis.run import analyze
 from moelab.analysis.sources import StoreSource
 from moelab.analysis.synthetic import synthetic_trace
-from moelab.errors import ConfigError
+from moelab.errors import AnalysisError, ConfigError
 from moelab.trace.schema import NO_EXPERT
 from moelab.trace.store import TraceStore, TraceWriter
 
@@ -137,6 +137,13 @@ def test_repeat_predictability_spread(stored):
     )
     np.testing.assert_allclose(a.shuffled_top1, b.shuffled_top1, atol=0.05)
     a, b = O.predictability(sc, min_count=5), predictability.predictability(tr, min_count=5)
+    # from the (token, state) tables of all rows plus the held-out counts: identical
+    c = O.predictability(sc, min_count=5, tables=O._key_tables(sc, "g", "token_id"))
+    for f, v in vars(a).items():
+        np.testing.assert_array_equal(v, getattr(c, f), err_msg=f)
+    bogus = O._key_tables(sc, "g", "domain")  # not the token table: refused, not misread
+    with pytest.raises(AnalysisError, match="do not fit inside the full"):
+        O.predictability(sc, min_count=5, tables=bogus)
     assert (a.n_train, a.n_test) == (b.n_train, b.n_test)
     fields = ["acc_token", "acc_bigram", "acc_majority", "recall_token", "recall_bigram"]
     close(a, b, fields + ["cond_entropy", "set_entropy"])

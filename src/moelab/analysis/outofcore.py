@@ -796,6 +796,37 @@ SHARED_PAIRS_SQL = (
 )
 
 
+def _split_table(every: C.States, held: C.States) -> C.States:
+    """The (tok, te, state) table from the (g = token, state) counts of all rows and of the
+    held-out rows: training counts are the difference (a held-out group missing from the
+    full table means the two did not come from the same rows: AnalysisError)."""
+    n = every.count.size
+    _, inv = C.codes(
+        np.concatenate([every.keys["g"], held.keys["g"]]),
+        np.concatenate([every.code, held.code]),
+    )
+    row_of = np.full(int(inv.max(initial=-1)) + 1, -1, np.int64)
+    row_of[inv[:n]] = np.arange(n)
+    pos = row_of[inv[n:]]
+    train = every.count.copy()
+    train[pos[pos >= 0]] -= held.count[pos >= 0]
+    if (pos < 0).any() or (train < 0).any():
+        raise AnalysisError(
+            "predictability: the held-out counts do not fit inside the full (token, state)"
+            " table; the two tables come from different stores or filters"
+        )
+    keep = train > 0
+    te = np.concatenate([np.zeros(int(keep.sum()), np.int64), np.ones(held.count.size, np.int64)])
+    return C.States(
+        {"tok": np.concatenate([every.keys["g"][keep], held.keys["g"]]), "te": te},
+        np.concatenate([every.ids[keep], held.ids]),
+        np.concatenate([every.top1[keep], held.top1]),
+        np.concatenate([train[keep], held.count]),
+        None,
+        np.concatenate([every.code[keep], held.code]),
+    )
+
+
 @dataclass
 class _TokenRule:
     """One layer's token-rule results: numerators over the held-out rows (correct sets, sets
@@ -904,8 +935,11 @@ def predictability(
     min_count: int = 10,
     seed: int = 0,
     progress: Callable[[], None] | None = None,
+    tables: C.CompactTables | None = None,
 ) -> PredictabilityResult:
-    """predictability.predictability out of core (held-out documents, the same split)."""
+    """predictability.predictability out of core (held-out documents, the same split;
+    `tables`: the per-layer (token, state) tables of all rows when the caller holds them, so
+    only the held-out rows are counted by the engine)."""
     eng, m = sc.eng, sc.eng.meta
     num_l, num_e, k = m.num_layers, m.num_experts, m.top_k
     docs = sc.docs()
@@ -926,9 +960,15 @@ def predictability(
     layers = list(range(num_l))
     # every statistic below takes modes, margins and lookups over sorted uniques, so the
     # engine's row order is kept (ordered=False)
-    tts = C.grouped_layers(
-        eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"}, ordered=False
-    )
+    if tables is None:
+        tts: Iterator[C.States] = C.grouped_layers(
+            eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"}, ordered=False
+        )
+    else:  # the held-out rows' counts, the training counts as the difference
+        held = C.grouped_layers(
+            eng, layers, {"g": "token_id"}, where="NOT is_bos AND is_test", ordered=False
+        )
+        tts = (_split_table(tables[li], h) for li, h in zip(layers, held, strict=True))
     # only (previous, current) pairs seen in both parts change a prediction: a held-out row
     # whose pair has no training rows backs off to the token rule (zero correction), and a
     # training pair never held out predicts nothing that is scored

@@ -233,7 +233,9 @@ class StoreSource:
         return outofcore.by_token_class(self.sc, decode, seed=seed, tables=self._input_tables())
 
     def predictability(self, min_count: int, seed: int) -> predictability.PredictabilityResult:
-        return outofcore.predictability(self.sc, min_count=min_count, seed=seed, progress=self.tick)
+        return outofcore.predictability(
+            self.sc, min_count=min_count, seed=seed, progress=self.tick, tables=self._input_tables()
+        )
 
     def spread(self, min_count: int, seed: int) -> predictability.SpreadResult:
         return outofcore.spread_token_vs_position(
