@@ -19,18 +19,62 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "THP_MEM_ALLOC_ENABLE": "1"}
 
 
+def quick_demo_cmd(out: Path, *extra: str) -> list[str]:
+    """The command line of `moelab demo --quick --out OUT [extra]`."""
+    return [sys.executable, "-m", "moelab.cli", "demo", "--quick", "--out", str(out), *extra]
+
+
 def run_quick_demo(out: Path, *extra: str) -> str:
     """`moelab demo --quick --out OUT [extra]` in a subprocess; returns its stdout."""
-    cmd = [sys.executable, "-m", "moelab.cli", "demo", "--quick", "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    proc = subprocess.run(
+        quick_demo_cmd(out, *extra), capture_output=True, text=True, env=ENV, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "runs"
-    first = run_quick_demo(out)
+def fresh_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Three fresh quick demos started at once, next to a busy process (a spinning loop): the
+    main run, a second run with the same seed ("other") and a time-capped run ("capped").
+    Running them side by side lets the 2-core machine overlap their single-threaded stages,
+    and each run shares the machine with the others and the spinning loop: only timings may
+    differ from a quiet run. {name: (out folder, stdout)}."""
+    base = tmp_path_factory.mktemp("demo")
+    outs = {
+        "main": (base / "runs", ()),
+        "other": (base / "other" / "runs", ()),
+        "capped": (base / "capped", ("--time-cap-minutes", "0.0001")),
+    }
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, (out, extra) in outs.items():
+            # files, not pipes: three chatty children never block on a full pipe
+            with open(base / f"{name}.out", "w") as o, open(base / f"{name}.err", "w") as e:
+                procs[name] = subprocess.Popen(
+                    quick_demo_cmd(out, *extra), stdout=o, stderr=e, env=ENV
+                )
+        res = {}
+        for name, proc in procs.items():
+            code = proc.wait(timeout=900)
+            stdout = (base / f"{name}.out").read_text()
+            stderr = (base / f"{name}.err").read_text()
+            assert code == 0, f"{name}: {stdout[-3000:]}{stderr[-3000:]}"
+            res[name] = (outs[name][0], stdout)
+        return res
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        hog.kill()
+        hog.wait()
+
+
+@pytest.fixture(scope="module")
+def demo_run(fresh_runs):
+    out, first = fresh_runs["main"]
     second = run_quick_demo(out)
     return out, first, second
 
@@ -53,16 +97,9 @@ def without_timings(obj, root: str, path: str = ""):
     return obj.replace(root, "OUT") if isinstance(obj, str) else obj
 
 
-def test_same_seed_gives_the_same_summary_apart_from_timings(demo_run, tmp_path):
+def test_same_seed_gives_the_same_summary_apart_from_timings(demo_run, fresh_runs):
     out, _, _ = demo_run
-    other = tmp_path / "runs"
-    # the second run shares the machine with a busy process: only timings may change
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        run_quick_demo(other)
-    finally:
-        hog.kill()
-        hog.wait()
+    other, _ = fresh_runs["other"]  # ran next to a busy process: only timings may change
     a = json.loads((out / "summary.json").read_text())
     b = json.loads((other / "summary.json").read_text())
     assert without_timings(a, str(out)) == without_timings(b, str(other))
@@ -72,9 +109,8 @@ def test_same_seed_gives_the_same_summary_apart_from_timings(demo_run, tmp_path)
     assert 0 <= h["offload"]["replay_hit_rate_lru"] <= 1
 
 
-def test_time_cap_is_reported_loudly(tmp_path):
-    out = tmp_path / "capped"
-    stdout = run_quick_demo(out, "--time-cap-minutes", "0.0001")
+def test_time_cap_is_reported_loudly(fresh_runs):
+    out, stdout = fresh_runs["capped"]
     s = json.loads((out / "summary.json").read_text())
     warnings = s["headline"]["warnings"]
     assert len(warnings) == 2, warnings  # the MoE and the dense run

@@ -16,17 +16,27 @@ from pathlib import Path
 import pytest
 
 from moelab.trace.adapters import UNSUPPORTED
-from moelab.trace.families import check_family, moe_model_types
+from moelab.trace.families import FamilyResult, check_family, moe_model_types
 
 FAMILIES = moe_model_types()
 DOCS_TABLE = Path(__file__).resolve().parents[2] / "docs" / "guide" / "hf_families.md"
+# check_family's result per family traced above, so that the null/capacity test below reuses it
+# instead of building and tracing the same tiny model again
+CHECKED: dict[str, FamilyResult] = {}
+
+
+def checked(model_type: str, tmp: Path) -> FamilyResult:
+    """The earlier check_family result for this family, else check_family(model_type, tmp)."""
+    if model_type not in CHECKED:
+        CHECKED[model_type] = check_family(model_type, tmp)
+    return CHECKED[model_type]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family_is_traced_exactly_or_refused_before_writing(
     model_type: str, tmp_path: Path
 ) -> None:
-    r = check_family(model_type, tmp_path)
+    r = CHECKED[model_type] = check_family(model_type, tmp_path)  # always built and traced here
     if model_type in UNSUPPORTED:
         assert r.status == "refused", r.detail
         assert UNSUPPORTED[model_type] in r.detail and "Supported:" in r.detail
@@ -54,7 +64,7 @@ def test_null_experts_and_capacity_drops_are_marked(
 ) -> None:
     if model_type not in FAMILIES:
         pytest.skip(f"{model_type} not in this transformers release")
-    r = check_family(model_type, tmp_path)
+    r = checked(model_type, tmp_path)
     assert r.status == "exact", r.detail
     if what == "null":
         assert r.null_experts >= 1 and r.num_experts > 8  # null ids beyond the 8 real experts
