@@ -4,10 +4,9 @@ A layer's count table keyed by token (or position) has about one row per three t
 a million tokens, but when the labels are few (top-1 experts, or the C(E, k) sets of a small
 E) the same counts fit in a dense [groups, labels] matrix, where modes, hit counts, shuffle
 margins and conditional entropies are row and column reductions instead of sorts. The
-functions here take the canonical (sorted) count tables of moelab.analysis.counts and return
+functions here take the count tables of moelab.analysis.counts (in any row order) and return
 exactly what the row-level code in moelab.analysis.outofcore returns from the same table,
-including the seeded shuffle draws (the same margins, in the same order, reach
-counts.shuffled_table).
+including the seeded shuffle draws (the same sorted margins reach counts.shuffled_table).
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ import numpy as np
 
 from moelab.analysis import counts as C
 
-# the largest [groups x labels] matrix built densely (cells); larger tables stay row-level
-MAX_DENSE_CELLS = 1 << 22
+# the largest [groups x labels] matrix built densely (cells: two int64 parts and their
+# temporaries stay near 100 MB); larger tables stay row-level
+MAX_DENSE_CELLS = 1 << 21
 
 
 def fits(n_groups: int, n_labels: int) -> bool:
