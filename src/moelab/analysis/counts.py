@@ -127,27 +127,19 @@ def _states(
     w: bool = False,
     ordered: bool = True,
 ) -> States:
-    k = meta.top_k
     code = res["c"].astype(np.int64)
     keys = {n: res[n].astype(np.int64) for n in key_names}
-    if not ordered:
-        ids, top = decode_states(code, meta)
-        ws = np.stack([res[f"w{j}"].astype(np.float64) for j in range(k)], 1) if w else None
-        return States(keys, ids, top, res["n"].astype(np.int64), ws, code)
-    # canonical row order (engines return groups in any order): seeded draws from the
-    # tables are then the same on every engine
-    order = sort_order([*[keys[n] for n in key_names], code])
-    code = code[order]
+    count = res["n"].astype(np.int64)
+    ws = np.stack([res[f"w{j}"].astype(np.float64) for j in range(meta.top_k)], 1) if w else None
+    if ordered:
+        # canonical row order (engines return groups in any order): seeded draws from the
+        # tables are then the same on every engine
+        order = sort_order([*keys.values(), code])
+        code, count = code[order], count[order]
+        keys = {n: v[order] for n, v in keys.items()}
+        ws = ws[order] if ws is not None else None
     ids, top = decode_states(code, meta)
-    ws = np.stack([res[f"w{j}"].astype(np.float64) for j in range(k)], 1)[order] if w else None
-    return States(
-        {n: v[order] for n, v in keys.items()},
-        ids,
-        top,
-        res["n"].astype(np.int64)[order],
-        ws,
-        code,
-    )
+    return States(keys, ids, top, count, ws, code)
 
 
 def _split(res: dict[str, np.ndarray], meta: TraceMeta) -> tuple[States, States]:
