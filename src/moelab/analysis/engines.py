@@ -138,6 +138,35 @@ def code_base(meta: TraceMeta) -> int:
     return base
 
 
+# largest number of state codes B^(k+1) whose per-layer tallies are kept as dense bins
+MAX_TALLY_CODES = 2**16
+
+
+def code_dtype(base: int, k: int) -> type[np.integer]:
+    """numpy type of the state codes of base B = E + 1 and k slots: int32 (SQL INTEGER) when
+    B^(k+1) fits, else int64."""
+    return np.int32 if base ** (k + 1) < 2**31 else np.int64
+
+
+def empty_tally(num_l: int, k: int, base: int) -> dict[str, np.ndarray]:
+    """Dense per-layer bins over the B^(k+1) state codes: counts "n" [L, codes] and slot
+    weight sums "w" [L, k, codes], filled by _stream_batch."""
+    dense = base ** (k + 1)
+    return {"n": np.zeros((num_l, dense)), "w": np.zeros((num_l, k, dense))}
+
+
+def slot_columns(meta: TraceMeta) -> tuple[list[str], list[str]]:
+    """(e{l}_{j}, w{l}_{j}): the shards' slot id and weight columns, layer-major."""
+    pairs = [(li, j) for li in range(meta.num_layers) for j in range(meta.top_k)]
+    return [f"e{li}_{j}" for li, j in pairs], [f"w{li}_{j}" for li, j in pairs]
+
+
+def stream_columns(meta: TraceMeta) -> list[str]:
+    """The shard columns _stream_batch reads, in the order it reads them."""
+    ecols, wcols = slot_columns(meta)
+    return ["doc_id", "position", "token_id", "domain", "is_bos", *ecols, *wcols]
+
+
 def state_code_sql(layer: int, meta: TraceMeta, prefix: str = "") -> str:
     """SQL of the state code of `layer` over rw-style columns (e{l}_{j}, t{l})."""
     base, k = code_base(meta), meta.top_k
@@ -313,15 +342,9 @@ class DuckDBEngine(Engine):
         num_l, k, base = m.num_layers, m.top_k, code_base(m)
         dense = base ** (k + 1)
         # weighted per-layer state counts accumulate while streaming (dense code bins)
-        self._wstates = (
-            {"n": np.zeros((num_l, dense)), "w": np.zeros((num_l, k, dense))}
-            if dense <= 2**16
-            else None
-        )
+        self._wstates = empty_tally(num_l, k, base) if dense <= MAX_TALLY_CODES else None
         no = no_expert_value(m.num_experts)
-        wcols = [f"w{li}_{j}" for li in range(num_l) for j in range(k)]
-        ecols = [f"e{li}_{j}" for li in range(num_l) for j in range(k)]
-        cols = ["doc_id", "position", "token_id", "domain", "is_bos", *ecols, *wcols]
+        cols = stream_columns(m)
         failed: list[BaseException] = []
         carry: dict | None = None
 
@@ -339,7 +362,7 @@ class DuckDBEngine(Engine):
         names = ["doc_id", "position", "token_id", "domain", "is_bos", "is_test", "has_prev"]
         names += ["p_token", "p_bos"] + [f"c{li}" for li in range(num_l)]
         names += [f"p_c{li}" for li in range(num_l)]
-        it = pa.int32() if dense < 2**31 else pa.int64()
+        it = pa.from_numpy_dtype(code_dtype(base, k))
         types = [pa.int64()] * 3 + [pa.int32(), pa.bool_(), pa.bool_(), pa.bool_(), pa.int64()]
         types += [pa.bool_()] + [it] * (2 * num_l)
         schema = pa.schema(list(zip(names, types, strict=True)))
@@ -501,7 +524,7 @@ def _stream_batch(
     cols = [bt.column(i).to_numpy(zero_copy_only=False) for i in range(bt.num_columns)]
     nlk = num_l * k
     dense = base ** (k + 1)
-    it = np.int32 if dense < 2**31 else np.int64  # codes: INTEGER when they fit
+    it = code_dtype(base, k)
     slot_major = [li * k + s for s in range(k) for li in range(num_l)]  # [k, L, n] blocks
     e = np.stack([cols[5 + i] for i in slot_major]).reshape(k, num_l, n)
     w = np.stack([cols[5 + nlk + i] for i in slot_major]).reshape(k, num_l, n)
@@ -730,10 +753,7 @@ def _rc_mapper(num_l: int, k: int, base: int, no: int, mode: str, names: list[st
     builds DuckDB's rt, so both engines' codes are the same by construction."""
 
     def run(batches: Any) -> Any:
-        dense = base ** (k + 1)
-        acc = None
-        if mode == "tally":
-            acc = {"n": np.zeros((num_l, dense)), "w": np.zeros((num_l, k, dense))}
+        acc = empty_tally(num_l, k, base) if mode == "tally" else None
         for bt in batches:
             out = DuckDBEngine._rc_batch(bt, num_l, k, base, no, acc, full=mode == "rw")
             if mode != "tally":
@@ -786,10 +806,9 @@ class SparkEngine(Engine):
                 f"{self.path}: Spark could not read the shards: {str(exc)[:400]}"
             ) from exc
         df.createOrReplaceTempView("trace")
-        ecols = [f"e{li}_{j}" for li in range(num_l) for j in range(k)]
-        wcols = [f"w{li}_{j}" for li in range(num_l) for j in range(k)]
-        src = df.select("doc_id", "position", "token_id", "domain", "is_bos", *ecols, *wcols)
-        it = np.int32 if base ** (k + 1) < 2**31 else np.int64
+        ecols, wcols = slot_columns(m)
+        src = df.select(*stream_columns(m))
+        it = code_dtype(base, k)
         rc = [("doc_id", np.int64), ("position", np.int64), ("token_id", np.int64)]
         rc += [("domain", np.int32), ("is_bos", np.bool_)]
         rc += [(f"t{li}", np.int32) for li in range(num_l)]
@@ -805,7 +824,7 @@ class SparkEngine(Engine):
 
         mapped("rc", rc).createOrReplaceTempView("rc_src")
         mapped("rw", rw).createOrReplaceTempView("rw0")
-        self._tally_df = mapped("tally", tally) if base ** (k + 1) <= 2**16 else None
+        self._tally_df = mapped("tally", tally) if base ** (k + 1) <= MAX_TALLY_CODES else None
         self._wstates: dict[str, np.ndarray] | None = None
         self._derived: list[str] = []
         self._cached = False
