@@ -847,6 +847,8 @@ class _TokenRule:
 
 def _token_rule_rows(
     tt: C.States,
+    ut: np.ndarray,
+    it: np.ndarray,
     y: np.ndarray,
     glob: int,
     min_count: int,
@@ -854,7 +856,8 @@ def _token_rule_rows(
     members: Callable[[np.ndarray], np.ndarray],
     overlap: np.ndarray | None,
 ) -> _TokenRule:
-    """_TokenRule from the rows of the (token, is_test, state) table."""
+    """_TokenRule from the rows of the (token, is_test, state) table (ut, it: its distinct
+    tokens and each row's index into them)."""
     tok, te, w = tt.keys["tok"], tt.keys["te"] == 1, tt.count
     tr = ~te
     mk, mv, _, _ = _modes(tok[tr], y[tr], w[tr])
@@ -865,9 +868,8 @@ def _token_rule_rows(
     p_shuf = _lookup(msk, msv, tok, np.full(tok.size, glob))
     recalled = (wt * _hits(p_tok, tt.ids, members, y, overlap)).sum()
     h = hh = hs = 0.0
-    ut, it = C.unique_inverse(tok)
-    tc = np.bincount(it.reshape(-1), weights=w, minlength=ut.size)
-    fr = (tc[it.reshape(-1)] >= min_count) & (y >= 0)
+    tc = np.bincount(it, weights=w, minlength=ut.size)
+    fr = (tc[it] >= min_count) & (y >= 0)
     if fr.any():
         h, hh = _cond_entropy_w(tok[fr], y[fr], w[fr].astype(float))
         sk2, sl2, sw2 = _shuffled_labels(tok[fr], y[fr], w[fr], rng)
@@ -1003,7 +1005,7 @@ def predictability(
             if valid_tr.any():
                 uy, iy = C.unique_inverse(y[valid_tr])
                 glob = int(uy[np.argmax(np.bincount(iy, weights=w[valid_tr]))])
-            rule = _token_rule_rows(tt, y, glob, min_count, rng, members, overlap)
+            rule = _token_rule_rows(tt, ut, it, y, glob, min_count, rng, members, overlap)
         glob = rule.default
         res["t"][layer] = rule.correct / n_test
         res["m"][layer] = rule.majority / n_test
@@ -1095,10 +1097,9 @@ def spread_token_vs_position(
         keep = size >= min_count
         return float(mc[keep].sum() / size[keep].sum()) if keep.any() else float("nan")
 
-    def norm_h(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
-        ug, ig = C.unique_inverse(g)
-        gc = np.bincount(ig.reshape(-1), weights=w, minlength=ug.size)
-        f = (gc[ig.reshape(-1)] >= min_count) & (y >= 0)
+    def norm_h(g: np.ndarray, ig: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+        gc = np.bincount(ig, weights=w)  # ig: each row's index into g's sorted uniques
+        f = (gc[ig] >= min_count) & (y >= 0)
         if not f.any():
             return float("nan")
         h, hy = _cond_entropy_w(g[f], y[f], w[f].astype(float))
@@ -1111,7 +1112,7 @@ def spread_token_vs_position(
         ug, ig = C.unique_inverse(g)
         if not TM.fits(ug.size, num_e):
             shuf = consistency(*_shuffled_labels(g, y, w, rng)) if shuffle else float("nan")
-            return consistency(g, y, w), norm_h(g, y, w), shuf
+            return consistency(g, y, w), norm_h(g, ig, y, w), shuf
         mat = TM.LabelMatrix.indexed(ug, ig, y, w, num_e)
         joint = mat.valid[mat.totals >= min_count]
         nh = float("nan")
