@@ -54,12 +54,11 @@ from moelab.analysis.synthetic import synthetic_trace
 from moelab.trace.store import TraceWriter
 
 console = Console()
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class RssSampler:
     """Peak resident set size of this process and its children (Spark's JVM and Python
-    workers), summed, sampled every 20 ms from /proc/PID/statm."""
+    workers), summed, sampled every 20 ms (psutil)."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -74,9 +73,8 @@ class RssSampler:
             total = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    with open(f"/proc/{p.pid}/statm") as f:
-                        total += int(f.read().split()[1]) * PAGE
-                except OSError:
+                    total += p.memory_info().rss
+                except psutil.NoSuchProcess:
                     pass  # exited meanwhile
             self.peak = max(self.peak, total)
             time.sleep(0.02)
