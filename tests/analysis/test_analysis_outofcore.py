@@ -590,3 +590,49 @@ def test_stacked_sql_only_for_per_column_variants():
         [f"SELECT * FROM ({one}) q GROUP BY c", f"SELECT * FROM ({two}) q GROUP BY c"],
     ):
         assert stacked_sql(bad) is None, bad
+
+
+def test_stream_batches_carry_and_read_errors(stored, tmp_path):
+    """Small record batches (the previous-row carry crosses many batch boundaries, the next
+    batch coded in a worker thread) give the same table and tallies as whole shards; a shard
+    that cannot be read stops the build with an error naming the store."""
+    from moelab.analysis import engines as E
+    from moelab.errors import TraceError
+
+    _, sc, path = stored
+    sc.eng.query("SELECT COUNT(*) AS n FROM rt")
+    order = "ORDER BY doc_id, position"
+    want = sc.eng.query(f"SELECT * EXCLUDE (is_test) FROM rtc {order}")
+    with DuckDBEngine(path, threads=1) as small:
+        small._materialise(batch_rows=64)
+        got = small.query(f"SELECT * EXCLUDE (is_test) FROM rtc {order}")
+        assert small._tables == ["rtc"]
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], key)
+        for key in ("n", "w"):
+            np.testing.assert_allclose(small._wstates[key], sc.eng._wstates[key], rtol=1e-12)
+    assert want["has_prev"].sum() == 3000 - 30  # one per non-first row of each document
+    broken = tmp_path / "broken"
+    (broken / "shards").mkdir(parents=True)
+    for f in path.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    shards = sorted((path / "shards").iterdir())
+    for i, f in enumerate(shards):
+        data = f.read_bytes()
+        (broken / "shards" / f.name).write_bytes(data[: len(data) // 2] if i == 2 else data)
+    with (
+        DuckDBEngine(broken, threads=1) as bad,
+        pytest.raises(TraceError, match="broken: could not read the shards"),
+    ):
+        bad.query("SELECT COUNT(*) AS n FROM rt")
+
+    def items():
+        yield from range(5)
+        raise ValueError("item 5 failed")
+
+    seen = []
+    with pytest.raises(ValueError, match="item 5"):
+        for x in E.read_ahead(items()):
+            seen.append(x)
+    assert seen == [0, 1, 2, 3, 4] and list(E.read_ahead(iter([]))) == []

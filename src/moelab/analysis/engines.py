@@ -348,7 +348,7 @@ class DuckDBEngine(Engine):
         failed: list[BaseException] = []
         carry: dict | None = None
 
-        def batches() -> Iterator[pa.RecordBatch]:
+        def computed() -> Iterator[pa.RecordBatch]:
             nonlocal carry
             try:
                 for shard in self.shards:
@@ -358,6 +358,11 @@ class DuckDBEngine(Engine):
             except (OSError, pa.ArrowException) as exc:
                 failed.append(exc)
                 raise
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            # batch i + 1 is read and coded (Parquet and numpy release the GIL) while DuckDB
+            # stores batch i (with the per-layer coding, 3.9-4.7 -> 2.1-2.8 s at 1M x 32)
+            yield from read_ahead(computed())
 
         names = ["doc_id", "position", "token_id", "domain", "is_bos", "is_test", "has_prev"]
         names += ["p_token", "p_bos"] + [f"c{li}" for li in range(num_l)]
@@ -503,6 +508,27 @@ class DuckDBEngine(Engine):
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+_END = object()
+
+
+def read_ahead(items: Iterator[T]) -> Iterator[T]:
+    """The items of `items`, the next one computed in a worker thread while the caller uses
+    the current one (one item ahead; the worker's exceptions re-raised here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="moelab-read-ahead")
+    try:
+        nxt = pool.submit(next, items, _END)
+        while True:
+            item = nxt.result()
+            if item is _END:
+                return
+            nxt = pool.submit(next, items, _END)
+            yield item
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 _SPARK: dict[str, Any] = {}
 
 
@@ -525,31 +551,47 @@ def _stream_batch(
     nlk = num_l * k
     dense = base ** (k + 1)
     it = code_dtype(base, k)
-    slot_major = [li * k + s for s in range(k) for li in range(num_l)]  # [k, L, n] blocks
-    e = np.stack([cols[5 + i] for i in slot_major]).reshape(k, num_l, n)
-    w = np.stack([cols[5 + nlk + i] for i in slot_major]).reshape(k, num_l, n)
-    filled = e != no
-    e = e.astype(it)
-    # highest weight among filled slots, first slot on ties, -1 when none (_common.top1 and
-    # top1_sql: a NaN weight never wins a comparison)
-    t = np.where(filled[0], e[0], it(-1))
-    best = np.where(filled[0], w[0], np.float32(-np.inf))
-    for s in range(1, k):
-        better = filled[s] & (w[s] > best)
-        t = np.where(better, e[s], t)
-        best = np.where(better, w[s], best)
-    code = (t + 1) * it(base**k)
-    for s in range(k):
-        code += np.where(filled[s], e[s] + 1, 0) * it(base**s)
     doc = cols[0].astype(np.int64, copy=False)
     pos = cols[1].astype(np.int64, copy=False)
     tok = cols[2].astype(np.int64, copy=False)
     bos = cols[4].astype(bool, copy=False)
     if carry is None:
         carry = {"doc": -1, "pos": -2, "tok": 0, "bos": False, "code": np.zeros(num_l, it)}
+    codes = np.empty((num_l, n), it)
+    p_codes = np.empty((num_l, n), it)
+    spare = np.where(bos, it(dense), it(0))  # BOS rows go to a spare bin past the codes
+    for li in range(num_l):
+        # one layer at a time, so its columns stay in cache: 3.7x faster than numpy passes
+        # over [k, L, n] blocks (out/t_sb2.py, 1M x 32)
+        code = codes[li]
+        first = 5 + li * k
+        e0, w0 = cols[first], cols[first + nlk]
+        f0 = e0 != no
+        # highest weight among filled slots, first slot on ties, -1 when none (_common.top1
+        # and top1_sql: a NaN weight never wins a comparison)
+        t = np.where(f0, e0.astype(it), it(-1))
+        best = np.where(f0, w0, np.float32(-np.inf))
+        code[:] = np.where(f0, e0.astype(it) + it(1), it(0))
+        for s in range(1, k):
+            es, ws = cols[first + s], cols[first + nlk + s]
+            fs = es != no
+            better = fs & (ws > best)
+            t = np.where(better, es, t)
+            best = np.where(better, ws, best)
+            code += np.where(fs, es.astype(it) + it(1), it(0)) * it(base**s)
+        code += (t + it(1)) * it(base**k)
+        if n:
+            p_codes[li, 0] = carry["code"][li]
+            p_codes[li, 1:] = code[:-1]
+        if acc is not None:
+            idx = np.maximum(code, spare)
+            acc["n"][li] += np.bincount(idx, minlength=dense + 1)[:-1]
+            for s in range(k):
+                acc["w"][li, s] += np.bincount(
+                    idx, weights=cols[first + nlk + s], minlength=dense + 1
+                )[:-1]
     p_doc = np.concatenate([[carry["doc"]], doc[:-1]])
     p_pos = np.concatenate([[carry["pos"]], pos[:-1]])
-    p_code = np.concatenate([carry["code"][:, None], code[:, :-1]], axis=1)
     out: dict[str, np.ndarray] = {
         "doc_id": doc,
         "position": pos,
@@ -561,23 +603,15 @@ def _stream_batch(
         "p_token": np.concatenate([[carry["tok"]], tok[:-1]]),
         "p_bos": np.concatenate([[carry["bos"]], bos[:-1]]),
     }
-    out.update({f"c{li}": code[li] for li in range(num_l)})
-    out.update({f"p_c{li}": p_code[li] for li in range(num_l)})
-    if acc is not None:  # BOS rows go to a spare bin past the last layer's codes
-        idx = code + (np.arange(num_l, dtype=it) * it(dense))[:, None]
-        idx[:, bos] = num_l * dense
-        acc["n"] += np.bincount(idx.ravel(), minlength=num_l * dense + 1)[:-1].reshape(num_l, dense)
-        for s in range(k):
-            acc["w"][:, s] += np.bincount(
-                idx.ravel(), weights=w[s].ravel(), minlength=num_l * dense + 1
-            )[:-1].reshape(num_l, dense)
+    out.update({f"c{li}": codes[li] for li in range(num_l)})
+    out.update({f"p_c{li}": p_codes[li] for li in range(num_l)})
     if n:
         carry = {
             "doc": doc[-1],
             "pos": pos[-1],
             "tok": tok[-1],
             "bos": bos[-1],
-            "code": code[:, -1],
+            "code": codes[:, -1].copy(),
         }
     return out, carry
 
