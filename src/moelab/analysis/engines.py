@@ -359,11 +359,6 @@ class DuckDBEngine(Engine):
                 failed.append(exc)
                 raise
 
-        def batches() -> Iterator[pa.RecordBatch]:
-            # batch i + 1 is read and coded (Parquet and numpy release the GIL) while DuckDB
-            # stores batch i (with the per-layer coding, 3.9-4.7 -> 2.1-2.8 s at 1M x 32)
-            yield from read_ahead(computed())
-
         names = ["doc_id", "position", "token_id", "domain", "is_bos", "is_test", "has_prev"]
         names += ["p_token", "p_bos"] + [f"c{li}" for li in range(num_l)]
         names += [f"p_c{li}" for li in range(num_l)]
@@ -372,7 +367,10 @@ class DuckDBEngine(Engine):
         types += [pa.bool_()] + [it] * (2 * num_l)
         schema = pa.schema(list(zip(names, types, strict=True)))
         try:
-            self.con.register("_rc_stream", pa.RecordBatchReader.from_batches(schema, batches()))
+            # batch i + 1 is read and coded (Parquet and numpy release the GIL) while DuckDB
+            # stores batch i (with the per-layer coding, 3.9-4.7 -> 2.1-2.8 s at 1M x 32)
+            stream = pa.RecordBatchReader.from_batches(schema, read_ahead(computed()))
+            self.con.register("_rc_stream", stream)
             self.con.execute("CREATE TABLE rtc AS SELECT * FROM _rc_stream")
             self.con.unregister("_rc_stream")
         except Exception as exc:  # noqa: BLE001 - re-raised naming the store
@@ -482,23 +480,14 @@ class DuckDBEngine(Engine):
         """Pipelined: a worker thread on its own cursor runs query i + 1 (and `then` of it)
         while the caller works on result i; DuckDB and numpy release the GIL, so the query
         and the caller's numpy work share the cores. At most two results are held."""
-        from concurrent.futures import ThreadPoolExecutor
-
         self._materialise()
         if len(sqls) < 2:
             yield from super().query_many(sqls, then)
             return
         cur = self.con.cursor()
-        pool = ThreadPoolExecutor(1, thread_name_prefix="moelab-duckdb")
         try:
-            nxt = pool.submit(lambda q: then(self._run(cur, q)), sqls[0])
-            for i in range(len(sqls)):
-                res = nxt.result()
-                if i + 1 < len(sqls):
-                    nxt = pool.submit(lambda q: then(self._run(cur, q)), sqls[i + 1])
-                yield res
+            yield from read_ahead(then(self._run(cur, q)) for q in sqls)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
             cur.close()
 
     def close(self) -> None:
@@ -562,16 +551,16 @@ def _stream_batch(
     spare = np.where(bos, it(dense), it(0))  # BOS rows go to a spare bin past the codes
     for li in range(num_l):
         # one layer at a time, so its columns stay in cache: 3.7x faster than numpy passes
-        # over [k, L, n] blocks (out/t_sb2.py, 1M x 32)
+        # over [k, L, n] blocks (1M x 32; bench/RESULTS.md, fifth pass)
         code = codes[li]
         first = 5 + li * k
-        e0, w0 = cols[first], cols[first + nlk]
+        e0, w0 = cols[first].astype(it), cols[first + nlk]
         f0 = e0 != no
         # highest weight among filled slots, first slot on ties, -1 when none (_common.top1
         # and top1_sql: a NaN weight never wins a comparison)
-        t = np.where(f0, e0.astype(it), it(-1))
+        t = np.where(f0, e0, it(-1))
         best = np.where(f0, w0, np.float32(-np.inf))
-        code[:] = np.where(f0, e0.astype(it) + it(1), it(0))
+        code[:] = np.where(f0, e0 + it(1), it(0))
         for s in range(1, k):
             es, ws = cols[first + s], cols[first + nlk + s]
             fs = es != no
