@@ -400,6 +400,34 @@ def test_materialised_states_equal_sql_definition(stored):
     assert (top == -1).sum() == 1  # the fully dropped token of the fixture
 
 
+@pytest.mark.parametrize(("num_e", "k"), [(8, 2), (6, 3), (40, 2), (64, 4)])
+def test_state_code_tables_equal_arithmetic(num_e, k):
+    """Decoding state codes by the cached per-code tables (small B^(k+1)) gives the ids, top-1
+    and set index that the arithmetic and set_index give; large code spaces decode by
+    arithmetic (64 experts, k=4: no table of 65^5 codes is built)."""
+    from moelab.analysis._common import set_index
+    from moelab.trace.schema import TraceMeta
+
+    meta = TraceMeta(num_layers=1, num_experts=num_e, top_k=k, layer_indices=[0])
+    base = num_e + 1
+    rng = np.random.default_rng(num_e + k)
+    ids = rng.integers(-1, num_e, (500, k))
+    ids[:50, 1] = ids[:50, 0]  # repeated experts: no valid set
+    top = rng.integers(-1, num_e, 500)
+    code = (top + 1) * base**k + sum((ids[:, j] + 1) * base**j for j in range(k))
+    got_ids, got_top = C.decode_states(code, meta)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_top, top)
+    st = C.States({}, got_ids, got_top, np.ones(500, np.int64), None, code)
+    want = set_index(ids, num_e)
+    np.testing.assert_array_equal(st.sets(num_e), want)
+    distinct = np.array([len(set(r)) == k for r in ids.tolist()])
+    np.testing.assert_array_equal(want >= 0, distinct & (ids >= 0).all(1))
+    C._code_luts.cache_clear()
+    C.decode_states(code, meta)
+    assert C._code_luts.cache_info().misses == (1 if base ** (k + 1) <= 2**16 else 0)
+
+
 def test_state_codes_too_wide_and_draw_orientation():
     from moelab.analysis.engines import code_base
     from moelab.errors import AnalysisError

@@ -12,6 +12,7 @@ Functions are plain: an Engine (moelab.analysis.engines) and parameters in, nump
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from moelab.analysis._common import set_index
-from moelab.analysis.engines import Engine, code_base
+from moelab.analysis.engines import MAX_TALLY_CODES, Engine, code_base
 from moelab.trace.schema import TraceMeta
 
 
@@ -39,6 +40,9 @@ class States:
         """[S] order-free set index (-1 where a slot is empty or an expert repeats)."""
         if self.ids.shape[0] == 0:
             return np.zeros(0, np.int64)
+        k = self.ids.shape[1]
+        if self.code is not None and (num_experts + 1) ** (k + 1) <= MAX_TALLY_CODES:
+            return _code_luts(num_experts + 1, k)[2][self.code]  # one gather
         return set_index(self.ids, num_experts)
 
     @property
@@ -48,27 +52,33 @@ class States:
 
 
 class CompactTables:
-    """A list of keyed States kept as (key, state code, count) in 32-bit columns where they fit
-    (a third of the memory of decoded States); each item is decoded when read."""
+    """A list of keyed count tables kept as (key, state code, count) in the engine's small
+    integer types (a third of the memory of decoded States); each item is decoded when read."""
 
-    def __init__(self, tables: Iterator[States], key: str, meta: TraceMeta) -> None:
-        self.key, self.meta, self._rows = key, meta, []
-        for st in tables:
-            cols = [st.keys[key], st.code, st.count]
-            self._rows.append(
-                [c.astype(np.int32) if c.size and np.abs(c).max() < 2**31 else c for c in cols]
-            )
+    def __init__(self, results: Iterator[dict[str, np.ndarray]], key: str, meta: TraceMeta) -> None:
+        self.key, self.meta = key, meta
+        self._rows = [[_narrow(r[key]), _narrow(r["c"]), _narrow(r["n"])] for r in results]
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __getitem__(self, i: int) -> States:
         g, code, n = self._rows[i]
+        code = code.astype(np.int64)
         ids, top = decode_states(code, self.meta)
         return States({self.key: g.astype(np.int64)}, ids, top, n.astype(np.int64), None, code)
 
     def __iter__(self) -> Iterator[States]:
         return (self[i] for i in range(len(self)))
+
+
+def _narrow(col: np.ndarray) -> np.ndarray:
+    """An integer column as int32 when its values fit (as is when already narrower)."""
+    if col.dtype.itemsize <= 4 or col.size == 0:
+        return col
+    if int(col.min()) >= -(2**31) and int(col.max()) < 2**31:
+        return col.astype(np.int32)
+    return col
 
 
 def sort_order(cols: list[np.ndarray]) -> np.ndarray:
@@ -110,10 +120,22 @@ def argsort_stable(key: np.ndarray, span: int | None = None) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
+@functools.lru_cache(maxsize=8)
+def _code_luts(base: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [B^(k+1), k], top-1 [B^(k+1)], set index [B^(k+1)]) of every state code of base
+    B = E + 1 and k slots: decoding a table is one gather per column (B^(k+1) <= 2^16)."""
+    c = np.arange(base ** (k + 1), dtype=np.int64)
+    ids = np.stack([(c // base**j) % base - 1 for j in range(k)], 1)
+    return ids, c // base**k - 1, set_index(ids, base - 1)
+
+
 def decode_states(code: np.ndarray, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray]:
     """(ids [S, k] with -1 = no expert, top-1 [S]) of state codes (engines.state_code_sql)."""
     base, k = code_base(meta), meta.top_k
     c = np.asarray(code, dtype=np.int64)
+    if base ** (k + 1) <= MAX_TALLY_CODES:
+        ids, top, _ = _code_luts(base, k)
+        return ids[c], top[c]
     ids = np.empty((c.size, k), np.int64)
     for j in range(k):
         ids[:, j] = (c // base**j) % base - 1

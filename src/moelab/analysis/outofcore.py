@@ -585,13 +585,15 @@ def _key_tables(
 ) -> C.CompactTables:
     """Per layer, counts of (key expression, state), kept compact (decoded when read)."""
     layers = list(range(sc.eng.meta.num_layers))
+    parts = [
+        C.grouped_sql(sc.eng.meta.top_k, li, {key: expr}, source, where, prefix) for li in layers
+    ]
 
-    def tables() -> Iterator[C.States]:
-        # the specialisation views take margins, bincounts and sorted uniques: any row order
-        for st in C.grouped_layers(
-            sc.eng, layers, {key: expr}, source, where, prefix, ordered=False
-        ):
-            yield st
+    def tables() -> Iterator[dict[str, np.ndarray]]:
+        # kept as the engine returns them (any row order: the specialisation views take
+        # margins, bincounts and sorted uniques), decoded when read
+        for res in C.batched(sc.eng, parts):
+            yield res
             if progress:
                 progress()
 
@@ -789,11 +791,20 @@ def _shuffled_labels(
 
 
 SHARED_PAIRS_SQL = (
+    "SELECT bs_prev, bs_cur,"
+    " CAST(row_number() OVER (ORDER BY bs_prev, bs_cur) - 1 AS BIGINT) AS bs_id FROM ("
     "SELECT p_token AS bs_prev, token_id AS bs_cur FROM pr WHERE NOT is_bos"
     " GROUP BY p_token, token_id"
     " HAVING SUM(CASE WHEN is_test THEN 1 ELSE 0 END) > 0"
-    " AND SUM(CASE WHEN is_test THEN 0 ELSE 1 END) > 0"
+    " AND SUM(CASE WHEN is_test THEN 0 ELSE 1 END) > 0) q"
 )
+
+
+def _mismatch() -> AnalysisError:
+    return AnalysisError(
+        "predictability: the held-out counts do not fit inside the full (token, state)"
+        " table; the two tables come from different stores or filters"
+    )
 
 
 def _split_table(every: C.States, held: C.States) -> C.States:
@@ -811,10 +822,7 @@ def _split_table(every: C.States, held: C.States) -> C.States:
     train = every.count.copy()
     train[pos[pos >= 0]] -= held.count[pos >= 0]
     if (pos < 0).any() or (train < 0).any():
-        raise AnalysisError(
-            "predictability: the held-out counts do not fit inside the full (token, state)"
-            " table; the two tables come from different stores or filters"
-        )
+        raise _mismatch()
     keep = train > 0
     te = np.concatenate([np.zeros(int(keep.sum()), np.int64), np.ones(held.count.size, np.int64)])
     return C.States(
@@ -888,30 +896,78 @@ def _token_rule_rows(
     )
 
 
+@dataclass
+class _TokenParts:
+    """One layer's (token, set) counts as dense training and held-out matrices over the sorted
+    distinct tokens, plus the held-out rows without a valid set (slot by slot when scored)."""
+
+    train: TM.LabelMatrix
+    test: TM.LabelMatrix
+    bad_tok: np.ndarray  # [b] index of each such row's token into train.groups
+    bad_ids: np.ndarray  # [b, k] its expert ids
+    bad_w: np.ndarray  # [b] its count
+
+    @classmethod
+    def of_table(cls, tt: C.States, n_sets_: int, num_e: int) -> _TokenParts | None:
+        """From the (tok, te, state) table; None when the matrices would not be dense."""
+        ut, it = C.unique_inverse(tt.keys["tok"])
+        if not TM.fits(ut.size, n_sets_):
+            return None
+        te, y = tt.keys["te"] == 1, tt.sets(num_e)
+        train, test = TM.LabelMatrix.split(ut, it, y, tt.count, n_sets_, te)
+        bad = te & (y < 0)
+        return cls(train, test, it[bad], tt.ids[bad], tt.count[bad])
+
+    @classmethod
+    def of_split(
+        cls, every: C.States, held: C.States, n_sets_: int, num_e: int
+    ) -> _TokenParts | None:
+        """From the (g = token, state) tables of all rows and of the held-out rows: the
+        training matrix is the difference (the dense form of _split_table, without its join
+        of the two tables); None when the matrices would not be dense."""
+        ut, ie = C.unique_inverse(every.keys["g"])
+        if not TM.fits(ut.size, n_sets_):
+            return None
+        ih = _positions(ut, held.keys["g"])
+        if (ih < 0).any():
+            raise _mismatch()
+        yh = held.sets(num_e)
+        full = TM.LabelMatrix.indexed(ut, ie, every.sets(num_e), every.count, n_sets_)
+        test = TM.LabelMatrix.indexed(ut, ih, yh, held.count, n_sets_)
+        train = TM.LabelMatrix(ut, full.valid - test.valid, full.invalid - test.invalid)
+        if (train.valid < 0).any() or (train.invalid < 0).any():
+            raise _mismatch()
+        bad = yh < 0
+        return cls(train, test, ih[bad], held.ids[bad], held.count[bad])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train.totals.sum())
+
+    @property
+    def n_test(self) -> int:
+        return int(self.test.totals.sum())
+
+
 def _token_rule_dense(
-    tt: C.States,
-    ut: np.ndarray,
-    it: np.ndarray,
-    y: np.ndarray,
-    n_sets_: int,
+    parts: _TokenParts,
     min_count: int,
     rng: np.random.Generator,
     members: Callable[[np.ndarray], np.ndarray],
     overlap: np.ndarray,
 ) -> _TokenRule:
-    """_token_rule_rows on [tokens, sets] matrices of the train and held-out counts (ut, it:
-    the table's distinct tokens and each row's index into them): the same numbers and the
-    same seeded draws (the shuffles see the same margins in the same order)."""
-    te, w = tt.keys["te"] == 1, tt.count
-    train, test = TM.LabelMatrix.split(ut, it, y, w, n_sets_, te)
+    """_token_rule_rows on the [tokens, sets] matrices of the train and held-out counts: the
+    same numbers and the same seeded draws (the shuffles see the same margins in the same
+    order)."""
+    train, test = parts.train, parts.test
     glob = int(np.argmax(train.valid.sum(0)))
     p_tok = TM.modes(train.valid, glob)
     p_shuf = TM.shuffled_modes(train, rng, glob)
-    rows = np.arange(ut.size)
+    rows = np.arange(train.groups.size)
     recalled = float((test.valid * overlap[p_tok]).sum())
-    bad = np.flatnonzero(te & (y < 0))  # held-out rows without a valid set: slot by slot
-    if bad.size:
-        recalled += float((w[bad] * _hits(p_tok[it[bad]], tt.ids[bad], members)).sum())
+    if parts.bad_w.size:  # held-out rows without a valid set: slot by slot
+        hits = _hits(p_tok[parts.bad_tok], parts.bad_ids, members)
+        recalled += float((parts.bad_w * hits).sum())
     h = hh = hs = 0.0
     joint = (train.valid + test.valid)[(train.totals + test.totals) >= min_count]
     if joint.sum() > 0:
@@ -925,10 +981,51 @@ def _token_rule_dense(
         h,
         hh,
         hs,
-        ut,
+        train.groups,
         p_tok,
         glob,
     )
+
+
+def _bigram_gain(
+    bg: C.States,
+    pair_token: np.ndarray,
+    rule: _TokenRule,
+    num_e: int,
+    n_sets_: int,
+    members: Callable[[np.ndarray], np.ndarray],
+    overlap: np.ndarray | None,
+) -> tuple[float, float]:
+    """(correct sets gained, recalled experts gained) over the held-out rows of the (bp =
+    shared pair id, te, state) table when rows use their (previous, current) pair's training
+    mode instead of the token rule (pair_token: each pair's current token)."""
+    bp, bte, bw = bg.keys["bp"], bg.keys["te"] == 1, bg.count
+    by = bg.sets(num_e)
+    n_pairs = pair_token.size
+    pt_pair = _lookup(rule.keys, rule.pred, pair_token, np.full(n_pairs, rule.default))
+    if overlap is not None and rule.default >= 0 and TM.fits(n_pairs, n_sets_):
+        train, test = TM.LabelMatrix.split(np.arange(n_pairs), bp, by, bw, n_sets_, bte)
+        has = train.valid.sum(1) > 0
+        p_big = np.where(has, np.argmax(train.valid, axis=1), pt_pair)
+        rows = np.arange(n_pairs)
+        corr = float(test.valid[rows, p_big].sum() - test.valid[rows, pt_pair].sum())
+        gain = overlap[p_big].astype(np.int64) - overlap[pt_pair]
+        hit = float((test.valid * gain).sum())
+        bad = np.flatnonzero(bte & (by < 0))  # no valid set: slot by slot
+        if bad.size:
+            pb, pt = p_big[bp[bad]], pt_pair[bp[bad]]
+            diff = _hits(pb, bg.ids[bad], members) - _hits(pt, bg.ids[bad], members)
+            hit += float((bw[bad] * diff).sum())
+        return corr, hit
+    trb = ~bte
+    pk, pv, _, _ = _modes(bp[trb], by[trb], bw[trb])
+    pt_b = pt_pair[bp]
+    p_big = _lookup(pk, pv, bp, pt_b)
+    wbt = np.where(bte, bw, 0).astype(np.float64)
+    corr = wbt[p_big == by].sum() - wbt[pt_b == by].sum()
+    hb = _hits(p_big, bg.ids, members, by, overlap)
+    hbt = _hits(pt_b, bg.ids, members, by, overlap)
+    return float(corr), float((wbt * (hb - hbt)).sum())
 
 
 def predictability(
@@ -967,64 +1064,59 @@ def predictability(
             eng, layers, {"tok": "token_id", "te": "CAST(is_test AS INT)"}, ordered=False
         )
     else:  # the held-out rows' counts, the training counts as the difference
-        held = C.grouped_layers(
+        tts = C.grouped_layers(
             eng, layers, {"g": "token_id"}, where="NOT is_bos AND is_test", ordered=False
         )
-        tts = (_split_table(tables[li], h) for li, h in zip(layers, held, strict=True))
     # only (previous, current) pairs seen in both parts change a prediction: a held-out row
     # whose pair has no training rows backs off to the token rule (zero correction), and a
-    # training pair never held out predicts nothing that is scored
+    # training pair never held out predicts nothing that is scored; each shared pair has an
+    # id 0..P-1, so the pair tables are keyed by one small integer
     eng.define("bshared", SHARED_PAIRS_SQL)
+    shared = eng.query("SELECT bs_id, bs_cur FROM bshared")
+    pair_token = np.zeros(shared["bs_id"].size, np.int64)
+    pair_token[shared["bs_id"].astype(np.int64)] = shared["bs_cur"].astype(np.int64)
     bgs = C.grouped_layers(
         eng,
         layers,
-        {"ptok": "p_token", "tok": "token_id", "te": "CAST(is_test AS INT)"},
+        {"bp": "bs_id", "te": "CAST(is_test AS INT)"},
         "pr JOIN bshared ON bs_prev = p_token AND bs_cur = token_id",
         ordered=False,
     )
     for layer, tt, bg in zip(layers, tts, bgs, strict=True):
-        te, w = tt.keys["te"] == 1, tt.count
-        y = tt.sets(num_e)
-        n_train, n_test = int(w[~te].sum()), int(w[te].sum())
-        if n_train == 0 or n_test == 0:
-            raise AnalysisError("predictability: the train or held-out part has no non-BOS tokens")
+        parts = None
 
-        def members(idx: np.ndarray, tt: C.States = tt, y: np.ndarray = y) -> np.ndarray:
-            if dense:
-                return table[idx]
-            srt = np.argsort(y)
-            pos = np.searchsorted(y[srt], idx)
-            return np.sort(tt.ids[srt[np.minimum(pos, y.size - 1)]], axis=1)
+        def members(idx: np.ndarray) -> np.ndarray:
+            return table[idx]
 
-        valid_tr = ~te & (y >= 0)
-        ut, it = C.unique_inverse(tt.keys["tok"])
-        if dense and valid_tr.any() and TM.fits(ut.size, s):
-            rule = _token_rule_dense(tt, ut, it, y, s, min_count, rng, members, overlap)
+        if dense:
+            parts = (
+                _TokenParts.of_table(tt, s, num_e)
+                if tables is None
+                else _TokenParts.of_split(tables[layer], tt, s, num_e)
+            )
+        if parts is not None and parts.train.valid.sum() > 0:
+            n_train, n_test = parts.n_train, parts.n_test
+            if n_train == 0 or n_test == 0:
+                raise AnalysisError(
+                    "predictability: the train or held-out part has no non-BOS tokens"
+                )
+            rule = _token_rule_dense(parts, min_count, rng, members, overlap)
         else:
-            glob = -1
-            if valid_tr.any():
-                uy, iy = C.unique_inverse(y[valid_tr])
-                glob = int(uy[np.argmax(np.bincount(iy, weights=w[valid_tr]))])
-            rule = _token_rule_rows(tt, ut, it, y, glob, min_count, rng, members, overlap)
-        glob = rule.default
+            tt = tt if tables is None else _split_table(tables[layer], tt)
+            if not dense:  # the sets the rules predict are sets some row of tt holds
+
+                def members(idx: np.ndarray, tt: C.States = tt) -> np.ndarray:
+                    return _members_from(tt, num_e, idx)
+
+            rule, n_train, n_test = _token_rule_table(tt, num_e, min_count, rng, members, overlap)
         res["t"][layer] = rule.correct / n_test
         res["m"][layer] = rule.majority / n_test
         res["ts"][layer] = rule.shuffled / n_test
         # bigram: rows with a previous token use the (prev, cur) mode, else the token rule
-        btok, bte, bw = bg.keys["tok"], bg.keys["te"] == 1, bg.count
-        by = bg.sets(num_e)
-        pair = np.stack([bg.keys["ptok"], btok], 1)
-        trb = ~bte
-        pk, pv, _, _ = _modes_pairs(pair[trb], by[trb], bw[trb])
-        pt_b = _lookup(rule.keys, rule.pred, btok, np.full(btok.size, glob))
-        p_big = _lookup_pairs(pk, pv, pair, pt_b)
-        wbt = np.where(bte, bw, 0).astype(np.float64)
-        corr = wbt[p_big == by].sum() - wbt[pt_b == by].sum()
+        corr, hit = _bigram_gain(bg, pair_token, rule, num_e, s, members, overlap)
         res["b"][layer] = (rule.correct + corr) / n_test
-        hb = _hits(p_big, bg.ids, members, by, overlap)
-        hbt = _hits(pt_b, bg.ids, members, by, overlap)
         res["rt"][layer] = rule.recalled / n_test / k
-        res["rb"][layer] = (rule.recalled + (wbt * (hb - hbt)).sum()) / n_test / k
+        res["rb"][layer] = (rule.recalled + hit) / n_test / k
         res["h"][layer], res["hh"][layer], res["hs"][layer] = rule.h, rule.hh, rule.hs
         if progress:
             progress()
@@ -1045,27 +1137,38 @@ def predictability(
     )
 
 
-def _modes_pairs(
-    pair: np.ndarray, label: np.ndarray, w: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    if pair.shape[0] == 0:
-        z = np.zeros(0, np.int64)
-        return z, z, z, z
-    up, ip = C.codes(pair[:, 0], pair[:, 1])
-    keys, mv, mc, size = _modes(ip, label, w)
-    return up[keys], mv, mc, size
+def _members_from(st: C.States, num_e: int, idx: np.ndarray) -> np.ndarray:
+    """Sorted members [n, k] of the set indices idx, read off the rows of st holding them
+    (for a C(E, k) too large to tabulate; every idx must be a set some row of st holds)."""
+    y = st.sets(num_e)
+    srt = np.argsort(y)
+    pos = np.searchsorted(y[srt], idx)
+    return np.sort(st.ids[srt[np.minimum(pos, y.size - 1)]], axis=1)
 
 
-def _lookup_pairs(
-    keys: np.ndarray, vals: np.ndarray, q: np.ndarray, default: np.ndarray
-) -> np.ndarray:
-    if keys.shape[0] == 0:
-        return default.copy()
-    base = int(max(keys[:, 1].max(), q[:, 1].max())) + 1
-    kc = keys[:, 0] * base + keys[:, 1]
-    qc = q[:, 0] * base + q[:, 1]
-    order = np.argsort(kc)
-    return _lookup(kc[order], vals[order], qc, default)
+def _token_rule_table(
+    tt: C.States,
+    num_e: int,
+    min_count: int,
+    rng: np.random.Generator,
+    members: Callable[[np.ndarray], np.ndarray],
+    overlap: np.ndarray | None,
+) -> tuple[_TokenRule, int, int]:
+    """(_token_rule_rows of the (tok, te, state) table, training rows, held-out rows)."""
+    te, w = tt.keys["te"] == 1, tt.count
+    y = tt.sets(num_e)
+    n_train, n_test = int(w[~te].sum()), int(w[te].sum())
+    if n_train == 0 or n_test == 0:
+        raise AnalysisError("predictability: the train or held-out part has no non-BOS tokens")
+
+    valid_tr = ~te & (y >= 0)
+    ut, it = C.unique_inverse(tt.keys["tok"])
+    glob = -1
+    if valid_tr.any():
+        uy, iy = C.unique_inverse(y[valid_tr])
+        glob = int(uy[np.argmax(np.bincount(iy, weights=w[valid_tr]))])
+    rule = _token_rule_rows(tt, ut, it, y, glob, min_count, rng, members, overlap)
+    return rule, n_train, n_test
 
 
 def spread_token_vs_position(
