@@ -20,6 +20,7 @@ from moelab.analysis import (
 from moelab.analysis import counts as C
 from moelab.analysis import outofcore as O
 from moelab.analysis._common import doc_split
+from moelab.analysis.dense_counts import CountSpec
 from moelab.analysis.engines import DuckDBEngine, parse_bytes
 from moelab.analysis.run import analyze
 from moelab.analysis.sources import StoreSource
@@ -568,30 +569,36 @@ def test_spark_codes_tallies_and_stacked_queries_equal_duckdb(small):
         keys = {"tok": "token_id", "te": "CAST(is_test AS INT)"}
         k, layers = m.top_k, range(m.num_layers)
         src = "rw a JOIN rt b1 ON b1.doc_id = a.doc_id AND b1.position = a.position - 1"
-        kinds = [
-            [C.grouped_sql(k, li, keys) for li in layers],
-            [C._pair_sql(0, 1, "", "rt", "NOT is_bos"), C._pair_sql(1, 0, "", "rt", "NOT is_bos")],
-            [C._pair_sql(li, li, "p_", "pr", "NOT is_bos AND NOT p_bos") for li in layers],
+        specs = [
+            [C.grouped_spec(li, keys) for li in layers],
             [
-                f"SELECT {g} AS g, t{li} AS y, COUNT(*) AS n FROM rt WHERE NOT is_bos"
-                f" GROUP BY {g}, t{li}"
+                C._pair_spec(0, 1, "", "rt", "NOT is_bos"),
+                C._pair_spec(1, 0, "", "rt", "NOT is_bos"),
+            ],
+            [C._pair_spec(li, li, "p_", "pr", "NOT is_bos AND NOT p_bos") for li in layers],
+            [
+                CountSpec((("g", g), ("y", f"t{li}")), "rt", "NOT is_bos")
                 for li in layers
                 for g in ("token_id", "position")
             ],
-            [
-                C.grouped_sql(k, li, {}, src, "NOT a.is_bos AND a.token_id = 3", "a.", True)
-                for li in layers
-            ],
+        ]
+        weighted = [
+            C.grouped_sql(k, li, {}, src, "NOT a.is_bos AND a.token_id = 3", "a.", True)
+            for li in layers
         ]
         s.batch_layers = 8
-        for parts in kinds:
+        for parts in [[x.sql() for x in group] for group in specs] + [weighted]:
             assert stacked_sql(parts) is not None, parts[0]
             want = list(C.batched(d, parts))
             got = list(C.batched(s, parts))
             assert len(got) == len(parts) and any(r["n"].size for r in got)
             for x, y in zip(want, got, strict=True):
                 _equal(x, y, floats=("w0", "w1"))
-        assert sum(int(r["n"][r["te"] == 1].sum()) for r in C.batched(s, kinds[0])) > 0
+        # DuckDB's dense numpy counts = Spark's stacked GROUP BYs, table by table
+        for group in specs:
+            for x, y in zip(C.counted(d, group), C.counted(s, group), strict=True):
+                _equal(x, y)
+        assert sum(int(r["n"][r["te"] == 1].sum()) for r in C.counted(s, specs[0])) > 0
     finally:
         s.close()
         d.close()
@@ -664,3 +671,72 @@ def test_stream_batches_carry_and_read_errors(stored, tmp_path):
         for x in E.read_ahead(items()):
             seen.append(x)
     assert seen == [0, 1, 2, 3, 4] and list(E.read_ahead(iter([]))) == []
+
+
+def test_dense_group_counts_equal_unique_rows():
+    """The dense bincount of integer columns gives exactly the distinct rows and counts of
+    np.unique (lexicographic order, the columns' dtypes), compacting narrow columns when the
+    raw ranges would not fit, and declines (None) what cannot be dense."""
+    from moelab.analysis.dense_counts import dense_group_counts
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    tok = rng.integers(-3, 3000, n)  # a wide key, negative values too
+    code = rng.choice(np.array([7, 300, 301, 650, 728], np.int32), n)  # 5 of 729 codes
+    flag = rng.integers(0, 2, n).astype(np.int32)
+    cols = {"g": tok, "te": flag, "c": code}
+    need = np.unique(tok).size * 2 * 5  # every column compacted to its present values
+    for cells in (1 << 24, 3003 * 2 * 5, need, need - 1):
+        got = dense_group_counts(cols, max_cells=cells)
+        if cells < need:  # even compacted the cells do not fit
+            assert got is None
+            continue
+        u, cnt = np.unique(np.stack([tok, flag, code], 1), axis=0, return_counts=True)
+        for j, name in enumerate(("g", "te", "c")):
+            np.testing.assert_array_equal(got[name], u[:, j])
+            assert got[name].dtype == cols[name].dtype
+        np.testing.assert_array_equal(got["n"], cnt)
+        assert got["n"].sum() == n
+    empty = dense_group_counts({"g": tok[:0], "c": code[:0]})
+    assert empty["n"].size == 0 and empty["c"].dtype == np.int32
+    assert dense_group_counts({"g": np.array([0, 2**40])}, max_cells=10) is None  # too wide
+    assert dense_group_counts({"w": np.array([0.5, 1.5])}) is None  # not integers
+
+
+def test_dense_counts_equal_sql_group_by(stored, monkeypatch):
+    """Every out-of-core analysis gives the same numbers, seeded draws included, whether
+    DuckDB's count queries are counted densely in numpy or by its SQL GROUP BY (and the
+    dense path is the one taken at this size)."""
+    from moelab.analysis import dense_counts as D
+
+    _, sc, _ = stored
+    calls = []
+    real = D.dense_group_counts
+
+    def spy(cols, max_cells=D.MAX_CELLS):
+        out = real(cols, max_cells)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr("moelab.analysis.engines.dense_group_counts", spy)
+
+    def run():
+        return [
+            O.predictability(sc, min_count=5),
+            O.spread_token_vs_position(sc, 5),
+            O.by_domain(sc),
+            O.by_vocab(sc, "input", 5),
+            O.by_vocab(sc, "next", 5),
+            O.repeat_rate(sc),
+            O.transition_summary(sc, 1),
+            O.coactivation(sc, 1),
+        ]
+
+    dense = run()
+    assert calls and all(calls)
+    monkeypatch.setattr(sc.eng, "dense_counts", False)
+    calls.clear()
+    sql = run()
+    assert not calls
+    for a, b in zip(dense, sql, strict=True):
+        assert repr(a) == repr(b)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from moelab.analysis._common import set_index
+from moelab.analysis.dense_counts import CountSpec
 from moelab.analysis.engines import MAX_TALLY_CODES, Engine, code_base
 from moelab.trace.schema import TraceMeta
 
@@ -61,6 +62,11 @@ class CompactTables:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(key, state code, count) of table i as stored (not decoded)."""
+        g, code, n = self._rows[i]
+        return g, code, n
 
     def __getitem__(self, i: int) -> States:
         g, code, n = self._rows[i]
@@ -121,12 +127,37 @@ def argsort_stable(key: np.ndarray, span: int | None = None) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _code_luts(base: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids [B^(k+1), k], top-1 [B^(k+1)], set index [B^(k+1)]) of every state code of base
-    B = E + 1 and k slots: decoding a table is one gather per column (B^(k+1) <= 2^16)."""
+def _code_luts(base: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [B^(k+1), k], top-1, set index, slot key) of every state code of base B = E + 1
+    and k slots: decoding a table is one gather per column (B^(k+1) <= 2^16); the slot key
+    orders the codes' id tuples lexicographically (codes that differ only in top-1 share it)."""
     c = np.arange(base ** (k + 1), dtype=np.int64)
     ids = np.stack([(c // base**j) % base - 1 for j in range(k)], 1)
-    return ids, c // base**k - 1, set_index(ids, base - 1)
+    key = np.zeros(c.size, np.int64)
+    for j in range(k):
+        key = key * base + ids[:, j] + 1
+    return ids, c // base**k - 1, set_index(ids, base - 1), key
+
+
+def state_rows(code: np.ndarray, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray]:
+    """codes(*ids.T) of the states' slot ids (unique id tuples [U, k] in lexicographic order,
+    each row's index into them), straight from the state codes when they are tabulated."""
+    base, k = code_base(meta), meta.top_k
+    if base ** (k + 1) > MAX_TALLY_CODES or np.asarray(code).size == 0:
+        return codes(*decode_states(code, meta)[0].T)
+    key = _code_luts(base, k)[3]
+    uk, inv = unique_inverse(key[np.asarray(code, dtype=np.int64)], base**k)
+    return _key_ids(uk, base, k), inv
+
+
+def _key_ids(key: np.ndarray, base: int, k: int) -> np.ndarray:
+    """[n, k] slot ids of slot keys (_code_luts)."""
+    out = np.empty((key.size, k), np.int64)
+    rest = np.asarray(key, dtype=np.int64)
+    for j in range(k - 1, -1, -1):
+        out[:, j] = rest % base - 1
+        rest = rest // base
+    return out
 
 
 def decode_states(code: np.ndarray, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +165,7 @@ def decode_states(code: np.ndarray, meta: TraceMeta) -> tuple[np.ndarray, np.nda
     base, k = code_base(meta), meta.top_k
     c = np.asarray(code, dtype=np.int64)
     if base ** (k + 1) <= MAX_TALLY_CODES:
-        ids, top, _ = _code_luts(base, k)
+        ids, top, _, _ = _code_luts(base, k)
         return ids[c], top[c]
     ids = np.empty((c.size, k), np.int64)
     for j in range(k):
@@ -222,6 +253,33 @@ def batched(
             yield then({c: v[sel] for c, v in res.items() if c != "part_"})
 
 
+def counted(
+    eng: Engine,
+    specs: list[CountSpec],
+    then: Callable[[dict[str, np.ndarray]], Any] = lambda r: r,
+) -> Iterator[Any]:
+    """then(counts of each CountSpec) in order: the engine's own counting where it has one
+    (DuckDB: dense numpy counts where the value ranges allow), else the specs' GROUP BY SQL
+    through `batched`. Rows come in any order."""
+    if hasattr(eng, "count_many"):
+        yield from eng.count_many(specs, then)
+    else:
+        yield from batched(eng, [spec.sql() for spec in specs], then)
+
+
+def grouped_spec(
+    layer: int,
+    keys: dict[str, str] | None = None,
+    source: str = "rt",
+    where: str = "NOT is_bos",
+    prefix: str = "",
+) -> CountSpec:
+    """The count of (key expressions, state c of `layer`) as a CountSpec (grouped_sql's
+    query without weights)."""
+    items = tuple((keys or {}).items()) + (("c", f"{prefix}c{layer}"),)
+    return CountSpec(items, source, where)
+
+
 def grouped_layers(
     eng: Engine,
     layers: list[int],
@@ -236,9 +294,18 @@ def grouped_layers(
     the engine's row order, for callers whose results do not depend on it (margins,
     bincounts, sorted uniques): it saves a sort of every table."""
     k = eng.meta.top_k
-    parts = [grouped_sql(k, li, keys, source, where, prefix, weights) for li in layers]
     names = list(keys or {})
-    yield from batched(eng, parts, lambda res: _states(res, names, eng.meta, weights, ordered))
+
+    def then(res: dict[str, np.ndarray]) -> States:
+        return _states(res, names, eng.meta, weights, ordered)
+
+    if weights:
+        parts = [grouped_sql(k, li, keys, source, where, prefix, weights) for li in layers]
+        yield from batched(eng, parts, then)
+    else:
+        yield from counted(
+            eng, [grouped_spec(li, keys, source, where, prefix) for li in layers], then
+        )
 
 
 def grouped(
@@ -275,16 +342,15 @@ def layer_states(eng: Engine, weights: bool = True) -> list[States]:
     return out
 
 
-def _pair_sql(la: int, lb: int, pb: str, source: str, where: str) -> str:
-    items = [f"c{la} AS c", f"{pb}c{lb} AS bc", "COUNT(*) AS n"]
-    return f"SELECT {', '.join(items)} FROM {source} WHERE {where} GROUP BY c{la}, {pb}c{lb}"
+def _pair_spec(la: int, lb: int, pb: str, source: str, where: str) -> CountSpec:
+    return CountSpec((("c", f"c{la}"), ("bc", f"{pb}c{lb}")), source, where)
 
 
 def pair_states_many(eng: Engine, pairs: list[tuple[int, int]]) -> Iterator[tuple[States, States]]:
     """Joint counts of (state at layer a, state at layer b) of the same non-BOS row for each
     (a, b), as two aligned States (a's and b's columns; counts shared)."""
-    parts = [_pair_sql(a, b, "", "rt", "NOT is_bos") for a, b in pairs]
-    yield from batched(eng, parts, lambda res: _split(res, eng.meta))
+    specs = [_pair_spec(a, b, "", "rt", "NOT is_bos") for a, b in pairs]
+    yield from counted(eng, specs, lambda res: _split(res, eng.meta))
 
 
 def pair_states(eng: Engine, layer_a: int, layer_b: int) -> tuple[States, States]:
@@ -296,8 +362,8 @@ def prev_pair_states_many(eng: Engine, layers: list[int]) -> Iterator[tuple[Stat
     """Joint counts of (state of a non-BOS row, state of the previous non-BOS token of its
     document) at each layer (the consecutive-token pairs of the repeat-rate analysis)."""
     where = "NOT is_bos AND NOT p_bos"
-    parts = [_pair_sql(li, li, "p_", "pr", where) for li in layers]
-    yield from batched(eng, parts, lambda res: _split(res, eng.meta))
+    specs = [_pair_spec(li, li, "p_", "pr", where) for li in layers]
+    yield from counted(eng, specs, lambda res: _split(res, eng.meta))
 
 
 def prev_pair_states(eng: Engine, layer: int) -> tuple[States, States]:

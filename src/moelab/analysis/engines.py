@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from moelab.analysis.dense_counts import CountSpec, dense_group_counts
 from moelab.errors import AnalysisError, ConfigError, TraceError
 from moelab.trace.schema import TraceMeta
 from moelab.trace.store import read_meta, shard_indices, shard_name
@@ -291,6 +292,7 @@ class DuckDBEngine(Engine):
 
     name = "duckdb"
     batch_layers = 1  # one layer's table per query: bounded memory, no per-query overhead
+    dense_counts = True  # count queries in numpy where the value ranges allow (else SQL)
 
     def __init__(
         self, store: str | Path, memory_limit: str | int | None = None, threads: int | None = None
@@ -373,6 +375,7 @@ class DuckDBEngine(Engine):
             self.con.register("_rc_stream", stream)
             self.con.execute("CREATE TABLE rtc AS SELECT * FROM _rc_stream")
             self.con.unregister("_rc_stream")
+            self._rows = int(self.con.execute("SELECT COUNT(*) FROM rtc").fetchall()[0][0])
         except Exception as exc:  # noqa: BLE001 - re-raised naming the store
             if failed:
                 raise TraceError(
@@ -489,6 +492,39 @@ class DuckDBEngine(Engine):
             yield from read_ahead(then(self._run(cur, q)) for q in sqls)
         finally:
             cur.close()
+
+    def count_many(
+        self, specs: list[CountSpec], then: Callable[[dict[str, np.ndarray]], T]
+    ) -> Iterator[T]:
+        """then(counts of each spec), pipelined as query_many. A spec's rows are fetched and
+        counted by one bincount (dense_counts) when the (key, state) combinations fit in
+        dense cells and one layer's fetched columns fit in a quarter of the memory limit (1
+        GiB without one): about a third of the CPU of DuckDB's hash aggregate at 1M rows;
+        otherwise DuckDB runs its GROUP BY (spilling to disk when it must)."""
+        self._materialise()
+
+        def run(con: Any, spec: CountSpec) -> T:
+            return then(self._count(con, spec))
+
+        if len(specs) < 2:
+            for spec in specs:
+                yield run(self.con, spec)
+            return
+        cur = self.con.cursor()
+        try:
+            yield from read_ahead(run(cur, spec) for spec in specs)
+        finally:
+            cur.close()
+
+    def _count(self, con: Any, spec: CountSpec) -> dict[str, np.ndarray]:
+        budget = (self.memory_limit or 4 * 2**30) // 4
+        # every source is rtc or a subset of its rows (pr, a join with a table of unique
+        # pairs): its row count bounds the fetch
+        if self.dense_counts and self._rows * 8 * (len(spec.items) + 4) <= budget:
+            res = dense_group_counts(self._run(con, spec.rows_sql()))
+            if res is not None:
+                return res
+        return self._run(con, spec.sql())
 
     def close(self) -> None:
         try:

@@ -29,6 +29,7 @@ from moelab.analysis._common import (
     nmi,
 )
 from moelab.analysis.coactivation import Coactivation, from_counts
+from moelab.analysis.dense_counts import CountSpec
 from moelab.analysis.engines import Engine
 from moelab.analysis.predictability import PredictabilityResult, SpreadResult
 from moelab.analysis.repeat import (
@@ -48,6 +49,7 @@ from moelab.analysis.specialization import (
 from moelab.analysis.transitions import TransitionMatrix, TransitionSummary, _derive
 from moelab.analysis.usage import BalanceResult, RoutingEntropyResult, UsageResult, balance_metrics
 from moelab.errors import AnalysisError
+from moelab.trace.schema import TraceMeta
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -518,29 +520,46 @@ def repeat_rate(
 
 
 def _group_view(
-    per_layer: Callable[[int], tuple[np.ndarray, C.States]],
-    num_l: int,
+    per_layer: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    meta: TraceMeta,
     names: list[str],
-    k: int,
-    num_e: int,
     seed: int,
 ) -> GroupShares:
-    """GroupShares from per_layer(l) = (group index of each table row, table) for each of the
-    num_l layers (built one at a time) with G = len(names)."""
+    """GroupShares from per_layer(l) = (group index of each table row, -1 = not counted; the
+    rows' state codes; their counts) for each layer (built one at a time), G = len(names).
+    A layer's (group, slot ids) counts are one dense [G, U] matrix when it fits (U distinct
+    id tuples): the expert shares and the shuffle's margins are its products and sums."""
+    num_l, k, num_e = meta.num_layers, meta.top_k, meta.num_experts
     n_groups = len(names)
-    g0, st0 = per_layer(0)
-    counts = np.bincount(g0, weights=st0.count, minlength=n_groups).astype(np.float64)
+    first = per_layer(0)
+    g0, _, n0 = first
+    counts = np.bincount(np.where(g0 >= 0, g0, n_groups), weights=n0, minlength=n_groups + 1)
+    counts = counts[:n_groups].astype(np.float64)
     share = np.zeros((n_groups, num_l, num_e))
     s_share = np.zeros_like(share)
     rng = np.random.default_rng(seed)
     size = np.maximum(counts, 1)[:, None]
     for li in range(num_l):
-        g, st = (g0, st0) if li == 0 else per_layer(li)
-        share[:, li, :] = _group_expert(g, st.ids, st.count, n_groups, num_e) / size
-        us, iu = C.codes(*st.ids.T)
-        cols = np.bincount(iu, weights=st.count, minlength=len(us)).astype(np.int64)
+        g, code, cnt = first if li == 0 else per_layer(li)
+        us, iu = C.state_rows(code, meta)
+        if TM.fits(n_groups + 1, us.shape[0]):
+            cell = np.where(g >= 0, g, n_groups) * us.shape[0] + iu
+            mat = np.bincount(cell, weights=cnt, minlength=(n_groups + 1) * us.shape[0])
+            mat = mat.reshape(n_groups + 1, us.shape[0])[:n_groups]
+            used = mat.sum(0) > 0  # the id tuples of the counted rows, in the same order
+            mat, us = mat[:, used], us[used]
+            slots = _slot_matrix(us, num_e)
+            share[:, li, :] = (mat @ slots) / size
+            cols = mat.sum(0).astype(np.int64)
+        else:
+            ok = g >= 0
+            ids = C.decode_states(code[ok], meta)[0]
+            share[:, li, :] = _group_expert(g[ok], ids, cnt[ok], n_groups, num_e) / size
+            us, iu = C.codes(*ids.T)
+            cols = np.bincount(iu, weights=cnt[ok], minlength=len(us)).astype(np.int64)
+            slots = _slot_matrix(us, num_e)
         t = C.shuffled_table(counts.astype(np.int64), cols, rng)
-        s_share[:, li, :] = (t @ _slot_matrix(us, num_e)) / size
+        s_share[:, li, :] = (t @ slots) / size
     share = np.where(counts[:, None, None] > 0, share, 0.0)
     s_share = np.where(counts[:, None, None] > 0, s_share, 0.0)
     overall = np.tensordot(counts, share, axes=1) / max(counts.sum(), 1.0)
@@ -585,14 +604,12 @@ def _key_tables(
 ) -> C.CompactTables:
     """Per layer, counts of (key expression, state), kept compact (decoded when read)."""
     layers = list(range(sc.eng.meta.num_layers))
-    parts = [
-        C.grouped_sql(sc.eng.meta.top_k, li, {key: expr}, source, where, prefix) for li in layers
-    ]
+    specs = [C.grouped_spec(li, {key: expr}, source, where, prefix) for li in layers]
 
     def tables() -> Iterator[dict[str, np.ndarray]]:
         # kept as the engine returns them (any row order: the specialisation views take
         # margins, bincounts and sorted uniques), decoded when read
-        for res in C.batched(sc.eng, parts):
+        for res in C.counted(sc.eng, specs):
             yield res
             if progress:
                 progress()
@@ -608,19 +625,17 @@ def by_domain(sc: StoreCounts, seed: int = 0) -> GroupShares:
     dn = m.domains
     names = [dn[c] if 0 <= c < len(dn) else f"domain {c}" for c in codes_.tolist()]
 
-    def per(li: int) -> tuple[np.ndarray, C.States]:
-        t = tabs[li]
-        return _positions(codes_, t.keys["g"]), t
+    def per(li: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g, code, n = tabs.raw(li)
+        return _positions(codes_, g), code, n
 
-    return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
+    return _group_view(per, m, names, seed)
 
 
-def _vocab_view(
-    tabs: C.CompactTables, target: str, min_count: int, k: int, num_e: int, seed: int
-) -> VocabShares:
-    t0 = tabs[0]
-    uniq, inv = C.unique_inverse(t0.keys["g"])
-    cnt = np.bincount(inv.reshape(-1), weights=t0.count, minlength=uniq.size).astype(np.int64)
+def _vocab_view(tabs: C.CompactTables, target: str, min_count: int, seed: int) -> VocabShares:
+    g0, _, n0 = tabs.raw(0)
+    uniq, inv = C.unique_inverse(g0)
+    cnt = np.bincount(inv.reshape(-1), weights=n0, minlength=uniq.size).astype(np.int64)
     keep = cnt >= min_count
     if not keep.any():
         raise AnalysisError(
@@ -629,13 +644,11 @@ def _vocab_view(
         )
     kept = uniq[keep]
 
-    def per(li: int) -> tuple[np.ndarray, C.States]:
-        t = tabs[li]
-        pos = _positions(kept, t.keys["g"])
-        ok = pos >= 0
-        return pos[ok], C.States({}, t.ids[ok], t.top1[ok], t.count[ok])
+    def per(li: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g, code, n = tabs.raw(li)
+        return _positions(kept, g), code, n  # -1: a token below min_count
 
-    view = _group_view(per, len(tabs), [str(int(x)) for x in kept], k, num_e, seed)
+    view = _group_view(per, tabs.meta, [str(int(x)) for x in kept], seed)
     return VocabShares(target, kept, view, min_count, int((~keep).sum()))
 
 
@@ -647,7 +660,6 @@ def by_vocab(
     tables: C.CompactTables | None = None,
 ) -> VocabShares:
     """specialization.by_vocab out of core (input token, or the next token of the document)."""
-    m = sc.eng.meta
     if min_count < 1:
         raise AnalysisError(f"specialisation by vocabulary: min_count={min_count}; expected >= 1")
     if target == "input":
@@ -658,7 +670,7 @@ def by_vocab(
         raise AnalysisError(
             f"specialisation by vocabulary: target={target!r}; expected 'input' or 'next'"
         )
-    return _vocab_view(tabs, target, min_count, m.top_k, m.num_experts, seed)
+    return _vocab_view(tabs, target, min_count, seed)
 
 
 def by_token_class(
@@ -678,12 +690,12 @@ def by_token_class(
     remap = np.full(len(TOKEN_CLASSES), -1, dtype=np.int64)
     remap[present] = np.arange(present.size)
 
-    def per(li: int) -> tuple[np.ndarray, C.States]:
-        t = tabs[li]
-        return remap[cls_of[_positions(uniq, t.keys["g"])]], t
+    def per(li: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g, code, n = tabs.raw(li)
+        return remap[cls_of[_positions(uniq, g)]], code, n
 
     names = [TOKEN_CLASSES[c] for c in present]
-    return _group_view(per, len(tabs), names, m.top_k, m.num_experts, seed)
+    return _group_view(per, m, names, seed)
 
 
 # -- predictability --------------------------------------------------------------------------
@@ -1185,11 +1197,8 @@ def spread_token_vs_position(
     rng = np.random.default_rng(seed)
     out = {key: np.zeros(num_l) for key in ("ct", "cp", "cs", "ht", "hp")}
 
-    def sql(key: str, layer: int) -> str:
-        return (
-            f"SELECT {key} AS g, t{layer} AS y, COUNT(*) AS n FROM rt WHERE NOT is_bos"
-            f" GROUP BY {key}, t{layer}"
-        )
+    def spec(key: str, layer: int) -> CountSpec:
+        return CountSpec((("g", key), ("y", f"t{layer}")), "rt", "NOT is_bos")
 
     def table(r: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # any row order: the statistics and the shuffles' margins are taken over sorted uniques
@@ -1234,7 +1243,7 @@ def spread_token_vs_position(
         )
 
     keys = ("position",) if tables is not None else ("token_id", "position")
-    results = C.batched(sc.eng, [sql(key, layer) for layer in range(num_l) for key in keys])
+    results = C.counted(sc.eng, [spec(key, layer) for layer in range(num_l) for key in keys])
     for layer in range(num_l):
         tg, ty, tw = table(next(results)) if tables is None else from_states(tables[layer])
         pg, py, pw = table(next(results))
