@@ -499,8 +499,9 @@ class DuckDBEngine(Engine):
         """then(counts of each spec), pipelined as query_many. A spec's rows are fetched and
         counted by one bincount (dense_counts) when the (key, state) combinations fit in
         dense cells and one layer's fetched columns fit in a quarter of the memory limit (1
-        GiB without one): about a third of the CPU of DuckDB's hash aggregate at 1M rows;
-        otherwise DuckDB runs its GROUP BY (spilling to disk when it must)."""
+        GiB without one): 18-55% less CPU than DuckDB's hash aggregate for the token-keyed
+        tables at 1M rows (bench/RESULTS.md, sixth pass); otherwise DuckDB runs its GROUP BY
+        (spilling to disk when it must)."""
         self._materialise()
 
         def run(con: Any, spec: CountSpec) -> T:
