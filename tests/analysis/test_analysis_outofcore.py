@@ -647,6 +647,17 @@ def test_stream_batches_carry_and_read_errors(stored, tmp_path):
         for key in ("n", "w"):
             np.testing.assert_allclose(small._wstates[key], sc.eng._wstates[key], rtol=1e-12)
     assert want["has_prev"].sum() == 3000 - 30  # one per non-first row of each document
+    # the coded batches carry exactly the schema the table is declared with
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    m = sc.eng.meta
+    base, no = E.code_base(m), E.no_expert_value(m.num_experts)
+    bt = next(pq.ParquetFile(str(sc.eng.shards[0])).iter_batches(64, columns=E.stream_columns(m)))
+    out, _ = E._stream_batch(bt, m.num_layers, m.top_k, base, no, None, None)
+    schema = E.stream_schema(m.num_layers, m.top_k, base)
+    assert pa.RecordBatch.from_pydict(out).schema.equals(schema)
+    assert list(want) == [n for n in schema.names if n != "is_test"]
     broken = tmp_path / "broken"
     (broken / "shards").mkdir(parents=True)
     for f in path.iterdir():
