@@ -27,7 +27,7 @@ from moelab.analysis.sources import StoreSource
 from moelab.analysis.synthetic import synthetic_trace
 from moelab.errors import AnalysisError, ConfigError
 from moelab.trace.schema import NO_EXPERT
-from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.store import TraceStore, write_trace
 
 DEC = [" the", ",", " 42", "foo_bar", " ", "x"]
 
@@ -37,20 +37,7 @@ def decode(i: int) -> str:
 
 
 def write_store(path, tr, shard_tokens=700, logits=True):
-    w = TraceWriter(path, tr.meta, shard_tokens=shard_tokens, logits=logits)
-    for s in range(0, tr.num_tokens, 500):
-        sl = slice(s, s + 500)
-        w.append(
-            tr.doc_id[sl],
-            tr.position[sl],
-            tr.token_id[sl],
-            tr.domain[sl],
-            tr.is_bos[sl],
-            tr.expert_ids[sl],
-            tr.weights[sl],
-            None if not logits else tr.logits[sl],
-        )
-    w.close()
+    write_trace(tr, path, shard_tokens=shard_tokens, logits=logits, chunk_tokens=500)
     return path
 
 

@@ -9,24 +9,12 @@ from moelab.analysis import sql, transitions, usage
 from moelab.analysis.synthetic import synthetic_trace
 from moelab.errors import AnalysisError, TraceError
 from moelab.trace.schema import NO_EXPERT
-from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.store import TraceStore, write_trace
 
 
 def write_store(path, tr, shard_tokens=700):
     """Write a Trace as a TraceStore directory (meta.json + Parquet shards)."""
-    w = TraceWriter(path, tr.meta, shard_tokens=shard_tokens, logits=False)
-    for s in range(0, tr.num_tokens, 500):
-        sl = slice(s, s + 500)
-        w.append(
-            tr.doc_id[sl],
-            tr.position[sl],
-            tr.token_id[sl],
-            tr.domain[sl],
-            tr.is_bos[sl],
-            tr.expert_ids[sl],
-            tr.weights[sl],
-        )
-    w.close()
+    write_trace(tr, path, shard_tokens=shard_tokens, logits=False, chunk_tokens=500)
     return path
 
 

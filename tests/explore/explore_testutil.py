@@ -10,7 +10,7 @@ import numpy as np
 from moelab.analysis._common import doc_split
 from moelab.analysis.synthetic import synthetic_trace
 from moelab.trace.schema import NO_EXPERT
-from moelab.trace.store import TraceStore, TraceWriter
+from moelab.trace.store import TraceStore, write_trace
 
 WORDS = ["<s>", ",", "can", "I", " can", "the"] + [f"w{i}" for i in range(6, 50)]
 CAN, I_, SPACE_CAN = 2, 3, 4
@@ -41,19 +41,7 @@ def build_store(root: Path, n: int = 4000, shard_tokens: int = 700, held_drop: b
         tr.expert_ids[HELD_DROP, 2, 1] = NO_EXPERT
         tr.weights[HELD_DROP, 2, 1] = 0.0
     tr.meta.split = "test"
-    w = TraceWriter(root, tr.meta, shard_tokens=shard_tokens, logits=False)
-    for s in range(0, n, 500):
-        sl = slice(s, s + 500)
-        w.append(
-            tr.doc_id[sl],
-            tr.position[sl],
-            tr.token_id[sl],
-            tr.domain[sl],
-            tr.is_bos[sl],
-            tr.expert_ids[sl],
-            tr.weights[sl],
-        )
-    w.close()
+    write_trace(tr, root, shard_tokens=shard_tokens, logits=False, chunk_tokens=500)
     write_tokenizer(root / "tokenizer.json")
     return root
 
