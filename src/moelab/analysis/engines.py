@@ -287,8 +287,9 @@ def _columns(tab: pa.Table) -> dict[str, np.ndarray]:
 
 class DuckDBEngine(Engine):
     """DuckDB in-process over the shards; `memory_limit` is for the whole process: DuckDB's
-    buffer manager gets half of it (spilling to a temp directory beyond that), the count
-    tables in numpy the rest."""
+    buffer manager gets a quarter of it (spilling to a temp directory beyond that), the count
+    tables in numpy, Arrow's batches and what DuckDB allocates outside its buffers the rest
+    (with half, 10M rows peaked at 1.33 GiB under a 1 GiB limit; bench/RESULTS.md)."""
 
     name = "duckdb"
     batch_layers = 1  # one layer's table per query: bounded memory, no per-query overhead
@@ -304,8 +305,8 @@ class DuckDBEngine(Engine):
         self._tmp = tempfile.mkdtemp(prefix="moelab-duckdb-")
         # a database file: the materialised tables are buffer-managed (paged to disk)
         con = duckdb.connect(str(Path(self._tmp) / "work.duckdb"))
-        if self.memory_limit:  # DuckDB's buffers get half: the rest is this process's tables
-            con.execute(f"SET memory_limit='{max(self.memory_limit // 2 // 2**20, 64)}MiB'")
+        if self.memory_limit:  # DuckDB's buffers get a quarter (class docstring)
+            con.execute(f"SET memory_limit='{max(self.memory_limit // 4 // 2**20, 64)}MiB'")
         con.execute(f"SET temp_directory='{self._tmp}'")
         if threads:
             con.execute(f"SET threads={int(threads)}")
@@ -731,7 +732,7 @@ def spark_session(master: str = "local[1]", memory_limit: str | int | None = Non
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     b = SparkSession.builder.appName("moelab-analyze").master(master)
     mem = parse_bytes(memory_limit)
-    if mem and local:  # the JVM heap gets half, as DuckDB's buffers: the rest is Python's
+    if mem and local:  # the JVM heap gets half: the rest is Python's
         b = b.config("spark.driver.memory", f"{max(mem // 2 // 2**20, 512)}m")
     cores = local_cores(master) if local else 0
     b = (
