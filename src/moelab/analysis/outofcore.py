@@ -1094,33 +1094,37 @@ def predictability(
         "pr JOIN bshared ON bs_prev = p_token AND bs_cur = token_id",
         ordered=False,
     )
+
+    def tabulated(idx: np.ndarray) -> np.ndarray:
+        return table[idx]
+
     for layer, tt, bg in zip(layers, tts, bgs, strict=True):
         parts = None
-
-        def members(idx: np.ndarray) -> np.ndarray:
-            return table[idx]
-
         if dense:
             parts = (
                 _TokenParts.of_table(tt, s, num_e)
                 if tables is None
                 else _TokenParts.of_split(tables[layer], tt, s, num_e)
             )
+        members = tabulated
         if parts is not None and parts.train.valid.sum() > 0:
             n_train, n_test = parts.n_train, parts.n_test
-            if n_train == 0 or n_test == 0:
-                raise AnalysisError(
-                    "predictability: the train or held-out part has no non-BOS tokens"
-                )
-            rule = _token_rule_dense(parts, min_count, rng, members, overlap)
         else:
+            parts = None
             tt = tt if tables is None else _split_table(tables[layer], tt)
+            te = tt.keys["te"] == 1
+            n_train, n_test = int(tt.count[~te].sum()), int(tt.count[te].sum())
             if not dense:  # the sets the rules predict are sets some row of tt holds
 
                 def members(idx: np.ndarray, tt: C.States = tt) -> np.ndarray:
                     return _members_from(tt, num_e, idx)
 
-            rule, n_train, n_test = _token_rule_table(tt, num_e, min_count, rng, members, overlap)
+        if n_train == 0 or n_test == 0:
+            raise AnalysisError("predictability: the train or held-out part has no non-BOS tokens")
+        if parts is not None:
+            rule = _token_rule_dense(parts, min_count, rng, members, overlap)
+        else:
+            rule = _token_rule_table(tt, num_e, min_count, rng, members, overlap)
         res["t"][layer] = rule.correct / n_test
         res["m"][layer] = rule.majority / n_test
         res["ts"][layer] = rule.shuffled / n_test
@@ -1165,22 +1169,17 @@ def _token_rule_table(
     rng: np.random.Generator,
     members: Callable[[np.ndarray], np.ndarray],
     overlap: np.ndarray | None,
-) -> tuple[_TokenRule, int, int]:
-    """(_token_rule_rows of the (tok, te, state) table, training rows, held-out rows)."""
+) -> _TokenRule:
+    """_token_rule_rows of the (tok, te, state) table, its default the training mode set."""
     te, w = tt.keys["te"] == 1, tt.count
     y = tt.sets(num_e)
-    n_train, n_test = int(w[~te].sum()), int(w[te].sum())
-    if n_train == 0 or n_test == 0:
-        raise AnalysisError("predictability: the train or held-out part has no non-BOS tokens")
-
     valid_tr = ~te & (y >= 0)
     ut, it = C.unique_inverse(tt.keys["tok"])
     glob = -1
     if valid_tr.any():
         uy, iy = C.unique_inverse(y[valid_tr])
         glob = int(uy[np.argmax(np.bincount(iy, weights=w[valid_tr]))])
-    rule = _token_rule_rows(tt, ut, it, y, glob, min_count, rng, members, overlap)
-    return rule, n_train, n_test
+    return _token_rule_rows(tt, ut, it, y, glob, min_count, rng, members, overlap)
 
 
 def spread_token_vs_position(
