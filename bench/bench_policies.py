@@ -195,6 +195,34 @@ def run_case(case, caches, hw, nb, prefetches, log, only=None, auto_cal="validat
     return rows
 
 
+def foresight(rows) -> list[str]:
+    """For rows that replayed belady and belady:horizon=H: the smallest horizon (tokens of exact
+    foresight, LRU beyond) within 3 points of Belady, and the best causal policy's gap."""
+    out = []
+    for r in rows:
+        h = r["hits"]
+        if "belady" not in h:
+            continue
+        hor = sorted(
+            (int(float(p.split("=")[1])), v)
+            for p, v in h.items()
+            if p.startswith("belady:horizon=")
+        )
+        if not hor:
+            continue
+        causal = {p: v for p, v in h.items() if not p.startswith("belady")}
+        best = max(causal, key=causal.get) if causal else None
+        near = next((n for n, v in hor if 100 * (h["belady"] - v) <= 3.0), None)
+        out.append(
+            f"foresight {r['trace']} {r['shape']} {r['cache']} {r['prefetch']}: belady"
+            f" {h['belady']:.3f}; "
+            + ", ".join(f"H={n} {v:.3f} ({100 * (h['belady'] - v):+.1f})" for n, v in hor)
+            + f"; within 3 points from H={near if near is not None else '>' + str(hor[-1][0])}"
+            + (f"; best causal {best} {causal[best]:.3f}" if best else "")
+        )
+    return out
+
+
 def table(rows) -> str:
     """Markdown table of the rows."""
     cols = [*NAMED, *MOELAB, "belady"]
@@ -333,7 +361,7 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     only = tuple(p for p in args.only.split(",") if p)
-    if bad := [p for p in only if p not in POLICIES]:
+    if bad := [p for p in only if p.split(":")[0] not in POLICIES]:
         raise SystemExit(f"--only {','.join(bad)}: not a policy ({', '.join(POLICIES)})")
     for case in cases:
         rows += run_case(
@@ -342,6 +370,8 @@ def main() -> None:
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     if only:
+        for line in foresight(rows):
+            print(line)
         print(f"replay wall time {seconds:.0f} s (--only: no auto, no oracle, nothing written)")
         return
     summary = summarize(rows, seconds)

@@ -10,7 +10,7 @@ TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]  # Silbe
 
 def replay(seq, capacity, policy, layer=0, **kw):
     keys = [(layer, e) for e in seq] if isinstance(seq[0], int) else seq
-    if policy == "belady":
+    if policy.split(":")[0] == "belady":
         kw["future"] = keys
     cache = ExpertCache(capacity, policy, num_layers=kw.pop("num_layers", 1), num_experts=8, **kw)
     hits = []
@@ -27,6 +27,19 @@ def test_textbook_lru_and_belady():
     opt, _ = replay(TEXTBOOK, 3, "belady")
     assert (lru.counters.misses, lru.counters.hits) == (12, 8)  # 12 page faults
     assert (opt.counters.misses, opt.counters.hits) == (9, 11)  # OPT: 9 page faults
+
+
+def test_belady_horizon_hand_sequence():
+    # Capacity 2. At the miss on 3, full Belady evicts 2 (1 returns sooner); seeing only the next
+    # access (4), both look far and LRU evicts 1; seeing two accesses (4, 1) keeps 1 again.
+    seq = [1, 2, 3, 4, 1, 2]
+    _, full = replay(seq, 2, "belady")
+    _, one = replay(seq, 2, "belady:horizon=1")
+    _, two = replay(seq, 2, "belady:horizon=2")
+    assert full == two == [False, False, False, False, True, False]
+    assert one == [False] * 6
+    with pytest.raises(ConfigError, match="horizon"):
+        replay(seq, 2, "belady:horizon=1.5")
 
 
 def test_lru_vs_lfu_hand_sequence():

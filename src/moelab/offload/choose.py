@@ -90,7 +90,9 @@ def choose_policy(
 ) -> AutoChoice:
     """Replay each candidate on the calibration routing [N, L, k] (with the same prefetch plan
     and cache options as the scored run) and return the best by `metric` (hit_rate,
-    timely_hit_rate or tokens_per_s). Ties keep the earlier candidate."""
+    timely_hit_rate or tokens_per_s). Ties keep the earlier candidate. `static` pins counted on
+    this routing itself (static_counts absent or equal to its usage) are scored cross-fitted:
+    pins from one half, hits on the other."""
     from moelab.offload.simulate import simulate
 
     if metric not in ("hit_rate", "timely_hit_rate", "tokens_per_s"):
@@ -106,18 +108,67 @@ def choose_policy(
     k = calib_ids.shape[2]
     cands = [c for c in (candidates or AUTO_CANDIDATES) if c not in ("auto", "belady")]
     sim_kwargs = dict(sim_kwargs)
-    sim_kwargs.setdefault("static_counts", usage_counts(calib_ids, num_experts))
+    calib_counts = usage_counts(calib_ids, num_experts)
+    given = sim_kwargs.get("static_counts")
+    # Pins counted on the calibration routing itself would score `static` in-sample there (it
+    # would look better than it does on unseen tokens): cross-fit it over the two halves instead.
+    in_sample = given is None or np.array_equal(np.asarray(given), calib_counts)
+    sim_kwargs.setdefault("static_counts", calib_counts)
     scores: dict[str, float] = {}
     for pol in cands:
         if pol.split(":")[0] == "static" and capacity <= k:
             continue  # no slack slot beside the pins
-        r = simulate(calib_ids, num_experts, capacity, pol, plan=plan, **sim_kwargs)
-        v = float(getattr(r, metric))
+        if pol.split(":")[0] == "static" and in_sample:
+            v = _cross_fitted(calib_ids, num_experts, capacity, pol, metric, plan, sim_kwargs)
+        else:
+            r = simulate(calib_ids, num_experts, capacity, pol, plan=plan, **sim_kwargs)
+            v = float(getattr(r, metric))
         scores[pol] = v if np.isfinite(v) else float("-inf")
     if not scores:
         raise OffloadError(f"auto policy: no candidate can run at capacity {capacity}")
     best = max(scores, key=lambda p: (scores[p], -cands.index(p)))
     return AutoChoice(best, scores[best], metric, calibration, scores)
+
+
+def _cross_fitted(
+    calib_ids: np.ndarray,
+    num_experts: int,
+    capacity: int,
+    policy: str,
+    metric: str,
+    plan: Any,
+    sim_kwargs: dict[str, Any],
+) -> float:
+    """`metric` of a policy that uses usage counts (static pins), out of sample on the calibration
+    routing: pins counted on the first half of its steps score the second half and vice versa
+    (the whole routing is replayed each time, only the other half counted); hits and time add."""
+    from moelab.offload.simulate import simulate
+
+    n = calib_ids.shape[0]
+    steps = list(sim_kwargs.get("steps") or [np.array([i]) for i in range(n)])
+    timed = list(sim_kwargs.get("timed") or [True] * len(steps))
+    if len(steps) < 2:
+        raise OffloadError(
+            f"auto policy: cannot score {policy!r} out of sample on a calibration routing of"
+            f" {len(steps)} step; give at least 2 steps or static_counts from another trace"
+        )
+    half = len(steps) // 2
+    parts = (range(half), range(half, len(steps)))
+    kw = {key: v for key, v in sim_kwargs.items() if key not in ("static_counts", "timed", "steps")}
+    total = {"needed": 0, "timely": 0, "late": 0, "tokens": 0, "seconds": 0.0}
+    for count_on, score_on in (parts, parts[::-1]):
+        rows = np.concatenate([np.asarray(steps[i]).reshape(-1) for i in count_on])
+        mask = [timed[i] and i in score_on for i in range(len(steps))]
+        r = simulate(
+            calib_ids, num_experts, capacity, policy, plan=plan, steps=steps, timed=mask,
+            static_counts=usage_counts(calib_ids[rows], num_experts), **kw,
+        )  # fmt: skip
+        for f in total:
+            total[f] += getattr(r, f)
+    if metric == "tokens_per_s":
+        return total["tokens"] / total["seconds"] if total["seconds"] > 0 else float("nan")
+    hit = total["timely"] + (total["late"] if metric == "hit_rate" else 0)
+    return hit / total["needed"] if total["needed"] else float("nan")
 
 
 def layer_hit_curve(

@@ -3,7 +3,8 @@
 Classic:
 - "lru", "lfu" (counts kept across evictions, ties by recency), "lfru" (Bilal & Kang 2014,
   privileged LRU + unprivileged LFU partitions), "static" (pinned set, LRU slack; see cache.py),
-  "belady" (Belady 1966 MIN: evict the expert whose next use is farthest; replay only, the bound).
+  "belady" (Belady 1966 MIN: evict the expert whose next use is farthest; replay only, the bound;
+  `belady:horizon=H` sees only the next H tokens, LRU beyond: how much foresight the bound needs).
 Frequency with aging:
 - "lfuda": Arlitt et al. 2000, "Evaluating content management techniques for Web proxy caches"
   (LFU with Dynamic Aging): key K = L + in-cache frequency, evict min K, the cache age L becomes
@@ -187,24 +188,50 @@ class LFRUPolicy(LFUPolicy):
 
 
 class BeladyPolicy(Policy):
-    """Belady's MIN: evict the key whose next demand access is farthest ahead (never used: first)."""
+    """Belady's MIN: evict the key whose next demand access is farthest ahead (never used: first).
 
-    def __init__(self, slots: int, future: Sequence[Key] = (), **kw: Any) -> None:
+    horizon=H limits the foresight to the next H tokens (H * num_layers * top_k demand accesses,
+    exact for single-token decode steps): keys not used within it are "far" alike and the least
+    recently used of them goes first. A diagnostic of how much exact foresight Belady's lead
+    needs, which no one-step predictor has; horizon=0 (default) sees the whole trace.
+    """
+
+    def __init__(
+        self, slots: int, future: Sequence[Key] = (), horizon: float = 0, **kw: Any
+    ) -> None:
         super().__init__(slots, **kw)
+        if horizon < 0 or horizon != int(horizon):
+            raise ConfigError(f"belady horizon={horizon}: expected a whole number of tokens >= 0")
+        self.window = int(horizon) * self.num_layers * self.top_k
         self.uses: dict[Key, deque[int]] = defaultdict(deque)
         for i, k in enumerate(future):
             self.uses[(int(k[0]), int(k[1]))].append(i)
+        self.last: dict[Key, int] = {}
+        self.tick = 0
+
+    def touch(self, key: Key, now: int, rank: int = 0) -> None:
+        self.tick += 1
+        self.last[key] = self.tick
 
     def next_use(self, key: Key, now: int) -> float:
-        """Position of the next access of `key` at or after `now` (inf if none)."""
+        """Position of the next access of `key` at or after `now` (inf if none, or if beyond the
+        horizon)."""
         q = self.uses.get(key)
         while q and q[0] < now:
             q.popleft()
-        return q[0] if q else math.inf
+        if not q or (self.window and q[0] >= now + self.window):
+            return math.inf
+        return q[0]
 
     def victim(self, resident: Sequence[Key], now: int) -> Key | None:
         # `now` is the position of the access being served; it has already been consumed.
-        return max(resident, key=lambda k: (self.next_use(k, now + 1), -k[1]), default=None)
+        if not self.window:
+            return max(resident, key=lambda k: (self.next_use(k, now + 1), -k[1]), default=None)
+        return max(
+            resident,
+            key=lambda k: (self.next_use(k, now + 1), -self.last.get(k, 0), -k[1]),
+            default=None,
+        )
 
 
 class LFUDAPolicy(LRUPolicy):
