@@ -13,6 +13,7 @@ from moelab.offload.plan import (
     decode_steps,
     parse_memory,
     policies,
+    prefetch_limit,
     split_precision,
 )
 from moelab.offload.plan_commands import Context, make_plan, run_config
@@ -129,10 +130,24 @@ def test_verdict_says_what_the_predictors_at_hand_reach(ctx, predictors):
     assert f"{bound:.2f}x with Belady's eviction" in v
     if reach >= 1.15:
         assert "predictor-driven prefetch pays" in v
+    elif bound >= 1.15:  # Belady's eviction with the same predictor pays: eviction limits
+        assert "not by the predictors at hand" in v and "limits prefetch here is eviction" in v
     else:
         assert "not by the predictors at hand" in v and "predictor's accuracy" in v
     if predictors == ["none", "prev"]:  # the previous token's experts do not name the next layer's
         assert reach < 1.15
+
+
+def test_prefetch_limit_names_eviction_or_the_predictor():
+    assert prefetch_limit(1.2, (1.3, "gate")) == (
+        " Loads can be hidden: predictor-driven prefetch pays.",
+        "",
+    )
+    verdict, advice = prefetch_limit(1.09, (1.22, "gate"))  # run 6's full 25% row
+    assert "not by the predictors at hand" in verdict
+    assert "limits prefetch here is eviction" in advice and "with gate" in advice
+    for bound in ((1.10, "gate"), None):
+        assert "predictor's accuracy" in prefetch_limit(1.09, bound)[1]
 
 
 def test_refusals(ctx):

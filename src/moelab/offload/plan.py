@@ -572,12 +572,29 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
         )
         + "."
     )
+    bound = (b_best["tokens_per_s"] / base, b_best["predictor"]) if b_best else None
+    verdict, advice = prefetch_limit(reach, bound)
+    return head + verdict + tail + advice
+
+
+def prefetch_limit(reach: float, bound: tuple[float, str] | None) -> tuple[str, str]:
+    """Once a perfect predictor would pay: (whether the predictors at hand do, given their best
+    gain over LRU `reach`; what stops them). Eviction stops them when Belady's eviction with the
+    same predictor (bound: its gain over LRU and the predictor's name) pays, else their accuracy."""
     if reach >= PREFETCH_PAYS:
-        return head + " Loads can be hidden: predictor-driven prefetch pays." + tail
-    return (
-        head + " Loads could be hidden, but not by the predictors at hand." + tail + " What"
-        " limits prefetch here is the predictor's accuracy (each wrong guess is a wasted read),"
-        " not the link: a better next-layer predictor, or a quantised tier, would help."
+        return " Loads can be hidden: predictor-driven prefetch pays.", ""
+    verdict = " Loads could be hidden, but not by the predictors at hand."
+    if bound is not None and bound[0] >= PREFETCH_PAYS:
+        return verdict, (
+            f" What limits prefetch here is eviction, not the predictor: with {bound[1]} and the"
+            " future known at eviction it pays, so the causal policies evict experts that are"
+            " needed again soon. Belady's lead takes the exact routing of several tokens ahead"
+            " (`belady:horizon=H` in replay measures how many); more resident memory or a"
+            " quantised tier would help."
+        )
+    return verdict, (
+        " What limits prefetch here is the predictor's accuracy (each wrong guess is a wasted"
+        " read), not the link: a better next-layer predictor, or a quantised tier, would help."
     )
 
 
