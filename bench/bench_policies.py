@@ -118,6 +118,34 @@ def oracle_hints(ids):
     return plan
 
 
+BLOCK = 25  # test tokens per bootstrap block (routing is correlated from token to token)
+
+
+def paired_ci(a, b, block: int = BLOCK, level: float = 0.95) -> list[float]:
+    """95% block-bootstrap interval (points) of hit rate a - b on the same test steps: blocks of
+    `block` consecutive tokens resampled together, paired (scipy.stats.bootstrap)."""
+    from scipy.stats import bootstrap
+
+    (ha, na), (hb, nb) = a, b
+    if not np.array_equal(na, nb):
+        raise ValueError("paired_ci: the two replays needed different experts per step")
+    n_blocks = len(na) // block
+    if n_blocks < 4:
+        return [float("nan"), float("nan")]
+    cut = n_blocks * block
+
+    def per_block(x):
+        return x[:cut].reshape(n_blocks, block).sum(1).astype(float)
+
+    res = bootstrap(
+        (per_block(ha), per_block(hb), per_block(na)),
+        lambda x, y, n, axis: 100 * (x.sum(axis) - y.sum(axis)) / n.sum(axis),
+        paired=True, vectorized=True, n_resamples=2000, confidence_level=level,
+        method="percentile", random_state=0,
+    )  # fmt: skip
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
 def run_case(case, caches, hw, nb, prefetches, log, only=None, auto_cal="validation", n_auto=4000):
     """All policies (or `only` these, without auto and the oracle) x caches x prefetch on one
     trace -> rows (auto_cal, n_auto: auto's calibration, see the module docstring)."""
@@ -138,15 +166,16 @@ def run_case(case, caches, hw, nb, prefetches, log, only=None, auto_cal="validat
         for label, (vplan, vhints, tplan, thints) in plans.items():
             kw = dict(hardware=hw, per_layer=per_layer, expert_bytes=nb)
             t0 = time.perf_counter()
-            hits = {}
+            hits, per_step = {}, {}
             for pol in only or (*NAMED, *MOELAB, "belady"):
                 if pol == "static" and cap <= k:
                     continue
                 r = simulate(
                     test.expert_ids, E, cap, pol, plan=tplan, hints=thints,
-                    static_counts=static_counts, **kw,
+                    static_counts=static_counts, record_steps=True, **kw,
                 )  # fmt: skip
                 hits[pol] = r.hit_rate
+                per_step[pol] = (np.array(r.step_hits), np.array(r.step_needed))
             if only:
                 rows.append({"trace": name, "shape": f"L{L} E{E} k{k}", "cache": f"{pct} "
                              f"{'per layer' if per_layer else 'global'}", "prefetch": label,
@@ -183,6 +212,7 @@ def run_case(case, caches, hw, nb, prefetches, log, only=None, auto_cal="validat
                 "gap_points": 100 * (hits["belady"] - hits[best]),
                 "predict_oracle_hints": oracle_predict,
                 "auto_minus_best_named_points": 100 * (hits[ch.policy] - hits[best_named]),
+                "auto_minus_best_named_ci": paired_ci(per_step[ch.policy], per_step[best_named]),
                 "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
@@ -228,8 +258,8 @@ def table(rows) -> str:
     cols = [*NAMED, *MOELAB, "belady"]
     out = [
         "| trace | cache | prefetch | " + " | ".join(cols) + " | best named | auto (test) |"
-        " auto - best named | belady - best | predict, oracle hints |",
-        "|" + "---|" * (len(cols) + 8),
+        " auto - best named | 95% interval | belady - best | predict, oracle hints |",
+        "|" + "---|" * (len(cols) + 9),
     ]
     for r in rows:
         h = r["hits"]
@@ -238,10 +268,15 @@ def table(rows) -> str:
             f"| {r['trace']} ({r['shape']}) | {r['cache']} | {r['prefetch']} | "
             + " | ".join(cells)
             + f" | {r['best_named']} {h[r['best_named']]:.3f} | {r['auto']} {r['auto_hit']:.3f}"
-            f" | {r['auto_minus_best_named_points']:+.1f} | {r['gap_points']:.1f}"
+            f" | {r['auto_minus_best_named_points']:+.1f} | {_ci(r)} | {r['gap_points']:.1f}"
             f" | {r['predict_oracle_hints']:.3f} |"
         )
     return "\n".join(out)
+
+
+def _ci(row) -> str:
+    ci = row.get("auto_minus_best_named_ci")
+    return "-" if not ci or not np.isfinite(ci[0]) else f"[{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
 
 def summarize(rows, seconds: float) -> str:
@@ -261,6 +296,15 @@ def summarize(rows, seconds: float) -> str:
         f" worst {worst_auto:+.1f} points ({'met' if worst_auto >= 0 else 'missed'}; it must"
         " hold on every row)",
     ]
+    cis = [r.get("auto_minus_best_named_ci") for r in rows]
+    if all(ci and np.isfinite(ci[0]) for ci in cis):
+        below = [r for r, ci in zip(rows, cis, strict=True) if ci[1] < 0]
+        short = [r for r in rows if r["auto_minus_best_named_points"] < 0]
+        lines.append(
+            f"target 2, spread: of the {len(short)} rows where auto is below the best named policy,"
+            f" {len(below)} are below beyond the 95% paired block-bootstrap interval of the test"
+            f" split ({BLOCK}-token blocks)"
+        )
     if all("adaptive" in r["hits"] for r in rows):
         diff = [100 * (r["hits"]["adaptive"] - r["hits"][r["best_named"]]) for r in rows]
         lines.append(

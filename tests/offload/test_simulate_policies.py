@@ -119,6 +119,17 @@ def test_auto_chooses_by_calibration_and_says_why():
     assert ch.policy in ch.reason and "calibration split" in ch.reason and "runner-up" in ch.reason
 
 
+def test_record_steps_adds_up_to_the_totals():
+    ids = routing(40, 3, 8, 2, 0.6, 2)
+    timed = [i % 3 != 0 for i in range(40)]
+    r = simulate(ids, 8, 3, "lru", hw(), oracle_plan(ids, 1), timed=timed, record_steps=True)
+    assert len(r.step_hits) == len(r.step_needed) == sum(timed)
+    assert sum(r.step_hits) == r.timely + r.late and sum(r.step_needed) == r.needed
+    assert all(0 <= h <= n == 6 for h, n in zip(r.step_hits, r.step_needed, strict=True))
+    plain = simulate(ids, 8, 3, "lru", hw(), oracle_plan(ids, 1), timed=timed)
+    assert plain.hit_rate == r.hit_rate and "step_hits" not in plain.to_dict()
+
+
 def test_auto_scores_static_out_of_sample():
     # The first half uses expert 0 most, the second expert 1. Pins counted on the whole routing
     # would score `static` in-sample (pin 0: 7 of 12 hits); cross-fitted, pins from one half score

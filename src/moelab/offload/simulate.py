@@ -290,6 +290,8 @@ class SimResult:
     cancelled: int = 0
     dropped_budget: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
+    step_hits: list[int] = field(default_factory=list)  # per counted step (record_steps=True)
+    step_needed: list[int] = field(default_factory=list)
 
     @property
     def hit_rate(self) -> float:
@@ -309,6 +311,8 @@ class SimResult:
     def to_dict(self) -> dict[str, Any]:
         """Fields plus derived rates."""
         d = asdict(self)
+        if not self.step_needed:  # only recorded on request
+            d.pop("step_hits"), d.pop("step_needed")
         t = max(self.tokens, 1)
         d.update(
             hit_rate=self.hit_rate,
@@ -355,6 +359,7 @@ def simulate(
     warm_counts: np.ndarray | None = None,
     half_life: float = 2048,
     on_cache: Any = None,
+    record_steps: bool = False,
 ) -> SimResult:
     """Replay routing expert_ids [N, L, k] (steps: row groups, default one per row) -> SimResult.
 
@@ -365,6 +370,7 @@ def simulate(
     eviction. layer_slots (uneven per-layer split), floor (global cache: experts each layer
     keeps), staging (prefetch buffer slots) and warm_counts ([L, E] saved usage: seeds the policy
     and preloads the most used experts) go to the ExpertCache; on_cache(cache) is called at the end.
+    record_steps keeps each counted step's hits and needed experts (for paired block bootstraps).
     """
     expert_ids = np.asarray(expert_ids)
     if expert_ids.ndim != 3:
@@ -422,6 +428,7 @@ def simulate(
 
     for si, rows in enumerate(steps):
         t_step, stall0 = t, res.stall_seconds
+        hit0, needed0 = res.timely + res.late, res.needed
         count = timed[si]
         left = budget
         for layer in range(L):
@@ -490,6 +497,9 @@ def simulate(
         if count:
             res.tokens += len(rows)
             res.seconds += t - t_step
+            if record_steps:
+                res.step_hits.append(res.timely + res.late - hit0)
+                res.step_needed.append(res.needed - needed0)
         else:
             res.stall_seconds = stall0
     cache.finish()
