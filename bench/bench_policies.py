@@ -5,7 +5,7 @@ For each trace (the demo model's test split, and synthetic traces of other shape
 layer where that exceeds top_k) and prefetch (none; a d=1 predictor fitted on the trace's fit
 split), it replays the named policies of the field (LRU, LFU, LFRU, LFUDA, W-LFU, decayed LFU,
 ARC, S3-FIFO, Least-Stale), moelab's own (`adaptive`: follow the leader over shadow caches;
-predictor-aware `predict`, `predict:coact=1`; static)
+predictor-aware `predict`, `predict:coact=1`, `predict:steps=16`; static)
 and Belady with the same prefetch (the bound), then lets `auto` choose a policy by replaying a
 calibration trace (never the test split) and reports its test hit rate. Calibration
 (`--auto-cal`): "validation" (default) = the validation split's first --cal-tokens rows; "train"
@@ -39,7 +39,7 @@ from moelab.offload.simulate import get_hardware, plan_from_predictor, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMED = ("lru", "lfu", "lfru", "lfuda", "wlfu", "decay-lfu", "arc", "s3fifo", "lirs", "least-stale")
-MOELAB = ("adaptive", "predict", "predict:coact=1", "static")
+MOELAB = ("adaptive", "predict", "predict:coact=1", "predict:steps=16", "static")
 
 
 def head(trace, n):

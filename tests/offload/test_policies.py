@@ -313,3 +313,23 @@ def test_adaptive_follows_the_leading_shadow_cache():
     assert [s.counters.hits for s in pol.shadows] == [3, 7]
     with pytest.raises(ConfigError, match="candidates"):
         parse_policy("adaptive:candidates=lru+belady")
+
+
+def test_predict_steps_estimates_reuse_two_visits_ahead():
+    # Period-2 routing 0, 1, 0, 1, ... ending on 1. Expert 0 comes at the next visit (1 layer
+    # step); expert 1 two visits ahead (2). With one-step transitions alone, 1's next use is a
+    # geometric guess from its use rate 1/2 (1 + 2 = 3 steps); two-step counts (steps=2) get 2.
+    from moelab.offload.policies import make_policy
+
+    est = {}
+    for spec in ("predict", "predict:steps=2", "predict:steps=4"):
+        p = make_policy(spec, 2, num_layers=1, num_experts=8, top_k=1)
+        for i in range(200):
+            p.together([(0, i % 2)], i)
+        est[spec] = [p.expected_next_use((0, e)) for e in (0, 1, 2)]
+    assert est["predict"][:2] == pytest.approx([1.0, 3.0], abs=0.02)
+    for spec in ("predict:steps=2", "predict:steps=4"):
+        assert est[spec][:2] == pytest.approx([1.0, 2.0], abs=0.02)
+        assert est[spec][2] > 100  # never used: far
+    with pytest.raises(ConfigError, match="steps"):
+        make_policy("predict:steps=0", 2, num_layers=1, num_experts=8, top_k=1)

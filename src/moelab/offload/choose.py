@@ -35,6 +35,7 @@ AUTO_CANDIDATES = (
     "least-stale",
     "predict",
     "predict:coact=1",
+    "predict:steps=16",
     "adaptive",
     "static",
 )

@@ -40,7 +40,10 @@ MoE-structured:
   decayed per-visit use rate. The expected next use is delta + (1 - p1) * L / q; the largest is
   evicted.
   `coact=1` raises a hinted visit's p1 of expert e to p(top hint) * P(e | top hint in the same
-  token-layer) (within-token co-activation, decayed counts).
+  token-layer) (within-token co-activation, decayed counts). `steps=H` looks further than the
+  next visit: p_j = P(used at the j-th visit after its layer's last one) from online j-step
+  transition counts out of that visit's experts, and the expected next use becomes
+  delta + (1 - p1)(L + (1 - p2)(L + ... (1 - pH) L / q)); steps=1 is the formula above.
 - "adaptive": follow the leader over shadow caches of candidate policies (ACME, Ari et al. 2002):
   moelab's online choice; `candidates=predict+s3fifo+...` changes the set.
 """
@@ -602,9 +605,16 @@ class PredictivePolicy(LRUPolicy):
         half_life: float = 2048,
         coact: int = 0,
         markov: int = 1,
+        steps: int = 1,
         **kw: Any,
     ) -> None:
         super().__init__(slots, **kw)
+        if steps < 1 or steps != int(steps):
+            raise ConfigError(f"predict steps={steps}: expected a whole number of visits >= 1")
+        self.steps = int(steps)
+        self.far = Decayed(half_life)  # (j, layer, a, b): b at the j-th visit after a's (j >= 2)
+        self.far_n = Decayed(half_life)  # (j, layer, a)
+        self.history: dict[int, deque[set[int]]] = defaultdict(lambda: deque(maxlen=self.steps))
         self.uses = Decayed(half_life)  # per key, in visits of its layer
         self.visits = Decayed(half_life)  # per layer
         self.trans = Decayed(half_life)  # (layer, a, b): b at the visit after a's
@@ -693,6 +703,14 @@ class PredictivePolicy(LRUPolicy):
                         self.cross_n.add((src, layer, a), t)
                         for b in es:
                             self.cross.add((src, layer, a, b), t)
+        if self.steps > 1:
+            past = self.history[layer]  # past[-1] is the last visit's set
+            for j in range(2, min(self.steps, len(past)) + 1):
+                for a in past[-j]:  # the set j visits before this one
+                    self.far_n.add((j, layer, a), t)
+                    for b in es:
+                        self.far.add((j, layer, a, b), t)
+            past.append(es)
         self.last_set[layer] = es
         self.set_step[layer] = self.step
         if self.coact and len(es) > 1:
@@ -765,13 +783,28 @@ class PredictivePolicy(LRUPolicy):
                 p = max(p, hit[0] / n_[0] * co)
         return p
 
+    def _pj(self, key: Key, j: int, q: float) -> float:
+        """P(used at the j-th visit after its layer's last one), j >= 2, from online j-step
+        transition counts out of that visit's experts, smoothed towards q."""
+        layer, e = key
+        t = self.visit_no[layer]
+        ps = [
+            (self.far.get((j, layer, a, e), t) + q) / (self.far_n.get((j, layer, a), t) + 1.0)
+            for a in self.last_set.get(layer, ())
+        ]
+        return min(max(sum(ps) / len(ps), 1e-3), 1.0) if ps else q
+
     def expected_next_use(self, key: Key) -> float:
-        """Estimated layer steps until `key` is used again: delta + (1 - p1) * L / q."""
+        """Estimated layer steps until `key` is used again: delta + (1 - p1) * L / q, or with
+        steps=H, delta + (1 - p1)(L + (1 - p2)(L + ... (1 - pH) L / q)) (p_j: j-step counts)."""
         L = self.num_layers
         d = _distance(key[0], self.layer, L)
         target = (self.step, key[0]) if key[0] > self.layer else (self.step + 1, key[0])
         q = self._q(key)
-        return d + (1.0 - self._p1(key, target, q)) * L / q
+        tail = L / q
+        for j in range(self.steps, 1, -1):
+            tail = L + (1.0 - self._pj(key, j, q)) * tail
+        return d + (1.0 - self._p1(key, target, q)) * tail
 
     def victim(self, resident: Sequence[Key], now: int) -> Key | None:
         return max(
@@ -920,6 +953,8 @@ def make_policy(spec: str, slots: int, **ctx: Any) -> Policy:
         opts["move_threshold"] = int(opts["move_threshold"])
     if "coact" in opts:
         opts["coact"] = int(opts["coact"])
+    if "steps" in opts and opts["steps"] == int(opts["steps"]):
+        opts["steps"] = int(opts["steps"])
     future = ctx.pop("future", None)
     priv = ctx.pop("lfru_privileged", 0.5)
     if name == "belady":
