@@ -45,7 +45,8 @@ MoE-structured:
   transition counts out of that visit's experts, and the expected next use becomes
   delta + (1 - p1)(L + (1 - p2)(L + ... (1 - pH) L / q)); steps=1 is the formula above.
 - "adaptive": follow the leader over shadow caches of candidate policies (ACME, Ari et al. 2002):
-  moelab's online choice; `candidates=predict+s3fifo+...` changes the set.
+  moelab's online choice over predict:steps=16, least-stale, decay-lfu, wlfu and s3fifo;
+  `candidates=predict+s3fifo+...` changes the set (plain names).
 """
 
 from __future__ import annotations
@@ -822,7 +823,7 @@ class AdaptivePolicy(LRUPolicy):
     spirit of ACME (Ari et al. 2002, "ACME: adaptive caching using multiple experts")."""
 
     uses_hints = True
-    CANDIDATES = ("predict", "least-stale", "decay-lfu", "wlfu", "s3fifo")
+    CANDIDATES = ("predict:steps=16", "least-stale", "decay-lfu", "wlfu", "s3fifo")
 
     def __init__(self, slots: int, half_life: float = 512, candidates: str = "", **kw: Any):
         super().__init__(slots, **kw)
