@@ -40,11 +40,18 @@ PLAN_PREDICTORS = ("none", "gate", "prev", "adaptive", "gate+prev")
 BOUND_POLICIES = ("belady",)  # replay-only bounds, not runnable live
 
 
+# Parameter variants the planner tries beside every registered policy's defaults.
+PLAN_POLICY_VARIANTS = ("predict:steps=16",)
+
+
 def policies() -> list[str]:
-    """Runnable policies registered in offload/cache.py (new ones appear here automatically)."""
+    """Runnable policies registered in offload/cache.py (new ones appear here automatically),
+    plus PLAN_POLICY_VARIANTS."""
     reg = getattr(cache_mod, "POLICY_REGISTRY", None) or cache_mod.POLICIES
     names = list(reg.keys()) if isinstance(reg, dict) else list(reg)
-    return [p for p in names if p not in BOUND_POLICIES and p != "auto"]
+    return [p for p in names if p not in BOUND_POLICIES and p != "auto"] + list(
+        PLAN_POLICY_VARIANTS
+    )
 
 
 def split_precision(precision: str) -> tuple[str, str | None]:
