@@ -214,8 +214,9 @@ class BeladyPolicy(Policy):
         self.tick = 0
 
     def touch(self, key: Key, now: int, rank: int = 0) -> None:
-        self.tick += 1
-        self.last[key] = self.tick
+        if self.window:  # recency only breaks ties beyond a horizon
+            self.tick += 1
+            self.last[key] = self.tick
 
     def next_use(self, key: Key, now: int) -> float:
         """Position of the next access of `key` at or after `now` (inf if none, or if beyond the
@@ -613,13 +614,12 @@ class PredictivePolicy(LRUPolicy):
         if steps < 1 or steps != int(steps):
             raise ConfigError(f"predict steps={steps}: expected a whole number of visits >= 1")
         self.steps = int(steps)
-        self.far = Decayed(half_life)  # (j, layer, a, b): b at the j-th visit after a's (j >= 2)
-        self.far_n = Decayed(half_life)  # (j, layer, a)
+        # the sets of each layer's last `steps` visits, [-1] the last one
         self.history: dict[int, deque[set[int]]] = defaultdict(lambda: deque(maxlen=self.steps))
         self.uses = Decayed(half_life)  # per key, in visits of its layer
         self.visits = Decayed(half_life)  # per layer
-        self.trans = Decayed(half_life)  # (layer, a, b): b at the visit after a's
-        self.trans_n = Decayed(half_life)  # (layer, a)
+        self.trans = Decayed(half_life)  # (j, layer, a, b): b at the j-th visit after a's
+        self.trans_n = Decayed(half_life)  # (j, layer, a)
         self.cross = Decayed(half_life)  # (l, l2, a, b): same token, b at l2 when a at l < l2
         self.cross_n = Decayed(half_life)  # (l, l2, a)
         self.co = Decayed(half_life)  # (layer, a, b) within-token co-use
@@ -693,25 +693,20 @@ class PredictivePolicy(LRUPolicy):
         self.visits.add(layer, t)
         for e in es:
             self.uses.add((layer, e), t)
-        if self.markov:
-            for a in self.last_set.get(layer, ()):
-                self.trans_n.add((layer, a), t)
+        past = self.history[layer]
+        for j in range(1 if self.markov else 2, min(self.steps, len(past)) + 1):
+            for a in past[-j]:  # the set j visits before this one
+                self.trans_n.add((j, layer, a), t)
                 for b in es:
-                    self.trans.add((layer, a, b), t)
+                    self.trans.add((j, layer, a, b), t)
+        past.append(es)
+        if self.markov:
             for src, src_set in self.last_set.items():
                 if src < layer and self.set_step.get(src) == self.step:
                     for a in src_set:
                         self.cross_n.add((src, layer, a), t)
                         for b in es:
                             self.cross.add((src, layer, a, b), t)
-        if self.steps > 1:
-            past = self.history[layer]  # past[-1] is the last visit's set
-            for j in range(2, min(self.steps, len(past)) + 1):
-                for a in past[-j]:  # the set j visits before this one
-                    self.far_n.add((j, layer, a), t)
-                    for b in es:
-                        self.far.add((j, layer, a, b), t)
-            past.append(es)
         self.last_set[layer] = es
         self.set_step[layer] = self.step
         if self.coact and len(es) > 1:
@@ -758,12 +753,8 @@ class PredictivePolicy(LRUPolicy):
                 / (self.cross_n.get((self.layer, layer, a), t) + 1.0)
                 for a in src
             ]
-        else:
-            ps = [
-                (self.trans.get((layer, a, e), t) + q) / (self.trans_n.get((layer, a), t) + 1.0)
-                for a in self.last_set.get(layer, ())
-            ]
-        return min(max(sum(ps) / len(ps), 1e-3), 1.0) if ps else q
+            return min(max(sum(ps) / len(ps), 1e-3), 1.0) if ps else q
+        return self._after(key, 1, q)
 
     def _p1(self, key: Key, target: tuple[int, int], q: float) -> float:
         """P(used at the visit `target`): the calibrated hint if a predictor ranked that visit,
@@ -784,13 +775,13 @@ class PredictivePolicy(LRUPolicy):
                 p = max(p, hit[0] / n_[0] * co)
         return p
 
-    def _pj(self, key: Key, j: int, q: float) -> float:
-        """P(used at the j-th visit after its layer's last one), j >= 2, from online j-step
-        transition counts out of that visit's experts, smoothed towards q."""
+    def _after(self, key: Key, j: int, q: float) -> float:
+        """P(used at the j-th visit after its layer's last one) from online j-step transition
+        counts out of that visit's experts, smoothed towards q by one pseudo-count."""
         layer, e = key
         t = self.visit_no[layer]
         ps = [
-            (self.far.get((j, layer, a, e), t) + q) / (self.far_n.get((j, layer, a), t) + 1.0)
+            (self.trans.get((j, layer, a, e), t) + q) / (self.trans_n.get((j, layer, a), t) + 1.0)
             for a in self.last_set.get(layer, ())
         ]
         return min(max(sum(ps) / len(ps), 1e-3), 1.0) if ps else q
@@ -804,7 +795,7 @@ class PredictivePolicy(LRUPolicy):
         q = self._q(key)
         tail = L / q
         for j in range(self.steps, 1, -1):
-            tail = L + (1.0 - self._pj(key, j, q)) * tail
+            tail = L + (1.0 - self._after(key, j, q)) * tail
         return d + (1.0 - self._p1(key, target, q)) * tail
 
     def victim(self, resident: Sequence[Key], now: int) -> Key | None:
