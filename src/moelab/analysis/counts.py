@@ -218,16 +218,12 @@ def grouped_sql(
     weights: bool = False,
 ) -> str:
     """SQL counting (key expressions, state of `layer`) over `source` rows matching `where`
-    (weights: summed gate weights per slot too, over a source with them: rw)."""
-    keys = keys or {}
-    items = [f"{expr} AS {name}" for name, expr in keys.items()] + state_select(layer, prefix)
-    groups = list(keys.values()) + [f"{prefix}c{layer}"]
-    aggs = ["COUNT(*) AS n"]
-    if weights:
-        aggs += [f"SUM(CAST({prefix}w{layer}_{j} AS DOUBLE)) AS w{j}" for j in range(k)]
-    return (
-        f"SELECT {', '.join(items + aggs)} FROM {source} WHERE {where} GROUP BY {', '.join(groups)}"
+    (weights: summed gate weights per slot too, over a source with them: rw): grouped_spec's
+    query."""
+    aggs = (
+        [f"SUM(CAST({prefix}w{layer}_{j} AS DOUBLE)) AS w{j}" for j in range(k)] if weights else []
     )
+    return grouped_spec(layer, keys, source, where, prefix).sql(aggs)
 
 
 def batched(
@@ -274,8 +270,7 @@ def grouped_spec(
     where: str = "NOT is_bos",
     prefix: str = "",
 ) -> CountSpec:
-    """The count of (key expressions, state c of `layer`) as a CountSpec (grouped_sql's
-    query without weights)."""
+    """The count of (key expressions, state c of `layer`) as a CountSpec."""
     items = tuple((keys or {}).items()) + (("c", f"{prefix}c{layer}"),)
     return CountSpec(items, source, where)
 

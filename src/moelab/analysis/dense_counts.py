@@ -12,6 +12,7 @@ identical results (a set of (values, count) rows; callers never depend on the ro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,11 +32,13 @@ class CountSpec:
     source: str
     where: str
 
-    def sql(self) -> str:
-        """The GROUP BY query (the form every engine runs; Spark stacks per-layer ones)."""
-        sel = ", ".join(f"{expr} AS {name}" for name, expr in self.items)
+    def sql(self, aggregates: Sequence[str] = ()) -> str:
+        """The GROUP BY query (the form every engine runs; Spark stacks per-layer ones), with
+        `aggregates` (SQL items such as SUM(...) AS w0) after the count."""
+        sel = ", ".join([f"{expr} AS {name}" for name, expr in self.items])
         group = ", ".join(expr for _, expr in self.items)
-        return f"SELECT {sel}, COUNT(*) AS n FROM {self.source} WHERE {self.where} GROUP BY {group}"
+        aggs = ", ".join(["COUNT(*) AS n", *aggregates])
+        return f"SELECT {sel}, {aggs} FROM {self.source} WHERE {self.where} GROUP BY {group}"
 
     def rows_sql(self) -> str:
         """The grouped columns of every matching row (what the dense count counts)."""
