@@ -514,21 +514,23 @@ def remeasure(ctx, stores, ev, tier):
     from moelab.offload.plan import (
         Machine,
         measure_background,
+        measure_chunk_overhead,
         measure_compute,
         measure_fill_reads,
         measure_misses,
         measure_reads,
     )
 
-    secs, fresh, used = {}, {}, tier
+    secs, fresh, chunk, used = {}, {}, {}, tier
     for p, d in stores.items():
         secs[p], used = measure_reads(d, tier)
         fresh[p] = measure_fill_reads(d, tier)
+        chunk[p] = measure_chunk_overhead(d, tier)
     comp = measure_compute(ctx.load, stores, ev.tokens[0][:48], tier=tier)
     mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
     miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
     bg = measure_background(ctx.load, stores["full"], ev.tokens[0][:48], tier)
-    return Machine(secs, comp, used, False, miss, fresh, bg)
+    return Machine(secs, comp, used, False, miss, fresh, bg, chunk)
 
 
 def replan(ctx, machine, row, mem) -> float:

@@ -1,5 +1,7 @@
 """Prefetcher: loads in the background, bounded queue, budget, cancellation of stale requests."""
 
+import time
+
 import pytest
 
 from moelab.errors import ConfigError
@@ -93,3 +95,64 @@ def test_wasted_prefetch_counted(model_and_store):
         pf.fetch((0, 4))
     cache.finish()
     assert cache.counters.wasted_prefetches == 2 and cache.counters.prefetch_hits == 0
+
+
+def _slow(d, **kw):
+    """A throttle-tier store where one expert takes ~0.25 s, read by the prefetcher in 4 kB
+    pieces (6 per expert)."""
+    st = ExpertStore(d, tier="throttle", bandwidth=1e5)
+    cache = ExpertCache(
+        4, "lru", num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
+    )
+    return st, cache, Prefetcher(st, cache, chunk_bytes=4096, **kw)
+
+
+def _wait_in_flight(pf, key, timeout=5.0):
+    t_end = time.perf_counter() + timeout
+    while not pf.in_flight(key):
+        assert time.perf_counter() < t_end, f"{key} never started"
+        time.sleep(0.002)
+
+
+def test_wrong_prefetch_in_transfer_stops_when_its_layer_starts(model_and_store):
+    _, _, d = model_and_store
+    st, cache, pf = _slow(d)
+    with pf:
+        pf.begin_step(0)
+        pf.request(1, [5], target_step=0)  # a guess for (step 0, layer 1)
+        _wait_in_flight(pf, (1, 5))
+        t0 = time.perf_counter()
+        pf.cancel_stale(0, 0, needed=[(0, 2)])  # layer 0 starts: the guess is not stale yet
+        assert pf.in_flight((1, 5))
+        pf.cancel_stale(0, 1, needed=[(1, 2)])  # layer 1 starts without needing expert 5
+        pf.drain()
+        stopped = time.perf_counter() - t0
+    full = st.expert_nbytes(0) / 1e5
+    assert stopped < full / 2  # stopped after a 4 kB piece (~0.04 s), not the whole read
+    assert pf.stats.aborted == 1 and pf.stats.loaded == 0
+    assert (1, 5) not in cache and cache.counters.prefetch_loads == 0
+    assert st.stats()["aborted"] == 1 and st.stats()["reads"] == 0
+
+
+def test_needed_prefetch_in_transfer_is_kept_and_aborted_one_reloads(model_and_store):
+    m, _, d = model_and_store
+    st, cache, pf = _slow(d)
+    with pf:
+        pf.begin_step(0)
+        pf.request(1, [5, 6], target_step=0)
+        _wait_in_flight(pf, (1, 5))
+        pf.cancel_stale(0, 1, needed=[(1, 5)])  # expert 5 is needed: keep reading it
+        value, kind, _ = pf.fetch((1, 5))
+        assert kind == "late"
+        assert value["down_proj"].equal(m.blocks[1].ffn.experts.down_proj[5])
+        # expert 6 was queued for (0, 1), so the same layer start cancelled it before it began
+        assert pf.stats.cancelled == 1 and (1, 6) not in cache
+        pf.request(0, [7], target_step=1)
+        _wait_in_flight(pf, (0, 7))
+        pf.begin_step(1)
+        pf.cancel_stale(1, 0, needed=[(0, 1)])  # stop it, then want it after all
+        value, kind, _ = pf.fetch((0, 7))
+        assert kind == "miss" and value["down_proj"].equal(m.blocks[0].ffn.experts.down_proj[7])
+    assert pf.stats.aborted == 1 and (0, 7) in cache
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        Prefetcher(st, cache, chunk_bytes=-1)

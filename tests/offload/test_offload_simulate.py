@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from moelab.errors import ConfigError
 from moelab.offload.cache import ExpertCache
 from moelab.offload.simulate import (
     PRESETS,
@@ -145,3 +146,43 @@ def test_simulate_trace_wrapper():
     a = simulate_trace(tr, "25%", "lru", hardware=hw())
     b = simulate(ids, 8, 2, "lru", hw())
     assert a.to_dict() == b.to_dict()
+
+
+def _wrong_guess_trace():
+    """One token, L=2, k=1: layer 0 uses expert 0, layer 1 expert 1; the plan guesses expert 3
+    for layer 1 while layer 0 computes. 8 ms per 8 MiB expert, 1 ms per layer."""
+    ids = np.array([[[0], [1]]], dtype=np.int16)
+    nb = 8 << 20
+    h = Hardware("t", bandwidth=nb / 8e-3, latency=0.0, layer_compute=1e-3, expert_bytes=nb)
+    plan = {(0, 0): [(0, 1, [3])]}
+    return ids, h, plan
+
+
+def test_wrong_prefetch_in_transfer_is_stopped_at_a_chunk_boundary():
+    ids, h, plan = _wrong_guess_trace()
+    # demand (0,0) 0-8 ms; the guess (1,3) starts at 8 ms. Layer 1 starts at 9 ms without
+    # needing it: in 2 MiB pieces (2 ms each) it stops at 10 ms, and the demand load of (1,1)
+    # runs 10-18 ms: stalls 8 + 9 ms, 19 ms in all
+    r = simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=2 << 20)
+    assert r.aborted == 1 and r.misses == 2
+    assert r.stall_seconds == pytest.approx(0.017) and r.seconds == pytest.approx(0.019)
+    assert r.cache["prefetch_loads"] == 0 and r.bytes_loaded == 2 * (8 << 20)
+    # whole reads cannot stop: the demand load waits for the wrong one (16-24 ms)
+    w = simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=0)
+    assert w.aborted == 0
+    assert w.stall_seconds == pytest.approx(0.023) and w.seconds == pytest.approx(0.025)
+    # each piece beyond the first costs chunk_overhead: 4 pieces, +0.5 ms each -> the stopped
+    # read's pieces are 2.375 ms, it stops at 10.375 ms
+    slow = Hardware("t", h.bandwidth, 0.0, 1e-3, expert_bytes=h.expert_bytes, chunk_overhead=5e-4)
+    s = simulate(ids, 4, 1, "lru", slow, plan, chunk_bytes=2 << 20)
+    assert s.stall_seconds == pytest.approx(0.008 + 0.009375)
+
+
+def test_right_prefetch_in_transfer_is_kept():
+    ids, h, _ = _wrong_guess_trace()
+    plan = {(0, 0): [(0, 1, [1])]}  # the right guess, still in transfer at 9 ms: a late hit
+    r = simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=2 << 20)
+    assert r.aborted == 0 and (r.misses, r.late) == (1, 1)
+    assert r.stall_seconds == pytest.approx(0.008 + 0.007)  # waits 9 -> 16 ms
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=-1)

@@ -130,3 +130,29 @@ def test_shared_experts_stay_resident(tmp_path):
     st = ExpertStore(d, tier="ram")
     assert st.num_experts == [8, 8]  # routed only; the shared expert is not in the store
     assert all(b.ffn.shared_experts is not None for b in m.blocks)
+
+
+@pytest.mark.parametrize("tier", ["fadvise", "ram", "direct", "throttle"])
+def test_chunked_read_is_identical_and_abortable(model_and_store, tier):
+    _, _, d = model_and_store
+    if tier == "direct" and not supports_o_direct(d):
+        pytest.skip("filesystem without O_DIRECT")
+    kw = {"bandwidth": 1e8} if tier == "throttle" else {}
+    with ExpertStore(d, tier=tier, **kw) as st:
+        nb = st.expert_nbytes(0)
+        assert nb > 4096 * 2  # several 4 kB pieces
+        whole = st.read(1, 3)
+        asked = []
+        part = st.read(1, 3, chunk=4096, abort=lambda: asked.append(1) and False)
+        r = st._ranges[1][3]
+        span = -(-r.end // 4096) * 4096 - r.start // 4096 * 4096 if st.tier == "direct" else nb
+        assert len(asked) == -(-span // 4096) - 1  # asked after every piece but the last
+        for name in ("gate_up_proj", "down_proj"):
+            assert part[name].view(torch.uint8).equal(whole[name].view(torch.uint8))
+        calls = []
+        assert st.read(1, 4, chunk=4096, abort=lambda: calls.append(1) or len(calls) >= 2) is None
+        assert len(calls) == 2  # stopped after the second piece
+        s = st.stats()
+        assert s["reads"] == 2 and s["aborted"] == 1 and s["bytes"] == 2 * nb
+        with pytest.raises(ConfigError, match="chunk"):
+            st.read(0, 0, chunk=-1)

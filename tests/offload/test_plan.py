@@ -315,3 +315,17 @@ def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx
     # loads finish 0.1 ms after issue, well within a layer: each completes before it is needed
     assert a.late == 0
     assert b.seconds - a.seconds == pytest.approx(o * loads, rel=1e-9)
+
+
+def test_chunk_overhead_measured_and_passed_to_the_replay(ctx):
+    from moelab.offload.plan import Machine, measure_chunk_overhead
+
+    stores = ctx.stores(["full"])
+    nb = ctx.shape.expert_bytes("full")
+    assert measure_chunk_overhead(stores["full"], "ram", chunk=4096, reads=2) >= 0.0
+    assert measure_chunk_overhead(stores["full"], "ram", chunk=nb) == 0.0  # one piece
+    with pytest.raises(ConfigError, match="reads"):
+        measure_chunk_overhead(stores["full"], "ram", reads=0)
+    m = Machine({"full": 2e-3}, {"full": 1e-3}, chunk_overhead={"full": 3e-4})
+    assert m.hardware("full", ctx.shape).chunk_overhead == pytest.approx(3e-4)
+    assert Machine({"full": 2e-3}, {"full": 1e-3}).hardware("full", ctx.shape).chunk_overhead == 0

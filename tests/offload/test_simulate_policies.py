@@ -215,3 +215,6 @@ def test_cli_global_percentage_auto_and_usage(tmp_path, capsys, monkeypatch):
     assert code == 2 and "need --calibration" in text
     code, text = run(args + ["--policies", "fifo", "--expert-bytes", "1000"], capsys, monkeypatch)
     assert code == 2 and "cache policy 'fifo'" in text
+    bad = args + ["--policies", "lru", "--expert-bytes", "1000", "--prefetch-chunk", "-1"]
+    code, text = run(bad, capsys, monkeypatch)
+    assert code == 2 and "chunk_bytes=-1" in text

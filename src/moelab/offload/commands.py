@@ -74,6 +74,11 @@ def register(app: typer.Typer) -> None:
             None, help="trace whose usage picks static experts (default: --calibration)"
         ),
         budget: int | None = typer.Option(None, help="prefetch budget (experts per token)"),
+        prefetch_chunk: int | None = typer.Option(
+            None,
+            help="bytes per piece of a prefetch read; a wrong one in transfer stops after"
+            " its piece (default: the live prefetcher's 2 MiB; 0: whole, unstoppable reads)",
+        ),
         tier: str = typer.Option("auto", help="store tier measured for this-machine"),
         out: Path | None = typer.Option(None, help="write offload_sim.json + hit-rate PNG here"),
         seed: int = typer.Option(0, help="random seed"),
@@ -186,7 +191,8 @@ def register(app: typer.Typer) -> None:
             table.add_column(col)
         curves: dict[str, list[dict]] = {}
         choices: list[dict] = []
-        opts = {"floor": floor, "staging": staging, "warm_counts": warm}
+        opts = {"floor": floor, "staging": staging, "warm_counts": warm,
+                "chunk_bytes": prefetch_chunk}  # fmt: skip
         for pol in pols:
             for c in caps:
                 if pol.split(":")[0] == "static" and c <= k:
@@ -273,6 +279,9 @@ def register(app: typer.Typer) -> None:
         bandwidth: float | None = typer.Option(None, help="throttle tier: bytes/s"),
         latency: float = typer.Option(0.0, help="throttle tier: seconds per read"),
         budget: int | None = typer.Option(None, help="prefetch budget (experts per token)"),
+        prefetch_chunk: int | None = typer.Option(
+            None, help="bytes per piece of a prefetch read (default 2 MiB; 0: whole reads)"
+        ),
         tokenizer: Path | None = typer.Option(
             None, help="tokenizer file/dir (default: beside model)"
         ),
@@ -314,6 +323,7 @@ def register(app: typer.Typer) -> None:
             budget=budget,
             compare=compare,
             repeats=repeats,
+            prefetch_chunk=prefetch_chunk,
         )
         text = tok.decode(report.pop("output_ids")[len(ids) :])
         typer.echo(f"output: {text!r}")

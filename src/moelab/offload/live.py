@@ -32,7 +32,7 @@ from torch import nn
 from moelab.errors import OffloadError
 from moelab.layers.experts import ExpertBank
 from moelab.offload.cache import ExpertCache
-from moelab.offload.prefetch import Prefetcher
+from moelab.offload.prefetch import PREFETCH_CHUNK_BYTES, Prefetcher
 from moelab.offload.quant import apply_quantized, is_quantized, qmm
 from moelab.offload.sites import ExpertSite, require_sites
 from moelab.offload.store import ExpertStore
@@ -269,8 +269,8 @@ class OffloadedModel:
         needed = sorted({int(e) for e in sel.reshape(-1).tolist() if e >= 0})
         ph = self.phases[self._phase]
         pf = self.prefetcher
-        pf.cancel_stale(self._step, layer)
         keys = [(layer, e) for e in needed]
+        pf.cancel_stale(self._step, layer, keys)
         self.cache.lock(keys)
         at_start = {k: k in self.cache for k in keys}
         ph.needed += len(keys)
@@ -414,6 +414,7 @@ def generate_offloaded(
     budget: int | None = None,
     compare: bool = True,
     repeats: int = 1,
+    prefetch_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Load a model (callable), offload its experts, generate greedily and report; with
     `compare` also run the all-resident model and check token-for-token equality.
@@ -421,6 +422,7 @@ def generate_offloaded(
     With repeats > 1 the all-resident and the offloaded run (a fresh cold cache each time) alternate
     `repeats` times; times are medians and `speed_vs_all_resident_repeats` keeps each repeat's
     ratio (see moelab.timing.RatioSummary). Counters (hits, bytes, stalls) are the first repeat's.
+    prefetch_chunk: bytes per piece of a prefetch read (None: PREFETCH_CHUNK_BYTES; 0: whole).
     """
     from pathlib import Path
 
@@ -453,7 +455,10 @@ def generate_offloaded(
             parse_capacity(resident, L, E, top_k=k), policy, num_layers=L, num_experts=E,
             expert_bytes=[st.expert_nbytes(i) for i in range(L)], top_k=k,
         )  # fmt: skip
-        pf = Prefetcher(st, cache, make_live_predictor(prefetch), budget=budget)
+        pf = Prefetcher(
+            st, cache, make_live_predictor(prefetch), budget=budget,
+            chunk_bytes=PREFETCH_CHUNK_BYTES if prefetch_chunk is None else prefetch_chunk,
+        )  # fmt: skip
         om = OffloadedModel(model, st, cache, pf)
         try:
             t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import torch
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload import cache as cache_mod
 from moelab.offload.cache import ExpertCache, static_keys_from_counts, usage_counts
-from moelab.offload.prefetch import Prefetcher, make_live_predictor
+from moelab.offload.prefetch import PREFETCH_CHUNK_BYTES, Prefetcher, make_live_predictor
 from moelab.offload.quant import DEFAULT_GROUP, PRECISIONS, pick_group
 from moelab.offload.quant import expert_nbytes as quant_expert_nbytes
 from moelab.offload.simulate import Hardware, Plan, SimResult, _Link, oracle_plan, simulate
@@ -305,7 +305,7 @@ def simulate_standin(
 
     cache = _make_cache(policy, slots, shape, nbytes, counts,
                         demand_sequence(expert_ids, steps) if policy == "belady" else None)  # fmt: skip
-    link = _Link(hw)
+    link = _Link(hw, PREFETCH_CHUNK_BYTES)
     for key in cache.pinned:
         cache.preload(key)
     res = SimResult(policy, slots, True, hw.name, "standin")
@@ -324,6 +324,7 @@ def simulate_standin(
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
+            res.aborted += len(link.abort((si, layer), keys, t))
             ready = t
             for key in keys:
                 if key in cache:
@@ -381,6 +382,9 @@ class Machine:
     seconds_per_fresh_read: dict[str, float] = field(default_factory=dict)
     # foreground seconds one background (prefetch) load costs the decode (measure_background)
     background_overhead: float = 0.0
+    # precision -> extra seconds per chunk of a chunked (abortable) prefetch read over one whole
+    # read (measure_chunk_overhead)
+    chunk_overhead: dict[str, float] = field(default_factory=dict)
 
     def fill_overhead(self, precision: str) -> float:
         """Extra seconds of a load into a free cache slot (fresh memory) over a recycled one."""
@@ -404,6 +408,7 @@ class Machine:
             layer_compute=self.layer_compute[main], predict_overhead=predict_overhead,
             expert_bytes=nb, description="measured" if not self.given else "given",
             fill_overhead=self.fill_overhead(main), background_overhead=self.background_overhead,
+            chunk_overhead=self.chunk_overhead.get(main, 0.0),
         )  # fmt: skip
 
 
@@ -627,6 +632,32 @@ def measure_reads(store_dir: Path, tier: str = "auto", reads: int = 24) -> tuple
     with ExpertStore(store_dir, tier=tier) as st:
         st.read(0, 0)
         return float(st.measure(reads=reads)["seconds_per_expert"]), st.tier
+
+
+def measure_chunk_overhead(
+    store_dir: Path, tier: str = "auto", chunk: int = PREFETCH_CHUNK_BYTES, reads: int = 12
+) -> float:
+    """Extra seconds per chunk when an expert is read in `chunk`-byte pieces (as the prefetcher
+    reads, so that a wrong prefetch can be stopped) instead of one call: the same experts read
+    both ways, interleaved; median difference / (pieces - 1), >= 0; 0 for one-piece experts."""
+    if reads < 1:
+        raise ConfigError(f"measure_chunk_overhead: reads={reads} must be >= 1")
+    rng = np.random.default_rng(2)
+    diffs = []
+    with ExpertStore(store_dir, tier=tier) as st:
+        pieces = -(-st.expert_nbytes(0) // chunk) if chunk else 1
+        if pieces <= 1:
+            return 0.0
+        st.read(0, 0)
+        for _ in range(reads):
+            layer = int(rng.integers(st.num_layers))
+            e = int(rng.integers(st.num_experts[layer]))
+            t0 = time.perf_counter()
+            st.read(layer, e)
+            t1 = time.perf_counter()
+            st.read(layer, e, chunk=chunk, abort=lambda: False)
+            diffs.append(time.perf_counter() - t1 - (t1 - t0))
+    return max(0.0, float(np.median(diffs)) / (pieces - 1))
 
 
 def measure_fill_reads(store_dir: Path, tier: str = "auto", reads: int = 8) -> float:

@@ -178,6 +178,7 @@ def make_plan(
         check_memory,
         heldout_ppl,
         measure_background,
+        measure_chunk_overhead,
         measure_compute,
         measure_fill_reads,
         measure_misses,
@@ -199,7 +200,7 @@ def make_plan(
         check_memory(shape, nbytes, spec)
     stores = ctx.stores(precisions)
     _, ev = ctx.workload.split()
-    secs, fresh, used_tier = {}, {}, tier
+    secs, fresh, chunk, used_tier = {}, {}, {}, tier
     for p, d in stores.items():
         if bandwidth is not None:
             if bandwidth <= 0:
@@ -208,6 +209,7 @@ def make_plan(
         else:
             secs[p], used_tier = measure_reads(d, tier)
             fresh[p] = measure_fill_reads(d, tier)
+            chunk[p] = measure_chunk_overhead(d, tier)
     if layer_compute is not None:
         if layer_compute <= 0:
             raise ConfigError(f"--layer-compute {layer_compute}: must be > 0 seconds")
@@ -222,7 +224,7 @@ def make_plan(
         bg_store = stores.get("full") or next(iter(stores.values()))
         bg = measure_background(ctx.load, bg_store, ev.tokens[0][:48], tier)
     machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None,
-                      miss, fresh, bg)  # fmt: skip
+                      miss, fresh, bg, chunk)  # fmt: skip
     base = heldout_ppl(ctx.load, None, ev.tokens)
     ppl = {p: heldout_ppl(ctx.load, d, ev.tokens) / base for p, d in stores.items()}
 
@@ -269,6 +271,8 @@ def machine_line(m: dict[str, Any]) -> str:
     out += f"; one MoE layer per decode token {ms(m['layer_compute'])}"
     if m.get("background_overhead"):
         out += f"; one background load costs compute {1e3 * m['background_overhead']:.2f} ms"
+    if any(m.get("chunk_overhead", {}).values()):
+        out += f"; each further chunk of a stoppable prefetch read {ms(m['chunk_overhead'])}"
     return out
 
 

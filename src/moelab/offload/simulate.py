@@ -6,7 +6,10 @@ Timeline per token step and MoE layer l: stale queued prefetches (target at or b
 are cancelled; each needed expert is either resident and arrived (timely hit), resident but still
 in transfer (late hit: wait), queued-not-started (taken over by a demand load) or absent (miss:
 a demand load that goes ahead of queued prefetches, after the transfer in progress); the layer
-then computes while the predictions issued at this point are queued on the link. This is the
+then computes while the predictions issued at this point are queued on the link. A prefetch
+still in transfer when its target layer starts without needing it is stopped at the end of its
+current chunk (chunk_bytes, as the live Prefetcher reads), so it frees the link early and never
+enters the cache; each chunk beyond the first costs hw.chunk_overhead. This is the
 overlap of loading and computing of Eliseev & Mazur 2023 (arXiv:2312.17238); the upper bound is
 Belady 1966 MIN eviction with the same prefetches.
 
@@ -15,6 +18,7 @@ Hardware presets are assumptions, stated in their descriptions; "this-machine" i
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +29,7 @@ import numpy as np
 
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.cache import ExpertCache, Key, static_keys_from_counts, usage_counts
+from moelab.offload.prefetch import PREFETCH_CHUNK_BYTES
 
 Plan = dict[tuple[int, int], list[tuple[int, int, list[int]]]]  # (step, layer) -> predictions
 
@@ -45,6 +50,7 @@ class Hardware:
     description: str = ""
     fill_overhead: float = 0.0  # extra seconds of a load into a free cache slot (fresh memory)
     background_overhead: float = 0.0  # foreground seconds each finished prefetch load costs
+    chunk_overhead: float = 0.0  # extra seconds per chunk of a chunked (abortable) prefetch read
 
     def transfer(self, nbytes: int) -> float:
         """Seconds to move nbytes over the link."""
@@ -197,14 +203,18 @@ class _Transfer:
     start: float
     end: float
     target: tuple[int, int]
+    pieces: int = 1
 
 
 class _Link:
     """One serial link: queued prefetches are chained after the transfer in progress; a demand
-    load goes ahead of the queue; finished prefetches enter the cache when they complete."""
+    load goes ahead of the queue; finished prefetches enter the cache when they complete; a
+    prefetch in transfer can be stopped at a chunk boundary (chunk_bytes > 0)."""
 
-    def __init__(self, hw: Hardware) -> None:
-        self.hw = hw
+    def __init__(self, hw: Hardware, chunk_bytes: int = 0) -> None:
+        if chunk_bytes < 0:
+            raise ConfigError(f"chunk_bytes={chunk_bytes}: must be >= 0 (0: whole reads)")
+        self.hw, self.chunk_bytes = hw, int(chunk_bytes)
         self.busy_until = 0.0
         self.pending: deque[_Transfer] = deque()  # queued, not started
         self.pending_keys: dict[Key, _Transfer] = {}
@@ -241,8 +251,13 @@ class _Link:
         """Queue a transfer; `fill`: it lands in a free cache slot (pays hw.fill_overhead)."""
         last = self.pending[-1].end if self.pending else self.busy_until
         start = max(t, last)
-        dur = self.hw.transfer(nbytes) + (self.hw.fill_overhead if fill else 0.0)
-        tr = _Transfer(key, t, start, start + dur, target)
+        pieces = self.pieces(nbytes)
+        dur = (
+            self.hw.transfer(nbytes)
+            + (self.hw.fill_overhead if fill else 0.0)
+            + (pieces - 1) * self.hw.chunk_overhead
+        )
+        tr = _Transfer(key, t, start, start + dur, target, pieces)
         self.pending.append(tr)
         self.pending_keys[key] = tr
 
@@ -263,6 +278,28 @@ class _Link:
         self.pending.remove(tr)
         self._rechain(self.busy_until)
         return True
+
+    def pieces(self, nbytes: int) -> int:
+        """Chunks a prefetch of nbytes is read in (1: one whole read)."""
+        return max(1, -(-int(nbytes) // self.chunk_bytes)) if self.chunk_bytes else 1
+
+    def abort(self, target: tuple[int, int], needed: Sequence[Key], t: float) -> list[Key]:
+        """Stop the prefetches in transfer at time t whose target is at or before `target` and
+        whose key is not `needed`: each ends with the chunk in progress (chunked reads only);
+        the queue moves up. Returns the stopped keys (they never enter the cache)."""
+        if not self.chunk_bytes:
+            return []
+        keep, out = set(needed), []
+        for key, tr in list(self.inflight.items()):
+            if tr.target <= target and key not in keep and tr.end > t:
+                piece = (tr.end - tr.start) / tr.pieces
+                stop = min(tr.end, tr.start + (math.floor((t - tr.start) / piece) + 1) * piece)
+                del self.inflight[key]
+                out.append(key)
+                self.busy_until = max([stop, *(o.end for o in self.inflight.values())])
+        if out:
+            self._rechain(self.busy_until)
+        return out
 
     def stale(self, target: tuple[int, int]) -> list[Key]:
         """Queued transfers whose target is at or before `target` (not started)."""
@@ -289,6 +326,7 @@ class SimResult:
     bytes_loaded: int = 0
     cancelled: int = 0
     dropped_budget: int = 0
+    aborted: int = 0  # prefetches stopped in transfer (their target layer did not need them)
     cache: dict[str, Any] = field(default_factory=dict)
     step_hits: list[int] = field(default_factory=list)  # per counted step (record_steps=True)
     step_needed: list[int] = field(default_factory=list)
@@ -360,6 +398,7 @@ def simulate(
     half_life: float = 2048,
     on_cache: Any = None,
     record_steps: bool = False,
+    chunk_bytes: int | None = None,
 ) -> SimResult:
     """Replay routing expert_ids [N, L, k] (steps: row groups, default one per row) -> SimResult.
 
@@ -371,6 +410,8 @@ def simulate(
     keeps), staging (prefetch buffer slots) and warm_counts ([L, E] saved usage: seeds the policy
     and preloads the most used experts) go to the ExpertCache; on_cache(cache) is called at the end.
     record_steps keeps each counted step's hits and needed experts (for paired block bootstraps).
+    chunk_bytes: prefetch read pieces (None: the live Prefetcher's PREFETCH_CHUNK_BYTES; 0: whole,
+    unstoppable reads).
     """
     expert_ids = np.asarray(expert_ids)
     if expert_ids.ndim != 3:
@@ -408,7 +449,7 @@ def simulate(
         staging=staging,
         half_life=half_life,
     )
-    link = _Link(hw)
+    link = _Link(hw, PREFETCH_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     for key in list(cache.pinned) + list(warm):
         cache.preload(key)
     if warm_counts is not None:
@@ -450,6 +491,7 @@ def simulate(
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
+            res.aborted += len(link.abort((si, layer), keys, t))
             ready = t
             for key in keys:
                 if key in cache:

@@ -25,6 +25,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,7 @@ class ExpertStore:
         self._bytes = 0
         self._seconds = 0.0
         self._reads = 0
+        self._aborted = 0  # chunked reads stopped by their abort() (not counted in reads)
         for layer in range(self.num_layers):
             self._open_layer(layer)
 
@@ -277,47 +279,82 @@ class ExpertStore:
             )
         return self._ranges[layer][expert]
 
-    def read_bytes(self, layer: int, expert: int) -> tuple[torch.Tensor, int]:
-        """Raw bytes covering the expert (uint8 tensor) and the file offset of its first byte."""
+    def read_bytes(
+        self,
+        layer: int,
+        expert: int,
+        chunk: int = 0,
+        abort: Callable[[], bool] | None = None,
+    ) -> tuple[torch.Tensor, int] | None:
+        """Raw bytes covering the expert (uint8 tensor) and the file offset of its first byte.
+
+        chunk > 0 reads in pieces of that many bytes (rounded up to the 4 kB alignment) and asks
+        `abort()` after each one: True stops the read and returns None (a prefetch that turned
+        out wrong frees the link after at most one piece instead of a whole expert)."""
         r = self._check(layer, expert)
-        if self.tier == "direct":
-            a0 = (r.start // ALIGN) * ALIGN
-            a1 = -(-r.end // ALIGN) * ALIGN
-            raw = self.buffers.take(a1 - a0 + ALIGN)
-            shift = (-raw.data_ptr()) % ALIGN
-            buf = raw[shift : shift + a1 - a0]
-            n = os.preadv(self._fds[layer], [memoryview(buf.numpy())], a0)
+        if chunk < 0:
+            raise ConfigError(f"ExpertStore.read: chunk={chunk} must be >= 0 bytes")
+        if self.tier in ("direct", "fadvise"):
+            direct = self.tier == "direct"
+            a0 = (r.start // ALIGN) * ALIGN if direct else r.start
+            a1 = -(-r.end // ALIGN) * ALIGN if direct else r.end
+            if direct:
+                raw = self.buffers.take(a1 - a0 + ALIGN)
+                shift = (-raw.data_ptr()) % ALIGN
+                buf = raw[shift : shift + a1 - a0]
+            else:
+                buf = self.buffers.take(r.nbytes)
+            mv = memoryview(buf.numpy())
+            step = -(-chunk // ALIGN) * ALIGN if chunk else a1 - a0
+            n = 0
+            for off in range(a0, a1, step):
+                got = os.preadv(self._fds[layer], [mv[off - a0 : min(off + step, a1) - a0]], off)
+                n += got
+                if got < min(step, a1 - off):
+                    break
+                if abort is not None and off + step < a1 and abort():
+                    return None
+            if not direct:
+                os.posix_fadvise(self._fds[layer], r.start, r.nbytes, os.POSIX_FADV_DONTNEED)
             if n < r.end - a0:
                 raise OffloadError(
                     f"{self.path / layer_file(layer)}: short read for expert {expert} "
                     f"({n} of {r.end - a0} bytes); file truncated?"
                 )
             return buf, a0
-        if self.tier == "fadvise":
-            buf = self.buffers.take(r.nbytes)
-            n = os.preadv(self._fds[layer], [memoryview(buf.numpy())], r.start)
-            os.posix_fadvise(self._fds[layer], r.start, r.nbytes, os.POSIX_FADV_DONTNEED)
-            if n < r.nbytes:
-                raise OffloadError(
-                    f"{self.path / layer_file(layer)}: short read for expert {expert} "
-                    f"({n} of {r.nbytes} bytes); file truncated?"
-                )
-            return buf, r.start
         t0 = time.perf_counter()
         buf = self.buffers.take(r.nbytes)
-        buf.numpy()[:] = self._ram[layer][r.start : r.end]
-        if self.tier == "throttle":
-            want = self.latency + r.nbytes / float(self.bandwidth)  # type: ignore[arg-type]
-            left = want - (time.perf_counter() - t0)
-            if left > 0:
-                time.sleep(left)
+        dst, src = buf.numpy(), self._ram[layer][r.start : r.end]
+        step = chunk or r.nbytes
+        for off in range(0, r.nbytes, step):
+            end = min(off + step, r.nbytes)
+            dst[off:end] = src[off:end]
+            if self.tier == "throttle":  # the link's time for the bytes copied so far
+                want = self.latency + end / float(self.bandwidth)  # type: ignore[arg-type]
+                left = want - (time.perf_counter() - t0)
+                if left > 0:
+                    time.sleep(left)
+            if abort is not None and end < r.nbytes and abort():
+                return None
         return buf, r.start
 
-    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """Load expert `expert` of MoE layer `layer` -> {"gate_up_proj": ..., "down_proj": ...}."""
+    def read(
+        self,
+        layer: int,
+        expert: int,
+        chunk: int = 0,
+        abort: Callable[[], bool] | None = None,
+    ) -> dict[str, Any] | None:
+        """Load expert `expert` of MoE layer `layer` -> {"gate_up_proj": ..., "down_proj": ...};
+        None if `abort()` stopped a chunked read (see read_bytes)."""
         t0 = time.perf_counter()
         r = self._check(layer, expert)
-        buf, base = self.read_bytes(layer, expert)
+        got = self.read_bytes(layer, expert, chunk, abort)
+        if got is None:
+            with self._lock:
+                self._aborted += 1
+            return None
+        buf, base = got
         flat = {}
         for name, (b, e, shape, dtype) in r.tensors.items():
             t = buf[b - base : e - base].view(dtype).view(shape)
@@ -348,6 +385,7 @@ class ExpertStore:
             return {
                 "tier": self.tier,
                 "reads": self._reads,
+                "aborted": self._aborted,
                 "bytes": self._bytes,
                 "seconds": self._seconds,
                 "bytes_per_s": self._bytes / self._seconds if self._seconds > 0 else float("nan"),
@@ -359,7 +397,7 @@ class ExpertStore:
     def reset_stats(self) -> None:
         """Zero the read counters."""
         with self._lock:
-            self._bytes, self._seconds, self._reads = 0, 0.0, 0
+            self._bytes, self._seconds, self._reads, self._aborted = 0, 0.0, 0, 0
 
     def measure(self, reads: int = 16, seed: int = 0) -> dict[str, float]:
         """Time `reads` random single-expert reads -> bandwidth (bytes/s) and latency (s) fit."""
