@@ -126,6 +126,11 @@ def test_verdict_says_what_the_predictors_at_hand_reach(ctx, predictors):
     bound = max(b["tokens_per_s"] for b in rep.bounds if b["predictor"] != "none") / lru
     gain = float(v.split("prefetch would give ")[1].split("x")[0])
     assert gain >= 1.15 and "cannot pay" not in v
+    # the bound is the better of LRU's and the best other planned policy's eviction
+    if "(with lfu's; " in v:
+        assert float(v.split("(with lfu's; ")[1].split("x")[0]) < gain
+    else:
+        assert "(with LRU's eviction)" in v
     assert f"reach {reach:.2f}x (best: {best.policy} + {best.predictor}" in v
     assert f"{bound:.2f}x with Belady's eviction" in v
     if reach >= 1.15:

@@ -315,12 +315,20 @@ class Decayed:
 
     def get(self, key: Any, now: float) -> float:
         """Value at time `now`."""
-        v, t = self.v.get(key, (0.0, now))
+        e = self.v.get(key)
+        if e is None:
+            return 0.0
+        v, t = e
         return v * math.exp(-self.rate * (now - t)) if now > t else v
 
     def add(self, key: Any, now: float, w: float = 1.0) -> None:
         """Add w at time `now`."""
-        self.v[key] = (self.get(key, now) + w, now)
+        e = self.v.get(key)
+        if e is None:
+            self.v[key] = (0.0 + w, now)
+            return
+        v, t = e
+        self.v[key] = ((v * math.exp(-self.rate * (now - t)) if now > t else v) + w, now)
 
 
 class DecayLFUPolicy(LRUPolicy):
@@ -794,8 +802,31 @@ class PredictivePolicy(LRUPolicy):
         target = (self.step, key[0]) if key[0] > self.layer else (self.step + 1, key[0])
         q = self._q(key)
         tail = L / q
-        for j in range(self.steps, 1, -1):
-            tail = L + (1.0 - self._after(key, j, q)) * tail
+        if self.steps > 1:  # _after(key, j, q) for j = steps..2, inlined (the victim's hot loop)
+            layer, e = key
+            srcs = tuple(self.last_set.get(layer, ()))
+            tv, nv, rate = self.trans.v, self.trans_n.v, self.trans.rate
+            t = self.visit_no[layer]
+            for j in range(self.steps, 1, -1):
+                p = q
+                if srcs:
+                    acc = 0
+                    for a in srcs:
+                        c = tv.get((j, layer, a, e))
+                        n = nv.get((j, layer, a))
+                        cv = (
+                            0.0
+                            if c is None
+                            else (c[0] * math.exp(-rate * (t - c[1])) if t > c[1] else c[0])
+                        )
+                        nv_ = (
+                            0.0
+                            if n is None
+                            else (n[0] * math.exp(-rate * (t - n[1])) if t > n[1] else n[0])
+                        )
+                        acc += (cv + q) / (nv_ + 1.0)
+                    p = min(max(acc / len(srcs), 1e-3), 1.0)
+                tail = L + (1.0 - p) * tail
         return d + (1.0 - self._p1(key, target, q)) * tail
 
     def victim(self, resident: Sequence[Key], now: int) -> Key | None:
