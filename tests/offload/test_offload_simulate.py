@@ -186,3 +186,17 @@ def test_right_prefetch_in_transfer_is_kept():
     assert r.stall_seconds == pytest.approx(0.008 + 0.007)  # waits 9 -> 16 ms
     with pytest.raises(ConfigError, match="chunk_bytes"):
         simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=-1)
+
+
+def test_stopped_prefetch_pays_its_share_of_the_background_cost():
+    ids, h, plan = _wrong_guess_trace()
+    # the stopped read ran 2 of its 8 ms (8-10 ms): a quarter of background_overhead
+    bg = Hardware("t", h.bandwidth, 0.0, 1e-3, expert_bytes=h.expert_bytes,
+                  background_overhead=4e-4)  # fmt: skip
+    r = simulate(ids, 4, 1, "lru", bg, plan, chunk_bytes=2 << 20)
+    base = simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=2 << 20)
+    assert r.aborted == base.aborted == 1
+    # charged at 9 ms, when layer 1 starts; the demand load still waits for the link (10 ms),
+    # so the 0.1 ms of foreground work comes out of the stall, not on top of it
+    assert base.stall_seconds - r.stall_seconds == pytest.approx(1e-4)
+    assert r.seconds == pytest.approx(base.seconds)

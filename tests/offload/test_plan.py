@@ -334,3 +334,38 @@ def test_chunk_overhead_measured_and_passed_to_the_replay(ctx):
     m = Machine({"full": 2e-3}, {"full": 1e-3}, chunk_overhead={"full": 3e-4})
     assert m.hardware("full", ctx.shape).chunk_overhead == pytest.approx(3e-4)
     assert Machine({"full": 2e-3}, {"full": 1e-3}).hardware("full", ctx.shape).chunk_overhead == 0
+
+
+def test_policy_bookkeeping_is_timed_and_charged_beyond_lru():
+    import numpy as np
+
+    from moelab.offload.plan import charge_policy_cpu
+    from moelab.offload.simulate import SimResult
+
+    rng = np.random.default_rng(3)
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(3)])
+                    for _ in range(40)])  # fmt: skip
+    h = Hardware("x", bandwidth=1e7, latency=0.0, layer_compute=1e-3, expert_bytes=1000)
+    plain = simulate(ids, 8, 4, "predict:steps=4", h, expert_bytes=1000)
+    timed = simulate(ids, 8, 4, "predict:steps=4", h, expert_bytes=1000, time_policy=True)
+    # timing changes nothing modelled; it only measures
+    assert (timed.timely, timed.misses, timed.seconds) == (
+        plain.timely,
+        plain.misses,
+        plain.seconds,
+    )
+    assert plain.policy_seconds is None and timed.policy_seconds > 0
+    assert timed.layer_visits == 40 * 3 and "policy_seconds" not in plain.to_dict()
+
+    def res(pol, secs):
+        return SimResult(pol, 4, True, "x", "none", tokens=20, seconds=1.0, policy_seconds=secs,
+                         layer_visits=100)  # fmt: skip
+
+    runs = {"lru": res("lru", 1.0), "slow": res("slow", 3.0), "cheap": res("cheap", 0.5)}
+    charge_policy_cpu(runs, 4)
+    # (3.0 - 1.0) / 100 per visit, for 20 counted tokens x 4 layers
+    assert runs["slow"].seconds == pytest.approx(1.0 + 0.02 * 80)
+    assert runs["lru"].seconds == 1.0 and runs["cheap"].seconds == 1.0  # never a credit
+    untimed = {"lru": res("lru", None), "slow": res("slow", 3.0)}
+    charge_policy_cpu(untimed, 4)  # no LRU measurement: nothing to charge against
+    assert untimed["slow"].seconds == 1.0

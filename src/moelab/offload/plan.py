@@ -296,15 +296,17 @@ def simulate_standin(
     timed: Sequence[bool],
     nbytes: int,
     counts: np.ndarray | None = None,
+    time_policy: bool = False,
 ) -> SimResult:
     """simulate() with a resident low-precision copy of every expert: a miss costs no stall (it
     is computed with the copy) and queues the full-precision load on the link for later tokens.
     Same ExpertCache and link model as simulate; `timely` counts full-precision hits, `late`
     waits on loads already in flight, `misses` counts stand-in computations."""
-    from moelab.offload.simulate import demand_sequence
+    from moelab.offload.simulate import _time_calls, demand_sequence
 
     cache = _make_cache(policy, slots, shape, nbytes, counts,
                         demand_sequence(expert_ids, steps) if policy == "belady" else None)  # fmt: skip
+    spent = _time_calls(cache) if time_policy else None
     link = _Link(hw, PREFETCH_CHUNK_BYTES)
     for key in cache.pinned:
         cache.preload(key)
@@ -324,7 +326,9 @@ def simulate_standin(
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
-            res.aborted += len(link.abort((si, layer), keys, t))
+            for _key, done in link.abort((si, layer), keys, t):
+                res.aborted += 1
+                t += done * hw.background_overhead  # the part read shared the cores too
             ready = t
             for key in keys:
                 if key in cache:
@@ -361,6 +365,9 @@ def simulate_standin(
             res.tokens += len(rows)
             res.seconds += t - t_step
     cache.finish()
+    res.layer_visits = len(steps) * expert_ids.shape[1]
+    if spent is not None:
+        res.policy_seconds = spent[0]
     res.cache = cache.summary()
     res.bytes_loaded = cache.counters.bytes_loaded
     return res
@@ -497,12 +504,16 @@ def plan_configs(
             nb = shape.expert_bytes(main)
             for pred, (plan, overhead) in plans.items():
                 hw = machine.hardware(prec, shape, overhead)
+                runs: dict[str, SimResult] = {}
                 for pol in pols:
                     try:
-                        r = _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb, counts, low)
+                        runs[pol] = _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb,
+                                            counts, low, time_policy=not machine.given)  # fmt: skip
                     except ConfigError as exc:
                         rep.skipped.append(f"policy {pol}: {exc}")
-                        continue
+                if not machine.given:
+                    charge_policy_cpu(runs, shape.num_layers)
+                for pol, r in runs.items():
                     row = PlanRow(
                         prec, pol, pred, mem, m_spec, slots, r.tokens_per_s, r.hit_rate,
                         r.timely_hit_rate, r.bytes_loaded / max(r.tokens, 1),
@@ -527,15 +538,32 @@ def plan_configs(
 PREFETCH_PAYS = 1.15  # the gain over LRU below which the planner says prefetch does not pay
 
 
-def _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb, counts, low) -> SimResult:
+def _replay(ev, shape, slots, pol, hw, plan, steps, timed, nb, counts, low,
+            time_policy: bool = False) -> SimResult:  # fmt: skip
     if low:
         return simulate_standin(
-            ev.expert_ids, shape, slots, pol, hw, plan, steps, timed, nb, counts
+            ev.expert_ids, shape, slots, pol, hw, plan, steps, timed, nb, counts, time_policy
         )
     return simulate(
         ev.expert_ids, shape.num_experts, slots, pol, hw, plan, True, steps, timed,
-        expert_bytes=nb, static_counts=counts,
+        expert_bytes=nb, static_counts=counts, time_policy=time_policy,
     )  # fmt: skip
+
+
+def charge_policy_cpu(runs: dict[str, SimResult], num_layers: int) -> None:
+    """Add to each replay's time what its policy's bookkeeping costs beyond LRU's (measured by
+    time_policy in the same conditions): per layer visit, (policy - lru) seconds, >= 0, for
+    every counted token's num_layers visits. The live decode pays it on the same cores (the
+    per-layer compute measurement already includes LRU's)."""
+    base = runs.get("lru")
+    if base is None or base.policy_seconds is None:
+        return
+    per_lru = base.policy_seconds / max(base.layer_visits, 1)
+    for pol, r in runs.items():
+        if pol == "lru" or r.policy_seconds is None:
+            continue
+        extra = max(0.0, r.policy_seconds / max(r.layer_visits, 1) - per_lru)
+        r.seconds += extra * r.tokens * num_layers
 
 
 def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, counts, rep) -> str:
@@ -552,9 +580,10 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
     base = lru.tokens_per_s
     gain = orc.tokens_per_s / base if base > 0 else float("nan")
     # the perfect predictor with the best causal eviction planned here (without prefetch), too:
-    # an eviction policy that beats LRU can make loads hideable that LRU's cannot
+    # an eviction policy that beats LRU can make loads hideable that LRU's cannot ("static"
+    # is left out: its pins are loaded before the first token, a head start, not hidden loads)
     plain = [r for r in rep.rows if r.precision == prec and r.memory_spec == m_spec
-             and r.predictor == "none" and r.policy != "lru"]  # fmt: skip
+             and r.predictor == "none" and r.policy not in ("lru", "static")]  # fmt: skip
     evict = "LRU's"
     if plain and base > 0:
         top = max(plain, key=lambda r: r.tokens_per_s).policy

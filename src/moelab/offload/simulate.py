@@ -9,7 +9,8 @@ a demand load that goes ahead of queued prefetches, after the transfer in progre
 then computes while the predictions issued at this point are queued on the link. A prefetch
 still in transfer when its target layer starts without needing it is stopped at the end of its
 current chunk (chunk_bytes, as the live Prefetcher reads), so it frees the link early and never
-enters the cache; each chunk beyond the first costs hw.chunk_overhead. This is the
+enters the cache; each chunk beyond the first costs hw.chunk_overhead, and the part read costs
+its share of hw.background_overhead. This is the
 overlap of loading and computing of Eliseev & Mazur 2023 (arXiv:2312.17238); the upper bound is
 Belady 1966 MIN eviction with the same prefetches.
 
@@ -19,6 +20,7 @@ Hardware presets are assumptions, stated in their descriptions; "this-machine" i
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -283,10 +285,13 @@ class _Link:
         """Chunks a prefetch of nbytes is read in (1: one whole read)."""
         return max(1, -(-int(nbytes) // self.chunk_bytes)) if self.chunk_bytes else 1
 
-    def abort(self, target: tuple[int, int], needed: Sequence[Key], t: float) -> list[Key]:
+    def abort(
+        self, target: tuple[int, int], needed: Sequence[Key], t: float
+    ) -> list[tuple[Key, float]]:
         """Stop the prefetches in transfer at time t whose target is at or before `target` and
         whose key is not `needed`: each ends with the chunk in progress (chunked reads only);
-        the queue moves up. Returns the stopped keys (they never enter the cache)."""
+        the queue moves up. Returns (key, share of its transfer done) of each stopped one (they
+        never enter the cache)."""
         if not self.chunk_bytes:
             return []
         keep, out = set(needed), []
@@ -295,7 +300,7 @@ class _Link:
                 piece = (tr.end - tr.start) / tr.pieces
                 stop = min(tr.end, tr.start + (math.floor((t - tr.start) / piece) + 1) * piece)
                 del self.inflight[key]
-                out.append(key)
+                out.append((key, (stop - tr.start) / max(tr.end - tr.start, 1e-300)))
                 self.busy_until = max([stop, *(o.end for o in self.inflight.values())])
         if out:
             self._rechain(self.busy_until)
@@ -304,6 +309,24 @@ class _Link:
     def stale(self, target: tuple[int, int]) -> list[Key]:
         """Queued transfers whose target is at or before `target` (not started)."""
         return [tr.key for tr in self.pending if tr.target <= target]
+
+
+def _time_calls(cache: ExpertCache) -> list[float]:
+    """Wrap the cache's per-access methods on this instance so their wall time adds up in the
+    returned one-element list (what a policy's bookkeeping costs a live decode's CPU)."""
+    spent = [0.0]
+    for name in ("access", "insert", "hint", "lock", "unlock", "at", "has_room"):
+        f = getattr(cache, name)
+
+        def timed(*a: Any, _f: Any = f, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _f(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(cache, name, timed)
+    return spent
 
 
 # --------------------------------------------------------------------------- simulate
@@ -330,6 +353,9 @@ class SimResult:
     cache: dict[str, Any] = field(default_factory=dict)
     step_hits: list[int] = field(default_factory=list)  # per counted step (record_steps=True)
     step_needed: list[int] = field(default_factory=list)
+    # wall seconds spent in the cache's bookkeeping (time_policy=True; measured, not modelled)
+    policy_seconds: float | None = None
+    layer_visits: int = 0  # (step, layer) visits replayed, counted or not
 
     @property
     def hit_rate(self) -> float:
@@ -351,6 +377,8 @@ class SimResult:
         d = asdict(self)
         if not self.step_needed:  # only recorded on request
             d.pop("step_hits"), d.pop("step_needed")
+        if self.policy_seconds is None:
+            d.pop("policy_seconds")
         t = max(self.tokens, 1)
         d.update(
             hit_rate=self.hit_rate,
@@ -399,6 +427,7 @@ def simulate(
     on_cache: Any = None,
     record_steps: bool = False,
     chunk_bytes: int | None = None,
+    time_policy: bool = False,
 ) -> SimResult:
     """Replay routing expert_ids [N, L, k] (steps: row groups, default one per row) -> SimResult.
 
@@ -412,6 +441,8 @@ def simulate(
     record_steps keeps each counted step's hits and needed experts (for paired block bootstraps).
     chunk_bytes: prefetch read pieces (None: the live Prefetcher's PREFETCH_CHUNK_BYTES; 0: whole,
     unstoppable reads).
+    time_policy measures the wall time of the cache's calls (policy bookkeeping, victim choice)
+    into SimResult.policy_seconds; the modelled times do not include it.
     """
     expert_ids = np.asarray(expert_ids)
     if expert_ids.ndim != 3:
@@ -450,6 +481,7 @@ def simulate(
         half_life=half_life,
     )
     link = _Link(hw, PREFETCH_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    spent = _time_calls(cache) if time_policy else None
     for key in list(cache.pinned) + list(warm):
         cache.preload(key)
     if warm_counts is not None:
@@ -491,7 +523,9 @@ def simulate(
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
-            res.aborted += len(link.abort((si, layer), keys, t))
+            for _key, done in link.abort((si, layer), keys, t):
+                res.aborted += 1
+                t += done * hw.background_overhead  # the part read shared the cores too
             ready = t
             for key in keys:
                 if key in cache:
@@ -545,6 +579,9 @@ def simulate(
         else:
             res.stall_seconds = stall0
     cache.finish()
+    res.layer_visits = len(steps) * L
+    if spent is not None:
+        res.policy_seconds = spent[0]
     if on_cache is not None:
         on_cache(cache)  # e.g. save its usage counts for a warm start
     res.cache = cache.summary()
