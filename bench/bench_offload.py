@@ -352,6 +352,12 @@ def main_testbed(args) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tier", default="auto")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench_offload_testbed")
+    ap.add_argument(
+        "--predictors",
+        default="",
+        help="live predictors the plan tries (default: plan.PLAN_PREDICTORS); a saved "
+        "`moelab predict fit` directory fitted on the testbed model's train-split trace works too",
+    )
     extra, _ = ap.parse_known_args(sys.argv[1:])
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not (args.testbed / "testbed.json").exists():
@@ -380,7 +386,8 @@ def main_testbed(args) -> None:
     info = ctx.shape
     t0 = time.perf_counter()
     mems = [m.strip() for m in args.memory.split(",")]
-    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx)
+    preds = [p.strip() for p in extra.predictors.split(",") if p.strip()] or None
+    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx, predictors=preds)
     plan_s = time.perf_counter() - t0
     m = rep.machine
     print(f"testbed {args.testbed}: L={info.num_layers} E={info.num_experts} k={info.top_k}, expert "

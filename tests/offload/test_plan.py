@@ -369,3 +369,34 @@ def test_policy_bookkeeping_is_timed_and_charged_beyond_lru():
     untimed = {"lru": res("lru", None), "slow": res("slow", 3.0)}
     charge_policy_cpu(untimed, 4)  # no LRU measurement: nothing to charge against
     assert untimed["slow"].seconds == 1.0
+
+
+def test_predictor_plan_passes_each_window_prefix_to_token_predictors(ctx, monkeypatch):
+    # a saved `moelab predict` predictor (TracePredictorLive) reads the tokens so far; the
+    # planner's replay must hand them over row by row as OffloadedModel does live
+    import moelab.offload.plan as plan_mod
+
+    seen: list[list[int]] = []
+
+    class Recorder:
+        name = "rec"
+
+        def bind(self, sites):
+            self.L = len(sites)
+
+        def set_tokens(self, toks):
+            seen.append(list(toks))
+
+        def on_layer(self, step, layer, x, ids):
+            if layer == 0:  # name the next layer's experts from the tokens seen so far
+                assert len(seen[-1]) == step + 1
+                return [(step, 1, [int(seen[-1][-1]) % 4])]
+            return []
+
+    monkeypatch.setattr(plan_mod, "make_live_predictor", lambda spec: Recorder())
+    _, ev = ctx.workload.split()
+    plan, per_call = plan_mod.predictor_plan("rec", ctx.sites, ev)
+    windows = [list(map(int, t)) for t in ev.tokens]
+    assert seen == [w[: i + 1] for w in windows for i in range(len(w))]
+    a, _ = ev.bounds[0]
+    assert plan[(a + 2, 0)] == [(a + 2, 1, [windows[0][2] % 4])] and per_call >= 0

@@ -251,12 +251,13 @@ def predictor_plan(spec: str, sites: list[Any], w: Workload) -> tuple[Plan | Non
         if w.router_input is not None
         else None
     )
-    for a, b in w.bounds:
+    for wi, (a, b) in enumerate(w.bounds):
         pred = make_live_predictor(spec)
         pred.bind(sites)
-        if hasattr(pred, "set_tokens"):
-            pred.set_tokens([])
+        toks = [int(t) for t in w.tokens[wi]]
         for n in range(a, b):
+            if hasattr(pred, "set_tokens"):  # the sequence so far, as OffloadedModel passes it
+                pred.set_tokens(toks[: n - a + 1])
             for layer in range(L):
                 ids = torch.from_numpy(w.expert_ids[n : n + 1, layer].astype(np.int64))
                 xin = x[n : n + 1, layer] if x is not None else torch.zeros(1, 1)
