@@ -105,6 +105,9 @@ class _PerLayerMLP(nn.Module):
         return x
 
 
+SMALL_ROWS = 64  # inputs up to this many rows keep the caller's torch threads
+
+
 class NeuralPredictor(Predictor):
     """Shared training loop, caching and persistence of the torch predictors."""
 
@@ -470,14 +473,19 @@ class HiddenProbe(NeuralPredictor):
         )
         out = np.zeros((trace.num_tokens, self.num_experts), np.float32)
         old = torch.get_num_threads()
-        torch.set_num_threads(max(self.threads, 1))
+        # a few rows (a live decode step) run on the caller's threads: resizing torch's thread
+        # pool costs more than the tiny map, and twice per call in the middle of a decode
+        switch = len(rows) > SMALL_ROWS and old != max(self.threads, 1)
+        if switch:
+            torch.set_num_threads(max(self.threads, 1))
         try:
             with torch.no_grad():
                 out[rows] = (
                     torch.sigmoid(self.model.forward_group(x.to(self.device), src)).cpu().numpy()
                 )
         finally:
-            torch.set_num_threads(old)
+            if switch:
+                torch.set_num_threads(old)
         return out
 
 
