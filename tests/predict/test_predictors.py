@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from moelab.errors import ConfigError, PredictorError
 from moelab.predict import (
@@ -246,7 +247,13 @@ def test_round_trip_no_future_and_step(name, horizon, opts, synth, tmp_path):
             ex[-1, layer - horizon.layers_ahead + 1 :] = -1
         hid = {k: v[hi[end - 1]] for k, v in test.hidden.items()} if hi[end - 1] >= 0 else {}
         w = test.weights[start:end]
-        got = p.predict_step(StepContext(test.token_id[start:end], ex, layer, hid, w))
+        resized, orig = [], torch.set_num_threads
+        torch.set_num_threads = lambda n, _r=resized, _o=orig: _r.append(n) or _o(n)
+        try:
+            got = p.predict_step(StepContext(test.token_id[start:end], ex, layer, hid, w))
+        finally:
+            torch.set_num_threads = orig
+        assert resized == []  # one live step never resizes torch's thread pool
         np.testing.assert_allclose(got, before[layer][r], rtol=1e-5, atol=1e-6)
         checked += 1
     assert checked > 0

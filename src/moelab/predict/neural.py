@@ -268,12 +268,20 @@ class NeuralPredictor(Predictor):
         assert self.model is not None
         outs = []
         old = torch.get_num_threads()
-        torch.set_num_threads(max(self.threads, 1))
-        with torch.no_grad():
-            for i in range(0, trace.num_tokens, 8192):
-                xb = {k: torch.as_tensor(v[i : i + 8192], device=self.device) for k, v in x.items()}
-                outs.append(self._to_scores(self.model(**xb)).cpu().numpy())
-        torch.set_num_threads(old)
+        switch = trace.num_tokens > SMALL_ROWS and old != max(self.threads, 1)  # see _predict
+        if switch:
+            torch.set_num_threads(max(self.threads, 1))
+        try:
+            with torch.no_grad():
+                for i in range(0, trace.num_tokens, 8192):
+                    xb = {
+                        k: torch.as_tensor(v[i : i + 8192], device=self.device)
+                        for k, v in x.items()
+                    }
+                    outs.append(self._to_scores(self.model(**xb)).cpu().numpy())
+        finally:
+            if switch:
+                torch.set_num_threads(old)
         s = np.concatenate(outs) if outs else np.zeros((0, 1, self.num_experts), np.float32)
         self._cache = (key, s)
         return s
