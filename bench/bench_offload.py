@@ -437,7 +437,7 @@ def main_testbed(args) -> None:
     for rep_i in range(extra.repeats):
         # the planner's machine measured again in this repeat, so planned and live tokens/s
         # compare numbers taken minutes (not a whole run) apart
-        mach = remeasure(ctx, stores, ev, extra.tier)
+        mach = remeasure(ctx, stores, ev, extra.tier, m.get("predictor_seconds") or {})
         print(f"  repeat {rep_i} machine: {machine_line(asdict(mach))}", flush=True)
         for v, (r, mem) in variants.items():
             planned[v].append(replan(ctx, mach, r, mem))
@@ -516,8 +516,9 @@ def main_testbed(args) -> None:
     print(f"wrote {extra.out / 'results.json'}")
 
 
-def remeasure(ctx, stores, ev, tier):
-    """The planner's Machine measured now: one expert read per precision and per-layer compute."""
+def remeasure(ctx, stores, ev, tier, predictor_seconds=None):
+    """The planner's Machine measured now: reads, compute, misses, background and chunk costs
+    (the live predictor cost per call is taken from the up-front plan)."""
     from moelab.offload.plan import (
         Machine,
         measure_background,
@@ -537,7 +538,7 @@ def remeasure(ctx, stores, ev, tier):
     mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
     miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
     bg = measure_background(ctx.load, stores["full"], ev.tokens[0][:48], tier)
-    return Machine(secs, comp, used, False, miss, fresh, bg, chunk)
+    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, dict(predictor_seconds))
 
 
 def replan(ctx, machine, row, mem) -> float:

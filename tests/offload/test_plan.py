@@ -400,3 +400,25 @@ def test_predictor_plan_passes_each_window_prefix_to_token_predictors(ctx, monke
     assert seen == [w[: i + 1] for w in windows for i in range(len(w))]
     a, _ = ev.bounds[0]
     assert plan[(a + 2, 0)] == [(a + 2, 1, [windows[0][2] % 4])] and per_call >= 0
+
+
+def test_live_predictor_cost_measured_and_charged(ctx):
+    import dataclasses
+
+    from moelab.offload.plan import Machine, measure_predictors, plan_configs
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full"])
+    got = measure_predictors(ctx.load, stores["full"], ev.tokens[0][:8], ["none", "gate"], "ram")
+    assert set(got) == {"gate"} and got["gate"] > 0
+    nb = ctx.shape.expert_bytes("full")
+    mem = [("m", 2 * ctx.shape.num_layers * nb)]
+    base = Machine({"full": 2e-3}, {"full": 1e-3})
+    slow = dataclasses.replace(base, predictor_seconds={"gate": 5e-3})
+    a = plan_configs(ctx.shape, ctx.sites, base, ctx.workload, mem, ["full"], ["gate"], ["lru"])
+    b = plan_configs(ctx.shape, ctx.sites, slow, ctx.workload, mem, ["full"], ["gate"], ["lru"])
+    ra, rb = a.best(precision="full"), b.best(precision="full")
+    # 5 ms per call, far above the replay's own timing of the gate: every layer pays it (the
+    # timeline shifts, so which prefetches arrive in time shifts too)
+    assert rb.tokens_per_s < 0.5 * ra.tokens_per_s
+    assert 1 / rb.tokens_per_s - 1 / ra.tokens_per_s >= 0.8 * 5e-3 * ctx.shape.num_layers

@@ -393,6 +393,9 @@ class Machine:
     # precision -> extra seconds per chunk of a chunked (abortable) prefetch read over one whole
     # read (measure_chunk_overhead)
     chunk_overhead: dict[str, float] = field(default_factory=dict)
+    # predictor spec -> seconds per live call (measure_predictors); the replay charges the larger
+    # of this and its own timing of the predictor alone
+    predictor_seconds: dict[str, float] = field(default_factory=dict)
 
     def fill_overhead(self, precision: str) -> float:
         """Extra seconds of a load into a free cache slot (fresh memory) over a recycled one."""
@@ -504,6 +507,7 @@ def plan_configs(
                 continue
             nb = shape.expert_bytes(main)
             for pred, (plan, overhead) in plans.items():
+                overhead = max(overhead, machine.predictor_seconds.get(pred, 0.0))
                 hw = machine.hardware(prec, shape, overhead)
                 runs: dict[str, SimResult] = {}
                 for pol in pols:
@@ -795,6 +799,37 @@ def measure_compute(
                     d = om.stats()["decode"]
                     per_layer.append(d["seconds"] / max(d["tokens"], 1) / shape.num_layers)
                 out[prec] = float(np.median(per_layer))
+    return out
+
+
+def measure_predictors(
+    load_model: Callable[[], torch.nn.Module],
+    store_dir: Path,
+    tokens: np.ndarray,
+    specs: Sequence[str],
+    tier: str = "ram",
+) -> dict[str, float]:
+    """Seconds one live predictor call costs a decode, per predictor spec: a teacher-forced
+    all-resident decode of `tokens` through the live path with a Prefetcher running it (tensor
+    conversions, the cache hint and the queue included, which the replay's timing of the
+    predictor alone leaves out); predictor seconds / (decode tokens x MoE layers)."""
+    from moelab.offload.live import OffloadedModel
+
+    out: dict[str, float] = {}
+    for spec in specs:
+        if spec == "none":
+            continue
+        m = load_model()
+        shape = model_shape(m)
+        with ExpertStore(store_dir, tier=tier) as st:
+            cache = _all_resident(st, shape)
+            pf = Prefetcher(st, cache, make_live_predictor(spec))
+            with pf, OffloadedModel(m, st, cache, pf) as om:
+                teacher_forced(m, tokens[:4], om)  # warm-up
+                om.reset_stats()
+                teacher_forced(m, tokens, om)
+                d = om.stats()["decode"]
+        out[spec] = float(d["predictor_seconds"]) / max(d["tokens"] * shape.num_layers, 1)
     return out
 
 

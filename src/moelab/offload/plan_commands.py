@@ -182,6 +182,7 @@ def make_plan(
         measure_compute,
         measure_fill_reads,
         measure_misses,
+        measure_predictors,
         measure_reads,
         parse_memory,
         plan_configs,
@@ -223,8 +224,13 @@ def make_plan(
     if bandwidth is None and layer_compute is None:  # prefetch reads share the cores
         bg_store = stores.get("full") or next(iter(stores.values()))
         bg = measure_background(ctx.load, bg_store, ev.tokens[0][:48], tier)
+    preds_live = {}
+    if bandwidth is None and layer_compute is None:  # the live predictor path's cost per call
+        main_store = stores.get("full") or next(iter(stores.values()))
+        preds_live = measure_predictors(ctx.load, main_store, ev.tokens[0][:24],
+                                        predictors or list(PLAN_PREDICTORS), tier)  # fmt: skip
     machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None,
-                      miss, fresh, bg, chunk)  # fmt: skip
+                      miss, fresh, bg, chunk, preds_live)  # fmt: skip
     base = heldout_ppl(ctx.load, None, ev.tokens)
     ppl = {p: heldout_ppl(ctx.load, d, ev.tokens) / base for p, d in stores.items()}
 
@@ -273,6 +279,9 @@ def machine_line(m: dict[str, Any]) -> str:
         out += f"; one background load costs compute {1e3 * m['background_overhead']:.2f} ms"
     if any(m.get("chunk_overhead", {}).values()):
         out += f"; each further chunk of a stoppable prefetch read {ms(m['chunk_overhead'])}"
+    if m.get("predictor_seconds"):
+        short = {Path(k).name: v for k, v in m["predictor_seconds"].items()}
+        out += f"; one live predictor call {ms(short)}"
     return out
 
 
