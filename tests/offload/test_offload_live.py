@@ -234,3 +234,49 @@ def test_default_resident_share_works_on_a_four_expert_top2_model(tmp_path):
     )
     assert rep["identical_to_all_resident"] is True
     assert rep["cache"]["capacity"] == 2  # k experts per layer
+
+
+def test_probe_live_path_equals_the_generic_step():
+    """TracePredictorLive asks a router-input probe through live_scores; it must name the same
+    experts as the generic StepContext path (and live_scores equal predict_step)."""
+    import numpy as np
+
+    from moelab.offload.prefetch import TracePredictorLive
+    from moelab.predict import Horizon, StepContext, make_predictor
+    from moelab.trace.schema import Trace, TraceMeta
+
+    rng = np.random.default_rng(0)
+    n, L, E, k, D = 300, 3, 8, 2, 16
+    h = rng.normal(size=(n, L, D)).astype(np.float32)
+    w = rng.normal(size=(L, D, E))
+    ids = np.argsort(-np.einsum("nld,lde->nle", h, w), -1)[..., :k].astype(np.int16)
+    tr = Trace(
+        meta=TraceMeta(num_layers=L, num_experts=E, top_k=k),
+        token_id=rng.integers(0, 50, n).astype(np.int64), doc_id=np.arange(n) // 50,
+        position=(np.arange(n) % 50).astype(np.int32), domain=np.zeros(n, np.int16),
+        is_bos=np.arange(n) % 50 == 0, expert_ids=ids, weights=np.full(ids.shape, 0.5, np.float32),
+        hidden={"router_input": h}, hidden_rows=np.arange(n),
+    )  # fmt: skip
+    p = make_predictor("probe-linear", Horizon(layers_ahead=1), epochs=3, batch_size=64).fit(tr)
+    fast, slow = TracePredictorLive(p), TracePredictorLive(p)
+    assert fast._direct
+    slow._direct = False
+
+    class Site:
+        top_k, num_experts = k, E
+
+    for live in (fast, slow):
+        live.bind([Site()] * L)
+    for t in range(6):
+        toks = list(range(t + 1))
+        fast.set_tokens(toks), slow.set_tokens(toks)
+        for layer in range(L):
+            x = torch.from_numpy(h[t : t + 1, layer])
+            e = torch.from_numpy(ids[t : t + 1, layer].astype(np.int64))
+            a, b = fast.on_layer(t, layer, x, e), slow.on_layer(t, layer, x, e)
+            assert a == b and (layer == L - 1) == (a == [])
+            if a:
+                ctx = StepContext(np.asarray(toks), np.full((t + 1, L, k), -1, np.int16),
+                                  layer + 1, {"router_input": h[t]})  # fmt: skip
+                np.testing.assert_allclose(p.live_scores(layer + 1, h[t, layer]),
+                                           p.predict_step(ctx), rtol=1e-6)  # fmt: skip

@@ -503,6 +503,12 @@ class TracePredictorLive:
         self._rows: list[np.ndarray] = []
         self._hidden: np.ndarray | None = None
         self._L = self._k = 0
+        # predictors that map the current router input alone (HiddenProbe on router_input) are
+        # asked through live_scores: the same scores without the per-call StepContext/Trace
+        self._direct = (
+            hasattr(predictor, "live_scores")
+            and getattr(predictor, "point", None) == "router_input"
+        )
 
     def bind(self, sites: list[ExpertSite]) -> None:
         """Remember the layer count and k; check they match the predictor."""
@@ -525,6 +531,15 @@ class TracePredictorLive:
     ) -> list[Prediction]:
         from moelab.predict.base import StepContext
 
+        if self._direct and self.layers_ahead:  # a hidden-state probe: its map, no StepContext
+            t_layer = layer + self.layers_ahead
+            if t_layer >= self._L:
+                return []
+            scores = self.predictor.live_scores(t_layer, x[-1].detach().float().cpu().numpy())
+            if not np.isfinite(scores).all():
+                return []
+            m = self.top or self._k
+            return [(step, t_layer, [int(e) for e in np.argsort(-scores, kind="stable")[:m]])]
         T, n = int(expert_ids.shape[0]), len(self.token_ids)
         while len(self._rows) < n:
             self._rows.append(np.full((self._L, self._k), -1, dtype=np.int16))

@@ -471,6 +471,22 @@ class HiddenProbe(NeuralPredictor):
     def _layer_slot(self, layer: int) -> int:
         return layer - self.horizon.layers_ahead
 
+    def live_scores(self, layer: int, hidden: Any) -> np.ndarray:
+        """[E] scores at target MoE `layer` from one token's hidden vector (self.point) at the
+        source layer: predict_step's answer without building a Trace, for the live prefetch
+        path, where the generic step costs several times the map itself."""
+        if self.model is None:
+            raise PredictorError(f"{self.label}: live_scores before fit() or load()")
+        src = layer - self.horizon.layers_ahead
+        if not 0 <= src < self.num_layers - self.horizon.layers_ahead:
+            raise PredictorError(
+                f"{self.describe()}: target layer {layer} has no source layer {src} (horizon"
+                f" d={self.horizon.layers_ahead}, {self.num_layers} MoE layers)"
+            )
+        x = torch.as_tensor(np.asarray(hidden, dtype=np.float32).reshape(1, -1))
+        with torch.no_grad():
+            return torch.sigmoid(self.model.forward_group(x.to(self.device), src)).cpu().numpy()[0]
+
     def _predict(self, trace: Trace, layer: int, avail: np.ndarray) -> np.ndarray:
         """Only the target layer's map, on the available rows (no other layer computed)."""
         assert self.model is not None
