@@ -25,7 +25,8 @@ forced live decode of held-out (test split) windows. The planner (moelab.offload
 per budget, the best configuration overall (quantised tiers and stand-ins count), the best
 full-precision one with a predictor, and the best stand-in one; each runs live beside plain LRU
 at full precision in interleaved repeats; ratios against LRU are per repeat, medians with their
-min-max spread; the planner's predicted tokens/s is set beside the live median.
+min-max spread; the planner's predicted tokens/s is set beside the live median. The variants run
+in one order on even repeats and in the reverse order on odd ones.
   .venv/bin/python bench/bench_offload.py --testbed runs/offload-testbed --repeats 3 --windows 2
 """
 
@@ -441,7 +442,10 @@ def main_testbed(args) -> None:
         print(f"  repeat {rep_i} machine: {machine_line(asdict(mach))}", flush=True)
         for v, (r, mem) in variants.items():
             planned[v].append(replan(ctx, mach, r, mem))
-        for v, (r, _mem) in variants.items():
+        # forward on even repeats, reversed on odd ones: a drift of the machine within a repeat
+        # then favours no variant (a fixed order put the same rows late in every repeat)
+        order = list(variants.items())
+        for v, (r, _mem) in order if rep_i % 2 == 0 else order[::-1]:
             s = run_live(ctx.load, stores, ev.tokens, r.precision, r.policy, r.predictor, r.slots,
                          extra.tier, counts, ref)  # fmt: skip
             s.pop("predictions")
