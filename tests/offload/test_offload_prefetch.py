@@ -151,8 +151,10 @@ def test_needed_prefetch_in_transfer_is_kept_and_aborted_one_reloads(model_and_s
         _wait_in_flight(pf, (0, 7))
         pf.begin_step(1)
         pf.cancel_stale(1, 0, needed=[(0, 1)])  # stop it, then want it after all
+        misses = cache.counters.misses
         value, kind, _ = pf.fetch((0, 7))
         assert kind == "miss" and value["down_proj"].equal(m.blocks[0].ffn.experts.down_proj[7])
+        assert cache.counters.misses == misses + 1  # counted as the miss it is
     assert pf.stats.aborted == 1 and (0, 7) in cache
     with pytest.raises(ConfigError, match="chunk_bytes"):
         Prefetcher(st, cache, chunk_bytes=-1)

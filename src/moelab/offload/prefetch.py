@@ -266,18 +266,15 @@ class Prefetcher:
                     self.stats.cancelled += 1
         if fl is not None:
             fl.event.wait()
-            if fl.aborted:  # stopped as a wrong guess, wanted after all: load it now
-                value = self.store.read(*key)
-                self.cache.insert(key, value, prefetched=False)
-                return value, "miss", time.perf_counter() - t0
             if fl.error is not None:
                 raise OffloadError(
                     f"prefetch of expert {key[1]} at layer {key[0]} failed: {fl.error}"
                 )
-            self.cache.access(key)
-            with self._cv:
-                self.stats.late_waits += 1
-            return fl.value, "late", time.perf_counter() - t0
+            self.cache.access(key)  # a hit once loaded; a miss if it was stopped (never entered)
+            if not fl.aborted:
+                with self._cv:
+                    self.stats.late_waits += 1
+                return fl.value, "late", time.perf_counter() - t0
         value = self.store.read(*key)
         self.cache.insert(key, value, prefetched=False)
         return value, "miss", time.perf_counter() - t0
