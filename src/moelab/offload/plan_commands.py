@@ -221,12 +221,10 @@ def make_plan(
     if bandwidth is None:  # what a demand miss stalls the live path (given bandwidth: as given)
         mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
         miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
-    if bandwidth is None and layer_compute is None:  # prefetch reads share the cores
-        bg_store = stores.get("full") or next(iter(stores.values()))
-        bg = measure_background(ctx.load, bg_store, ev.tokens[0][:48], tier)
     preds_live = {}
-    if bandwidth is None and layer_compute is None:  # the live predictor path's cost per call
+    if bandwidth is None and layer_compute is None:
         main_store = stores.get("full") or next(iter(stores.values()))
+        bg = measure_background(ctx.load, main_store, ev.tokens[0][:48], tier)  # shared cores
         preds_live = measure_predictors(ctx.load, main_store, ev.tokens[0][:24],
                                         predictors or list(PLAN_PREDICTORS), tier)  # fmt: skip
     machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None,
