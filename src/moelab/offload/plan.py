@@ -327,9 +327,9 @@ def simulate_standin(
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
-            for _key, done in link.abort((si, layer), keys, t):
-                res.aborted += 1
-                t += done * hw.background_overhead  # the part read shared the cores too
+            n_stopped, shared = link.abort((si, layer), keys, t)
+            res.aborted += n_stopped
+            t += shared  # the parts read shared the cores too
             ready = t
             for key in keys:
                 if key in cache:

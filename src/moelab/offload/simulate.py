@@ -285,26 +285,24 @@ class _Link:
         """Chunks a prefetch of nbytes is read in (1: one whole read)."""
         return max(1, -(-int(nbytes) // self.chunk_bytes)) if self.chunk_bytes else 1
 
-    def abort(
-        self, target: tuple[int, int], needed: Sequence[Key], t: float
-    ) -> list[tuple[Key, float]]:
+    def abort(self, target: tuple[int, int], needed: Sequence[Key], t: float) -> tuple[int, float]:
         """Stop the prefetches in transfer at time t whose target is at or before `target` and
         whose key is not `needed`: each ends with the chunk in progress (chunked reads only);
-        the queue moves up. Returns (key, share of its transfer done) of each stopped one (they
-        never enter the cache)."""
+        the queue moves up. Returns (how many stopped, foreground seconds the parts read cost:
+        their share of hw.background_overhead); stopped ones never enter the cache."""
         if not self.chunk_bytes:
-            return []
+            return 0, 0.0
         keep, out = set(needed), []
         for key, tr in list(self.inflight.items()):
             if tr.target <= target and key not in keep and tr.end > t:
                 piece = (tr.end - tr.start) / tr.pieces
                 stop = min(tr.end, tr.start + (math.floor((t - tr.start) / piece) + 1) * piece)
                 del self.inflight[key]
-                out.append((key, (stop - tr.start) / max(tr.end - tr.start, 1e-300)))
+                out.append((stop - tr.start) / max(tr.end - tr.start, 1e-300))
                 self.busy_until = max([stop, *(o.end for o in self.inflight.values())])
         if out:
             self._rechain(self.busy_until)
-        return out
+        return len(out), sum(out) * self.hw.background_overhead
 
     def stale(self, target: tuple[int, int]) -> list[Key]:
         """Queued transfers whose target is at or before `target` (not started)."""
@@ -523,9 +521,9 @@ def simulate(
             for key in link.stale((si, layer)):
                 link.drop(key)
                 res.cancelled += 1
-            for _key, done in link.abort((si, layer), keys, t):
-                res.aborted += 1
-                t += done * hw.background_overhead  # the part read shared the cores too
+            n_stopped, shared = link.abort((si, layer), keys, t)
+            res.aborted += n_stopped
+            t += shared  # the parts read shared the cores too
             ready = t
             for key in keys:
                 if key in cache:
