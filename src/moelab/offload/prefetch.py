@@ -503,7 +503,8 @@ class TracePredictorLive:
         # predictors that map the current router input alone (HiddenProbe on router_input) are
         # asked through live_scores: the same scores without the per-call StepContext/Trace
         self._direct = (
-            hasattr(predictor, "live_scores")
+            self.layers_ahead > 0
+            and hasattr(predictor, "live_scores")
             and getattr(predictor, "point", None) == "router_input"
         )
 
@@ -528,37 +529,34 @@ class TracePredictorLive:
     ) -> list[Prediction]:
         from moelab.predict.base import StepContext
 
-        if self._direct and self.layers_ahead:  # a hidden-state probe: its map, no StepContext
-            t_layer = layer + self.layers_ahead
+        if self.layers_ahead:
+            t_layer, t_step = layer + self.layers_ahead, step
+        else:
+            t_layer, t_step = layer, step + self.tokens_ahead
+        if self._direct:  # a router-input probe: its map on the current input, no StepContext
             if t_layer >= self._L:
                 return []
             scores = self.predictor.live_scores(t_layer, x[-1].detach().float().cpu().numpy())
-            if not np.isfinite(scores).all():
-                return []
-            m = self.top or self._k
-            return [(step, t_layer, [int(e) for e in np.argsort(-scores, kind="stable")[:m]])]
-        T, n = int(expert_ids.shape[0]), len(self.token_ids)
-        while len(self._rows) < n:
-            self._rows.append(np.full((self._L, self._k), -1, dtype=np.int16))
-        ids = expert_ids.detach().cpu().numpy().astype(np.int16)
-        for i in range(T):
-            self._rows[n - T + i][layer] = ids[i]
-        if self._hidden is None or self._hidden.shape[1] != x.shape[-1]:
-            self._hidden = np.zeros((self._L, x.shape[-1]), dtype=np.float32)
-        self._hidden[layer] = x[-1].detach().float().cpu().numpy()
-        if self.layers_ahead:
-            t_layer, t_step = layer + self.layers_ahead, step
+        else:
+            T, n = int(expert_ids.shape[0]), len(self.token_ids)
+            while len(self._rows) < n:
+                self._rows.append(np.full((self._L, self._k), -1, dtype=np.int16))
+            ids = expert_ids.detach().cpu().numpy().astype(np.int16)
+            for i in range(T):
+                self._rows[n - T + i][layer] = ids[i]
+            if self._hidden is None or self._hidden.shape[1] != x.shape[-1]:
+                self._hidden = np.zeros((self._L, x.shape[-1]), dtype=np.float32)
+            self._hidden[layer] = x[-1].detach().float().cpu().numpy()
             if t_layer >= self._L:
                 return []
-        else:
-            t_layer, t_step = layer, step + self.tokens_ahead
-        ctx = StepContext(
-            token_ids=np.asarray(self.token_ids, dtype=np.int64),
-            experts=np.stack(self._rows[:n]),
-            layer=t_layer,
-            hidden={"router_input": self._hidden.copy()},
-        )
-        scores = np.asarray(self.predictor.predict_step(ctx), dtype=np.float32)
+            ctx = StepContext(
+                token_ids=np.asarray(self.token_ids, dtype=np.int64),
+                experts=np.stack(self._rows[:n]),
+                layer=t_layer,
+                hidden={"router_input": self._hidden.copy()},
+            )
+            scores = self.predictor.predict_step(ctx)
+        scores = np.asarray(scores, dtype=np.float32)
         if not np.isfinite(scores).all():
             return []
         m = self.top or self._k
