@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -108,6 +110,22 @@ class _PerLayerMLP(nn.Module):
 SMALL_ROWS = 64  # inputs up to this many rows keep the caller's torch threads
 
 
+@contextmanager
+def _torch_threads(n: int, rows: int | None = None) -> Iterator[None]:
+    """Run with n torch threads (small models train and score faster on one), unless only
+    `rows` <= SMALL_ROWS are scored: resizing the pool costs more than such a tiny map, and a
+    live decode step would pay it twice per call."""
+    old = torch.get_num_threads()
+    switch = old != n and (rows is None or rows > SMALL_ROWS)
+    if switch:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if switch:
+            torch.set_num_threads(old)
+
+
 class NeuralPredictor(Predictor):
     """Shared training loop, caching and persistence of the torch predictors."""
 
@@ -187,12 +205,8 @@ class NeuralPredictor(Predictor):
         return {k: torch.as_tensor(v[rows], device=self.device) for k, v in x.items()}
 
     def _fit(self, train: Trace) -> None:
-        old = torch.get_num_threads()
-        torch.set_num_threads(max(self.threads, 1))  # small models train faster on one thread
-        try:
+        with _torch_threads(max(self.threads, 1)):
             self._train(train)
-        finally:
-            torch.set_num_threads(old)
 
     def _train(self, train: Trace) -> None:
         torch.manual_seed(self.seed)
@@ -267,21 +281,10 @@ class NeuralPredictor(Predictor):
             return self._cache[1]
         assert self.model is not None
         outs = []
-        old = torch.get_num_threads()
-        switch = trace.num_tokens > SMALL_ROWS and old != max(self.threads, 1)  # see _predict
-        if switch:
-            torch.set_num_threads(max(self.threads, 1))
-        try:
-            with torch.no_grad():
-                for i in range(0, trace.num_tokens, 8192):
-                    xb = {
-                        k: torch.as_tensor(v[i : i + 8192], device=self.device)
-                        for k, v in x.items()
-                    }
-                    outs.append(self._to_scores(self.model(**xb)).cpu().numpy())
-        finally:
-            if switch:
-                torch.set_num_threads(old)
+        with _torch_threads(max(self.threads, 1), trace.num_tokens), torch.no_grad():
+            for i in range(0, trace.num_tokens, 8192):
+                xb = {k: torch.as_tensor(v[i : i + 8192], device=self.device) for k, v in x.items()}
+                outs.append(self._to_scores(self.model(**xb)).cpu().numpy())
         s = np.concatenate(outs) if outs else np.zeros((0, 1, self.num_experts), np.float32)
         self._cache = (key, s)
         return s
@@ -483,33 +486,24 @@ class HiddenProbe(NeuralPredictor):
                 f"{self.describe()}: target layer {layer} has no source layer {src} (horizon"
                 f" d={self.horizon.layers_ahead}, {self.num_layers} MoE layers)"
             )
-        x = torch.as_tensor(np.asarray(hidden, dtype=np.float32).reshape(1, -1))
-        with torch.no_grad():
-            return torch.sigmoid(self.model.forward_group(x.to(self.device), src)).cpu().numpy()[0]
+        return self._group_scores(np.asarray(hidden, dtype=np.float32).reshape(1, -1), src)[0]
+
+    def _group_scores(self, x: np.ndarray, src: int) -> np.ndarray:
+        """Sigmoid scores [B, E] of source layer src's map on x [B, D]."""
+        assert self.model is not None
+        with _torch_threads(max(self.threads, 1), len(x)), torch.no_grad():
+            xt = torch.as_tensor(x, dtype=torch.float32).to(self.device)
+            return torch.sigmoid(self.model.forward_group(xt, src)).cpu().numpy()
 
     def _predict(self, trace: Trace, layer: int, avail: np.ndarray) -> np.ndarray:
         """Only the target layer's map, on the available rows (no other layer computed)."""
         assert self.model is not None
         rows = np.flatnonzero(avail)
         src = layer - self.horizon.layers_ahead
-        x = torch.as_tensor(
-            trace.hidden[self.point][hidden_index(trace)[rows], src], dtype=torch.float32
-        )
         out = np.zeros((trace.num_tokens, self.num_experts), np.float32)
-        old = torch.get_num_threads()
-        # a few rows (a live decode step) run on the caller's threads: resizing torch's thread
-        # pool costs more than the tiny map, and twice per call in the middle of a decode
-        switch = len(rows) > SMALL_ROWS and old != max(self.threads, 1)
-        if switch:
-            torch.set_num_threads(max(self.threads, 1))
-        try:
-            with torch.no_grad():
-                out[rows] = (
-                    torch.sigmoid(self.model.forward_group(x.to(self.device), src)).cpu().numpy()
-                )
-        finally:
-            if switch:
-                torch.set_num_threads(old)
+        out[rows] = self._group_scores(
+            trace.hidden[self.point][hidden_index(trace)[rows], src], src
+        )
         return out
 
 
