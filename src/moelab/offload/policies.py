@@ -315,20 +315,19 @@ class Decayed:
 
     def get(self, key: Any, now: float) -> float:
         """Value at time `now`."""
-        e = self.v.get(key)
-        if e is None:
-            return 0.0
-        v, t = e
-        return v * math.exp(-self.rate * (now - t)) if now > t else v
+        return _decayed(self.v.get(key), now, self.rate)
 
     def add(self, key: Any, now: float, w: float = 1.0) -> None:
         """Add w at time `now`."""
-        e = self.v.get(key)
-        if e is None:
-            self.v[key] = (0.0 + w, now)
-            return
-        v, t = e
-        self.v[key] = ((v * math.exp(-self.rate * (now - t)) if now > t else v) + w, now)
+        self.v[key] = (_decayed(self.v.get(key), now, self.rate) + w, now)
+
+
+def _decayed(entry: tuple[float, float] | None, now: float, rate: float) -> float:
+    """A Decayed entry (value, time stored) read at time `now` (0 for none)."""
+    if entry is None:
+        return 0.0
+    v, t = entry
+    return v * math.exp(-rate * (now - t)) if now > t else v
 
 
 class DecayLFUPolicy(LRUPolicy):
@@ -762,7 +761,7 @@ class PredictivePolicy(LRUPolicy):
                 for a in src
             ]
             return min(max(sum(ps) / len(ps), 1e-3), 1.0) if ps else q
-        return self._after(key, 1, q)
+        return self._after(key, (1,), q)[0]
 
     def _p1(self, key: Key, target: tuple[int, int], q: float) -> float:
         """P(used at the visit `target`): the calibrated hint if a predictor ranked that visit,
@@ -783,16 +782,25 @@ class PredictivePolicy(LRUPolicy):
                 p = max(p, hit[0] / n_[0] * co)
         return p
 
-    def _after(self, key: Key, j: int, q: float) -> float:
-        """P(used at the j-th visit after its layer's last one) from online j-step transition
-        counts out of that visit's experts, smoothed towards q by one pseudo-count."""
+    def _after(self, key: Key, js: Sequence[int], q: float) -> list[float]:
+        """P(used at the j-th visit after its layer's last one), for each j in js, from online
+        j-step transition counts out of that visit's experts, smoothed towards q by one
+        pseudo-count (the counts read straight from the Decayed maps: the victim's hot loop)."""
         layer, e = key
+        srcs = tuple(self.last_set.get(layer, ()))
+        if not srcs:
+            return [q] * len(js)
+        tv, nv, rate = self.trans.v, self.trans_n.v, self.trans.rate
         t = self.visit_no[layer]
-        ps = [
-            (self.trans.get((j, layer, a, e), t) + q) / (self.trans_n.get((j, layer, a), t) + 1.0)
-            for a in self.last_set.get(layer, ())
-        ]
-        return min(max(sum(ps) / len(ps), 1e-3), 1.0) if ps else q
+        out = []
+        for j in js:
+            acc = 0
+            for a in srcs:
+                acc += (_decayed(tv.get((j, layer, a, e)), t, rate) + q) / (
+                    _decayed(nv.get((j, layer, a)), t, rate) + 1.0
+                )
+            out.append(min(max(acc / len(srcs), 1e-3), 1.0))
+        return out
 
     def expected_next_use(self, key: Key) -> float:
         """Estimated layer steps until `key` is used again: delta + (1 - p1) * L / q, or with
@@ -802,31 +810,8 @@ class PredictivePolicy(LRUPolicy):
         target = (self.step, key[0]) if key[0] > self.layer else (self.step + 1, key[0])
         q = self._q(key)
         tail = L / q
-        if self.steps > 1:  # _after(key, j, q) for j = steps..2, inlined (the victim's hot loop)
-            layer, e = key
-            srcs = tuple(self.last_set.get(layer, ()))
-            tv, nv, rate = self.trans.v, self.trans_n.v, self.trans.rate
-            t = self.visit_no[layer]
-            for j in range(self.steps, 1, -1):
-                p = q
-                if srcs:
-                    acc = 0
-                    for a in srcs:
-                        c = tv.get((j, layer, a, e))
-                        n = nv.get((j, layer, a))
-                        cv = (
-                            0.0
-                            if c is None
-                            else (c[0] * math.exp(-rate * (t - c[1])) if t > c[1] else c[0])
-                        )
-                        nv_ = (
-                            0.0
-                            if n is None
-                            else (n[0] * math.exp(-rate * (t - n[1])) if t > n[1] else n[0])
-                        )
-                        acc += (cv + q) / (nv_ + 1.0)
-                    p = min(max(acc / len(srcs), 1e-3), 1.0)
-                tail = L + (1.0 - p) * tail
+        for p in self._after(key, range(self.steps, 1, -1), q):
+            tail = L + (1.0 - p) * tail
         return d + (1.0 - self._p1(key, target, q)) * tail
 
     def victim(self, resident: Sequence[Key], now: int) -> Key | None:
