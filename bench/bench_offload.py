@@ -25,7 +25,9 @@ forced live decode of held-out (test split) windows. The planner (moelab.offload
 per budget, the best configuration overall (quantised tiers and stand-ins count), the best
 full-precision one with a predictor, and the best stand-in one; each runs live beside plain LRU
 at full precision in interleaved repeats; ratios against LRU are per repeat, medians with their
-min-max spread; the planner's predicted tokens/s is set beside the live median. The variants run
+min-max spread; the planner's predicted tokens/s is set beside the live median. A second
+table splits each variant's decode time per token into load stalls, the live predictor's path
+and the rest (medians over repeats). The variants run
 in one order on even repeats and in the reverse order on odd ones.
   .venv/bin/python bench/bench_offload.py --testbed runs/offload-testbed --repeats 3 --windows 2
 """
@@ -486,6 +488,7 @@ def main_testbed(args) -> None:
               f"{statistics.median(same_repeat):.2f} | {med(v, 'hit_rate'):.3f} | "
               f"{med(v, 'bytes_per_token') / 1e6:.2f} | {med(v, 'standin_rate'):.3f} | {ppl:.4f} | {ident} | "
               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
+    print_breakdown(variants, runs)
     print("\ntargets:")
     for mem in mems:
         b = results[f"{mem} best"]
@@ -518,6 +521,29 @@ def main_testbed(args) -> None:
          "bounds": rep.bounds, "plan_rows": [r.to_dict() for r in rep.rows]},
         indent=1, default=float))  # fmt: skip
     print(f"wrote {extra.out / 'results.json'}")
+
+
+def decode_breakdown(run: dict) -> dict[str, float]:
+    """One live run's decode time per token, split: stalled on loads, in the live predictor
+    (its map, the cache hint and the queue), and the rest (compute, hooks, interpreter)."""
+    d = run["decode"]
+    t = max(d["tokens"], 1)
+    wall, stall, pred = (1e3 * d[k] / t for k in ("seconds", "stall_seconds", "predictor_seconds"))
+    return {"wall": wall, "stall": stall, "predictor": pred, "rest": wall - stall - pred,
+            "reads": (d["misses"] + d["late"]) / t}  # fmt: skip
+
+
+def print_breakdown(variants: dict, runs: dict) -> None:
+    """Where each variant's decode time goes (ms per token, medians over repeats), so a ratio
+    can be read as fewer stalls, a costlier predictor or a slower rest."""
+    print("\n| budget | variant | policy | predictor | wall ms/token | stall | predictor | rest | "
+          "demand+late reads/token |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v, (r, mem) in variants.items():
+        b = [decode_breakdown(x) for x in runs[v]]
+        m = {k: statistics.median(x[k] for x in b) for k in b[0]}
+        print(f"| {mem} | {v.split(' ', 1)[1]} | {r.policy} | {r.predictor} | {m['wall']:.2f} | "
+              f"{m['stall']:.2f} | {m['predictor']:.2f} | {m['rest']:.2f} | {m['reads']:.2f} |")  # fmt: skip
 
 
 def remeasure(ctx, stores, ev, tier, predictor_seconds=None):
