@@ -27,8 +27,8 @@ full-precision one with a predictor, and the best stand-in one; each runs live b
 at full precision in interleaved repeats; ratios against LRU are per repeat, medians with their
 min-max spread; the planner's predicted tokens/s is set beside the live median. A second
 table splits each variant's decode time per token into load stalls, the live predictor's path
-and the rest (medians over repeats). The variants run
-in one order on even repeats and in the reverse order on odd ones.
+and the rest (medians over repeats). The variants run in one order on even repeats and in the
+reverse order on odd ones.
   .venv/bin/python bench/bench_offload.py --testbed runs/offload-testbed --repeats 3 --windows 2
 """
 
@@ -526,9 +526,10 @@ def main_testbed(args) -> None:
 def decode_breakdown(run: dict) -> dict[str, float]:
     """One live run's decode time per token, split: stalled on loads, in the live predictor
     (its map, the cache hint and the queue), and the rest (compute, hooks, interpreter)."""
-    d = run["decode"]
+    d = run["decode"]  # PhaseStats.to_dict: its stall_ms_per_token uses the same max(tokens, 1)
     t = max(d["tokens"], 1)
-    wall, stall, pred = (1e3 * d[k] / t for k in ("seconds", "stall_seconds", "predictor_seconds"))
+    wall, pred = 1e3 * d["seconds"] / t, 1e3 * d["predictor_seconds"] / t
+    stall = d["stall_ms_per_token"]
     return {"wall": wall, "stall": stall, "predictor": pred, "rest": wall - stall - pred,
             "reads": (d["misses"] + d["late"]) / t}  # fmt: skip
 
