@@ -280,3 +280,41 @@ def test_probe_live_path_equals_the_generic_step():
                                   layer + 1, {"router_input": h[t]})  # fmt: skip
                 np.testing.assert_allclose(p.live_scores(layer + 1, h[t, layer]),
                                            p.predict_step(ctx), rtol=1e-6)  # fmt: skip
+
+
+def test_wrapping_probe_live_asks_for_the_next_tokens_first_layer():
+    """After the last layer, a wrapping router-input probe names layer 0 of the next step
+    (live_scores' top k); earlier layers still name this step's next layer."""
+    import numpy as np
+
+    from moelab.offload.prefetch import TracePredictorLive
+    from moelab.predict import Horizon, make_predictor
+    from moelab.trace.schema import Trace, TraceMeta
+
+    rng = np.random.default_rng(1)
+    n, L, E, k, D = 240, 3, 8, 2, 16
+    h = rng.normal(size=(n, L, D)).astype(np.float32)
+    ids = np.argsort(-np.einsum("nld,lde->nle", h, rng.normal(size=(L, D, E))), -1)[..., :k]
+    tr = Trace(
+        meta=TraceMeta(num_layers=L, num_experts=E, top_k=k),
+        token_id=rng.integers(0, 50, n).astype(np.int64), doc_id=np.arange(n) // 40,
+        position=(np.arange(n) % 40).astype(np.int32), domain=np.zeros(n, np.int16),
+        is_bos=np.arange(n) % 40 == 0, expert_ids=ids.astype(np.int16),
+        weights=np.full(ids.shape, 0.5, np.float32), hidden={"router_input": h},
+        hidden_rows=np.arange(n),
+    )  # fmt: skip
+    p = make_predictor("probe-linear", Horizon(layers_ahead=1), wrap=True, epochs=3).fit(tr)
+    live = TracePredictorLive(p)
+    assert live._direct and live._wrap
+
+    class Site:
+        top_k, num_experts = k, E
+
+    live.bind([Site()] * L)
+    live.set_tokens([1, 2, 3])
+    x = torch.from_numpy(h[5:6, L - 1])
+    out = live.on_layer(2, L - 1, x, torch.from_numpy(ids[5:6, L - 1].astype(np.int64)))
+    want = np.argsort(-p.live_scores(0, h[5, L - 1]), kind="stable")[:k].tolist()
+    assert out == [(3, 0, want)]
+    mid = live.on_layer(2, 0, torch.from_numpy(h[5:6, 0]), torch.zeros(1, k, dtype=torch.long))
+    assert [(a, b) for a, b, _ in mid] == [(2, 1)]

@@ -117,6 +117,29 @@ def test_plan_from_scores_horizons():
     assert tp == {(0, 0): [(1, 0, [0])]}  # row 0 has no source, row 2 is another document
 
 
+def test_plan_from_scores_wrap_issues_after_the_previous_rows_last_layer():
+    """A wrapping d=1 probe's layer-0 targets are issued after layer L-1 of the previous row
+    of the same document; without wrap they have no source."""
+
+    class Meta:
+        top_k, num_layers = 1, 2
+
+    class T:
+        meta = Meta()
+        num_tokens = 3
+        doc_id = np.array([0, 0, 1])
+
+        def prev_row(self):
+            return np.array([-1, 0, -1])
+
+    s = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], dtype=np.float32)
+    assert plan_from_scores(T(), {0: s}, layers_ahead=1) == {}
+    wp = plan_from_scores(T(), {0: s, 1: s}, layers_ahead=1, wrap=True)
+    # row 1's layer 0 after row 0's layer 1; rows 0 and 2 start documents
+    assert wp == {(0, 1): [(1, 0, [0])], (0, 0): [(0, 1, [1])], (1, 0): [(1, 1, [0])],
+                  (2, 0): [(2, 1, [1])]}  # fmt: skip
+
+
 def test_presets_and_budget():
     assert PRESETS["pcie4-mixtral"].expert_bytes == 3 * 4096 * 14336 * 2
     assert get_hardware("nvme-ram", layer_compute=1.0).layer_compute == 1.0

@@ -43,8 +43,14 @@ CASES = [
     ("probe-linear", Horizon(layers_ahead=1), FAST),
     ("probe-mlp", Horizon(layers_ahead=2), {**FAST, "hidden": 16}),
     ("probe-shared", Horizon(layers_ahead=1), FAST),
+    ("probe-linear", Horizon(layers_ahead=1), {**FAST, "wrap": True}),
     ("temporal-mlp", Horizon(tokens_ahead=1), {**FAST, "hidden": 16}),
 ]
+
+
+def _case_id(case) -> str:
+    name, horizon, opts = case
+    return f"{name}-{horizon}{'-wrap' if opts.get('wrap') else ''}"
 
 
 def _fit(name, horizon, opts, gates, train):
@@ -190,7 +196,7 @@ def test_markov_learns_deterministic_transitions():
     assert p.size()["contexts"] <= 15
 
 
-@pytest.mark.parametrize("name,horizon,opts", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize("name,horizon,opts", CASES, ids=[_case_id(c) for c in CASES])
 def test_round_trip_no_future_and_step(name, horizon, opts, synth, tmp_path):
     trace, gates, train, test = synth
     p = _fit(name, horizon, opts, gates, train)
@@ -263,9 +269,7 @@ def test_round_trip_no_future_and_step(name, horizon, opts, synth, tmp_path):
     )
 
 
-@pytest.mark.parametrize(
-    "name,horizon,opts", CASES[::2], ids=[f"{c[0]}-{c[1]}" for c in CASES[::2]]
-)
+@pytest.mark.parametrize("name,horizon,opts", CASES[::2], ids=[_case_id(c) for c in CASES[::2]])
 def test_fit_never_sees_test_rows(name, horizon, opts, synth):
     """Poison the test documents' routing in the source trace: fitted predictions are unchanged."""
     trace, gates, _, _ = synth
@@ -318,3 +322,89 @@ def test_lookup_sets_matches_dict(high):
     want = [ref.get(tuple(r), -1) for r in query.tolist()]
     got = lookup_sets(table, query)
     assert got.tolist() == want and (got >= 0).any() and (got < 0).any()
+
+
+def _wrap_trace(n_docs=40, doc_len=30, L=3, E=8, k=2, D=16, seed=0):
+    """Routing where the NEXT token's layer-0 experts are the top-k of a fixed map of this
+    token's last-layer router input (what a wrapping probe must learn) and other layers route
+    from their own input."""
+    rng = np.random.default_rng(seed)
+    n = n_docs * doc_len
+    h = rng.normal(size=(n, L, D)).astype(np.float32)
+    w = rng.normal(size=(L, D, E))
+    ids = np.argsort(-np.einsum("nld,lde->nle", h, w), -1)[..., :k].astype(np.int16)
+    w_next = rng.normal(size=(D, E))
+    nxt = np.argsort(-(h[:, L - 1] @ w_next), -1)[:, :k].astype(np.int16)
+    pos = np.arange(n) % doc_len
+    ids[1:, 0][pos[1:] > 0] = nxt[:-1][pos[1:] > 0]  # token i's layer 0 from token i-1
+    return Trace(
+        meta=TraceMeta(num_layers=L, num_experts=E, top_k=k),
+        token_id=rng.integers(0, 50, n).astype(np.int64), doc_id=np.arange(n) // doc_len,
+        position=pos.astype(np.int32), domain=np.zeros(n, np.int16), is_bos=pos == 0,
+        expert_ids=ids, weights=np.full(ids.shape, 0.5, np.float32),
+        hidden={"router_input": h}, hidden_rows=np.arange(n),
+    )  # fmt: skip
+
+
+def test_wrapping_probe_names_the_next_tokens_first_layer(tmp_path):
+    """wrap=True: target layer 0 of token i comes from token i-1's last-layer input (NaN at a
+    document start), is learned on held-out documents, ignores token i's own information, and
+    survives save/load; the plain probe has no layer-0 target."""
+    tr = _wrap_trace()
+    parts = split_by_document(tr, {"train": 0.75, "test": 0.25}, seed=0)
+    train, test = parts["train"], parts["test"]
+    opts = {"epochs": 40, "batch_size": 64, "lr": 1e-2, "patience": 5}
+    p = make_predictor("probe-linear", Horizon(layers_ahead=1), wrap=True, **opts).fit(train)
+    plain = make_predictor("probe-linear", Horizon(layers_ahead=1), **opts).fit(train)
+    assert p.target_layers() == [0, 1, 2] and plain.target_layers() == [1, 2]
+    assert p.describe() == "probe(linear,per-layer,wrap)"
+    s0 = p.predict_scores(test, 0)
+    start = test.prev_row() < 0
+    assert np.isnan(s0[start]).all() and np.isfinite(s0[~start]).all()
+    # the score of row i is the map of row i-1's last-layer input
+    i = int(np.flatnonzero(~start)[3])
+    np.testing.assert_allclose(
+        s0[i], p.live_scores(0, test.hidden["router_input"][i - 1, 2]), rtol=1e-5, atol=1e-6
+    )
+    # held-out recall of the next token's layer 0: far above chance (k/E = 0.25)
+    top = np.argsort(-s0[~start], 1)[:, :2]
+    truth = test.expert_ids[~start, 0]
+    recall = np.mean([len(set(a) & set(b)) / 2 for a, b in zip(top, truth, strict=True)])
+    assert recall > 0.8, recall
+    # token i's own routing and hidden states do not enter its layer-0 prediction
+    fut = dataclasses.replace(
+        test,
+        expert_ids=test.expert_ids.copy(),
+        hidden={"router_input": test.hidden["router_input"].copy()},
+    )
+    fut.expert_ids[i] = 7 - fut.expert_ids[i]
+    fut.hidden["router_input"][i] = 0.0
+    np.testing.assert_array_equal(p.predict_scores(fut, 0)[i], s0[i])
+    with pytest.raises(PredictorError, match="no source layer"):
+        plain.live_scores(0, test.hidden["router_input"][0, 2])
+    p.save(tmp_path / "w")
+    q = Predictor.load(tmp_path / "w")
+    assert q.wrap and q.target_layers() == [0, 1, 2]
+    np.testing.assert_array_equal(q.predict_scores(test, 0), s0)
+    with pytest.raises(ConfigError, match="wrap"):
+        make_predictor("probe-linear", Horizon(), wrap=True)
+    with pytest.raises(ConfigError, match="wrap"):
+        make_predictor("probe-linear", Horizon(layers_ahead=1), wrap="yes")
+
+
+@pytest.mark.parametrize("name", ["probe-linear", "probe-shared", "probe-mlp"])
+def test_live_scores_equal_the_torch_map(name, synth):
+    """live_scores' numpy product (linear probes) equals the torch map it replaces."""
+    _, gates, train, test = synth
+    p = make_predictor(
+        name, Horizon(layers_ahead=1), **FAST, **({"hidden": 8} if name == "probe-mlp" else {})
+    ).fit(train)
+    h = test.hidden["router_input"]
+    for layer in p.target_layers():
+        src = layer - 1
+        for r in range(3):
+            np.testing.assert_allclose(
+                p.live_scores(layer, h[r, src]), p._group_scores(h[r : r + 1, src], src)[0],
+                rtol=1e-5, atol=1e-7,
+            )  # fmt: skip
+    assert (p._linear_maps() is None) == (name == "probe-mlp")

@@ -482,7 +482,8 @@ class TracePredictorLive:
     """Run a fitted `moelab.predict` Predictor live through its `predict_step(StepContext)` API.
 
     Its horizon decides the target: layers_ahead=d -> (this token, layer + d), asked after layer
-    `layer` routed; tokens_ahead=t -> (token t steps later, same layer). The routing seen so far
+    `layer` routed (a wrapping router-input probe also asks, from the last d layers, for the
+    next token's first d layers); tokens_ahead=t -> (token t steps later, same layer). The routing seen so far
     in this sequence (NO_EXPERT where not yet known) and the current token's router inputs are
     passed as the StepContext.
     """
@@ -507,6 +508,7 @@ class TracePredictorLive:
             and hasattr(predictor, "live_scores")
             and getattr(predictor, "point", None) == "router_input"
         )
+        self._wrap = self._direct and bool(getattr(predictor, "wrap", False))
 
     def bind(self, sites: list[ExpertSite]) -> None:
         """Remember the layer count and k; check they match the predictor."""
@@ -535,7 +537,9 @@ class TracePredictorLive:
             t_layer, t_step = layer, step + self.tokens_ahead
         if self._direct:  # a router-input probe: its map on the current input, no StepContext
             if t_layer >= self._L:
-                return []
+                if not self._wrap:
+                    return []
+                t_layer, t_step = t_layer - self._L, step + 1  # the next token's first layers
             scores = self.predictor.live_scores(t_layer, x[-1].detach().float().cpu().numpy())
         else:
             T, n = int(expert_ids.shape[0]), len(self.token_ids)

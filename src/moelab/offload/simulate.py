@@ -148,16 +148,21 @@ def plan_from_scores(
     layers_ahead: int = 0,
     tokens_ahead: int = 0,
     top: int | None = None,
+    wrap: bool = False,
 ) -> Plan:
     """Turn per-target-layer scores [N, E] (NaN = unavailable) into a per-row plan.
 
-    Spatial d: issued after layer l-d of the same row. Temporal t: issued after layer l of the row
-    t positions earlier in the same document (steps = rows).
+    Spatial d: issued after layer l-d of the same row; with `wrap`, a target layer l < d is
+    issued after layer l - d + L of the previous row in the document (a wrapping HiddenProbe).
+    Temporal t: issued after layer l of the row t positions earlier in the same document
+    (steps = rows).
     """
     k = trace.meta.top_k
     m = top or k
     plan: Plan = {}
     src = None
+    L = trace.meta.num_layers if wrap else 0
+    prev = trace.prev_row() if wrap else None
     if tokens_ahead:
         src = np.arange(trace.num_tokens) - tokens_ahead
         ok = src >= 0
@@ -172,10 +177,12 @@ def plan_from_scores(
                 if src[n] < 0:
                     continue
                 issue = (int(src[n]), layer)
-            else:
-                if layer - layers_ahead < 0:
-                    continue
+            elif layer - layers_ahead >= 0:
                 issue = (int(n), layer - layers_ahead)
+            elif prev is not None and prev[n] >= 0:
+                issue = (int(prev[n]), layer - layers_ahead + L)
+            else:
+                continue
             plan.setdefault(issue, []).append((int(n), layer, order[n].tolist()))
     return plan
 
@@ -183,9 +190,9 @@ def plan_from_scores(
 def plan_from_predictor(predictor: Any, trace: Any, top: int | None = None) -> Plan:
     """Score every target layer of `trace` with a fitted moelab.predict Predictor -> plan."""
     hz = predictor.horizon
-    layers = range(int(hz.layers_ahead), trace.meta.num_layers)
-    scores = {layer: predictor.predict_scores(trace, layer) for layer in layers}
-    return plan_from_scores(trace, scores, int(hz.layers_ahead), int(hz.tokens_ahead), top)
+    scores = {layer: predictor.predict_scores(trace, layer) for layer in predictor.target_layers()}
+    wrap = bool(getattr(predictor, "wrap", False))
+    return plan_from_scores(trace, scores, int(hz.layers_ahead), int(hz.tokens_ahead), top, wrap)
 
 
 def merge_plans(*plans: Plan) -> Plan:

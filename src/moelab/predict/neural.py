@@ -409,7 +409,13 @@ class TokenContextMLP(NeuralPredictor):
 
 # ------------------------------------------------------------------------- (b) hidden probe
 class HiddenProbe(NeuralPredictor):
-    """Layer l's hidden state -> experts at layer l + d (linear or MLP; per layer or shared)."""
+    """Layer l's hidden state -> experts at layer l + d (linear or MLP; per layer or shared).
+
+    wrap=True also maps the last d layers' inputs to the first d layers of the NEXT token of the
+    document (source layer s >= L - d -> target layer s + d - L one token later): in decode those
+    are the loads a same-token probe cannot name, and they are asked for while the current
+    token's last layers still run.
+    """
 
     name = "probe"
     horizon_kinds = ("spatial", "identity")
@@ -420,26 +426,54 @@ class HiddenProbe(NeuralPredictor):
         seed: int = 0,
         point: str = "router_input",
         shared: bool = False,
+        wrap: bool = False,
         **kw: Any,
     ) -> None:
         kw.setdefault("hidden", 0)
         super().__init__(horizon or Horizon(layers_ahead=1), seed, **kw)
         if point not in HIDDEN_POINTS:
             raise ConfigError(f"HiddenProbe: point={point!r}, expected one of {HIDDEN_POINTS}")
-        self.point, self.shared = point, bool(shared)
+        if not isinstance(wrap, bool):
+            raise ConfigError(f"HiddenProbe: wrap={wrap!r}, expected true or false")
+        if wrap and self.horizon.layers_ahead == 0:
+            raise ConfigError("HiddenProbe: wrap=true needs a spatial horizon d >= 1")
+        self.point, self.shared, self.wrap = point, bool(shared), wrap
 
     def describe(self) -> str:
         kind = "linear" if self.hidden == 0 else f"mlp{self.hidden}"
-        return f"probe({kind},{'shared' if self.shared else 'per-layer'}{',resid' if self.point == 'residual' else ''})"
+        return (
+            f"probe({kind},{'shared' if self.shared else 'per-layer'}"
+            f"{',resid' if self.point == 'residual' else ''}{',wrap' if self.wrap else ''})"
+        )
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "point": self.point, "shared": self.shared}
+        return {**super().config(), "point": self.point, "shared": self.shared, "wrap": self.wrap}
+
+    @property
+    def _groups(self) -> int:
+        """Source layers with a map: all L with wrap, else the L - d that have a same-token target."""
+        return self.num_layers if self.wrap else self.num_layers - self.horizon.layers_ahead
+
+    def target_layers(self) -> list[int]:
+        return list(range(self.num_layers)) if self.wrap else super().target_layers()
+
+    def _source(self, layer: int) -> tuple[int, bool]:
+        """(source layer, from the previous token?) of target `layer`."""
+        src = layer - self.horizon.layers_ahead
+        if src >= 0:
+            return src, False
+        if not self.wrap:
+            raise PredictorError(
+                f"{self.describe()}: target layer {layer} has no source layer (horizon"
+                f" d={self.horizon.layers_ahead}, {self.num_layers} MoE layers; wrap=true maps"
+                " the previous token's last layers)"
+            )
+        return src + self.num_layers, True
 
     def _setup(self, train: Trace) -> None:
         require_hidden(train, self.point, self.describe())
         h = train.hidden[self.point]
-        need = self.num_layers - self.horizon.layers_ahead
-        missing = [i for i in range(need) if h.shape[0] and not np.isfinite(h[:, i]).all()]
+        missing = [i for i in range(self._groups) if h.shape[0] and not np.isfinite(h[:, i]).all()]
         if missing:
             raise PredictorError(
                 f"{self.describe()}: hidden states {self.point!r} are missing (NaN) for source MoE"
@@ -448,45 +482,99 @@ class HiddenProbe(NeuralPredictor):
         self.arch = {"d_model": int(train.hidden[self.point].shape[-1])}
 
     def _build(self) -> nn.Module:
-        g = self.num_layers - self.horizon.layers_ahead
         d = self.arch["d_model"]
         if self.shared:
-            return _SharedProbe(g, d, self.num_experts, self.hidden)
-        return _PerLayerProbe(g, d, self.num_experts, self.hidden)
+            return _SharedProbe(self._groups, d, self.num_experts, self.hidden)
+        return _PerLayerProbe(self._groups, d, self.num_experts, self.hidden)
 
     def available(self, trace: Trace, layer: int) -> np.ndarray:
-        base = super().available(trace, layer)
         require_hidden(trace, self.point, self.describe())
-        return base & (hidden_index(trace) >= 0)
+        hi = hidden_index(trace)
+        if self.wrap and layer < self.horizon.layers_ahead:
+            self._check(trace, layer)
+            prev = trace.prev_row()
+            return (prev >= 0) & (hi[np.maximum(prev, 0)] >= 0)
+        return super().available(trace, layer) & (hi >= 0)
 
     def _inputs(self, trace: Trace) -> tuple[dict[str, np.ndarray], np.ndarray]:
         require_hidden(trace, self.point, self.describe())
         hi = hidden_index(trace)
-        d = self.horizon.layers_ahead
-        h = trace.hidden[self.point][:, : self.num_layers - d].astype(np.float32)
+        h = trace.hidden[self.point][:, : self._groups].astype(np.float32)
         x = np.zeros((trace.num_tokens, *h.shape[1:]), np.float32)
         x[hi >= 0] = h[hi[hi >= 0]]
         return {"x": x}, hi >= 0
 
     def _targets(self, trace: Trace) -> np.ndarray:
-        return expert_multi_hot(trace.expert_ids[:, self.horizon.layers_ahead :], self.num_experts)
+        d = self.horizon.layers_ahead
+        same = expert_multi_hot(trace.expert_ids[:, d:], self.num_experts)
+        if not self.wrap:
+            return same
+        # the next token's first d layers; NaN (masked out of the loss) at a document's end
+        prev = trace.prev_row()
+        nxt = np.full(trace.num_tokens, -1, np.int64)
+        nxt[prev[prev >= 0]] = np.flatnonzero(prev >= 0)
+        first = expert_multi_hot(trace.expert_ids[np.maximum(nxt, 0), :d], self.num_experts)
+        first[nxt < 0] = np.nan
+        return np.concatenate([same, first], axis=1)
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.wrap:
+            return super()._loss(out, y)
+        known = ~torch.isnan(y)
+        return nn.functional.binary_cross_entropy_with_logits(out[known], y[known])
 
     def _layer_slot(self, layer: int) -> int:
-        return layer - self.horizon.layers_ahead
+        return self._source(layer)[0]
 
     def live_scores(self, layer: int, hidden: Any) -> np.ndarray:
         """[E] scores at target MoE `layer` from one token's hidden vector (self.point) at the
         source layer: predict_step's answer without building a Trace, for the live prefetch
-        path, where the generic step costs several times the map itself."""
+        path, where the generic step costs several times the map itself. With wrap, a target
+        layer < d is the next token's and `hidden` is the current token's last-layer input."""
         if self.model is None:
             raise PredictorError(f"{self.label}: live_scores before fit() or load()")
-        src = layer - self.horizon.layers_ahead
-        if not 0 <= src < self.num_layers - self.horizon.layers_ahead:
+        if not 0 <= layer < self.num_layers:
             raise PredictorError(
-                f"{self.describe()}: target layer {layer} has no source layer {src} (horizon"
-                f" d={self.horizon.layers_ahead}, {self.num_layers} MoE layers)"
+                f"{self.describe()}: target layer {layer} outside 0..{self.num_layers - 1}"
             )
-        return self._group_scores(np.asarray(hidden, dtype=np.float32).reshape(1, -1), src)[0]
+        src, _ = self._source(layer)
+        x = np.asarray(hidden, dtype=np.float32).reshape(-1)
+        maps = self._linear_maps()
+        if maps is None:  # an MLP probe: torch's map (its GELU)
+            return self._group_scores(x.reshape(1, -1), src)[0]
+        w, b = maps[src]
+        if x.shape[0] != w.shape[0]:
+            raise PredictorError(
+                f"{self.describe()}: hidden vector of size {x.shape[0]}, expected {w.shape[0]}"
+            )
+        return 1.0 / (1.0 + np.exp(-(x @ w + b)))
+
+    def _linear_maps(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Per source layer (W [D, E], b [E]) of a linear probe as numpy arrays, or None for an
+        MLP. In a live decode one call maps a single vector, where numpy's product costs a few
+        microseconds against torch's ~100 (dispatch, threads and GIL hand-offs with the busy
+        prefetch thread)."""
+        if self.hidden != 0:
+            return None
+        key = id(self.model)
+        cached = getattr(self, "_np_maps", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        assert self.model is not None
+        with torch.no_grad():
+            if self.shared:
+                lin = self.model.f.net
+                w = lin.weight.detach().cpu().numpy().T.astype(np.float32)
+                bias = lin.bias.detach().cpu().numpy()
+                lb = self.model.layer_bias.detach().cpu().numpy()
+                maps = [(np.ascontiguousarray(w), (bias + lb[g]).astype(np.float32))
+                        for g in range(lb.shape[0])]  # fmt: skip
+            else:
+                ws = self.model.f.w[0].detach().cpu().numpy().astype(np.float32)
+                bs = self.model.f.b[0].detach().cpu().numpy().astype(np.float32)
+                maps = [(np.ascontiguousarray(ws[g]), bs[g]) for g in range(ws.shape[0])]
+        self._np_maps = (key, maps)
+        return maps
 
     def _group_scores(self, x: np.ndarray, src: int) -> np.ndarray:
         """Sigmoid scores [B, E] of source layer src's map on x [B, D]."""
@@ -499,10 +587,14 @@ class HiddenProbe(NeuralPredictor):
         """Only the target layer's map, on the available rows (no other layer computed)."""
         assert self.model is not None
         rows = np.flatnonzero(avail)
-        src = layer - self.horizon.layers_ahead
+        src, previous = self._source(layer)
+        if previous:
+            rows_src = trace.prev_row()[rows]
+        else:
+            rows_src = rows
         out = np.zeros((trace.num_tokens, self.num_experts), np.float32)
         out[rows] = self._group_scores(
-            trace.hidden[self.point][hidden_index(trace)[rows], src], src
+            trace.hidden[self.point][hidden_index(trace)[rows_src], src], src
         )
         return out
 
