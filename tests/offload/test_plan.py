@@ -402,7 +402,7 @@ def test_predictor_plan_passes_each_window_prefix_to_token_predictors(ctx, monke
     assert plan[(a + 2, 0)] == [(a + 2, 1, [windows[0][2] % 4])] and per_call >= 0
 
 
-def test_live_predictor_cost_measured_and_charged(ctx):
+def test_live_predictor_cost_measured_and_charged(ctx, monkeypatch):
     import dataclasses
 
     from moelab.offload.plan import Machine, measure_predictors, plan_configs
@@ -411,6 +411,18 @@ def test_live_predictor_cost_measured_and_charged(ctx):
     stores = ctx.stores(["full"])
     got = measure_predictors(ctx.load, stores["full"], ev.tokens[0][:8], ["none", "gate"], "ram")
     assert set(got) == {"gate"} and got["gate"] > 0
+    from moelab.offload.store import ExpertStore
+
+    reads = []
+    orig = ExpertStore.read
+    monkeypatch.setattr(
+        ExpertStore, "read", lambda self, *a, **k: reads.append(a) or orig(self, *a, **k)
+    )
+    measure_predictors(ctx.load, stores["full"], ev.tokens[0][:8], ["gate"], "ram")
+    # a quarter of the experts resident: the decode loads while the predictor runs
+    assert len(reads) > ctx.shape.num_layers * max(ctx.shape.top_k, ctx.shape.num_experts // 4)
+    with pytest.raises(ConfigError, match="slots=1"):
+        measure_predictors(ctx.load, stores["full"], ev.tokens[0][:8], ["gate"], "ram", slots=1)
     nb = ctx.shape.expert_bytes("full")
     mem = [("m", 2 * ctx.shape.num_layers * nb)]
     base = Machine({"full": 2e-3}, {"full": 1e-3})

@@ -808,11 +808,15 @@ def measure_predictors(
     tokens: np.ndarray,
     specs: Sequence[str],
     tier: str = "ram",
+    slots: int | None = None,
 ) -> dict[str, float]:
     """Seconds one live predictor call costs a decode, per predictor spec: a teacher-forced
-    all-resident decode of `tokens` through the live path with a Prefetcher running it (tensor
-    conversions, the cache hint and the queue included, which the replay's timing of the
-    predictor alone leaves out); predictor seconds / (decode tokens x MoE layers)."""
+    decode of `tokens` through the live path with a Prefetcher running it (tensor conversions,
+    the cache hint and the queue included, which the replay's timing of the predictor alone
+    leaves out); predictor seconds / (decode tokens x MoE layers). The cache holds `slots`
+    experts per layer (default: a quarter of them, at least top_k) under LRU, so the prefetch
+    thread loads from the store while the predictor runs, as in an offloaded decode: with every
+    expert resident the same calls measured about 0.6x their live cost."""
     from moelab.offload.live import OffloadedModel
 
     out: dict[str, float] = {}
@@ -821,11 +825,17 @@ def measure_predictors(
             continue
         m = load_model()
         shape = model_shape(m)
+        n = max(shape.top_k, shape.num_experts // 4) if slots is None else int(slots)
+        if not shape.top_k <= n <= shape.num_experts:
+            raise ConfigError(
+                f"measure_predictors: slots={n} per layer, expected top_k={shape.top_k} to"
+                f" num_experts={shape.num_experts}"
+            )
         with ExpertStore(store_dir, tier=tier) as st:
-            cache = _all_resident(st, shape)
+            cache = _lru_cache(st, shape, n)
             pf = Prefetcher(st, cache, make_live_predictor(spec))
             with pf, OffloadedModel(m, st, cache, pf) as om:
-                teacher_forced(m, tokens[:4], om)  # warm-up
+                teacher_forced(m, tokens[:4], om)  # warm-up (also fills the buffer pool)
                 om.reset_stats()
                 teacher_forced(m, tokens, om)
                 d = om.stats()["decode"]
