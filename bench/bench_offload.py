@@ -548,28 +548,11 @@ def print_breakdown(variants: dict, runs: dict) -> None:
 
 
 def remeasure(ctx, stores, ev, tier, predictor_seconds=None):
-    """The planner's Machine measured now: reads, compute, misses, background and chunk costs
-    (the live predictor cost per call is taken from the up-front plan)."""
-    from moelab.offload.plan import (
-        Machine,
-        measure_background,
-        measure_chunk_overhead,
-        measure_compute,
-        measure_fill_reads,
-        measure_misses,
-        measure_reads,
-    )
+    """The planner's Machine measured now (moelab.offload.plan.measure_machine); the live
+    predictor cost per call is taken from the up-front plan."""
+    from moelab.offload.plan import measure_machine
 
-    secs, fresh, chunk, used = {}, {}, {}, tier
-    for p, d in stores.items():
-        secs[p], used = measure_reads(d, tier)
-        fresh[p] = measure_fill_reads(d, tier)
-        chunk[p] = measure_chunk_overhead(d, tier)
-    comp = measure_compute(ctx.load, stores, ev.tokens[0][:48], tier=tier)
-    mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
-    miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
-    bg = measure_background(ctx.load, stores["full"], ev.tokens[0][:48], tier)
-    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, dict(predictor_seconds))
+    return measure_machine(ctx.load, stores, ev.tokens[0], tier, (), predictor_seconds)
 
 
 def replan(ctx, machine, row, mem) -> float:

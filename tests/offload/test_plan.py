@@ -434,3 +434,28 @@ def test_live_predictor_cost_measured_and_charged(ctx, monkeypatch):
     # timeline shifts, so which prefetches arrive in time shifts too)
     assert rb.tokens_per_s < 0.5 * ra.tokens_per_s
     assert 1 / rb.tokens_per_s - 1 / ra.tokens_per_s >= 0.8 * 5e-3 * ctx.shape.num_layers
+
+
+def test_measure_machine_fills_every_term(ctx, rep):
+    from moelab.offload.plan import measure_machine
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full", "int8"])
+    m = measure_machine(ctx.load, stores, ev.tokens[0][:16], "ram", ["none", "gate"],
+                        {"prev": 1e-4})  # fmt: skip
+    assert not m.given and m.tier == "ram"
+    for term in (m.seconds_per_expert, m.seconds_per_fresh_read, m.layer_compute,
+                 m.seconds_per_miss):  # fmt: skip
+        assert set(term) == {"full", "int8"} and all(v > 0 for v in term.values())
+    assert set(m.chunk_overhead) == {"full", "int8"} and min(m.chunk_overhead.values()) >= 0
+    assert m.background_overhead >= 0
+    # measured predictors join the given ones; "none" costs nothing and is not listed
+    assert set(m.predictor_seconds) == {"gate", "prev"}
+    assert m.predictor_seconds["prev"] == 1e-4 and m.predictor_seconds["gate"] > 0
+    with pytest.raises(ConfigError, match="no expert store"):
+        measure_machine(ctx.load, {}, ev.tokens[0][:16], "ram")
+    # given bandwidth and compute: nothing measured, no background or predictor cost charged
+    g = rep.machine
+    assert g["given"] and g["background_overhead"] == 0.0 and g["predictor_seconds"] == {}
+    assert g["seconds_per_miss"] == {} and set(g["layer_compute"]) == set(g["seconds_per_expert"])
+    assert all(v == 1e-3 for v in g["layer_compute"].values())

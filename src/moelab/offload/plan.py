@@ -946,6 +946,38 @@ def measure_background(
     return max(0.0, float(np.median(per)))
 
 
+def measure_machine(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    tokens: np.ndarray,
+    tier: str = "auto",
+    predictors: Sequence[str] = (),
+    predictor_seconds: dict[str, float] | None = None,
+) -> Machine:
+    """Every cost the replay charges, measured now on this machine: per store precision the
+    tier's read, a read into fresh memory, the chunk overhead, the per-layer compute and the
+    demand-miss stall; the foreground cost of a background read (on the full store when there is
+    one); and the live cost per call of each of `predictors` (`predictor_seconds`: costs already
+    measured, kept unless measured again here). `tokens`: a held-out window (its first 48
+    tokens are decoded, 24 for the predictors)."""
+    if not stores:
+        raise ConfigError("measure_machine: no expert store to measure")
+    secs, fresh, chunk, used = {}, {}, {}, tier
+    for p, d in stores.items():
+        secs[p], used = measure_reads(d, tier)
+        fresh[p] = measure_fill_reads(d, tier)
+        chunk[p] = measure_chunk_overhead(d, tier)
+    comp = measure_compute(load_model, stores, tokens[:48], tier=tier)
+    mm = measure_misses(load_model, stores, tokens[:48], tier)
+    miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
+    main = stores.get("full") or next(iter(stores.values()))
+    bg = measure_background(load_model, main, tokens[:48], tier)  # shared cores
+    preds = dict(predictor_seconds or {})
+    if predictors:
+        preds.update(measure_predictors(load_model, main, tokens[:24], list(predictors), tier))
+    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, preds)
+
+
 def heldout_ppl(
     load_model: Callable[[], torch.nn.Module], store: Path | None, windows: Sequence[np.ndarray]
 ) -> float:

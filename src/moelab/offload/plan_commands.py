@@ -174,16 +174,9 @@ def make_plan(
     from moelab.offload.plan import (
         PLAN_PRECISIONS,
         PLAN_PREDICTORS,
-        Machine,
         check_memory,
         heldout_ppl,
-        measure_background,
-        measure_chunk_overhead,
-        measure_compute,
-        measure_fill_reads,
-        measure_misses,
-        measure_predictors,
-        measure_reads,
+        measure_machine,
         parse_memory,
         plan_configs,
         split_precision,
@@ -201,34 +194,11 @@ def make_plan(
         check_memory(shape, nbytes, spec)
     stores = ctx.stores(precisions)
     _, ev = ctx.workload.split()
-    secs, fresh, chunk, used_tier = {}, {}, {}, tier
-    for p, d in stores.items():
-        if bandwidth is not None:
-            if bandwidth <= 0:
-                raise ConfigError(f"--bandwidth {bandwidth}: must be > 0 bytes/s")
-            secs[p] = shape.expert_bytes(p) / bandwidth
-        else:
-            secs[p], used_tier = measure_reads(d, tier)
-            fresh[p] = measure_fill_reads(d, tier)
-            chunk[p] = measure_chunk_overhead(d, tier)
-    if layer_compute is not None:
-        if layer_compute <= 0:
-            raise ConfigError(f"--layer-compute {layer_compute}: must be > 0 seconds")
-        comp = dict.fromkeys(stores, layer_compute)
-    else:
-        comp = measure_compute(ctx.load, stores, ev.tokens[0][:48], tier=tier)
-    miss, bg = {}, 0.0
-    if bandwidth is None:  # what a demand miss stalls the live path (given bandwidth: as given)
-        mm = measure_misses(ctx.load, stores, ev.tokens[0][:48], tier)
-        miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
-    preds_live = {}
     if bandwidth is None and layer_compute is None:
-        main_store = stores.get("full") or next(iter(stores.values()))
-        bg = measure_background(ctx.load, main_store, ev.tokens[0][:48], tier)  # shared cores
-        preds_live = measure_predictors(ctx.load, main_store, ev.tokens[0][:24],
-                                        predictors or list(PLAN_PREDICTORS), tier)  # fmt: skip
-    machine = Machine(secs, comp, used_tier, bandwidth is not None or layer_compute is not None,
-                      miss, fresh, bg, chunk, preds_live)  # fmt: skip
+        machine = measure_machine(ctx.load, stores, ev.tokens[0], tier,
+                                  predictors or list(PLAN_PREDICTORS))  # fmt: skip
+    else:
+        machine = _given_machine(ctx, stores, ev.tokens[0], tier, bandwidth, layer_compute)
     base = heldout_ppl(ctx.load, None, ev.tokens)
     ppl = {p: heldout_ppl(ctx.load, d, ev.tokens) / base for p, d in stores.items()}
 
@@ -246,6 +216,49 @@ def make_plan(
     rep.machine["heldout_ppl_full"] = base
     rep.machine["ppl_ratio"] = ppl
     return rep
+
+
+def _given_machine(
+    ctx: Context,
+    stores: dict[str, Path],
+    tokens: Any,
+    tier: str,
+    bandwidth: float | None,
+    layer_compute: float | None,
+) -> Any:
+    """The Machine when --bandwidth or --layer-compute is given: what is given replaces its
+    measurement (a given bandwidth also replaces the fresh-read, chunk and demand-miss
+    measurements); no background-read or live predictor costs are charged."""
+    from moelab.offload.plan import (
+        Machine,
+        measure_chunk_overhead,
+        measure_compute,
+        measure_fill_reads,
+        measure_misses,
+        measure_reads,
+    )
+
+    secs, fresh, chunk, used_tier = {}, {}, {}, tier
+    for p, d in stores.items():
+        if bandwidth is not None:
+            if bandwidth <= 0:
+                raise ConfigError(f"--bandwidth {bandwidth}: must be > 0 bytes/s")
+            secs[p] = ctx.shape.expert_bytes(p) / bandwidth
+        else:
+            secs[p], used_tier = measure_reads(d, tier)
+            fresh[p] = measure_fill_reads(d, tier)
+            chunk[p] = measure_chunk_overhead(d, tier)
+    if layer_compute is not None:
+        if layer_compute <= 0:
+            raise ConfigError(f"--layer-compute {layer_compute}: must be > 0 seconds")
+        comp = dict.fromkeys(stores, layer_compute)
+    else:
+        comp = measure_compute(ctx.load, stores, tokens[:48], tier=tier)
+    miss = {}
+    if bandwidth is None:  # what a demand miss stalls the live path (given bandwidth: as given)
+        mm = measure_misses(ctx.load, stores, tokens[:48], tier)
+        miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
+    return Machine(secs, comp, used_tier, True, miss, fresh, 0.0, chunk, {})
 
 
 def plan_json(rep) -> dict[str, Any]:
