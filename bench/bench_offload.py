@@ -347,7 +347,7 @@ def main_testbed(args) -> None:
     """Issue 17 targets on the large-expert testbed (see the module docstring)."""
     import sys
 
-    from moelab.offload.plan import run_live
+    from moelab.offload.measure import run_live
     from moelab.offload.plan_commands import Context, make_plan
     from moelab.offload.testbed import build_testbed
 
@@ -410,7 +410,7 @@ def main_testbed(args) -> None:
     counts = usage_counts(calib.expert_ids, info.num_experts)
     # reference greedy predictions (all-resident) for the identity check
     base = ctx.load()
-    from moelab.offload.plan import teacher_forced
+    from moelab.offload.measure import teacher_forced
 
     ref = [teacher_forced(base, w)[0] for w in ev.tokens]
     variants: dict[str, tuple] = {}
@@ -548,9 +548,9 @@ def print_breakdown(variants: dict, runs: dict) -> None:
 
 
 def remeasure(ctx, stores, ev, tier, predictor_seconds=None):
-    """The planner's Machine measured now (moelab.offload.plan.measure_machine); the live
+    """The planner's Machine measured now (moelab.offload.measure.measure_machine); the live
     predictor cost per call is taken from the up-front plan."""
-    from moelab.offload.plan import measure_machine
+    from moelab.offload.measure import measure_machine
 
     return measure_machine(ctx.load, stores, ev.tokens[0], tier, (), predictor_seconds)
 

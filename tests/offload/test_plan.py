@@ -207,7 +207,7 @@ def test_cli_plan_and_refusals(ctx, capsys, monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- machine terms
 def test_live_path_miss_and_fill_are_measured(ctx):
-    from moelab.offload.plan import measure_fill_reads, measure_misses, measure_reads
+    from moelab.offload.measure import measure_fill_reads, measure_misses, measure_reads
 
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full", "int8"])
@@ -295,7 +295,7 @@ def test_machine_fill_overhead_is_the_measured_difference(ctx):
 def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx):
     import numpy as np
 
-    from moelab.offload.plan import measure_background
+    from moelab.offload.measure import measure_background
 
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full"])
@@ -323,7 +323,8 @@ def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx
 
 
 def test_chunk_overhead_measured_and_passed_to_the_replay(ctx):
-    from moelab.offload.plan import Machine, measure_chunk_overhead
+    from moelab.offload.measure import measure_chunk_overhead
+    from moelab.offload.plan import Machine
 
     stores = ctx.stores(["full"])
     nb = ctx.shape.expert_bytes("full")
@@ -405,7 +406,8 @@ def test_predictor_plan_passes_each_window_prefix_to_token_predictors(ctx, monke
 def test_live_predictor_cost_measured_and_charged(ctx, monkeypatch):
     import dataclasses
 
-    from moelab.offload.plan import Machine, measure_predictors, plan_configs
+    from moelab.offload.measure import measure_predictors
+    from moelab.offload.plan import Machine, plan_configs
 
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full"])
@@ -437,7 +439,7 @@ def test_live_predictor_cost_measured_and_charged(ctx, monkeypatch):
 
 
 def test_measure_machine_fills_every_term(ctx, rep):
-    from moelab.offload.plan import measure_machine
+    from moelab.offload.measure import measure_machine
 
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full", "int8"])

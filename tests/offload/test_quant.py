@@ -146,7 +146,7 @@ def test_quantised_experts_compute_like_dequantised_weights(tmp_path, prec):
 
 @needs_int4
 def test_standin_serves_misses_and_counts_add_up(tmp_path):
-    from moelab.offload.plan import teacher_forced
+    from moelab.offload.measure import teacher_forced
 
     m, ref = tiny_model(), tiny_model()
     full = ExpertStore.write(m, tmp_path / "full")

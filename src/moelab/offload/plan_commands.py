@@ -52,7 +52,8 @@ class Context:
 
     def stores(self, precisions: list[str]) -> dict[str, Path]:
         """Expert stores of the store precisions these plan precisions need."""
-        from moelab.offload.plan import ensure_store, split_precision
+        from moelab.offload.measure import ensure_store
+        from moelab.offload.plan import split_precision
 
         need = []
         for p in precisions:
@@ -171,12 +172,11 @@ def make_plan(
     ctx: Context | None = None,
 ):
     """Measure (or take) the machine, replay every configuration -> PlanReport."""
+    from moelab.offload.measure import heldout_ppl, measure_machine
     from moelab.offload.plan import (
         PLAN_PRECISIONS,
         PLAN_PREDICTORS,
         check_memory,
-        heldout_ppl,
-        measure_machine,
         parse_memory,
         plan_configs,
         split_precision,
@@ -229,14 +229,14 @@ def _given_machine(
     """The Machine when --bandwidth or --layer-compute is given: what is given replaces its
     measurement (a given bandwidth also replaces the fresh-read, chunk and demand-miss
     measurements); no background-read or live predictor costs are charged."""
-    from moelab.offload.plan import (
-        Machine,
+    from moelab.offload.measure import (
         measure_chunk_overhead,
         measure_compute,
         measure_fill_reads,
         measure_misses,
         measure_reads,
     )
+    from moelab.offload.plan import Machine
 
     secs, fresh, chunk, used_tier = {}, {}, {}, tier
     for p, d in stores.items():
@@ -345,7 +345,8 @@ def run_config(
 ) -> dict[str, Any]:
     """Live teacher-forced decode of `windows` evaluation windows with one configuration."""
     from moelab.offload.cache import usage_counts
-    from moelab.offload.plan import check_memory, parse_memory, run_live, split_precision
+    from moelab.offload.measure import run_live
+    from moelab.offload.plan import check_memory, parse_memory, split_precision
 
     split_precision(precision)
     if windows < 1:
@@ -367,7 +368,7 @@ def run_config(
     ref = None
     out: dict[str, Any] = {}
     if compare:
-        from moelab.offload.plan import teacher_forced
+        from moelab.offload.measure import teacher_forced
 
         m = ctx.load()
         ref_lp, ref = [], []

@@ -1,0 +1,425 @@
+"""Live measurement for the offload planner: what each cost the replay charges takes on this
+machine (a tier's read, a read into fresh memory, a stoppable read's chunks, per-layer compute,
+a demand miss, a background load, a live predictor call: `measure_machine` takes them all), the
+expert stores those reads come from, and live decodes that check a plan (`run_live`, the same
+code path as `moelab generate`; `heldout_ppl` of a store's precision).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moelab.errors import ConfigError, OffloadError
+from moelab.offload.cache import ExpertCache
+from moelab.offload.plan import Machine, ModelShape, make_cache, model_shape, split_precision
+from moelab.offload.prefetch import PREFETCH_CHUNK_BYTES, Prefetcher, make_live_predictor
+from moelab.offload.store import ExpertStore
+
+
+def ensure_store(model: torch.nn.Module, root: Path, precision: str) -> Path:
+    """The expert store of `precision` under root/<precision>, written if missing or stale."""
+    d = Path(root) / precision
+    if (d / "manifest.json").exists():
+        try:
+            with ExpertStore(d, tier="ram") as st:
+                from moelab.offload.sites import require_sites
+
+                st.check_model(require_sites(model))
+            return d
+        except OffloadError:
+            pass
+    ExpertStore.write(model, d, precision=precision)
+    return d
+
+
+def measure_reads(store_dir: Path, tier: str = "auto", reads: int = 24) -> tuple[float, str]:
+    """Median seconds of one expert read from the tier, and the tier used."""
+    with ExpertStore(store_dir, tier=tier) as st:
+        st.read(0, 0)
+        return float(st.measure(reads=reads)["seconds_per_expert"]), st.tier
+
+
+def measure_chunk_overhead(
+    store_dir: Path, tier: str = "auto", chunk: int = PREFETCH_CHUNK_BYTES, reads: int = 12
+) -> float:
+    """Extra seconds per chunk when an expert is read in `chunk`-byte pieces (as the prefetcher
+    reads, so that a wrong prefetch can be stopped) instead of one call: the same experts read
+    both ways, interleaved; median difference / (pieces - 1), >= 0; 0 for one-piece experts."""
+    if reads < 1:
+        raise ConfigError(f"measure_chunk_overhead: reads={reads} must be >= 1")
+    rng = np.random.default_rng(2)
+    diffs = []
+    with ExpertStore(store_dir, tier=tier) as st:
+        pieces = -(-st.expert_nbytes(0) // chunk) if chunk else 1
+        if pieces <= 1:
+            return 0.0
+        st.read(0, 0)
+        for _ in range(reads):
+            layer = int(rng.integers(st.num_layers))
+            e = int(rng.integers(st.num_experts[layer]))
+            t0 = time.perf_counter()
+            st.read(layer, e)
+            t1 = time.perf_counter()
+            st.read(layer, e, chunk=chunk, abort=lambda: False)
+            diffs.append(time.perf_counter() - t1 - (t1 - t0))
+    return max(0.0, float(np.median(diffs)) / (pieces - 1))
+
+
+def measure_fill_reads(store_dir: Path, tier: str = "auto", reads: int = 8) -> float:
+    """Median seconds of one expert read from the tier into memory not used before (every result
+    is held, so the store's buffer pool allocates for each): what a load that fills a free cache
+    slot costs live, page faults of the fresh buffer included."""
+    if reads < 1:
+        raise ConfigError(f"measure_fill_reads: reads={reads} must be >= 1")
+    rng = np.random.default_rng(1)
+    held, times = [], []
+    with ExpertStore(store_dir, tier=tier) as st:
+        held.append(st.read(0, 0))  # opens the files; its buffer stays held
+        n0 = st.buffers.allocated
+        for _ in range(reads):
+            layer = int(rng.integers(st.num_layers))
+            e = int(rng.integers(st.num_experts[layer]))
+            t0 = time.perf_counter()
+            held.append(st.read(layer, e))
+            times.append(time.perf_counter() - t0)
+        if st.buffers.allocated - n0 != reads:
+            raise OffloadError(
+                f"measure_fill_reads: {st.buffers.allocated - n0} of {reads} reads went into fresh"
+                " buffers; the measurement needs every one fresh"
+            )
+    return float(np.median(times))
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: torch.nn.Module, tokens: np.ndarray, om: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a window token by token with a KV cache (prefill = its first token) -> (greedy
+    predictions [S], log-probabilities of the true next tokens [S-1])."""
+    from moelab.models import KVCache
+
+    if not (hasattr(model, "cfg") and hasattr(model, "blocks")):
+        raise OffloadError("teacher-forced decode supports moelab models; use `moelab generate`")
+    if om is not None:
+        om.new_sequence()
+    kv = KVCache()
+    x = torch.as_tensor(tokens, dtype=torch.long)[None]
+    preds, lps = [], []
+    for i in range(x.shape[1]):
+        logits = model(x[:, i : i + 1], cache=kv).logits[0, -1].float()
+        preds.append(int(logits.argmax()))
+        if i + 1 < x.shape[1]:
+            lps.append(float(torch.log_softmax(logits, -1)[x[0, i + 1]]))
+    return torch.tensor(preds), torch.tensor(lps)
+
+
+def _lru_cache(st: ExpertStore, shape: ModelShape, slots: int) -> ExpertCache:
+    """An LRU ExpertCache of `slots` experts per layer over the experts of `st`."""
+    return ExpertCache(slots, "lru", num_layers=shape.num_layers, num_experts=shape.num_experts,
+                       expert_bytes=st.expert_nbytes(0), top_k=shape.top_k)  # fmt: skip
+
+
+def _all_resident(st: ExpertStore, shape: ModelShape) -> ExpertCache:
+    """An LRU ExpertCache holding every expert of `st`, read in up front (no misses)."""
+    cache = _lru_cache(st, shape, shape.num_experts)
+    for layer in range(shape.num_layers):
+        for e in range(shape.num_experts):
+            cache.preload((layer, e), st.read(layer, e))
+    return cache
+
+
+def measure_compute(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    tokens: np.ndarray,
+    repeats: int = 3,
+    tier: str = "ram",
+) -> dict[str, float]:
+    """Seconds per MoE layer per decode token with every expert in the cache, per precision
+    (hooks, attention and the weight-only kernels included, as a live run pays them): the
+    median of `repeats` teacher-forced decodes of `tokens` after a warm-up. The experts are read
+    from the store on `tier` (the live run's tier gives the live run's buffers and layout)."""
+    if repeats < 1:
+        raise ConfigError(f"measure_compute: repeats={repeats} must be >= 1")
+    out = {}
+    for prec, d in stores.items():
+        m = load_model()
+        with ExpertStore(d, tier=tier) as st:
+            shape = model_shape(m)
+            cache = _all_resident(st, shape)
+            from moelab.offload.live import OffloadedModel
+
+            with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+                teacher_forced(m, tokens[:4], om)  # warm-up
+                per_layer = []
+                for _ in range(repeats):  # median: one decode pays first-touch costs
+                    om.reset_stats()
+                    teacher_forced(m, tokens, om)
+                    d = om.stats()["decode"]
+                    per_layer.append(d["seconds"] / max(d["tokens"], 1) / shape.num_layers)
+                out[prec] = float(np.median(per_layer))
+    return out
+
+
+def measure_predictors(
+    load_model: Callable[[], torch.nn.Module],
+    store_dir: Path,
+    tokens: np.ndarray,
+    specs: Sequence[str],
+    tier: str = "ram",
+    slots: int | None = None,
+) -> dict[str, float]:
+    """Seconds one live predictor call costs a decode, per predictor spec: a teacher-forced
+    decode of `tokens` through the live path with a Prefetcher running it (tensor conversions,
+    the cache hint and the queue included, which the replay's timing of the predictor alone
+    leaves out); predictor seconds / (decode tokens x MoE layers). The cache holds `slots`
+    experts per layer (default: a quarter of them, at least top_k) under LRU, so the prefetch
+    thread loads from the store while the predictor runs, as in an offloaded decode: with every
+    expert resident the same calls measured about 0.6x their live cost."""
+    from moelab.offload.live import OffloadedModel
+
+    out: dict[str, float] = {}
+    for spec in specs:
+        if spec == "none":
+            continue
+        m = load_model()
+        shape = model_shape(m)
+        n = max(shape.top_k, shape.num_experts // 4) if slots is None else int(slots)
+        if not shape.top_k <= n <= shape.num_experts:
+            raise ConfigError(
+                f"measure_predictors: slots={n} per layer, expected top_k={shape.top_k} to"
+                f" num_experts={shape.num_experts}"
+            )
+        with ExpertStore(store_dir, tier=tier) as st:
+            cache = _lru_cache(st, shape, n)
+            pf = Prefetcher(st, cache, make_live_predictor(spec))
+            with pf, OffloadedModel(m, st, cache, pf) as om:
+                teacher_forced(m, tokens[:4], om)  # warm-up (also fills the buffer pool)
+                om.reset_stats()
+                teacher_forced(m, tokens, om)
+                d = om.stats()["decode"]
+        out[spec] = float(d["predictor_seconds"]) / max(d["tokens"] * shape.num_layers, 1)
+    return out
+
+
+def measure_misses(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    tokens: np.ndarray,
+    tier: str = "auto",
+    repeats: int = 3,
+) -> dict[str, dict[str, float]]:
+    """What a demand miss costs a live decode, per store precision: teacher-forced decodes of
+    `tokens` through the live path (OffloadedModel, Prefetcher without predictor, an LRU
+    ExpertCache of top_k experts per layer, the store on `tier`) after a warm-up decode that also
+    fills the store's buffer pool. Per decode: stall seconds / demand misses (one read into a
+    recycled buffer between computations, cache insert and eviction: what back-to-back reads of
+    one buffer, measure_reads, understate) and non-stall seconds per MoE layer; medians over
+    `repeats` decodes -> {precision: {"seconds_per_miss", "layer_seconds", "misses_per_token"}}."""
+    if repeats < 1:
+        raise ConfigError(f"measure_misses: repeats={repeats} must be >= 1")
+    from moelab.offload.live import OffloadedModel
+
+    out = {}
+    for prec, d in stores.items():
+        m = load_model()
+        shape = model_shape(m)
+        with ExpertStore(d, tier=tier) as st:
+            cache = _lru_cache(st, shape, shape.top_k)
+            with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+                teacher_forced(m, tokens[:8], om)  # warm-up: model, kernels, buffer pool
+                per_miss, per_layer, rate = [], [], []
+                for _ in range(repeats):
+                    om.reset_stats()
+                    teacher_forced(m, tokens, om)
+                    dd = om.stats()["decode"]
+                    if dd["misses"] < 1 or dd["tokens"] < 1:
+                        raise OffloadError(
+                            f"measure_misses ({prec}): the calibration decode had no misses"
+                        )
+                    per_miss.append(dd["stall_seconds"] / dd["misses"])
+                    per_layer.append(
+                        (dd["seconds"] - dd["stall_seconds"]) / dd["tokens"] / shape.num_layers
+                    )
+                    rate.append(dd["misses"] / dd["tokens"])
+        out[prec] = {
+            "seconds_per_miss": float(np.median(per_miss)),
+            "layer_seconds": float(np.median(per_layer)),
+            "misses_per_token": float(np.median(rate)),
+        }
+    return out
+
+
+def measure_background(
+    load_model: Callable[[], torch.nn.Module],
+    store_dir: Path,
+    tokens: np.ndarray,
+    tier: str = "auto",
+    repeats: int = 2,
+) -> float:
+    """Foreground seconds one background expert load costs a live decode (the prefetch thread's
+    reads share the cores with compute): all-resident decodes of `tokens` through the live path,
+    alternately alone and while a thread reads experts from the store on `tier` back to back;
+    (busy - alone) decode seconds / reads done meanwhile, median over `repeats` pairs (>= 0)."""
+    import threading
+
+    from moelab.offload.live import OffloadedModel
+
+    if repeats < 1:
+        raise ConfigError(f"measure_background: repeats={repeats} must be >= 1")
+    m = load_model()
+    shape = model_shape(m)
+    per = []
+    with ExpertStore(store_dir, tier=tier) as st, ExpertStore(store_dir, tier=tier) as bg:
+        cache = _all_resident(st, shape)
+        with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+            teacher_forced(m, tokens[:8], om)  # warm-up
+            bg.read(0, 0)
+
+            def decode() -> float:
+                om.reset_stats()
+                teacher_forced(m, tokens, om)
+                return float(om.stats()["decode"]["seconds"])
+
+            for _ in range(repeats):
+                alone = decode()
+                stop, n = threading.Event(), [0]
+
+                def reader(stop: threading.Event = stop, n: list[int] = n) -> None:
+                    rng = np.random.default_rng(0)
+                    while not stop.is_set():
+                        layer = int(rng.integers(bg.num_layers))
+                        bg.read(layer, int(rng.integers(bg.num_experts[layer])))
+                        n[0] += 1
+
+                th = threading.Thread(target=reader, daemon=True)
+                th.start()
+                n0 = n[0]
+                busy = decode()
+                reads = n[0] - n0
+                stop.set()
+                th.join()
+                if reads < 1:
+                    raise OffloadError("measure_background: no background read finished")
+                per.append((busy - alone) / reads)
+    return max(0.0, float(np.median(per)))
+
+
+def measure_machine(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    tokens: np.ndarray,
+    tier: str = "auto",
+    predictors: Sequence[str] = (),
+    predictor_seconds: dict[str, float] | None = None,
+) -> Machine:
+    """Every cost the replay charges, measured now on this machine: per store precision the
+    tier's read, a read into fresh memory, the chunk overhead, the per-layer compute and the
+    demand-miss stall; the foreground cost of a background read (on the full store when there is
+    one); and the live cost per call of each of `predictors` (`predictor_seconds`: costs already
+    measured, kept unless measured again here). `tokens`: a held-out window (its first 48
+    tokens are decoded, 24 for the predictors)."""
+    if not stores:
+        raise ConfigError("measure_machine: no expert store to measure")
+    secs, fresh, chunk, used = {}, {}, {}, tier
+    for p, d in stores.items():
+        secs[p], used = measure_reads(d, tier)
+        fresh[p] = measure_fill_reads(d, tier)
+        chunk[p] = measure_chunk_overhead(d, tier)
+    comp = measure_compute(load_model, stores, tokens[:48], tier=tier)
+    mm = measure_misses(load_model, stores, tokens[:48], tier)
+    miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
+    main = stores.get("full") or next(iter(stores.values()))
+    bg = measure_background(load_model, main, tokens[:48], tier)  # shared cores
+    preds = dict(predictor_seconds or {})
+    if predictors:
+        preds.update(measure_predictors(load_model, main, tokens[:24], list(predictors), tier))
+    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, preds)
+
+
+def heldout_ppl(
+    load_model: Callable[[], torch.nn.Module], store: Path | None, windows: Sequence[np.ndarray]
+) -> float:
+    """Held-out perplexity (full-sequence forward of each window) with every expert served from
+    `store` (None: the model's own weights)."""
+    from moelab.offload.live import OffloadedModel
+
+    m = load_model()
+    nll, n = 0.0, 0
+    ctx = None
+    if store is not None:
+        st = ExpertStore(store, tier="ram")
+        shape = model_shape(m)
+        cache = _all_resident(st, shape)
+        ctx = OffloadedModel(m, st, cache, Prefetcher(st, cache, None))
+    try:
+        with torch.no_grad():
+            for w in windows:
+                x = torch.as_tensor(w, dtype=torch.long)[None]
+                if ctx is not None:
+                    ctx.new_sequence()
+                lp = torch.log_softmax(m(x).logits[0, :-1].float(), -1)
+                nll -= float(lp.gather(1, x[0, 1:, None]).sum())
+                n += x.shape[1] - 1
+    finally:
+        if ctx is not None:
+            ctx.close()
+            ctx.prefetcher.close()
+            ctx.store.close()
+    return math.exp(nll / max(n, 1))
+
+
+# --------------------------------------------------------------------------- live
+def run_live(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    windows: Sequence[np.ndarray],
+    precision: str,
+    policy: str,
+    predictor: str,
+    slots: int,
+    tier: str = "auto",
+    counts: np.ndarray | None = None,
+    reference: Sequence[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Teacher-forced live decode of `windows` with the configuration; decode stats, held-out
+    perplexity of the decoded tokens, and (with `reference` greedy predictions) identity."""
+    from moelab.offload.live import OffloadedModel
+
+    main, low = split_precision(precision)
+    model = load_model()
+    shape = model_shape(model)
+    st = ExpertStore(stores[main], tier=tier)
+    sub = ExpertStore(stores[low], tier="ram") if low else None
+    cache = make_cache(policy, slots, shape, st.expert_nbytes(0), counts)
+    pf = Prefetcher(st, cache, make_live_predictor(predictor))
+    om = OffloadedModel(model, st, cache, pf, standin=sub)
+    preds, lps = [], []
+    try:
+        for w in windows:
+            p, lp = teacher_forced(model, w, om)
+            preds.append(p)
+            lps.append(lp)
+        s = om.stats()
+    finally:
+        om.close()
+        pf.close()
+        st.close()
+        if sub is not None:
+            sub.close()
+    lp = torch.cat(lps)
+    s["ppl"] = float(torch.exp(-lp.mean()))
+    s["predictions"] = preds
+    if reference is not None:
+        s["identical"] = all(torch.equal(a, b) for a, b in zip(preds, reference, strict=True))
+        s["agreement"] = float(
+            torch.cat([(a == b).float() for a, b in zip(preds, reference, strict=True)]).mean()
+        )
+    return s
