@@ -56,7 +56,13 @@ def test_two_processes_union_equals_single(tmp_path: Path) -> None:
         "hidden_rows",
     ):
         np.testing.assert_array_equal(getattr(multi, key), getattr(single, key), err_msg=key)
-    np.testing.assert_array_equal(multi.hidden["router_input"], single.hidden["router_input"])
+    # the side store keeps hidden states in float16; a rank batches other documents together
+    # than the single process, and a value that lands on a rounding boundary may differ by one
+    # float16 unit (seen once in a fresh clone: 1 of 4928 values, 6.02e-5 vs 6.01e-5)
+    a, b = multi.hidden["router_input"], single.hidden["router_input"]
+    assert a.dtype == b.dtype == np.float16 and a.shape == b.shape
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2**-10, atol=2**-24)
+    assert np.mean(a != b) < 1e-3  # a rounding flip, not a different computation
 
 
 def test_bare_cuda_maps_to_the_local_rank(monkeypatch):
