@@ -28,7 +28,9 @@ at full precision in interleaved repeats; ratios against LRU are per repeat, med
 min-max spread; the planner's predicted tokens/s is set beside the live median. A second
 table splits each variant's decode time per token into load stalls, the live predictor's path
 and the rest (medians over repeats). The variants run in one order on even repeats and in the
-reverse order on odd ones.
+reverse order on odd ones. `--threads N` plans and decodes with N torch compute threads (0 = every
+core); below the core count, plain LRU also runs at every core ("lru@all-cores", a reference
+the planner does not predict), and each prefetch variant is set against it as well.
   .venv/bin/python bench/bench_offload.py --testbed runs/offload-testbed --repeats 3 --windows 2
 """
 
@@ -361,8 +363,13 @@ def main_testbed(args) -> None:
         help="live predictors the plan tries (default: plan.PLAN_PREDICTORS); a saved "
         "`moelab predict fit` directory fitted on the testbed model's train-split trace works too",
     )
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch compute threads of the plan and the live runs (0 = every core)")  # fmt: skip
     extra, _ = ap.parse_known_args(sys.argv[1:])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from moelab.offload.plan_commands import use_threads
+
+    all_cores = use_threads(0)
+    threads = use_threads(extra.threads)
     if not (args.testbed / "testbed.json").exists():
         print(f"building the testbed in {args.testbed} ({args.steps} steps) ...", flush=True)
         build_testbed(args.testbed, steps=args.steps)
@@ -396,7 +403,7 @@ def main_testbed(args) -> None:
     print(f"testbed {args.testbed}: L={info.num_layers} E={info.num_experts} k={info.top_k}, expert "
           f"{info.expert_bytes('full') / 1e6:.2f} MB full / {info.expert_bytes('int8') / 1e6:.2f} int8 / "
           f"{info.expert_bytes('int4') / 1e6:.2f} int4; all experts {info.full_bytes / 1e6:.0f} MB; "
-          f"tier {m['tier']}; plan took {plan_s:.0f} s")  # fmt: skip
+          f"tier {m['tier']}; {threads} of {all_cores} cores compute; plan took {plan_s:.0f} s")  # fmt: skip
     from moelab.offload.plan_commands import machine_line
 
     print("measured: " + machine_line(m))
@@ -435,6 +442,9 @@ def main_testbed(args) -> None:
             pick["best-standin"] = stand[0]
         for name, r in pick.items():
             variants[f"{mem} {name}"] = (r, mem)
+        if threads < all_cores:  # the reference at every core: what one thread gives up, if any
+            variants[f"{mem} lru@all-cores"] = (pick["lru"], mem)
+    ref_cores = {v for v in variants if v.endswith("lru@all-cores")}
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     planned: dict[str, list[float]] = {v: [] for v in variants}
     for rep_i in range(extra.repeats):
@@ -443,13 +453,15 @@ def main_testbed(args) -> None:
         mach = remeasure(ctx, stores, ev, extra.tier, m.get("predictor_seconds") or {})
         print(f"  repeat {rep_i} machine: {machine_line(asdict(mach))}", flush=True)
         for v, (r, mem) in variants.items():
-            planned[v].append(replan(ctx, mach, r, mem))
+            planned[v].append(float("nan") if v in ref_cores else replan(ctx, mach, r, mem))
         # forward on even repeats, reversed on odd ones: a drift of the machine within a repeat
         # then favours no variant (a fixed order put the same rows late in every repeat)
         order = list(variants.items())
         for v, (r, _mem) in order if rep_i % 2 == 0 else order[::-1]:
+            torch.set_num_threads(all_cores if v in ref_cores else threads)
             s = run_live(ctx.load, stores, ev.tokens, r.precision, r.policy, r.predictor, r.slots,
                          extra.tier, counts, ref)  # fmt: skip
+            torch.set_num_threads(threads)
             s.pop("predictions")
             runs[v].append(s)
             print(f"  repeat {rep_i} {v:>26} ({r.precision} {r.policy} {r.predictor}): "
@@ -482,10 +494,13 @@ def main_testbed(args) -> None:
             "planned_per_repeat": planned[v], "planned_over_live_same_repeat": statistics.median(same_repeat),
             "ratio_vs_lru": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)],
             "ppl_ratio_vs_full": ppl, "identical": ident, "runs": runs[v],
+            "threads": all_cores if v in ref_cores else threads,
         }  # fmt: skip
+        planned_s = "-" if v in ref_cores else f"{r.tokens_per_s:.2f}"
+        over_s = "-" if v in ref_cores else f"{r.tokens_per_s / live:.2f}"
+        same_s = "-" if v in ref_cores else f"{statistics.median(same_repeat):.2f}"
         print(f"| {mem} | {v.split(' ', 1)[1]} | {r.precision} | {r.policy} | {r.predictor} | {r.slots} | "
-              f"{live:.2f} | {r.tokens_per_s:.2f} | {r.tokens_per_s / live:.2f} | "
-              f"{statistics.median(same_repeat):.2f} | {med(v, 'hit_rate'):.3f} | "
+              f"{live:.2f} | {planned_s} | {over_s} | {same_s} | {med(v, 'hit_rate'):.3f} | "
               f"{med(v, 'bytes_per_token') / 1e6:.2f} | {med(v, 'standin_rate'):.3f} | {ppl:.4f} | {ident} | "
               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
     print_breakdown(variants, runs)
@@ -500,16 +515,15 @@ def main_testbed(args) -> None:
                 print(f"  {mem}: {name} ({x['config']['policy']}+{x['config']['predictor']}) {x['ratio_vs_lru']:.2f}x LRU "
                       f"(spread {x['ratio_spread'][0]:.2f}-{x['ratio_spread'][1]:.2f}; target >= 1.15 where loads "
                       "can be hidden, else not slower beyond the spread)")  # fmt: skip
-        errs = [
-            abs(x["planned_tokens_per_s"] / x["live_tokens_per_s"] - 1)
-            for k, x in results.items()
-            if k.startswith(mem)
-        ]
-        same = [
-            abs(x["planned_over_live_same_repeat"] - 1)
-            for k, x in results.items()
-            if k.startswith(mem)
-        ]
+                if f"{mem} lru@all-cores" in runs:
+                    rs = [a["decode"]["tokens_per_s"] / b["decode"]["tokens_per_s"] for a, b in
+                          zip(runs[f"{mem} {name}"], runs[f"{mem} lru@all-cores"], strict=True)]  # fmt: skip
+                    x["ratio_vs_lru_all_cores"] = statistics.median(rs)
+                    print(f"  {mem}: {name} at {threads} thread(s) {statistics.median(rs):.2f}x LRU at all "
+                          f"{all_cores} cores (spread {min(rs):.2f}-{max(rs):.2f})")  # fmt: skip
+        planned_rows = [x for k, x in results.items() if k.startswith(mem) and k not in ref_cores]
+        errs = [abs(x["planned_tokens_per_s"] / x["live_tokens_per_s"] - 1) for x in planned_rows]
+        same = [abs(x["planned_over_live_same_repeat"] - 1) for x in planned_rows]
         print(
             f"  {mem}: planner vs live tokens/s: max |planned/live - 1| = {max(errs):.1%} with the plan"
             f" made before the live runs, {max(same):.1%} with the machine measured again in each"
@@ -517,7 +531,8 @@ def main_testbed(args) -> None:
         )
     extra.out.mkdir(parents=True, exist_ok=True)
     (extra.out / "results.json").write_text(json.dumps(
-        {"machine": m, "verdicts": rep.verdicts, "results": results, "skipped": rep.skipped,
+        {"machine": m, "threads": threads, "all_cores": all_cores, "verdicts": rep.verdicts,
+         "results": results, "skipped": rep.skipped,
          "bounds": rep.bounds, "plan_rows": [r.to_dict() for r in rep.rows]},
         indent=1, default=float))  # fmt: skip
     print(f"wrote {extra.out / 'results.json'}")

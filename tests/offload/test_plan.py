@@ -205,6 +205,42 @@ def test_cli_plan_and_refusals(ctx, capsys, monkeypatch, tmp_path):
     assert code == 2 and "precision 'fp8'" in out
 
 
+def test_threads_option_sets_the_count_records_it_and_carries_into_the_run_commands(
+    ctx, capsys, monkeypatch, tmp_path
+):
+    import json
+
+    import torch
+
+    from moelab.offload.plan_commands import use_threads
+
+    before = torch.get_num_threads()
+    try:
+        base = ["offload", "plan", "--model", str(ctx.model_arg), "--bandwidth", "1e7",
+                "--layer-compute", "1e-3", "--predictors", "none", "--policies", "lru",
+                "--precisions", "full", "--memory", "50%"]  # fmt: skip
+        code, out = _cli([*base, "--threads", "1", "--out", str(tmp_path)], capsys, monkeypatch)
+        assert code in (0, None), out
+        assert torch.get_num_threads() == 1
+        plan = json.loads((tmp_path / "plan.json").read_text())
+        assert plan["machine"]["threads"] == 1
+        assert all(r["command"].endswith(" --threads 1") for r in plan["rows"])
+        res = run_config(ctx.model_arg, "50%", "full", "lru", "none", windows=1, ctx=ctx,
+                         threads=1, compare=False)  # fmt: skip
+        assert res["threads"] == 1
+        # without --threads the commands say nothing, and 0 means every core again
+        rep = make_plan(ctx.model_arg, ["50%"], precisions=["full"], predictors=["none"],
+                        policy_names=["lru"], bandwidth=1e7, layer_compute=1e-3, ctx=ctx)  # fmt: skip
+        assert "--threads" not in rep.rows[0].command and rep.machine["threads"] == 1
+        assert use_threads(0) == torch.get_num_threads() >= 1
+        with pytest.raises(ConfigError, match="--threads -1"):
+            use_threads(-1)
+        code, out = _cli([*base, "--threads", "-2"], capsys, monkeypatch)
+        assert code == 2 and "--threads -2" in out
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- machine terms
 def test_live_path_miss_and_fill_are_measured(ctx):
     from moelab.offload.measure import measure_fill_reads, measure_misses, measure_reads

@@ -127,11 +127,16 @@ def register_plan(offload: typer.Typer) -> None:
         ),
         top: int = typer.Option(15, help="rows to print"),
         out: Path | None = typer.Option(None, help="write plan.json here"),
+        threads: int = typer.Option(
+            0,
+            help="torch compute threads, measured and planned at (0 = every core); the "
+            "printed run commands use the same count",
+        ),
     ) -> None:
         """Predict decode tokens/s, hit rate and bytes/token of every configuration, best first."""
         report = make_plan(
             model, _list(memory), trace, _list(precisions), _list(predictors),
-            _list(policies) or None, tier, bandwidth, layer_compute,
+            _list(policies) or None, tier, bandwidth, layer_compute, threads=threads,
         )  # fmt: skip
         print_plan(report, top)
         if out is not None:
@@ -152,13 +157,29 @@ def register_plan(offload: typer.Typer) -> None:
         windows: int = typer.Option(2, help="held-out evaluation windows to decode"),
         tier: str = typer.Option("auto", help="store tier"),
         compare: bool = typer.Option(True, help="also decode all-resident: identity, ppl change"),
+        threads: int = typer.Option(
+            0,
+            help="torch compute threads (0 = every core; one leaves a core to the prefetch thread)",
+        ),
     ) -> None:
         """Teacher-forced live decode of held-out windows with one configuration."""
-        res = run_config(model, memory, precision, policy, predictor, trace, windows, tier, compare)
+        res = run_config(model, memory, precision, policy, predictor, trace, windows, tier, compare,
+                         threads=threads)  # fmt: skip
         typer.echo(json.dumps(res, indent=1, default=float))
 
 
 # --------------------------------------------------------------------------- helpers
+def use_threads(threads: int) -> int:
+    """Set torch's compute threads for a plan or live run (0 = every core) -> the count used.
+    The decode's matrix-vector products are memory-bound, so one thread computes about as fast
+    as two, and the core left over serves the prefetch thread (bench/RESULTS.md, session 25)."""
+    if threads < 0:
+        raise ConfigError(f"--threads {threads}: give 0 (every core) or a positive count")
+    from moelab.train.loop import set_threads
+
+    return set_threads(threads)
+
+
 def make_plan(
     model: Path,
     memories: list[str],
@@ -170,8 +191,10 @@ def make_plan(
     bandwidth: float | None = None,
     layer_compute: float | None = None,
     ctx: Context | None = None,
+    threads: int | None = None,
 ):
-    """Measure (or take) the machine, replay every configuration -> PlanReport."""
+    """Measure (or take) the machine, replay every configuration -> PlanReport. `threads`
+    (0 = every core) sets torch's compute threads first; None keeps the current count."""
     from moelab.offload.measure import heldout_ppl, measure_machine
     from moelab.offload.plan import (
         PLAN_PRECISIONS,
@@ -185,6 +208,7 @@ def make_plan(
     precisions = precisions or list(PLAN_PRECISIONS)
     for p in precisions:
         split_precision(p)
+    n_threads = use_threads(threads) if threads is not None else None
     ctx = ctx or Context(model, trace)
     shape = ctx.shape
     mems = [(m, parse_memory(m, shape.full_bytes)) for m in memories]
@@ -207,6 +231,7 @@ def make_plan(
             f"moelab offload run --model {ctx.model_arg} --memory {r.memory_spec} --precision "
             f"{r.precision} --policy {r.policy} --predictor {r.predictor}"
             + (f" --trace {trace}" if trace else "")
+            + (f" --threads {threads}" if threads else "")
         )
 
     rep = plan_configs(
@@ -215,6 +240,9 @@ def make_plan(
     )  # fmt: skip
     rep.machine["heldout_ppl_full"] = base
     rep.machine["ppl_ratio"] = ppl
+    import torch
+
+    rep.machine["threads"] = n_threads or torch.get_num_threads()
     return rep
 
 
@@ -342,8 +370,12 @@ def run_config(
     tier: str = "auto",
     compare: bool = True,
     ctx: Context | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Live teacher-forced decode of `windows` evaluation windows with one configuration."""
+    """Live teacher-forced decode of `windows` evaluation windows with one configuration;
+    `threads` as for make_plan."""
+    import torch
+
     from moelab.offload.cache import usage_counts
     from moelab.offload.measure import run_live
     from moelab.offload.plan import check_memory, parse_memory, split_precision
@@ -351,6 +383,8 @@ def run_config(
     split_precision(precision)
     if windows < 1:
         raise ConfigError(f"--windows {windows}: must be >= 1")
+    if threads is not None:
+        use_threads(threads)
     ctx = ctx or Context(model, trace)
     shape = ctx.shape
     mem = parse_memory(memory, shape.full_bytes)
@@ -374,8 +408,6 @@ def run_config(
         ref_lp, ref = [], []
         import time
 
-        import torch
-
         t0 = time.perf_counter()
         for w in wins:
             p, lp = teacher_forced(m, w)
@@ -392,7 +424,7 @@ def run_config(
         decode_tokens_per_s=d["tokens_per_s"], hit_rate=d["hit_rate"],
         timely_hit_rate=d["timely_hit_rate"], standin_rate=d.get("standin_rate", 0.0),
         bytes_per_token=d["bytes_per_token"], stall_ms_per_token=d["stall_ms_per_token"],
-        ppl=s["ppl"], store=s["store"], tokens=d["tokens"],
+        ppl=s["ppl"], store=s["store"], tokens=d["tokens"], threads=torch.get_num_threads(),
     )  # fmt: skip
     if compare:
         out["ppl_ratio"] = s["ppl"] / out["all_resident_ppl"]
