@@ -295,6 +295,35 @@ def test_miss_term_replaces_the_read_time_exactly(ctx):
     assert 1 / b.tokens_per_s - 1 / a.tokens_per_s == pytest.approx(extra / n_tok, rel=1e-9)
 
 
+def test_loading_decode_compute_is_charged_only_where_experts_are_loaded(ctx):
+    from moelab.offload.plan import Machine
+
+    read, comp = 2e-3, 1e-3
+    plain = Machine({"full": read}, {"full": comp})
+    loading = Machine({"full": read}, {"full": comp}, loading_layer_compute={"full": 2.5 * comp})
+    assert loading.compute_seconds("full") == 2.5 * comp
+    assert loading.compute_seconds("full", loads=False) == comp == plain.compute_seconds("full")
+    L, E = ctx.shape.num_layers, ctx.shape.num_experts
+    a, b = _lru(ctx, plain, 2), _lru(ctx, loading, 2)
+    assert a.hit_rate == b.hit_rate < 1
+    # no prefetch: each decode token's time grows by exactly L x (2.5 - 1) x comp
+    assert 1 / b.tokens_per_s - 1 / a.tokens_per_s == pytest.approx(L * 1.5 * comp, rel=1e-9)
+    # every expert resident: nothing is loaded, the all-resident compute is charged
+    assert _lru(ctx, loading, E).tokens_per_s == _lru(ctx, plain, E).tokens_per_s
+    # the verdict names the compute it charged
+    rep = plan_configs_verdict(ctx, loading, 2)
+    assert f"one layer {2.5 * comp * 1e3:.2f} ms" in rep
+
+
+def plan_configs_verdict(ctx, machine, slots) -> str:
+    from moelab.offload.plan import plan_configs
+
+    mem = slots * ctx.shape.num_layers * ctx.shape.expert_bytes("full")
+    rep = plan_configs(ctx.shape, ctx.sites, machine, ctx.workload, [("m", mem)], ["full"],
+                       ["none"], ["lru"])  # fmt: skip
+    return rep.verdicts[0]
+
+
 def test_fill_overhead_is_charged_once_per_free_slot():
     import numpy as np
 
@@ -483,7 +512,7 @@ def test_measure_machine_fills_every_term(ctx, rep):
                         {"prev": 1e-4})  # fmt: skip
     assert not m.given and m.tier == "ram"
     for term in (m.seconds_per_expert, m.seconds_per_fresh_read, m.layer_compute,
-                 m.seconds_per_miss):  # fmt: skip
+                 m.seconds_per_miss, m.loading_layer_compute):  # fmt: skip
         assert set(term) == {"full", "int8"} and all(v > 0 for v in term.values())
     assert set(m.chunk_overhead) == {"full", "int8"} and min(m.chunk_overhead.values()) >= 0
     assert m.background_overhead >= 0
@@ -496,4 +525,5 @@ def test_measure_machine_fills_every_term(ctx, rep):
     g = rep.machine
     assert g["given"] and g["background_overhead"] == 0.0 and g["predictor_seconds"] == {}
     assert g["seconds_per_miss"] == {} and set(g["layer_compute"]) == set(g["seconds_per_expert"])
+    assert g["loading_layer_compute"] == {}
     assert all(v == 1e-3 for v in g["layer_compute"].values())

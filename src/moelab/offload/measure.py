@@ -321,8 +321,8 @@ def measure_machine(
     predictor_seconds: dict[str, float] | None = None,
 ) -> Machine:
     """Every cost the replay charges, measured now on this machine: per store precision the
-    tier's read, a read into fresh memory, the chunk overhead, the per-layer compute and the
-    demand-miss stall; the foreground cost of a background read (on the full store when there is
+    tier's read, a read into fresh memory, the chunk overhead, the per-layer compute (all
+    experts resident, and outside stalls in a decode that loads them) and the demand-miss stall; the foreground cost of a background read (on the full store when there is
     one); and the live cost per call of each of `predictors` (`predictor_seconds`: costs already
     measured, kept unless measured again here). `tokens`: a held-out window (its first 48
     tokens are decoded, 24 for the predictors)."""
@@ -336,12 +336,13 @@ def measure_machine(
     comp = measure_compute(load_model, stores, tokens[:48], tier=tier)
     mm = measure_misses(load_model, stores, tokens[:48], tier)
     miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
+    loading = {p: v["layer_seconds"] for p, v in mm.items()}
     main = stores.get("full") or next(iter(stores.values()))
     bg = measure_background(load_model, main, tokens[:48], tier)  # shared cores
     preds = dict(predictor_seconds or {})
     if predictors:
         preds.update(measure_predictors(load_model, main, tokens[:24], list(predictors), tier))
-    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, preds)
+    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, preds, loading)
 
 
 def heldout_ppl(

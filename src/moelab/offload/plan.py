@@ -397,6 +397,18 @@ class Machine:
     # predictor spec -> seconds per live call (measure_predictors); the replay charges the larger
     # of this and its own timing of the predictor alone
     predictor_seconds: dict[str, float] = field(default_factory=dict)
+    # precision -> seconds per MoE layer per decode token outside load stalls in a decode that
+    # loads experts (measure_misses); charged instead of layer_compute where a configuration
+    # cannot hold every expert: such a decode computes about 1.2x slower than an all-resident
+    # one on this machine (bench/RESULTS.md, run 17)
+    loading_layer_compute: dict[str, float] = field(default_factory=dict)
+
+    def compute_seconds(self, precision: str, loads: bool = True) -> float:
+        """Seconds per MoE layer per decode token: the loading decode's time when `loads` and it
+        was measured, else the all-resident one."""
+        if loads and precision in self.loading_layer_compute:
+            return self.loading_layer_compute[precision]
+        return self.layer_compute[precision]
 
     def fill_overhead(self, precision: str) -> float:
         """Extra seconds of a load into a free cache slot (fresh memory) over a recycled one."""
@@ -410,14 +422,15 @@ class Machine:
         return self.seconds_per_miss.get(precision, self.seconds_per_expert[precision])
 
     def hardware(
-        self, precision: str, shape: ModelShape, predict_overhead: float = 0.0
+        self, precision: str, shape: ModelShape, predict_overhead: float = 0.0, loads: bool = True
     ) -> Hardware:
-        """Hardware model of `precision` (stand-in modes: full-precision link and compute)."""
+        """Hardware model of `precision` (stand-in modes: full-precision link and compute);
+        `loads`: the configuration cannot hold every expert, so its decode loads experts."""
         main, _ = split_precision(precision)
         nb = shape.expert_bytes(main)
         return Hardware(
             f"this-machine/{self.tier}", bandwidth=nb / self.load_seconds(main), latency=0.0,
-            layer_compute=self.layer_compute[main], predict_overhead=predict_overhead,
+            layer_compute=self.compute_seconds(main, loads), predict_overhead=predict_overhead,
             expert_bytes=nb, description="measured" if not self.given else "given",
             fill_overhead=self.fill_overhead(main), background_overhead=self.background_overhead,
             chunk_overhead=self.chunk_overhead.get(main, 0.0),
@@ -509,7 +522,7 @@ def plan_configs(
             nb = shape.expert_bytes(main)
             for pred, (plan, overhead) in plans.items():
                 overhead = max(overhead, machine.predictor_seconds.get(pred, 0.0))
-                hw = machine.hardware(prec, shape, overhead)
+                hw = machine.hardware(prec, shape, overhead, loads=slots < shape.num_experts)
                 runs: dict[str, SimResult] = {}
                 for pol in pols:
                     try:
@@ -576,11 +589,11 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
     """Say with numbers whether prefetching can pay at this precision and budget: the bound of a
     perfect 1-layer-ahead predictor, and what the predictors at hand reach (best policy, and
     Belady's eviction with the same predictor)."""
-    hw = machine.hardware(prec, shape)
+    hw = machine.hardware(prec, shape, loads=slots < shape.num_experts)
     lru = _replay(ev, shape, slots, "lru", hw, None, steps, timed, nb, counts, None)
     orc = _replay(ev, shape, slots, "lru", hw, oracle, steps, timed, nb, counts, None)
     t_load = machine.load_seconds(prec) * 1e3
-    t_layer = machine.layer_compute[prec] * 1e3
+    t_layer = hw.layer_compute * 1e3
     miss_ms = lru.stall_seconds / max(lru.tokens, 1) * 1e3
     comp_ms = t_layer * shape.num_layers
     base = lru.tokens_per_s

@@ -282,11 +282,13 @@ def _given_machine(
         comp = dict.fromkeys(stores, layer_compute)
     else:
         comp = measure_compute(ctx.load, stores, tokens[:48], tier=tier)
-    miss = {}
+    miss, loading = {}, {}
     if bandwidth is None:  # what a demand miss stalls the live path (given bandwidth: as given)
         mm = measure_misses(ctx.load, stores, tokens[:48], tier)
         miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
-    return Machine(secs, comp, used_tier, True, miss, fresh, 0.0, chunk, {})
+        if layer_compute is None:  # a given compute replaces the loading decode's too
+            loading = {p: v["layer_seconds"] for p, v in mm.items()}
+    return Machine(secs, comp, used_tier, True, miss, fresh, 0.0, chunk, {}, loading)
 
 
 def plan_json(rep) -> dict[str, Any]:
@@ -314,6 +316,8 @@ def machine_line(m: dict[str, Any]) -> str:
     if m.get("seconds_per_miss"):
         out += f"; one demand miss in a live decode (the replay's load time) {ms(m['seconds_per_miss'])}"
     out += f"; one MoE layer per decode token {ms(m['layer_compute'])}"
+    if m.get("loading_layer_compute"):
+        out += f" (all resident), {ms(m['loading_layer_compute'])} (outside stalls while loading)"
     if m.get("background_overhead"):
         out += f"; one background load costs compute {1e3 * m['background_overhead']:.2f} ms"
     if any(m.get("chunk_overhead", {}).values()):
