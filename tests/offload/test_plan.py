@@ -310,6 +310,13 @@ def test_loading_decode_compute_is_charged_only_where_experts_are_loaded(ctx):
     assert 1 / b.tokens_per_s - 1 / a.tokens_per_s == pytest.approx(L * 1.5 * comp, rel=1e-9)
     # every expert resident: nothing is loaded, the all-resident compute is charged
     assert _lru(ctx, loading, E).tokens_per_s == _lru(ctx, plain, E).tokens_per_s
+    # stand-in modes keep the all-resident compute: no miss of theirs waits for a load
+    mem = [("m", 3 * L * ctx.shape.expert_bytes("full"))]
+    from moelab.offload.plan import plan_configs
+
+    sa, sb = (plan_configs(ctx.shape, ctx.sites, m, ctx.workload, mem, ["full+int4"], ["none"],
+                           ["lru"]).best(precision="full+int4") for m in (plain, loading))  # fmt: skip
+    assert sa.tokens_per_s == sb.tokens_per_s and sa.standin_rate > 0
     # the verdict names the compute it charged
     rep = plan_configs_verdict(ctx, loading, 2)
     assert f"one layer {2.5 * comp * 1e3:.2f} ms" in rep
