@@ -261,14 +261,16 @@ def test_live_path_miss_and_fill_are_measured(ctx):
         measure_fill_reads(stores["full"], "ram", reads=0)
 
 
-def _lru(ctx, machine, slots):
+def _plan_lru(ctx, machine, slots):
     from moelab.offload.plan import plan_configs
 
-    nb = ctx.shape.expert_bytes("full")
-    mem = slots * ctx.shape.num_layers * nb
-    rep = plan_configs(ctx.shape, ctx.sites, machine, ctx.workload, [("m", mem)], ["full"],
-                       ["none"], ["lru"])  # fmt: skip
-    return rep.best(precision="full")
+    mem = slots * ctx.shape.num_layers * ctx.shape.expert_bytes("full")
+    return plan_configs(ctx.shape, ctx.sites, machine, ctx.workload, [("m", mem)], ["full"],
+                        ["none"], ["lru"])  # fmt: skip
+
+
+def _lru(ctx, machine, slots):
+    return _plan_lru(ctx, machine, slots).best(precision="full")
 
 
 def test_miss_term_replaces_the_read_time_exactly(ctx):
@@ -318,17 +320,11 @@ def test_loading_decode_compute_is_charged_only_where_experts_are_loaded(ctx):
                            ["lru"]).best(precision="full+int4") for m in (plain, loading))  # fmt: skip
     assert sa.tokens_per_s == sb.tokens_per_s and sa.standin_rate > 0
     # the verdict names the compute it charged
-    rep = plan_configs_verdict(ctx, loading, 2)
-    assert f"one layer {2.5 * comp * 1e3:.2f} ms" in rep
-
-
-def plan_configs_verdict(ctx, machine, slots) -> str:
-    from moelab.offload.plan import plan_configs
-
-    mem = slots * ctx.shape.num_layers * ctx.shape.expert_bytes("full")
-    rep = plan_configs(ctx.shape, ctx.sites, machine, ctx.workload, [("m", mem)], ["full"],
-                       ["none"], ["lru"])  # fmt: skip
-    return rep.verdicts[0]
+    assert f"one layer {2.5 * comp * 1e3:.2f} ms" in _plan_lru(ctx, loading, 2).verdicts[0]
+    # the Hardware the replay gets: loading compute below every expert, all-resident at E
+    assert loading.hardware("full", ctx.shape, slots=2).layer_compute == 2.5 * comp
+    assert loading.hardware("full", ctx.shape, slots=E).layer_compute == comp
+    assert loading.hardware("full+int4", ctx.shape, slots=2).layer_compute == comp
 
 
 def test_fill_overhead_is_charged_once_per_free_slot():

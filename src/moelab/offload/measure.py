@@ -322,8 +322,9 @@ def measure_machine(
 ) -> Machine:
     """Every cost the replay charges, measured now on this machine: per store precision the
     tier's read, a read into fresh memory, the chunk overhead, the per-layer compute (all
-    experts resident, and outside stalls in a decode that loads them) and the demand-miss stall; the foreground cost of a background read (on the full store when there is
-    one); and the live cost per call of each of `predictors` (`predictor_seconds`: costs already
+    experts resident, and outside stalls in a decode that loads them) and the demand-miss
+    stall; the foreground cost of a background read (on the full store when there is one); and
+    the live cost per call of each of `predictors` (`predictor_seconds`: costs already
     measured, kept unless measured again here). `tokens`: a held-out window (its first 48
     tokens are decoded, 24 for the predictors)."""
     if not stores:

@@ -422,11 +422,20 @@ class Machine:
         return self.seconds_per_miss.get(precision, self.seconds_per_expert[precision])
 
     def hardware(
-        self, precision: str, shape: ModelShape, predict_overhead: float = 0.0, loads: bool = True
+        self,
+        precision: str,
+        shape: ModelShape,
+        predict_overhead: float = 0.0,
+        slots: int | None = None,
     ) -> Hardware:
-        """Hardware model of `precision` (stand-in modes: full-precision link and compute);
-        `loads`: the configuration cannot hold every expert, so its decode loads experts."""
-        main, _ = split_precision(precision)
+        """Hardware model of `precision` (stand-in modes: full-precision link and compute) with
+        `slots` experts per layer resident (None: fewer than all). A decode that loads experts
+        (slots < num_experts) is charged the loading decode's compute; stand-in modes keep the
+        all-resident compute, since no miss of theirs waits for a load (a resident low-precision
+        copy computes it): it planned them within 1% in run 17, where the loading decode's time
+        under-planned them by 31% (run 18)."""
+        main, low = split_precision(precision)
+        loads = low is None and (slots is None or slots < shape.num_experts)
         nb = shape.expert_bytes(main)
         return Hardware(
             f"this-machine/{self.tier}", bandwidth=nb / self.load_seconds(main), latency=0.0,
@@ -522,11 +531,7 @@ def plan_configs(
             nb = shape.expert_bytes(main)
             for pred, (plan, overhead) in plans.items():
                 overhead = max(overhead, machine.predictor_seconds.get(pred, 0.0))
-                # stand-in modes never stall on a load (a resident low-precision copy computes
-                # the miss): they keep the all-resident compute, which planned them within 1% in
-                # run 17, where the loading decode's time under-planned them by 31% (run 18)
-                loads = slots < shape.num_experts and not low
-                hw = machine.hardware(prec, shape, overhead, loads=loads)
+                hw = machine.hardware(prec, shape, overhead, slots)
                 runs: dict[str, SimResult] = {}
                 for pol in pols:
                     try:
@@ -593,7 +598,7 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
     """Say with numbers whether prefetching can pay at this precision and budget: the bound of a
     perfect 1-layer-ahead predictor, and what the predictors at hand reach (best policy, and
     Belady's eviction with the same predictor)."""
-    hw = machine.hardware(prec, shape, loads=slots < shape.num_experts)
+    hw = machine.hardware(prec, shape, slots=slots)
     lru = _replay(ev, shape, slots, "lru", hw, None, steps, timed, nb, counts, None)
     orc = _replay(ev, shape, slots, "lru", hw, oracle, steps, timed, nb, counts, None)
     t_load = machine.load_seconds(prec) * 1e3

@@ -195,6 +195,8 @@ def make_plan(
 ):
     """Measure (or take) the machine, replay every configuration -> PlanReport. `threads`
     (0 = every core) sets torch's compute threads first; None keeps the current count."""
+    import torch
+
     from moelab.offload.measure import heldout_ppl, measure_machine
     from moelab.offload.plan import (
         PLAN_PRECISIONS,
@@ -208,7 +210,8 @@ def make_plan(
     precisions = precisions or list(PLAN_PRECISIONS)
     for p in precisions:
         split_precision(p)
-    n_threads = use_threads(threads) if threads is not None else None
+    if threads is not None:
+        use_threads(threads)
     ctx = ctx or Context(model, trace)
     shape = ctx.shape
     mems = [(m, parse_memory(m, shape.full_bytes)) for m in memories]
@@ -240,9 +243,7 @@ def make_plan(
     )  # fmt: skip
     rep.machine["heldout_ppl_full"] = base
     rep.machine["ppl_ratio"] = ppl
-    import torch
-
-    rep.machine["threads"] = n_threads or torch.get_num_threads()
+    rep.machine["threads"] = torch.get_num_threads()
     return rep
 
 
