@@ -30,7 +30,10 @@ table splits each variant's decode time per token into load stalls, the live pre
 and the rest (medians over repeats). The variants run in one order on even repeats and in the
 reverse order on odd ones. `--threads N` plans and decodes with N torch compute threads (0 = every
 core); below the core count, plain LRU also runs at every core ("lru@all-cores", a reference
-the planner does not predict), and each prefetch variant is set against it as well.
+the planner does not predict), and each prefetch variant is set against it as well. Where a
+predictor row runs, "oracle-prefetch" runs too: its eviction policy prefetching the windows' true
+next-layer experts (recorded from an all-resident decode), the live ceiling of one-layer-ahead
+prefetch that the plan's verdict predicts.
   .venv/bin/python bench/bench_offload.py --testbed runs/offload-testbed --repeats 3 --windows 2
 """
 
@@ -396,8 +399,11 @@ def main_testbed(args) -> None:
     info = ctx.shape
     t0 = time.perf_counter()
     mems = [m.strip() for m in args.memory.split(",")]
-    preds = [p.strip() for p in extra.predictors.split(",") if p.strip()] or None
-    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx, predictors=preds)
+    from moelab.offload.plan import BOUND_PREDICTORS, PLAN_PREDICTORS
+
+    preds = [p.strip() for p in extra.predictors.split(",") if p.strip()] or list(PLAN_PREDICTORS)
+    # + the perfect one-layer-ahead predictor: planned, and run live as the "oracle-prefetch" row
+    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx, predictors=preds + ["oracle"])
     plan_s = time.perf_counter() - t0
     m = rep.machine
     print(f"testbed {args.testbed}: L={info.num_layers} E={info.num_experts} k={info.top_k}, expert "
@@ -420,9 +426,13 @@ def main_testbed(args) -> None:
     from moelab.offload.measure import teacher_forced
 
     ref = [teacher_forced(base, w)[0] for w in ev.tokens]
+    # the windows' full-precision routing (all-resident, live), which the oracle rows prefetch
+    routing = run_live(ctx.load, stores, ev.tokens, "full", "lru", "none", info.num_experts,
+                       extra.tier)["routing"]  # fmt: skip
     variants: dict[str, tuple] = {}
     for mem in mems:
-        rows = [r for r in rep.rows if r.memory_spec == mem]
+        oracle_rows = [r for r in rep.rows if r.memory_spec == mem and r.predictor == "oracle"]
+        rows = [r for r in rep.rows if r.memory_spec == mem and r.predictor not in BOUND_PREDICTORS]
         pick = {
             "lru": next(
                 r for r in rows if (r.precision, r.policy, r.predictor) == ("full", "lru", "none")
@@ -440,6 +450,11 @@ def main_testbed(args) -> None:
         stand = [r for r in rows if "+" in r.precision]
         if stand:
             pick["best-standin"] = stand[0]
+        if full_pred:  # the live ceiling of one-layer-ahead prefetch with that row's eviction
+            pol = pick["best-full-prefetch"].policy
+            pick["oracle-prefetch"] = next(
+                r for r in oracle_rows if r.precision == "full" and r.policy == pol
+            )
         for name, r in pick.items():
             variants[f"{mem} {name}"] = (r, mem)
         if threads < all_cores:  # the reference at every core: what one thread gives up, if any
@@ -460,9 +475,10 @@ def main_testbed(args) -> None:
         for v, (r, _mem) in order if rep_i % 2 == 0 else order[::-1]:
             torch.set_num_threads(all_cores if v in ref_cores else threads)
             s = run_live(ctx.load, stores, ev.tokens, r.precision, r.policy, r.predictor, r.slots,
-                         extra.tier, counts, ref)  # fmt: skip
+                         extra.tier, counts, ref, routing)  # fmt: skip
             torch.set_num_threads(threads)
             s.pop("predictions")
+            s.pop("routing")
             runs[v].append(s)
             print(f"  repeat {rep_i} {v:>26} ({r.precision} {r.policy} {r.predictor}): "
                   f"{s['decode']['tokens_per_s']:.2f} tok/s", flush=True)  # fmt: skip
@@ -509,12 +525,13 @@ def main_testbed(args) -> None:
         b = results[f"{mem} best"]
         print(f"  {mem}: best ({b['config']['precision']} {b['config']['policy']} {b['config']['predictor']}) "
               f"{b['ratio_vs_lru']:.2f}x LRU (target >= 1.5), ppl ratio {b['ppl_ratio_vs_full']:.4f}")  # fmt: skip
-        for name in ("lru+prefetch", "best-full-prefetch"):
+        for name in ("lru+prefetch", "best-full-prefetch", "oracle-prefetch"):
             if f"{mem} {name}" in results:
                 x = results[f"{mem} {name}"]
+                what = ("the live ceiling of one-layer-ahead prefetch with this eviction" if name == "oracle-prefetch"
+                        else "target >= 1.15 where loads can be hidden, else not slower beyond the spread")
                 print(f"  {mem}: {name} ({x['config']['policy']}+{x['config']['predictor']}) {x['ratio_vs_lru']:.2f}x LRU "
-                      f"(spread {x['ratio_spread'][0]:.2f}-{x['ratio_spread'][1]:.2f}; target >= 1.15 where loads "
-                      "can be hidden, else not slower beyond the spread)")  # fmt: skip
+                      f"(spread {x['ratio_spread'][0]:.2f}-{x['ratio_spread'][1]:.2f}; {what})")  # fmt: skip
                 if f"{mem} lru@all-cores" in runs:
                     rs = [a["decode"]["tokens_per_s"] / b["decode"]["tokens_per_s"] for a, b in
                           zip(runs[f"{mem} {name}"], runs[f"{mem} lru@all-cores"], strict=True)]  # fmt: skip

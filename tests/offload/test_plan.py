@@ -5,8 +5,9 @@ import argparse
 import math
 
 import pytest
+import torch
 
-from moelab.errors import ConfigError
+from moelab.errors import ConfigError, OffloadError
 from moelab.offload.plan import (
     Hardware,
     ModelShape,
@@ -388,6 +389,59 @@ def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx
     # loads finish 0.1 ms after issue, well within a layer: each completes before it is needed
     assert a.late == 0
     assert b.seconds - a.seconds == pytest.approx(o * loads, rel=1e-9)
+
+
+def test_recorded_routing_names_the_next_layers_true_experts():
+    import numpy as np
+
+    from moelab.offload.prefetch import RecordedRouting
+
+    ids = np.arange(3 * 2 * 2).reshape(3, 2, 2) % 8
+    ids[1, 1, 1] = -1  # an unused slot is never named
+    x, e = torch.zeros(1, 4), torch.zeros(1, 2, dtype=torch.long)
+    plain, wrap = RecordedRouting(ids), RecordedRouting(ids, wrap=True)
+    assert plain.on_layer(1, 0, x, e) == [(1, 1, [ids[1, 1, 0]])]
+    assert plain.on_layer(1, 1, x, e) == []  # the last layer names nothing without wrap
+    assert wrap.on_layer(1, 1, x, e) == [(2, 0, ids[2, 0].tolist())]
+    assert wrap.on_layer(2, 1, x, e) == []  # past the window
+    with pytest.raises(ConfigError, match="steps, L, k"):
+        RecordedRouting(ids[0])
+    with pytest.raises(ConfigError, match="2 layers for a model with 3"):
+        plain.bind([object()] * 3)
+
+
+def test_oracle_prefetch_live_matches_the_replays_perfect_predictor(ctx):
+    import numpy as np
+
+    from moelab.offload.measure import run_live
+    from moelab.offload.plan import predictor_plan
+    from moelab.offload.simulate import oracle_plan
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full"])
+    wins = [w[:12] for w in ev.tokens[:2]]
+    E, k = ctx.shape.num_experts, ctx.shape.top_k
+    rec = run_live(ctx.load, stores, wins, "full", "lru", "none", E, "ram")
+    routing = rec["routing"]
+    assert [r.shape for r in routing] == [(12, ctx.shape.num_layers, k)] * 2
+    s = run_live(ctx.load, stores, wins, "full", "lru", "oracle", k, "ram", None, rec["predictions"],
+                 routing)  # fmt: skip
+    assert s["identical"] and s["predictor"] == "oracle"
+    # every load it starts is one the decode needs: none is ever stopped as a wrong guess
+    assert s["prefetch"]["aborted"] == 0 and s["prefetch"]["requested"] > 0
+    # the replay's oracle row is oracle_plan
+    plan, cost = predictor_plan("oracle", ctx.sites, ev)
+    assert cost == 0.0 and plan == oracle_plan(ev.expert_ids, 1)
+    with pytest.raises(ConfigError, match="routing of every window"):
+        run_live(ctx.load, stores, wins, "full", "lru", "oracle", k, "ram")
+    other = [np.roll(r, 1, axis=0) for r in routing]  # another decode's routing: refused
+    with pytest.raises(OffloadError, match="routed differently"):
+        run_live(ctx.load, stores, wins, "full", "lru", "oracle", k, "ram", None, None, other)
+    # `offload run --predictor oracle` records the routing first; stand-ins cannot have one
+    out = run_config(ctx.model_arg, "50%", "full", "lru", "oracle", windows=1, ctx=ctx)
+    assert out["identical_to_all_resident"] and out["config"]["predictor"] == "oracle"
+    with pytest.raises(ConfigError, match="stand-in"):
+        run_config(ctx.model_arg, "75%", "full+int4", "lru", "oracle", windows=1, ctx=ctx)
 
 
 def test_chunk_overhead_measured_and_passed_to_the_replay(ctx):

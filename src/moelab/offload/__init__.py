@@ -9,6 +9,7 @@ from moelab.offload.prefetch import (
     GateLookahead,
     Prefetcher,
     PreviousToken,
+    RecordedRouting,
     TracePredictorLive,
     make_live_predictor,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "ExpertCache",
     "ExpertStore",
     "GateLookahead",
+    "RecordedRouting",
     "Hardware",
     "OffloadedModel",
     "PhaseStats",

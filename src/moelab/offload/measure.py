@@ -187,7 +187,7 @@ def measure_predictors(
 
     out: dict[str, float] = {}
     for spec in specs:
-        if spec == "none":
+        if spec in ("none", "oracle"):  # the oracle is a lookup of known routing: charged 0
             continue
         m = load_model()
         shape = model_shape(m)
@@ -390,10 +390,21 @@ def run_live(
     tier: str = "auto",
     counts: np.ndarray | None = None,
     reference: Sequence[torch.Tensor] | None = None,
+    routing: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced live decode of `windows` with the configuration; decode stats, held-out
-    perplexity of the decoded tokens, and (with `reference` greedy predictions) identity."""
+    perplexity of the decoded tokens, the routing seen per window ("routing", [S, L, k] each) and
+    (with `reference` greedy predictions) identity. `predictor` "oracle" prefetches `routing`
+    (an earlier run's, e.g. all-resident): the next layer's true experts after each layer, the
+    live counterpart of the replay's perfect one-layer-ahead predictor (oracle_plan)."""
     from moelab.offload.live import OffloadedModel
+    from moelab.offload.prefetch import RecordedRouting
+
+    if predictor == "oracle" and (routing is None or len(routing) != len(windows)):
+        raise ConfigError(
+            "run_live: predictor 'oracle' needs the routing of every window (routing=, one "
+            "[S, L, k] array per window, e.g. the 'routing' of an all-resident run_live)"
+        )
 
     main, low = split_precision(precision)
     model = load_model()
@@ -401,15 +412,19 @@ def run_live(
     st = ExpertStore(stores[main], tier=tier)
     sub = ExpertStore(stores[low], tier="ram") if low else None
     cache = make_cache(policy, slots, shape, st.expert_nbytes(0), counts)
-    pf = Prefetcher(st, cache, make_live_predictor(predictor))
+    pf = Prefetcher(st, cache, None if predictor == "oracle" else make_live_predictor(predictor))
     om = OffloadedModel(model, st, cache, pf, standin=sub)
     preds, lps = [], []
     try:
-        for w in windows:
+        for i, w in enumerate(windows):
+            if predictor == "oracle":
+                pf.predictor = RecordedRouting(np.asarray(routing[i]))  # type: ignore[index]
+                pf.predictor.bind(om.sites)
             p, lp = teacher_forced(model, w, om)
             preds.append(p)
             lps.append(lp)
         s = om.stats()
+        ids = om.recorded_expert_ids()
     finally:
         om.close()
         pf.close()
@@ -419,6 +434,16 @@ def run_live(
     lp = torch.cat(lps)
     s["ppl"] = float(torch.exp(-lp.mean()))
     s["predictions"] = preds
+    s["routing"] = np.split(ids, np.cumsum([len(w) for w in windows])[:-1])
+    if predictor == "oracle" and not all(
+        np.array_equal(a, np.asarray(b))
+        for a, b in zip(s["routing"], routing, strict=True)  # type: ignore[arg-type]
+    ):
+        raise OffloadError(
+            "run_live: the decode routed differently from the routing given to the oracle "
+            "(another model's, another precision's or other windows' routing): its figures "
+            "would not be a perfect predictor's"
+        )
     if reference is not None:
         s["identical"] = all(torch.equal(a, b) for a, b in zip(preds, reference, strict=True))
         s["agreement"] = float(

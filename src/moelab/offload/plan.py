@@ -37,6 +37,7 @@ STANDIN_MODES = ("full+int4", "full+int8")
 PLAN_PRECISIONS = (*PRECISIONS, *STANDIN_MODES)
 PLAN_PREDICTORS = ("none", "gate", "prev", "adaptive", "gate+prev")
 BOUND_POLICIES = ("belady",)  # replay-only bounds, not runnable live
+BOUND_PREDICTORS = ("oracle",)  # perfect predictions (upper bounds), not predictors at hand
 
 
 # Parameter variants the planner tries beside every registered policy's defaults.
@@ -234,9 +235,12 @@ def decode_steps(w: Workload) -> tuple[list[np.ndarray], list[bool]]:
 # --------------------------------------------------------------------------- predictor plans
 def predictor_plan(spec: str, sites: list[Any], w: Workload) -> tuple[Plan | None, float]:
     """Run a live predictor row by row over recorded router inputs -> (replay plan, seconds per
-    on_layer call). The same objects `moelab generate --prefetch` uses."""
+    on_layer call). The same objects `moelab generate --prefetch` uses; "oracle": the true
+    experts one layer ahead (oracle_plan), what run_live's "oracle" prefetches."""
     if spec == "none":
         return None, 0.0
+    if spec == "oracle":
+        return oracle_plan(w.expert_ids, 1), 0.0
     if w.router_input is None and any(p in spec for p in ("gate", "adaptive")):
         raise OffloadError(
             f"predictor {spec!r} needs router inputs; the workload {w.source} has none (trace with"
@@ -634,9 +638,9 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
             "faster tier."
         )
     mine = [r for r in rep.rows if r.precision == prec and r.memory_spec == m_spec
-            and r.predictor != "none"]  # fmt: skip
+            and r.predictor not in ("none", *BOUND_PREDICTORS)]  # fmt: skip
     bounds = [b for b in rep.bounds if b["precision"] == prec and b["memory"] == m_spec
-              and b["predictor"] != "none"]  # fmt: skip
+              and b["predictor"] not in ("none", *BOUND_PREDICTORS)]  # fmt: skip
     if not mine or base <= 0:
         return head + " Loads can be hidden: a predictor that names the next layer's experts pays."
     best = max(mine, key=lambda r: r.tokens_per_s)

@@ -116,7 +116,10 @@ def register_plan(offload: typer.Typer) -> None:
         precisions: str = typer.Option(
             "full,int8,int4,full+int4,full+int8", help="full | int8 | int4 | full+int4 | full+int8"
         ),
-        predictors: str = typer.Option("none,gate,prev,adaptive,gate+prev", help="live predictors"),
+        predictors: str = typer.Option(
+            "none,gate,prev,adaptive,gate+prev",
+            help="live predictors (oracle: the true next-layer experts, an upper bound)",
+        ),
         policies: str = typer.Option("", help="policies (default: every one cache.py registers)"),
         tier: str = typer.Option("auto", help="store tier measured: auto | direct | fadvise"),
         bandwidth: float | None = typer.Option(
@@ -152,7 +155,10 @@ def register_plan(offload: typer.Typer) -> None:
         memory: str = typer.Option("25%", help="budget for experts (as for plan)"),
         precision: str = typer.Option("full", help="full | int8 | int4 | full+int4 | full+int8"),
         policy: str = typer.Option("lru", help="cache policy"),
-        predictor: str = typer.Option("none", help="live predictor (none | gate | prev | ...)"),
+        predictor: str = typer.Option(
+            "none",
+            help="live predictor (none | gate | prev | ... | oracle: prefetch the routing of an earlier decode of the same windows, the upper bound)",
+        ),
         trace: Path | None = typer.Option(None, help="TraceStore (as for plan)"),
         windows: int = typer.Option(2, help="held-out evaluation windows to decode"),
         tier: str = typer.Option("auto", help="store tier"),
@@ -420,8 +426,18 @@ def run_config(
             ref_lp.append(lp)
         out["all_resident_seconds"] = time.perf_counter() - t0
         out["all_resident_ppl"] = float(torch.exp(-torch.cat(ref_lp).mean()))
-    s = run_live(ctx.load, stores, wins, precision, policy, predictor, slots, tier, counts, ref)
+    routing = None
+    if predictor == "oracle":  # the routing to prefetch: this precision's, recorded first
+        if "+" in precision:
+            raise ConfigError(
+                f"--predictor oracle with --precision {precision}: a stand-in decode's routing "
+                "depends on what is resident, so no earlier decode knows it; use a single precision"
+            )
+        routing = run_live(ctx.load, stores, wins, precision, "lru", "none", slots, tier)["routing"]
+    s = run_live(ctx.load, stores, wins, precision, policy, predictor, slots, tier, counts, ref,
+                 routing)  # fmt: skip
     s.pop("predictions")
+    s.pop("routing")
     d = s["decode"]
     out.update(
         config={"precision": precision, "policy": policy, "predictor": predictor,

@@ -340,6 +340,45 @@ def _rank_rows(scores: torch.Tensor, per_row: int) -> list[int]:
     return chosen[torch.argsort(mass[chosen], descending=True)].tolist()
 
 
+class RecordedRouting:
+    """Perfect predictions from a known routing [steps, L, k] of the sequence being decoded (an
+    earlier decode of the same tokens: full precision routes identically): after layer l, the
+    experts layer l+1 uses; with `wrap`, after the last layer the next token's first layer's.
+    The live upper bound of one-layer-ahead prefetch (the replay's oracle_plan, which does not
+    wrap)."""
+
+    name = "oracle"
+
+    def __init__(self, expert_ids: np.ndarray, wrap: bool = False) -> None:
+        if expert_ids.ndim != 3:
+            raise ConfigError(
+                f"RecordedRouting: routing of shape {expert_ids.shape}, expected [steps, L, k]"
+            )
+        self.ids, self.wrap = expert_ids, wrap
+
+    def bind(self, sites: list[ExpertSite]) -> None:
+        """Check that the routing has the model's number of MoE layers."""
+        if len(sites) != self.ids.shape[1]:
+            raise ConfigError(
+                f"RecordedRouting: routing of {self.ids.shape[1]} layers for a model with "
+                f"{len(sites)} MoE layers"
+            )
+
+    def on_layer(
+        self, step: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor
+    ) -> list[Prediction]:
+        L = self.ids.shape[1]
+        if layer + 1 < L:
+            t_step, t_layer = step, layer + 1
+        elif self.wrap:
+            t_step, t_layer = step + 1, 0
+        else:
+            return []
+        if t_step >= len(self.ids):
+            return []
+        return [(t_step, t_layer, [int(e) for e in self.ids[t_step, t_layer] if e >= 0])]
+
+
 class GateLookahead:
     """Apply MoE layer l+d's router to layer l's router input (Eliseev & Mazur 2023, §3.2)."""
 
