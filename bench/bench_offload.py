@@ -528,8 +528,11 @@ def main_testbed(args) -> None:
         for name in ("lru+prefetch", "best-full-prefetch", "oracle-prefetch"):
             if f"{mem} {name}" in results:
                 x = results[f"{mem} {name}"]
-                what = ("the live ceiling of one-layer-ahead prefetch with this eviction" if name == "oracle-prefetch"
-                        else "target >= 1.15 where loads can be hidden, else not slower beyond the spread")
+                what = (
+                    "the live ceiling of one-layer-ahead prefetch with this eviction"
+                    if name == "oracle-prefetch"
+                    else "target >= 1.15 where loads can be hidden, else not slower beyond the spread"
+                )
                 print(f"  {mem}: {name} ({x['config']['policy']}+{x['config']['predictor']}) {x['ratio_vs_lru']:.2f}x LRU "
                       f"(spread {x['ratio_spread'][0]:.2f}-{x['ratio_spread'][1]:.2f}; {what})")  # fmt: skip
                 if f"{mem} lru@all-cores" in runs:

@@ -432,6 +432,10 @@ def test_oracle_prefetch_live_matches_the_replays_perfect_predictor(ctx):
     # the replay's oracle row is oracle_plan
     plan, cost = predictor_plan("oracle", ctx.sites, ev)
     assert cost == 0.0 and plan == oracle_plan(ev.expert_ids, 1)
+    from moelab.offload.prefetch import make_live_predictor
+
+    with pytest.raises(ConfigError, match="offload run --predictor oracle"):
+        make_live_predictor("oracle")  # generation cannot know the routing
     with pytest.raises(ConfigError, match="routing of every window"):
         run_live(ctx.load, stores, wins, "full", "lru", "oracle", k, "ram")
     other = [np.roll(r, 1, axis=0) for r in routing]  # another decode's routing: refused

@@ -628,6 +628,12 @@ def make_live_predictor(spec: str) -> Any:
             out.append(PreviousToken())
         elif p == "adaptive":
             out.append(AdaptiveLookahead())
+        elif p == "oracle":
+            raise ConfigError(
+                "prefetch predictor 'oracle' needs the routing of the tokens decoded, known "
+                "beforehand: `moelab offload run --predictor oracle` records it first (teacher-"
+                "forced windows), run_live(..., routing=) takes it; open generation cannot"
+            )
         elif Path(p).is_dir():
             from moelab.predict.base import Predictor
 
