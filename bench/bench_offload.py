@@ -33,7 +33,8 @@ core); below the core count, plain LRU also runs at every core ("lru@all-cores",
 the planner does not predict), and each prefetch variant is set against it as well. Where a
 predictor row runs, "oracle-prefetch" runs too: its eviction policy prefetching the windows' true
 next-layer experts (recorded from an all-resident decode), the live ceiling of one-layer-ahead
-prefetch that the plan's verdict predicts.
+prefetch that the plan's verdict predicts; `--oracle-leads 1,2,4` adds "oracle-dN-prefetch" rows
+(the true experts N layers ahead in decode order, across tokens): what a longer lead would buy.
   .venv/bin/python bench/bench_offload.py --testbed runs/offload-testbed --repeats 3 --windows 2
 """
 
@@ -368,6 +369,8 @@ def main_testbed(args) -> None:
     )
     ap.add_argument("--threads", type=int, default=0,
                     help="torch compute threads of the plan and the live runs (0 = every core)")  # fmt: skip
+    ap.add_argument("--oracle-leads", default="1",
+                    help="layers of lead of the perfect-prefetch rows (1 = oracle-prefetch)")  # fmt: skip
     extra, _ = ap.parse_known_args(sys.argv[1:])
     from moelab.offload.plan_commands import use_threads
 
@@ -399,11 +402,16 @@ def main_testbed(args) -> None:
     info = ctx.shape
     t0 = time.perf_counter()
     mems = [m.strip() for m in args.memory.split(",")]
-    from moelab.offload.plan import BOUND_PREDICTORS, PLAN_PREDICTORS
+    from moelab.offload.plan import PLAN_PREDICTORS, is_bound_predictor
 
     preds = [p.strip() for p in extra.predictors.split(",") if p.strip()] or list(PLAN_PREDICTORS)
-    # + the perfect one-layer-ahead predictor: planned, and run live as the "oracle-prefetch" row
-    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx, predictors=preds + ["oracle"])
+    leads = sorted({int(d) for d in extra.oracle_leads.split(",") if d.strip()})
+    if not leads or min(leads) < 1:
+        raise SystemExit(f"--oracle-leads {extra.oracle_leads!r}: expected layer counts >= 1")
+    oracles = {d: "oracle" if d == 1 else f"oracle:d={d}" for d in leads}
+    # + perfect predictors with those leads: planned, and run live as the "oracle*-prefetch" rows
+    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx,
+                    predictors=preds + list(oracles.values()))  # fmt: skip
     plan_s = time.perf_counter() - t0
     m = rep.machine
     print(f"testbed {args.testbed}: L={info.num_layers} E={info.num_experts} k={info.top_k}, expert "
@@ -431,8 +439,7 @@ def main_testbed(args) -> None:
                        extra.tier)["routing"]  # fmt: skip
     variants: dict[str, tuple] = {}
     for mem in mems:
-        oracle_rows = [r for r in rep.rows if r.memory_spec == mem and r.predictor == "oracle"]
-        rows = [r for r in rep.rows if r.memory_spec == mem and r.predictor not in BOUND_PREDICTORS]
+        rows = [r for r in rep.rows if r.memory_spec == mem and not is_bound_predictor(r.predictor)]
         pick = {
             "lru": next(
                 r for r in rows if (r.precision, r.policy, r.predictor) == ("full", "lru", "none")
@@ -450,11 +457,13 @@ def main_testbed(args) -> None:
         stand = [r for r in rows if "+" in r.precision]
         if stand:
             pick["best-standin"] = stand[0]
-        if full_pred:  # the live ceiling of one-layer-ahead prefetch with that row's eviction
+        if full_pred:  # the live ceiling of prefetch with that lead and that row's eviction
             pol = pick["best-full-prefetch"].policy
-            pick["oracle-prefetch"] = next(
-                r for r in oracle_rows if r.precision == "full" and r.policy == pol
-            )
+            for d, spec in oracles.items():
+                pick["oracle-prefetch" if d == 1 else f"oracle-d{d}-prefetch"] = next(
+                    r for r in rep.rows if r.memory_spec == mem and r.predictor == spec
+                    and r.precision == "full" and r.policy == pol
+                )  # fmt: skip
         for name, r in pick.items():
             variants[f"{mem} {name}"] = (r, mem)
         if threads < all_cores:  # the reference at every core: what one thread gives up, if any
@@ -525,12 +534,14 @@ def main_testbed(args) -> None:
         b = results[f"{mem} best"]
         print(f"  {mem}: best ({b['config']['precision']} {b['config']['policy']} {b['config']['predictor']}) "
               f"{b['ratio_vs_lru']:.2f}x LRU (target >= 1.5), ppl ratio {b['ppl_ratio_vs_full']:.4f}")  # fmt: skip
-        for name in ("lru+prefetch", "best-full-prefetch", "oracle-prefetch"):
+        oracle_names = ["oracle-prefetch" if d == 1 else f"oracle-d{d}-prefetch" for d in leads]
+        for name in ("lru+prefetch", "best-full-prefetch", *oracle_names):
             if f"{mem} {name}" in results:
                 x = results[f"{mem} {name}"]
                 what = (
-                    "the live ceiling of one-layer-ahead prefetch with this eviction"
-                    if name == "oracle-prefetch"
+                    f"the live ceiling of prefetch {leads[oracle_names.index(name)]} layer(s) "
+                    "ahead with this eviction"
+                    if name in oracle_names
                     else "target >= 1.15 where loads can be hidden, else not slower beyond the spread"
                 )
                 print(f"  {mem}: {name} ({x['config']['policy']}+{x['config']['predictor']}) {x['ratio_vs_lru']:.2f}x LRU "

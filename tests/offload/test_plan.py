@@ -410,6 +410,66 @@ def test_recorded_routing_names_the_next_layers_true_experts():
         plain.bind([object()] * 3)
 
 
+def test_oracle_with_a_longer_lead_names_the_layer_that_many_positions_later():
+    import numpy as np
+
+    from moelab.offload.plan import is_bound_predictor
+    from moelab.offload.prefetch import RecordedRouting, make_live_predictor, oracle_lead
+
+    ids = np.arange(3 * 2 * 2).reshape(3, 2, 2)  # [steps 3, L 2, k 2]
+    x, e = torch.zeros(1, 4), torch.zeros(1, 2, dtype=torch.long)
+    two, three = RecordedRouting(ids, ahead=2), RecordedRouting(ids, ahead=3)
+    assert two.name == "oracle:d=2" and RecordedRouting(ids).name == "oracle"
+    assert two.on_layer(0, 0, x, e) == [(1, 0, ids[1, 0].tolist())]  # same layer, next token
+    assert two.on_layer(0, 1, x, e) == [(1, 1, ids[1, 1].tolist())]
+    assert three.on_layer(0, 1, x, e) == [(2, 0, ids[2, 0].tolist())]  # two tokens on
+    assert three.on_layer(1, 1, x, e) == [] and two.on_layer(2, 0, x, e) == []  # past the window
+    assert [oracle_lead(s) for s in ("oracle", "oracle:d=1", "oracle:d=4", "gate", "prev")] == [
+        1, 1, 4, None, None
+    ]  # fmt: skip
+    assert is_bound_predictor("oracle:d=2") and not is_bound_predictor("gate+prev")
+    for bad in ("oracle:d=0", "oracle:x=2", "oracle:d=two"):
+        with pytest.raises(ConfigError, match="oracle:d=N"):
+            oracle_lead(bad)
+    with pytest.raises(ConfigError, match="ahead=0"):
+        RecordedRouting(ids, ahead=0)
+    with pytest.raises(ConfigError, match="'oracle:d=2' needs the routing"):
+        make_live_predictor("oracle:d=2")
+
+
+def test_oracle_two_layers_ahead_live_and_in_the_replay(ctx):
+    from moelab.offload.measure import run_live
+    from moelab.offload.plan import predictor_plan
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full"])
+    wins = [w[:12] for w in ev.tokens[:2]]
+    E, k, L = ctx.shape.num_experts, ctx.shape.top_k, ctx.shape.num_layers
+    rec = run_live(ctx.load, stores, wins, "full", "lru", "none", E, "ram")
+    s = run_live(ctx.load, stores, wins, "full", "lru", "oracle:d=2", k, "ram", None,
+                 rec["predictions"], rec["routing"])  # fmt: skip
+    assert s["identical"] and s["predictor"] == "oracle:d=2"
+    assert s["prefetch"]["aborted"] == 0 and s["prefetch"]["requested"] > 0
+    # the replay's plan: after (row, layer), the true experts 2 positions later in the same window
+    plan, cost = predictor_plan("oracle:d=2", ctx.sites, ev)
+    assert cost == 0.0
+    targets = []
+    for a, b in ev.bounds:
+        for n in range(a, b):
+            for layer in range(L):
+                q, t = divmod((n - a) * L + layer + 2, L)
+                want = [(a + q, t, ev.expert_ids[a + q, t].tolist())] if a + q < b else None
+                assert plan.get((n, layer)) == want
+                targets += [(a + q, t)] if want else []
+    assert (
+        len(targets)
+        == len(set(targets))
+        == sum(b - a for a, b in ev.bounds) * L - 2 * len(ev.bounds)
+    )  # every position but each window's first two named once
+    out = run_config(ctx.model_arg, "50%", "full", "lru", "oracle:d=2", windows=1, ctx=ctx)
+    assert out["identical_to_all_resident"] and out["config"]["predictor"] == "oracle:d=2"
+
+
 def test_oracle_prefetch_live_matches_the_replays_perfect_predictor(ctx):
     import numpy as np
 

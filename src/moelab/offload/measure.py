@@ -19,7 +19,12 @@ import torch
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.cache import ExpertCache
 from moelab.offload.plan import Machine, ModelShape, make_cache, model_shape, split_precision
-from moelab.offload.prefetch import PREFETCH_CHUNK_BYTES, Prefetcher, make_live_predictor
+from moelab.offload.prefetch import (
+    PREFETCH_CHUNK_BYTES,
+    Prefetcher,
+    make_live_predictor,
+    oracle_lead,
+)
 from moelab.offload.store import ExpertStore
 
 
@@ -187,7 +192,7 @@ def measure_predictors(
 
     out: dict[str, float] = {}
     for spec in specs:
-        if spec in ("none", "oracle"):  # the oracle is a lookup of known routing: charged 0
+        if spec == "none" or oracle_lead(spec) is not None:  # a lookup of known routing: 0
             continue
         m = load_model()
         shape = model_shape(m)
@@ -396,13 +401,15 @@ def run_live(
     perplexity of the decoded tokens, the routing seen per window ("routing", [S, L, k] each) and
     (with `reference` greedy predictions) identity. `predictor` "oracle" prefetches `routing`
     (an earlier run's, e.g. all-resident): the next layer's true experts after each layer, the
-    live counterpart of the replay's perfect one-layer-ahead predictor (oracle_plan)."""
+    live counterpart of the replay's perfect one-layer-ahead predictor (oracle_plan);
+    "oracle:d=N" the true experts N layers ahead in decode order (RecordedRouting)."""
     from moelab.offload.live import OffloadedModel
     from moelab.offload.prefetch import RecordedRouting
 
-    if predictor == "oracle" and (routing is None or len(routing) != len(windows)):
+    lead = oracle_lead(predictor)
+    if lead is not None and (routing is None or len(routing) != len(windows)):
         raise ConfigError(
-            "run_live: predictor 'oracle' needs the routing of every window (routing=, one "
+            f"run_live: predictor {predictor!r} needs the routing of every window (routing=, one "
             "[S, L, k] array per window, e.g. the 'routing' of an all-resident run_live)"
         )
 
@@ -412,13 +419,13 @@ def run_live(
     st = ExpertStore(stores[main], tier=tier)
     sub = ExpertStore(stores[low], tier="ram") if low else None
     cache = make_cache(policy, slots, shape, st.expert_nbytes(0), counts)
-    pf = Prefetcher(st, cache, None if predictor == "oracle" else make_live_predictor(predictor))
+    pf = Prefetcher(st, cache, None if lead is not None else make_live_predictor(predictor))
     om = OffloadedModel(model, st, cache, pf, standin=sub)
     preds, lps = [], []
     try:
         for i, w in enumerate(windows):
-            if predictor == "oracle":
-                pf.predictor = RecordedRouting(np.asarray(routing[i]))  # type: ignore[index]
+            if lead is not None:
+                pf.predictor = RecordedRouting(np.asarray(routing[i]), ahead=lead)  # type: ignore[index]
                 pf.predictor.bind(om.sites)
             p, lp = teacher_forced(model, w, om)
             preds.append(p)
@@ -435,7 +442,7 @@ def run_live(
     s["ppl"] = float(torch.exp(-lp.mean()))
     s["predictions"] = preds
     s["routing"] = np.split(ids, np.cumsum([len(w) for w in windows])[:-1])
-    if predictor == "oracle" and not all(
+    if lead is not None and not all(
         np.array_equal(a, np.asarray(b))
         for a, b in zip(s["routing"], routing, strict=True)  # type: ignore[arg-type]
     ):

@@ -28,7 +28,12 @@ import torch
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload import cache as cache_mod
 from moelab.offload.cache import ExpertCache, static_keys_from_counts, usage_counts
-from moelab.offload.prefetch import PREFETCH_CHUNK_BYTES, make_live_predictor
+from moelab.offload.prefetch import (
+    PREFETCH_CHUNK_BYTES,
+    RecordedRouting,
+    make_live_predictor,
+    oracle_lead,
+)
 from moelab.offload.quant import DEFAULT_GROUP, PRECISIONS, pick_group
 from moelab.offload.quant import expert_nbytes as quant_expert_nbytes
 from moelab.offload.simulate import Hardware, Plan, SimResult, _Link, oracle_plan, simulate
@@ -37,7 +42,11 @@ STANDIN_MODES = ("full+int4", "full+int8")
 PLAN_PRECISIONS = (*PRECISIONS, *STANDIN_MODES)
 PLAN_PREDICTORS = ("none", "gate", "prev", "adaptive", "gate+prev")
 BOUND_POLICIES = ("belady",)  # replay-only bounds, not runnable live
-BOUND_PREDICTORS = ("oracle",)  # perfect predictions (upper bounds), not predictors at hand
+
+
+def is_bound_predictor(spec: str) -> bool:
+    """Perfect predictions ('oracle', 'oracle:d=N'): upper bounds, not predictors at hand."""
+    return oracle_lead(spec) is not None
 
 
 # Parameter variants the planner tries beside every registered policy's defaults.
@@ -235,12 +244,21 @@ def decode_steps(w: Workload) -> tuple[list[np.ndarray], list[bool]]:
 # --------------------------------------------------------------------------- predictor plans
 def predictor_plan(spec: str, sites: list[Any], w: Workload) -> tuple[Plan | None, float]:
     """Run a live predictor row by row over recorded router inputs -> (replay plan, seconds per
-    on_layer call). The same objects `moelab generate --prefetch` uses; "oracle": the true
-    experts one layer ahead (oracle_plan), what run_live's "oracle" prefetches."""
+    on_layer call). The same objects `moelab generate --prefetch` uses; "oracle" / "oracle:d=N":
+    the true experts 1 / N layers ahead in each window (RecordedRouting, charged no call cost),
+    what run_live's oracle prefetches ("oracle" equals oracle_plan(ids, 1))."""
     if spec == "none":
         return None, 0.0
-    if spec == "oracle":
-        return oracle_plan(w.expert_ids, 1), 0.0
+    lead = oracle_lead(spec)
+    if lead is not None:
+        plan: Plan = {}
+        for a, b in w.bounds:
+            rr = RecordedRouting(w.expert_ids[a:b], ahead=lead)
+            for n in range(a, b):
+                for layer in range(w.expert_ids.shape[1]):
+                    for t_step, t_layer, ex in rr.on_layer(n - a, layer, torch.zeros(1, 1), None):  # type: ignore[arg-type]
+                        plan.setdefault((n, layer), []).append((a + t_step, t_layer, ex))
+        return plan, 0.0
     if w.router_input is None and any(p in spec for p in ("gate", "adaptive")):
         raise OffloadError(
             f"predictor {spec!r} needs router inputs; the workload {w.source} has none (trace with"
@@ -638,9 +656,9 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
             "faster tier."
         )
     mine = [r for r in rep.rows if r.precision == prec and r.memory_spec == m_spec
-            and r.predictor not in ("none", *BOUND_PREDICTORS)]  # fmt: skip
+            and r.predictor != "none" and not is_bound_predictor(r.predictor)]  # fmt: skip
     bounds = [b for b in rep.bounds if b["precision"] == prec and b["memory"] == m_spec
-              and b["predictor"] not in ("none", *BOUND_PREDICTORS)]  # fmt: skip
+              and b["predictor"] != "none" and not is_bound_predictor(b["predictor"])]  # fmt: skip
     if not mine or base <= 0:
         return head + " Loads can be hidden: a predictor that names the next layer's experts pays."
     best = max(mine, key=lambda r: r.tokens_per_s)

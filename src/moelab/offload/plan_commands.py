@@ -118,7 +118,7 @@ def register_plan(offload: typer.Typer) -> None:
         ),
         predictors: str = typer.Option(
             "none,gate,prev,adaptive,gate+prev",
-            help="live predictors (oracle: the true next-layer experts, an upper bound)",
+            help="live predictors (oracle: the true next-layer experts, an upper bound; oracle:d=N: N layers ahead)",
         ),
         policies: str = typer.Option("", help="policies (default: every one cache.py registers)"),
         tier: str = typer.Option("auto", help="store tier measured: auto | direct | fadvise"),
@@ -157,7 +157,7 @@ def register_plan(offload: typer.Typer) -> None:
         policy: str = typer.Option("lru", help="cache policy"),
         predictor: str = typer.Option(
             "none",
-            help="live predictor (none | gate | prev | ... | oracle: prefetch the routing of an earlier decode of the same windows, the upper bound)",
+            help="live predictor (none | gate | prev | ... | oracle | oracle:d=N: prefetch the routing of an earlier decode of the same windows 1 / N layers ahead, the upper bound)",
         ),
         trace: Path | None = typer.Option(None, help="TraceStore (as for plan)"),
         windows: int = typer.Option(2, help="held-out evaluation windows to decode"),
@@ -390,6 +390,7 @@ def run_config(
     from moelab.offload.cache import usage_counts
     from moelab.offload.measure import run_live
     from moelab.offload.plan import check_memory, parse_memory, split_precision
+    from moelab.offload.prefetch import oracle_lead
 
     split_precision(precision)
     if windows < 1:
@@ -427,10 +428,10 @@ def run_config(
         out["all_resident_seconds"] = time.perf_counter() - t0
         out["all_resident_ppl"] = float(torch.exp(-torch.cat(ref_lp).mean()))
     routing = None
-    if predictor == "oracle":  # the routing to prefetch: this precision's, recorded first
+    if oracle_lead(predictor) is not None:  # the routing to prefetch: recorded first
         if "+" in precision:
             raise ConfigError(
-                f"--predictor oracle with --precision {precision}: a stand-in decode's routing "
+                f"--predictor {predictor} with --precision {precision}: a stand-in decode's routing "
                 "depends on what is resident, so no earlier decode knows it; use a single precision"
             )
         routing = run_live(ctx.load, stores, wins, precision, "lru", "none", slots, tier)["routing"]

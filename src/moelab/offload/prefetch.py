@@ -340,21 +340,39 @@ def _rank_rows(scores: torch.Tensor, per_row: int) -> list[int]:
     return chosen[torch.argsort(mass[chosen], descending=True)].tolist()
 
 
+def oracle_lead(spec: str) -> int | None:
+    """Layers of lead of an oracle predictor spec: 'oracle' -> 1 (the next layer of the same
+    token), 'oracle:d=N' -> N (the layer N positions later in decode order, across tokens);
+    None for any other spec."""
+    spec = spec.strip()
+    if spec == "oracle":
+        return 1
+    if not spec.startswith("oracle:"):
+        return None
+    key, _, val = spec[len("oracle:") :].partition("=")
+    if key != "d" or not val.isdigit() or int(val) < 1:
+        raise ConfigError(f"predictor {spec!r}: expected 'oracle' or 'oracle:d=N' with N >= 1")
+    return int(val)
+
+
 class RecordedRouting:
     """Perfect predictions from a known routing [steps, L, k] of the sequence being decoded (an
-    earlier decode of the same tokens: full precision routes identically): after layer l, the
-    experts layer l+1 uses; with `wrap`, after the last layer the next token's first layer's.
-    The live upper bound of one-layer-ahead prefetch (the replay's oracle_plan, which does not
-    wrap)."""
+    earlier decode of the same tokens: full precision routes identically). `ahead` = 1: after
+    layer l, the experts layer l+1 uses (with `wrap`, after the last layer the next token's first
+    layer's); `ahead` = d > 1: the layer d positions later in decode order (step x L + layer),
+    across token boundaries. The live upper bound of prefetch with that much lead (the replay's
+    oracle_plan for d = 1)."""
 
-    name = "oracle"
-
-    def __init__(self, expert_ids: np.ndarray, wrap: bool = False) -> None:
+    def __init__(self, expert_ids: np.ndarray, wrap: bool = False, ahead: int = 1) -> None:
         if expert_ids.ndim != 3:
             raise ConfigError(
                 f"RecordedRouting: routing of shape {expert_ids.shape}, expected [steps, L, k]"
             )
-        self.ids, self.wrap = expert_ids, wrap
+        if ahead < 1:
+            raise ConfigError(f"RecordedRouting: ahead={ahead}, expected >= 1 layer")
+        self.ids, self.ahead = expert_ids, int(ahead)
+        self.wrap = wrap or self.ahead > 1
+        self.name = "oracle" if self.ahead == 1 else f"oracle:d={self.ahead}"
 
     def bind(self, sites: list[ExpertSite]) -> None:
         """Check that the routing has the model's number of MoE layers."""
@@ -368,11 +386,8 @@ class RecordedRouting:
         self, step: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor
     ) -> list[Prediction]:
         L = self.ids.shape[1]
-        if layer + 1 < L:
-            t_step, t_layer = step, layer + 1
-        elif self.wrap:
-            t_step, t_layer = step + 1, 0
-        else:
+        t_step, t_layer = divmod(step * L + layer + self.ahead, L)
+        if t_step != step and not self.wrap:
             return []
         if t_step >= len(self.ids):
             return []
@@ -628,9 +643,9 @@ def make_live_predictor(spec: str) -> Any:
             out.append(PreviousToken())
         elif p == "adaptive":
             out.append(AdaptiveLookahead())
-        elif p == "oracle":
+        elif oracle_lead(p) is not None:
             raise ConfigError(
-                "prefetch predictor 'oracle' needs the routing of the tokens decoded, known "
+                f"prefetch predictor {p!r} needs the routing of the tokens decoded, known "
                 "beforehand: `moelab offload run --predictor oracle` records it first (teacher-"
                 "forced windows), run_live(..., routing=) takes it; open generation cannot"
             )
