@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from moelab.errors import OffloadError
+from moelab.errors import ConfigError, OffloadError
 from moelab.offload.cache import ExpertCache
 from moelab.offload.live import OffloadedModel
 from moelab.offload.prefetch import (
@@ -318,3 +318,51 @@ def test_wrapping_probe_live_asks_for_the_next_tokens_first_layer():
     assert out == [(3, 0, want)]
     mid = live.on_layer(2, 0, torch.from_numpy(h[5:6, 0]), torch.zeros(1, k, dtype=torch.long))
     assert [(a, b) for a, b, _ in mid] == [(2, 1)]
+
+
+def test_probe_live_with_min_score_names_only_likely_experts(tmp_path):
+    """`min_score` keeps the top-k experts scored at least that (none: no prediction); the
+    spec DIR:min=P builds it, and a P that is no number is refused."""
+    import numpy as np
+
+    from moelab.offload.prefetch import TracePredictorLive, make_live_predictor
+    from moelab.predict import Horizon, make_predictor
+    from moelab.trace.schema import Trace, TraceMeta
+
+    rng = np.random.default_rng(2)
+    n, L, E, k, D = 240, 3, 8, 2, 16
+    h = rng.normal(size=(n, L, D)).astype(np.float32)
+    ids = np.argsort(-np.einsum("nld,lde->nle", h, rng.normal(size=(L, D, E))), -1)[..., :k]
+    tr = Trace(
+        meta=TraceMeta(num_layers=L, num_experts=E, top_k=k),
+        token_id=rng.integers(0, 50, n).astype(np.int64), doc_id=np.arange(n) // 40,
+        position=(np.arange(n) % 40).astype(np.int32), domain=np.zeros(n, np.int16),
+        is_bos=np.arange(n) % 40 == 0, expert_ids=ids.astype(np.int16),
+        weights=np.full(ids.shape, 0.5, np.float32), hidden={"router_input": h},
+        hidden_rows=np.arange(n),
+    )  # fmt: skip
+    p = make_predictor("probe-linear", Horizon(layers_ahead=1), epochs=3).fit(tr)
+
+    class Site:
+        top_k, num_experts = k, E
+
+    named = {0.0: 0, 0.5: 0, 1.0: 0}
+    for i in range(40):
+        s = p.live_scores(1, h[i, 0])
+        top = np.argsort(-s, kind="stable")[:k]
+        for level in named:
+            live = TracePredictorLive(p, min_score=level)
+            live.bind([Site()] * L)
+            live.set_tokens([1])
+            out = live.on_layer(0, 0, torch.from_numpy(h[i : i + 1, 0]), torch.zeros(1, k))
+            want = [int(e) for e in top if s[e] >= level]
+            assert out == ([(0, 1, want)] if want else [])
+            named[level] += len(want)
+    assert named[0.0] == 40 * k and 0 < named[0.5] < 40 * k and named[1.0] == 0
+    p.save(tmp_path / "probe")
+    live = make_live_predictor(f"{tmp_path / 'probe'}:min=0.6")
+    assert live.min_score == 0.6 and live.name.endswith(":min=0.6")
+    with pytest.raises(ConfigError, match="DIR:min=P"):
+        make_live_predictor(f"{tmp_path / 'probe'}:min=high")
+    with pytest.raises(ConfigError, match="min_score=1.5"):
+        TracePredictorLive(p, min_score=1.5)

@@ -115,6 +115,28 @@ def test_verdict_when_loads_dominate(ctx):
     assert "int8 / int4" in slow.verdicts[0]
 
 
+def test_verdict_names_the_ceiling_of_two_layers_of_lead(ctx):
+    # a load (1.5 ms) outlasts a layer (1 ms): the verdict also replays perfect predictions two
+    # layers ahead (across tokens), the same figure the oracle:d=2 row of the plan shows
+    rep = make_plan(ctx.model_arg, ["50%"], precisions=["full"],
+                    predictors=["none", "oracle", "oracle:d=2"], policy_names=["lru"],
+                    bandwidth=5e7, layer_compute=1e-3, ctx=ctx)  # fmt: skip
+    (v,) = rep.verdicts
+    lru = rep.best(precision="full", policy="lru", predictor="none").tokens_per_s
+    one = rep.best(precision="full", policy="lru", predictor="oracle").tokens_per_s / lru
+    two = rep.best(precision="full", policy="lru", predictor="oracle:d=2").tokens_per_s / lru
+    said1 = float(v.split("prefetch would give ")[1].split("x")[0])
+    said2 = float(v.split("Two layers ahead, a perfect predictor would give ")[1].split("x")[0])
+    assert said1 == pytest.approx(one, abs=0.006) and said2 == pytest.approx(two, abs=0.006)
+    assert two > one  # the longer lead hides more of each load
+    # the oracle rows are bounds: never "the predictors here"
+    assert "reach" not in v or "+ oracle" not in v
+    # where a layer outlasts a load, one layer of lead hides it all: no second figure
+    fast = make_plan(ctx.model_arg, ["50%"], precisions=["full"], predictors=["none"],
+                     policy_names=["lru"], bandwidth=5e9, layer_compute=1e-3, ctx=ctx)  # fmt: skip
+    assert "Two layers ahead" not in fast.verdicts[0]
+
+
 @pytest.mark.parametrize("predictors", [["none", "gate", "prev"], ["none", "prev"]])
 def test_verdict_says_what_the_predictors_at_hand_reach(ctx, predictors):
     # one load (1.5 ms) a little longer than one layer (1 ms): a perfect predictor pays

@@ -540,6 +540,8 @@ def plan_configs(
         except OffloadError as exc:
             rep.skipped.append(f"predictor {pred}: {exc}")
     oracle = oracle_plan(ev.expert_ids, 1)
+    # the same with two layers of lead (across tokens): what a longer-lead predictor would buy
+    oracle2 = predictor_plan("oracle:d=2", sites, ev)[0] if shape.num_layers > 1 else None
     for m_spec, mem in memories:
         for prec in precisions:
             main, low = split_precision(prec)
@@ -578,7 +580,7 @@ def plan_configs(
                                    "policy": "belady", "tokens_per_s": b.tokens_per_s,
                                    "hit_rate": b.hit_rate})  # fmt: skip
             if not low:
-                rep.verdicts.append(_verdict(ev, shape, slots, machine, prec, m_spec, oracle,
+                rep.verdicts.append(_verdict(ev, shape, slots, machine, prec, m_spec, (oracle, oracle2),
                                              steps, timed, nb, counts, rep))  # fmt: skip
     rep.skipped = list(dict.fromkeys(rep.skipped))
     rep.rows.sort(key=lambda r: -r.tokens_per_s if math.isfinite(r.tokens_per_s) else 0.0)
@@ -616,10 +618,14 @@ def charge_policy_cpu(runs: dict[str, SimResult], num_layers: int) -> None:
         r.seconds += extra * r.tokens * num_layers
 
 
-def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, counts, rep) -> str:
+def _verdict(
+    ev, shape, slots, machine, prec, m_spec, oracles, steps, timed, nb, counts, rep
+) -> str:
     """Say with numbers whether prefetching can pay at this precision and budget: the bound of a
-    perfect 1-layer-ahead predictor, and what the predictors at hand reach (best policy, and
-    Belady's eviction with the same predictor)."""
+    perfect 1-layer-ahead predictor (and, where a load outlasts a layer, of a perfect 2-layer-ahead
+    one), and what the predictors at hand reach (best policy, and Belady's eviction with the same
+    predictor)."""
+    oracle, oracle2 = oracles
     hw = machine.hardware(prec, shape, slots=slots)
     lru = _replay(ev, shape, slots, "lru", hw, None, steps, timed, nb, counts, None)
     orc = _replay(ev, shape, slots, "lru", hw, oracle, steps, timed, nb, counts, None)
@@ -634,12 +640,12 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
     # is left out: its pins are loaded before the first token, a head start, not hidden loads)
     plain = [r for r in rep.rows if r.precision == prec and r.memory_spec == m_spec
              and r.predictor == "none" and r.policy not in ("lru", "static")]  # fmt: skip
-    evict = "LRU's"
+    evict, evict_pol = "LRU's", "lru"
     if plain and base > 0:
         top = max(plain, key=lambda r: r.tokens_per_s).policy
         g = _replay(ev, shape, slots, top, hw, oracle, steps, timed, nb, counts, None)
         if g.tokens_per_s / base > gain:
-            evict = f"{top}'s; {gain:.2f}x with LRU's"
+            evict, evict_pol = f"{top}'s; {gain:.2f}x with LRU's", top
             gain = g.tokens_per_s / base
     head = (
         f"{prec} at {m_spec} ({slots}/{shape.num_experts} per layer): LRU stalls {miss_ms:.1f} ms/token "
@@ -647,13 +653,23 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
         f"{t_layer:.2f} ms; perfect 1-layer-ahead prefetch would give {gain:.2f}x LRU (with "
         f"{evict} eviction)."
     )
+    gain2 = None  # one layer's compute hides only part of a load: would two layers of lead?
+    if oracle2 is not None and t_load > t_layer and base > 0 and miss_ms > 0:
+        g2 = _replay(ev, shape, slots, evict_pol, hw, oracle2, steps, timed, nb, counts, None)
+        gain2 = g2.tokens_per_s / base
+        head += f" Two layers ahead, a perfect predictor would give {gain2:.2f}x."
     if gain < PREFETCH_PAYS:
         why = "loads are the bottleneck" if t_load > t_layer else "few misses are left to hide"
+        lead = (
+            f" a predictor two layers ahead ({gain2:.2f}x if perfect),"
+            if gain2 is not None and gain2 >= PREFETCH_PAYS
+            else ""
+        )
         return head + (
-            f" Prefetch cannot pay here ({why}): a layer's compute hides at most "
-            f"{min(1.0, t_layer / max(t_load, 1e-12)):.0%} of one load. What would help: fewer "
-            "bytes per expert (int8 / int4 tiers), more resident memory (higher hit rate) or a "
-            "faster tier."
+            f" Prefetch one layer ahead cannot pay here ({why}): a layer's compute hides at most "
+            f"{min(1.0, t_layer / max(t_load, 1e-12)):.0%} of one load. What would help:{lead} "
+            "fewer bytes per expert (int8 / int4 tiers), more resident memory (higher hit rate) "
+            "or a faster tier."
         )
     mine = [r for r in rep.rows if r.precision == prec and r.memory_spec == m_spec
             and r.predictor != "none" and not is_bound_predictor(r.predictor)]  # fmt: skip
@@ -677,6 +693,11 @@ def _verdict(ev, shape, slots, machine, prec, m_spec, oracle, steps, timed, nb, 
     )
     bound = (b_best["tokens_per_s"] / base, b_best["predictor"]) if b_best else None
     verdict, advice = prefetch_limit(reach, bound)
+    if gain2 is not None and gain2 > max(gain, reach) * 1.05:
+        advice += (
+            f" A longer lead pays more than a better next-layer guess here: {gain2:.2f}x with"
+            f" perfect predictions two layers ahead against {gain:.2f}x one layer ahead."
+        )
     return head + verdict + tail + advice
 
 

@@ -539,11 +539,17 @@ class TracePredictorLive:
     `layer` routed (a wrapping router-input probe also asks, from the last d layers, for the
     next token's first d layers); tokens_ahead=t -> (token t steps later, same layer). The routing seen so far
     in this sequence (NO_EXPERT where not yet known) and the current token's router inputs are
-    passed as the StepContext.
+    passed as the StepContext. With `min_score`, only experts scored at least that (a probe's
+    sigmoid is a probability of use) are named: a longer-lead guess issued only where it is
+    likely right, since a wrong one costs a read and an eviction.
     """
 
-    def __init__(self, predictor: Any, top: int | None = None) -> None:
-        self.predictor, self.top = predictor, top
+    def __init__(
+        self, predictor: Any, top: int | None = None, min_score: float | None = None
+    ) -> None:
+        if min_score is not None and not 0.0 <= min_score <= 1.0:
+            raise ConfigError(f"TracePredictorLive: min_score={min_score}, expected 0..1")
+        self.predictor, self.top, self.min_score = predictor, top, min_score
         hz = predictor.horizon
         self.layers_ahead, self.tokens_ahead = int(hz.layers_ahead), int(hz.tokens_ahead)
         if self.layers_ahead == 0 and self.tokens_ahead == 0:
@@ -551,6 +557,8 @@ class TracePredictorLive:
                 "TracePredictorLive: the predictor's horizon must look ahead (d>=1 or t>=1)"
             )
         self.name = getattr(predictor, "label", type(predictor).__name__)
+        if min_score is not None:
+            self.name += f":min={min_score:g}"
         self.token_ids: list[int] = []
         self._rows: list[np.ndarray] = []
         self._hidden: np.ndarray | None = None
@@ -618,7 +626,12 @@ class TracePredictorLive:
         if not np.isfinite(scores).all():
             return []
         m = self.top or self._k
-        return [(t_step, t_layer, [int(e) for e in np.argsort(-scores, kind="stable")[:m]])]
+        top = np.argsort(-scores, kind="stable")[:m]
+        if self.min_score is not None:
+            top = top[scores[top] >= self.min_score]
+            if not len(top):
+                return []
+        return [(t_step, t_layer, [int(e) for e in top])]
 
 
 LIVE_PREDICTORS = ("none", "gate", "gate2", "prev", "adaptive", "gate+prev", "gate2+prev")
@@ -626,7 +639,8 @@ LIVE_PREDICTORS = ("none", "gate", "gate2", "prev", "adaptive", "gate+prev", "ga
 
 def make_live_predictor(spec: str) -> Any:
     """'none' | 'gate' (d=1) | 'gate2' (d=1 and 2) | 'prev' | 'adaptive' | combinations with '+'
-    | a saved moelab.predict predictor directory -> live predictor (None for 'none')."""
+    | a saved moelab.predict predictor directory (`DIR:min=P`: only experts it scores >= P) ->
+    live predictor (None for 'none')."""
     from pathlib import Path
 
     spec = spec.strip()
@@ -649,10 +663,17 @@ def make_live_predictor(spec: str) -> Any:
                 "beforehand: `moelab offload run --predictor oracle` records it first (teacher-"
                 "forced windows), run_live(..., routing=) takes it; open generation cannot"
             )
-        elif Path(p).is_dir():
+        elif Path(p.rpartition(":min=")[0] or p).is_dir():
             from moelab.predict.base import Predictor
 
-            out.append(TracePredictorLive(Predictor.load(p)))
+            path, _, level = p.rpartition(":min=") if ":min=" in p else (p, "", "")
+            try:
+                min_score = float(level) if level else None
+            except ValueError:
+                raise ConfigError(
+                    f"prefetch predictor {p!r}: DIR:min=P needs a probability P in 0..1"
+                ) from None
+            out.append(TracePredictorLive(Predictor.load(path), min_score=min_score))
         else:
             raise ConfigError(
                 f"prefetch predictor {p!r}: expected one of {LIVE_PREDICTORS} or a saved predictor "
