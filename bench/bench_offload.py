@@ -408,10 +408,12 @@ def main_testbed(args) -> None:
     leads = sorted({int(d) for d in extra.oracle_leads.split(",") if d.strip()})
     if not leads or min(leads) < 1:
         raise SystemExit(f"--oracle-leads {extra.oracle_leads!r}: expected layer counts >= 1")
-    oracles = {d: "oracle" if d == 1 else f"oracle:d={d}" for d in leads}
+    # variant name -> (lead, predictor spec) of the perfect-prefetch rows
+    oracles = {("oracle-prefetch" if d == 1 else f"oracle-d{d}-prefetch"):
+               (d, "oracle" if d == 1 else f"oracle:d={d}") for d in leads}  # fmt: skip
     # + perfect predictors with those leads: planned, and run live as the "oracle*-prefetch" rows
     rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx,
-                    predictors=preds + list(oracles.values()))  # fmt: skip
+                    predictors=preds + [spec for _, spec in oracles.values()])  # fmt: skip
     plan_s = time.perf_counter() - t0
     m = rep.machine
     print(f"testbed {args.testbed}: L={info.num_layers} E={info.num_experts} k={info.top_k}, expert "
@@ -459,8 +461,8 @@ def main_testbed(args) -> None:
             pick["best-standin"] = stand[0]
         if full_pred:  # the live ceiling of prefetch with that lead and that row's eviction
             pol = pick["best-full-prefetch"].policy
-            for d, spec in oracles.items():
-                pick["oracle-prefetch" if d == 1 else f"oracle-d{d}-prefetch"] = next(
+            for name, (_, spec) in oracles.items():
+                pick[name] = next(
                     r for r in rep.rows if r.memory_spec == mem and r.predictor == spec
                     and r.precision == "full" and r.policy == pol
                 )  # fmt: skip
@@ -534,14 +536,13 @@ def main_testbed(args) -> None:
         b = results[f"{mem} best"]
         print(f"  {mem}: best ({b['config']['precision']} {b['config']['policy']} {b['config']['predictor']}) "
               f"{b['ratio_vs_lru']:.2f}x LRU (target >= 1.5), ppl ratio {b['ppl_ratio_vs_full']:.4f}")  # fmt: skip
-        oracle_names = ["oracle-prefetch" if d == 1 else f"oracle-d{d}-prefetch" for d in leads]
-        for name in ("lru+prefetch", "best-full-prefetch", *oracle_names):
+        for name in ("lru+prefetch", "best-full-prefetch", *oracles):
             if f"{mem} {name}" in results:
                 x = results[f"{mem} {name}"]
                 what = (
-                    f"the live ceiling of prefetch {leads[oracle_names.index(name)]} layer(s) "
-                    "ahead with this eviction"
-                    if name in oracle_names
+                    f"the live ceiling of prefetch {oracles[name][0]} layer(s) ahead with this "
+                    "eviction"
+                    if name in oracles
                     else "target >= 1.15 where loads can be hidden, else not slower beyond the spread"
                 )
                 print(f"  {mem}: {name} ({x['config']['policy']}+{x['config']['predictor']}) {x['ratio_vs_lru']:.2f}x LRU "

@@ -282,17 +282,14 @@ def test_probe_live_path_equals_the_generic_step():
                                            p.predict_step(ctx), rtol=1e-6)  # fmt: skip
 
 
-def test_wrapping_probe_live_asks_for_the_next_tokens_first_layer():
-    """After the last layer, a wrapping router-input probe names layer 0 of the next step
-    (live_scores' top k); earlier layers still name this step's next layer."""
+def _router_probe_trace(seed: int, n: int = 240, L: int = 3, E: int = 8, k: int = 2, D: int = 16):
+    """A trace whose routing is a fixed linear map of its router inputs (so a linear probe can
+    learn it): (trace, router inputs [n, L, D], expert ids [n, L, k])."""
     import numpy as np
 
-    from moelab.offload.prefetch import TracePredictorLive
-    from moelab.predict import Horizon, make_predictor
     from moelab.trace.schema import Trace, TraceMeta
 
-    rng = np.random.default_rng(1)
-    n, L, E, k, D = 240, 3, 8, 2, 16
+    rng = np.random.default_rng(seed)
     h = rng.normal(size=(n, L, D)).astype(np.float32)
     ids = np.argsort(-np.einsum("nld,lde->nle", h, rng.normal(size=(L, D, E))), -1)[..., :k]
     tr = Trace(
@@ -303,6 +300,19 @@ def test_wrapping_probe_live_asks_for_the_next_tokens_first_layer():
         weights=np.full(ids.shape, 0.5, np.float32), hidden={"router_input": h},
         hidden_rows=np.arange(n),
     )  # fmt: skip
+    return tr, h, ids
+
+
+def test_wrapping_probe_live_asks_for_the_next_tokens_first_layer():
+    """After the last layer, a wrapping router-input probe names layer 0 of the next step
+    (live_scores' top k); earlier layers still name this step's next layer."""
+    import numpy as np
+
+    from moelab.offload.prefetch import TracePredictorLive
+    from moelab.predict import Horizon, make_predictor
+
+    tr, h, ids = _router_probe_trace(seed=1)
+    L, E, k = tr.meta.num_layers, tr.meta.num_experts, tr.meta.top_k
     p = make_predictor("probe-linear", Horizon(layers_ahead=1), wrap=True, epochs=3).fit(tr)
     live = TracePredictorLive(p)
     assert live._direct and live._wrap
@@ -327,20 +337,9 @@ def test_probe_live_with_min_score_names_only_likely_experts(tmp_path):
 
     from moelab.offload.prefetch import TracePredictorLive, make_live_predictor
     from moelab.predict import Horizon, make_predictor
-    from moelab.trace.schema import Trace, TraceMeta
 
-    rng = np.random.default_rng(2)
-    n, L, E, k, D = 240, 3, 8, 2, 16
-    h = rng.normal(size=(n, L, D)).astype(np.float32)
-    ids = np.argsort(-np.einsum("nld,lde->nle", h, rng.normal(size=(L, D, E))), -1)[..., :k]
-    tr = Trace(
-        meta=TraceMeta(num_layers=L, num_experts=E, top_k=k),
-        token_id=rng.integers(0, 50, n).astype(np.int64), doc_id=np.arange(n) // 40,
-        position=(np.arange(n) % 40).astype(np.int32), domain=np.zeros(n, np.int16),
-        is_bos=np.arange(n) % 40 == 0, expert_ids=ids.astype(np.int16),
-        weights=np.full(ids.shape, 0.5, np.float32), hidden={"router_input": h},
-        hidden_rows=np.arange(n),
-    )  # fmt: skip
+    tr, h, _ = _router_probe_trace(seed=2)
+    L, E, k = tr.meta.num_layers, tr.meta.num_experts, tr.meta.top_k
     p = make_predictor("probe-linear", Horizon(layers_ahead=1), epochs=3).fit(tr)
 
     class Site:

@@ -36,7 +36,7 @@ from moelab.offload.prefetch import (
 )
 from moelab.offload.quant import DEFAULT_GROUP, PRECISIONS, pick_group
 from moelab.offload.quant import expert_nbytes as quant_expert_nbytes
-from moelab.offload.simulate import Hardware, Plan, SimResult, _Link, oracle_plan, simulate
+from moelab.offload.simulate import Hardware, Plan, SimResult, _Link, simulate
 
 STANDIN_MODES = ("full+int4", "full+int8")
 PLAN_PRECISIONS = (*PRECISIONS, *STANDIN_MODES)
@@ -250,15 +250,6 @@ def predictor_plan(spec: str, sites: list[Any], w: Workload) -> tuple[Plan | Non
     if spec == "none":
         return None, 0.0
     lead = oracle_lead(spec)
-    if lead is not None:
-        plan: Plan = {}
-        for a, b in w.bounds:
-            rr = RecordedRouting(w.expert_ids[a:b], ahead=lead)
-            for n in range(a, b):
-                for layer in range(w.expert_ids.shape[1]):
-                    for t_step, t_layer, ex in rr.on_layer(n - a, layer, torch.zeros(1, 1), None):  # type: ignore[arg-type]
-                        plan.setdefault((n, layer), []).append((a + t_step, t_layer, ex))
-        return plan, 0.0
     if w.router_input is None and any(p in spec for p in ("gate", "adaptive")):
         raise OffloadError(
             f"predictor {spec!r} needs router inputs; the workload {w.source} has none (trace with"
@@ -273,7 +264,11 @@ def predictor_plan(spec: str, sites: list[Any], w: Workload) -> tuple[Plan | Non
         else None
     )
     for wi, (a, b) in enumerate(w.bounds):
-        pred = make_live_predictor(spec)
+        pred = (
+            make_live_predictor(spec)
+            if lead is None
+            else RecordedRouting(w.expert_ids[a:b], ahead=lead)  # this window's known routing
+        )
         pred.bind(sites)
         toks = [int(t) for t in w.tokens[wi]]
         for n in range(a, b):
@@ -290,7 +285,7 @@ def predictor_plan(spec: str, sites: list[Any], w: Workload) -> tuple[Plan | Non
                     row = a + t_step
                     if a <= row < b:
                         plan.setdefault((n, layer), []).append((row, t_layer, list(ex)))
-    return plan, secs / max(calls, 1)
+    return plan, (0.0 if lead is not None else secs / max(calls, 1))
 
 
 # --------------------------------------------------------------------------- replay
@@ -539,7 +534,7 @@ def plan_configs(
             plans[pred] = predictor_plan(pred, sites, ev)
         except OffloadError as exc:
             rep.skipped.append(f"predictor {pred}: {exc}")
-    oracle = oracle_plan(ev.expert_ids, 1)
+    oracle = predictor_plan("oracle", sites, ev)[0]
     # the same with two layers of lead (across tokens): what a longer-lead predictor would buy
     oracle2 = predictor_plan("oracle:d=2", sites, ev)[0] if shape.num_layers > 1 else None
     for m_spec, mem in memories:

@@ -663,10 +663,10 @@ def make_live_predictor(spec: str) -> Any:
                 "beforehand: `moelab offload run --predictor oracle` records it first (teacher-"
                 "forced windows), run_live(..., routing=) takes it; open generation cannot"
             )
-        elif Path(p.rpartition(":min=")[0] or p).is_dir():
+        elif Path(p.partition(":min=")[0]).is_dir():
             from moelab.predict.base import Predictor
 
-            path, _, level = p.rpartition(":min=") if ":min=" in p else (p, "", "")
+            path, _, level = p.partition(":min=")
             try:
                 min_score = float(level) if level else None
             except ValueError:
