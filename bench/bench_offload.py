@@ -36,6 +36,9 @@ next-layer experts (recorded from an all-resident decode), the live ceiling of o
 prefetch that the plan's verdict predicts; `--oracle-leads 1,2,4` adds "oracle-dN-prefetch" rows
 (the true experts N layers ahead in decode order, across tokens): what a longer lead would buy.
   .venv/bin/python bench/bench_offload.py --testbed runs/offload-testbed --repeats 3 --windows 2
+Another model: `--testbed MODEL_DIR --trace STORE` (its held-out routing, as `moelab offload plan
+--trace`), e.g. the MoEfied SmolLM2 from `moelab offload testbed --smollm2`; `--precisions` and
+`--policies` narrow the plan (29 MoE layers replay ~30x longer than the 4-layer testbed).
 """
 
 from __future__ import annotations
@@ -371,15 +374,20 @@ def main_testbed(args) -> None:
                     help="torch compute threads of the plan and the live runs (0 = every core)")  # fmt: skip
     ap.add_argument("--oracle-leads", default="1",
                     help="layers of lead of the perfect-prefetch rows (1 = oracle-prefetch)")  # fmt: skip
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="held-out routing (TraceStore) to plan and decode: with --testbed naming "
+                    "any moelab/transformers model dir, e.g. the SmolLM2 testbed's moefy model")  # fmt: skip
+    ap.add_argument("--precisions", default="", help="precisions the plan tries (default: all)")
+    ap.add_argument("--policies", default="", help="policies the plan tries (default: all)")
     extra, _ = ap.parse_known_args(sys.argv[1:])
     from moelab.offload.plan_commands import use_threads
 
     all_cores = use_threads(0)
     threads = use_threads(extra.threads)
-    if not (args.testbed / "testbed.json").exists():
+    if extra.trace is None and not (args.testbed / "testbed.json").exists():
         print(f"building the testbed in {args.testbed} ({args.steps} steps) ...", flush=True)
         build_testbed(args.testbed, steps=args.steps)
-    ctx = Context(args.testbed, None)
+    ctx = Context(args.testbed, extra.trace)
     W = args.windows
     n_cal = len(ctx.workload.tokens) // 2
     # replay exactly the windows decoded live (calibration = the first half of the held-out set)
@@ -411,8 +419,13 @@ def main_testbed(args) -> None:
     # variant name -> (lead, predictor spec) of the perfect-prefetch rows
     oracles = {("oracle-prefetch" if d == 1 else f"oracle-d{d}-prefetch"):
                (d, "oracle" if d == 1 else f"oracle:d={d}") for d in leads}  # fmt: skip
+
+    def names(text):
+        return [x.strip() for x in text.split(",") if x.strip()] or None
+
     # + perfect predictors with those leads: planned, and run live as the "oracle*-prefetch" rows
-    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx,
+    rep = make_plan(args.testbed, mems, tier=extra.tier, ctx=ctx, precisions=names(extra.precisions),
+                    policy_names=names(extra.policies),
                     predictors=preds + [spec for _, spec in oracles.values()])  # fmt: skip
     plan_s = time.perf_counter() - t0
     m = rep.machine
