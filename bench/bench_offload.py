@@ -356,7 +356,7 @@ def main_testbed(args) -> None:
     """Issue 17 targets on the large-expert testbed (see the module docstring)."""
     import sys
 
-    from moelab.offload.measure import run_live
+    from moelab.offload.measure import paired_change, run_live
     from moelab.offload.plan_commands import Context, make_plan
     from moelab.offload.testbed import build_testbed
 
@@ -437,8 +437,11 @@ def main_testbed(args) -> None:
 
     print("measured: " + machine_line(m))
     print(
-        "held-out perplexity ratio (static tiers): "
-        + ", ".join(f"{p} {v:.4f}" for p, v in m["ppl_ratio"].items())
+        f"held-out perplexity ratio (static tiers; {m['heldout_scored']}): "
+        + ", ".join(
+            f"{p} {v:.4f}±{m['ppl_ratio_se'][p]:.4f} (routing kept {m['routing_agreement'][p]:.3f})"
+            for p, v in m["ppl_ratio"].items()
+        )
     )
     for v in rep.verdicts:
         print("- " + v)
@@ -503,6 +506,9 @@ def main_testbed(args) -> None:
             torch.set_num_threads(threads)
             s.pop("predictions")
             s.pop("routing")
+            lps = s.pop("logprobs")
+            s["window_nll"] = [-float(x.double().sum()) for x in lps]
+            s["window_tokens"] = [int(x.numel()) for x in lps]
             runs[v].append(s)
             print(f"  repeat {rep_i} {v:>26} ({r.precision} {r.policy} {r.predictor}): "
                   f"{s['decode']['tokens_per_s']:.2f} tok/s", flush=True)  # fmt: skip
@@ -528,12 +534,16 @@ def main_testbed(args) -> None:
         ppl = statistics.median(x["ppl"] for x in runs[v]) / statistics.median(
             x["ppl"] for x in runs[lru_v]
         )
+        # paired over windows against the full-precision LRU run (first repeats)
+        _, ppl_se = paired_change(runs[v][0]["window_nll"], runs[lru_v][0]["window_nll"],
+                                  runs[v][0]["window_tokens"])  # fmt: skip
+        ppl_se *= ppl
         ident = all(x.get("identical", False) for x in runs[v])
         results[v] = {
             "config": r.to_dict(), "live_tokens_per_s": live, "planned_tokens_per_s": r.tokens_per_s,
             "planned_per_repeat": planned[v], "planned_over_live_same_repeat": statistics.median(same_repeat),
             "ratio_vs_lru": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)],
-            "ppl_ratio_vs_full": ppl, "identical": ident, "runs": runs[v],
+            "ppl_ratio_vs_full": ppl, "ppl_ratio_se": ppl_se, "identical": ident, "runs": runs[v],
             "threads": all_cores if v in ref_cores else threads,
         }  # fmt: skip
         planned_s = "-" if v in ref_cores else f"{r.tokens_per_s:.2f}"
@@ -541,7 +551,7 @@ def main_testbed(args) -> None:
         same_s = "-" if v in ref_cores else f"{statistics.median(same_repeat):.2f}"
         print(f"| {mem} | {v.split(' ', 1)[1]} | {r.precision} | {r.policy} | {r.predictor} | {r.slots} | "
               f"{live:.2f} | {planned_s} | {over_s} | {same_s} | {med(v, 'hit_rate'):.3f} | "
-              f"{med(v, 'bytes_per_token') / 1e6:.2f} | {med(v, 'standin_rate'):.3f} | {ppl:.4f} | {ident} | "
+              f"{med(v, 'bytes_per_token') / 1e6:.2f} | {med(v, 'standin_rate'):.3f} | {ppl:.4f}±{ppl_se:.4f} | {ident} | "
               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
     print_breakdown(variants, runs)
     print("\ntargets:")

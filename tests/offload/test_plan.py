@@ -201,6 +201,38 @@ def test_run_full_precision_is_exact_and_int8_close(ctx):
     assert s["standin_rate"] > 0 and math.isfinite(s["ppl_ratio"])
 
 
+def test_plan_quality_is_the_live_runs_quality_with_its_standard_error(rep, ctx):
+    """The plan scores each precision as `moelab offload run` does (teacher-forced decode of the
+    same held-out windows): the same ratio and standard error, whatever the cache holds."""
+    m = rep.machine
+    _, ev = ctx.workload.split()
+    n = len(ev.tokens)
+    assert n >= 2 and f"{n} held-out windows" in m["heldout_scored"]
+    assert m["ppl_ratio"]["full"] == 1.0 and m["ppl_ratio_se"]["full"] == 0.0
+    assert m["routing_agreement"]["full"] == 1.0
+    for prec in ("int8", "int4"):
+        live = run_config(ctx.model_arg, "50%", prec, "lru", "none", windows=n, ctx=ctx)
+        assert m["ppl_ratio"][prec] == pytest.approx(live["ppl_ratio"], rel=1e-9)
+        assert m["ppl_ratio_se"][prec] == pytest.approx(live["ppl_ratio_se"], rel=1e-6)
+        assert 0 < m["ppl_ratio_se"][prec] < 0.1 and 0.5 < m["routing_agreement"][prec] <= 1.0
+        row = rep.best(precision=prec)
+        assert (row.ppl_change, row.ppl_change_se) == (
+            m["ppl_ratio"][prec],
+            m["ppl_ratio_se"][prec],
+        )
+    assert m["routing_agreement"]["int4"] <= m["routing_agreement"]["int8"] + 0.05
+
+
+def test_heldout_quality_refuses_without_a_full_precision_reference(ctx):
+    from moelab.offload.measure import heldout_quality
+
+    _, ev = ctx.workload.split()
+    with pytest.raises(ConfigError, match="'full' store"):
+        heldout_quality(ctx.load, ctx.stores(["int8"]), ev.tokens)
+    with pytest.raises(ConfigError, match="no held-out windows"):
+        heldout_quality(ctx.load, ctx.stores(["full"]), [])
+
+
 def _cli(args, capsys, monkeypatch):
     from moelab.cli import main
 

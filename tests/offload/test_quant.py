@@ -144,6 +144,39 @@ def test_quantised_experts_compute_like_dequantised_weights(tmp_path, prec):
     assert not torch.equal(got, want)  # really went through the bf16 kernels
 
 
+@pytest.mark.parametrize("prec", ["int8", pytest.param("int4", marks=needs_int4)])
+def test_exact_arithmetic_is_the_dequantised_model_on_both_evaluation_paths(tmp_path, prec):
+    """Within exact_arithmetic() an offloaded quantised model is the model with dequantised
+    weights, scored full-sequence or teacher-forced alike (the bf16 kernels are not)."""
+    from moelab.offload.measure import teacher_forced
+    from moelab.offload.quant import exact_arithmetic
+
+    m = tiny_model()
+    ref = copy.deepcopy(m)
+    d = ExpertStore.write(m, tmp_path / prec, precision=prec, group=32)
+    with ExpertStore(d, tier="ram") as st:
+        for s_i, blk in enumerate(ref.blocks):
+            for e in range(8):
+                w = st.read(s_i, e)
+                with torch.no_grad():
+                    blk.ffn.experts.gate_up_proj[e] = dequantize(w["gate_up_proj"])
+                    blk.ffn.experts.down_proj[e] = dequantize(w["down_proj"])
+    toks = torch.randint(0, 97, (16,), generator=torch.Generator().manual_seed(3))
+    om, pf, st = _offloaded(m, d, 3)  # misses and evictions on the way: same weights served
+    with torch.no_grad():
+        want = torch.log_softmax(ref(toks[None]).logits[0, :-1], -1)
+        want = want.gather(1, toks[1:, None])[:, 0]
+        with exact_arithmetic():
+            om.new_sequence()
+            full = torch.log_softmax(m(toks[None]).logits[0, :-1], -1).gather(1, toks[1:, None])
+            _, dec = teacher_forced(m, toks.numpy(), om)
+        _, kern = teacher_forced(m, toks.numpy(), om)
+    om.close(), pf.close(), st.close()
+    assert torch.allclose(full[:, 0], want, atol=1e-5)
+    assert torch.allclose(dec, want, atol=1e-4)
+    assert not torch.equal(kern, dec) and torch.allclose(kern, dec, atol=0.1)  # the bf16 kernels
+
+
 @needs_int4
 def test_standin_serves_misses_and_counts_add_up(tmp_path):
     from moelab.offload.measure import teacher_forced

@@ -2,7 +2,8 @@
 machine (a tier's read, a read into fresh memory, a stoppable read's chunks, per-layer compute,
 a demand miss, a background load, a live predictor call: `measure_machine` takes them all), the
 expert stores those reads come from, and live decodes that check a plan (`run_live`, the same
-code path as `moelab generate`; `heldout_ppl` of a store's precision).
+code path as `moelab generate`; `heldout_quality`: each store precision's perplexity change
+and routing agreement, scored the way `run_live` scores).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -351,36 +353,87 @@ def measure_machine(
     return Machine(secs, comp, used, False, miss, fresh, bg, chunk, preds, loading)
 
 
-def heldout_ppl(
-    load_model: Callable[[], torch.nn.Module], store: Path | None, windows: Sequence[np.ndarray]
-) -> float:
-    """Held-out perplexity (full-sequence forward of each window) with every expert served from
-    `store` (None: the model's own weights)."""
+@dataclass
+class Quality:
+    """Held-out perplexity of one expert precision against full precision, from teacher-forced
+    decodes of the same windows (the live path): the paired loss change with its standard error
+    over windows, and how often the routing stayed the full-precision routing."""
+
+    precision: str
+    ppl: float
+    delta_loss: float  # mean nats per token vs full precision
+    delta_loss_se: float  # cluster-robust (windows) standard error; NaN with one window
+    routing_agreement: float  # (token, layer) pairs routed to the same expert set as full
+    windows: int
+    tokens: int
+
+    @property
+    def ppl_ratio(self) -> float:
+        """exp(delta_loss): perplexity at this precision / at full precision."""
+        return math.exp(self.delta_loss)
+
+    @property
+    def ppl_ratio_se(self) -> float:
+        """Standard error of the ratio (delta method: ratio x SE of the loss change)."""
+        return self.ppl_ratio * self.delta_loss_se
+
+
+def window_losses(
+    load_model: Callable[[], torch.nn.Module], store: Path, windows: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Teacher-forced decode of each window with every expert served from `store` (the arithmetic
+    of a live run, whatever is resident) -> per-window summed NLL, scored tokens, routing."""
     from moelab.offload.live import OffloadedModel
 
     m = load_model()
-    nll, n = 0.0, 0
-    ctx = None
-    if store is not None:
-        st = ExpertStore(store, tier="ram")
-        shape = model_shape(m)
-        cache = _all_resident(st, shape)
-        ctx = OffloadedModel(m, st, cache, Prefetcher(st, cache, None))
-    try:
-        with torch.no_grad():
+    with ExpertStore(store, tier="ram") as st:
+        cache = _all_resident(st, model_shape(m))
+        with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+            nll, n, routing = [], [], []
             for w in windows:
-                x = torch.as_tensor(w, dtype=torch.long)[None]
-                if ctx is not None:
-                    ctx.new_sequence()
-                lp = torch.log_softmax(m(x).logits[0, :-1].float(), -1)
-                nll -= float(lp.gather(1, x[0, 1:, None]).sum())
-                n += x.shape[1] - 1
-    finally:
-        if ctx is not None:
-            ctx.close()
-            ctx.prefetcher.close()
-            ctx.store.close()
-    return math.exp(nll / max(n, 1))
+                om.reset_stats()
+                _, lp = teacher_forced(m, w, om)
+                nll.append(-float(lp.double().sum()))
+                n.append(int(lp.numel()))
+                routing.append(om.recorded_expert_ids())
+    return np.asarray(nll), np.asarray(n, dtype=np.float64), routing
+
+
+def paired_change(nll: np.ndarray, base: np.ndarray, n: np.ndarray) -> tuple[float, float]:
+    """Mean loss change per token of `nll` over `base` (per-window sums, the same windows and
+    tokens) and its standard error over windows."""
+    from moelab.experts.heldout import ratio_and_se
+
+    return ratio_and_se(np.asarray(nll) - np.asarray(base), np.asarray(n, dtype=np.float64))
+
+
+def heldout_quality(
+    load_model: Callable[[], torch.nn.Module],
+    stores: dict[str, Path],
+    windows: Sequence[np.ndarray],
+) -> dict[str, Quality]:
+    """Quality of every store's precision on held-out windows against the 'full' store, all
+    scored by the same teacher-forced decode that `run_live` scores (a full-sequence forward is
+    another evaluation: with bf16 kernels the two route differently often enough, on a model
+    with near-tied routers, to disagree by several percent of perplexity)."""
+    if "full" not in stores:
+        raise ConfigError(
+            f"heldout_quality: needs the 'full' store as the reference, got {sorted(stores)}"
+        )
+    if not windows:
+        raise ConfigError("heldout_quality: no held-out windows to score")
+    got = {p: window_losses(load_model, d, windows) for p, d in stores.items()}
+    base, n, base_routing = got["full"]
+    out = {}
+    for p, (nll, n_p, routing) in got.items():
+        if not np.array_equal(n_p, n):
+            raise OffloadError(f"heldout_quality: {p} scored other token counts than full")
+        same = [(np.sort(a, -1) == np.sort(b, -1)).all(-1) for a, b in zip(routing, base_routing,
+                                                                          strict=True)]  # fmt: skip
+        d, se = paired_change(nll, base, n)
+        out[p] = Quality(p, math.exp(float(nll.sum() / n.sum())), d, se,
+                         float(np.concatenate(same).mean()), len(windows), int(n.sum()))  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- live
@@ -440,6 +493,7 @@ def run_live(
             sub.close()
     lp = torch.cat(lps)
     s["ppl"] = float(torch.exp(-lp.mean()))
+    s["logprobs"] = lps  # per window: the true next tokens' log-probabilities
     s["predictions"] = preds
     s["routing"] = np.split(ids, np.cumsum([len(w) for w in windows])[:-1])
     if lead is not None and not all(

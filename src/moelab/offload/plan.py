@@ -480,6 +480,7 @@ class PlanRow:
     stall_ms_per_token: float
     standin_rate: float = 0.0
     ppl_change: float | None = None  # held-out perplexity ratio vs full precision (static tiers)
+    ppl_change_se: float | None = None  # its standard error over the held-out windows
     command: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -515,10 +516,11 @@ def plan_configs(
     precisions: Sequence[str] = PLAN_PRECISIONS,
     predictors: Sequence[str] = PLAN_PREDICTORS,
     policy_names: Sequence[str] | None = None,
-    ppl: dict[str, float] | None = None,
+    ppl: dict[str, tuple[float, float]] | None = None,
     command: Callable[[PlanRow], str] | None = None,
 ) -> PlanReport:
-    """Replay every (precision, policy, predictor, memory) on the evaluation windows."""
+    """Replay every (precision, policy, predictor, memory) on the evaluation windows; `ppl`
+    gives each store precision's held-out (perplexity ratio, its standard error)."""
     for p in precisions:
         split_precision(p)
     for m_spec, m in memories:
@@ -566,7 +568,7 @@ def plan_configs(
                         r.timely_hit_rate, r.bytes_loaded / max(r.tokens, 1),
                         1e3 * r.stall_seconds / max(r.tokens, 1),
                         (r.misses / r.needed) if low and r.needed else 0.0,
-                        None if low else (ppl or {}).get(main),
+                        *((None, None) if low or main not in (ppl or {}) else ppl[main]),  # type: ignore[index]
                     )  # fmt: skip
                     row.command = command(row) if command else ""
                     rep.rows.append(row)

@@ -5,6 +5,7 @@ held-out windows live with one configuration, to check a plan)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,14 @@ class Context:
             main, low = split_precision(p)
             need += [main] + ([low] if low else [])
         return {p: ensure_store(self._model, self.stores_root, p) for p in dict.fromkeys(need)}
+
+
+def _ppl_cell(r: Any) -> str:
+    """The plan table's perplexity-ratio cell: ratio ± SE, or 'run' where only a run measures it."""
+    if r.ppl_change is None:
+        return "run"
+    se = r.ppl_change_se
+    return f"{r.ppl_change:.4f}" + (f"±{se:.4f}" if se is not None and se == se and se > 0 else "")
 
 
 def register_plan(offload: typer.Typer) -> None:
@@ -203,7 +212,7 @@ def make_plan(
     (0 = every core) sets torch's compute threads first; None keeps the current count."""
     import torch
 
-    from moelab.offload.measure import heldout_ppl, measure_machine
+    from moelab.offload.measure import heldout_quality, measure_machine
     from moelab.offload.plan import (
         PLAN_PRECISIONS,
         PLAN_PREDICTORS,
@@ -232,8 +241,8 @@ def make_plan(
                                   predictors or list(PLAN_PREDICTORS))  # fmt: skip
     else:
         machine = _given_machine(ctx, stores, ev.tokens[0], tier, bandwidth, layer_compute)
-    base = heldout_ppl(ctx.load, None, ev.tokens)
-    ppl = {p: heldout_ppl(ctx.load, d, ev.tokens) / base for p, d in stores.items()}
+    quality = heldout_quality(ctx.load, {"full": ctx.stores(["full"])["full"], **stores}, ev.tokens)
+    ppl = {p: (q.ppl_ratio, q.ppl_ratio_se) for p, q in quality.items()}
 
     def command(r) -> str:
         return (
@@ -247,8 +256,14 @@ def make_plan(
         shape, ctx.sites, machine, ctx.workload, mems, precisions,
         predictors or list(PLAN_PREDICTORS), policy_names, ppl, command,
     )  # fmt: skip
-    rep.machine["heldout_ppl_full"] = base
-    rep.machine["ppl_ratio"] = ppl
+    rep.machine["heldout_ppl_full"] = quality["full"].ppl
+    rep.machine["heldout_scored"] = (
+        f"teacher-forced decode (the live path) of {len(ev.tokens)} held-out windows, "
+        f"{quality['full'].tokens} tokens"
+    )
+    rep.machine["ppl_ratio"] = {p: q.ppl_ratio for p, q in quality.items()}
+    rep.machine["ppl_ratio_se"] = {p: q.ppl_ratio_se for p, q in quality.items()}
+    rep.machine["routing_agreement"] = {p: q.routing_agreement for p, q in quality.items()}
     rep.machine["threads"] = torch.get_num_threads()
     return rep
 
@@ -352,7 +367,7 @@ def print_plan(rep, top: int = 15) -> None:
             f"{r.bytes_per_token / 1e6:.2f}", f"{r.stall_ms_per_token:.1f}",
             f"{r.standin_rate:.3f}" if r.standin_rate else "-", r.precision, r.policy, r.predictor,
             f"{r.memory_spec} ({r.slots}/layer)",
-            f"{r.ppl_change:.4f}" if r.ppl_change is not None else "run",
+            _ppl_cell(r),
         )  # fmt: skip
     con.print(t)
     con.print("run a row live (decode tokens/s, hit rate, perplexity change):")
@@ -362,8 +377,13 @@ def print_plan(rep, top: int = 15) -> None:
         ("given" if m["given"] else "measured") + ": " + machine_line(m), soft_wrap=True,
         highlight=False,
     )  # fmt: skip
-    con.print(f"held-out perplexity (full precision) {m.get('heldout_ppl_full', float('nan')):.2f}; "
-              "ppl x = ratio at that precision (stand-in modes: measure with the command)")  # fmt: skip
+    agree = ", ".join(f"{p} {a:.3f}" for p, a in m.get("routing_agreement", {}).items()
+                      if p != "full")  # fmt: skip
+    con.print(f"held-out perplexity (full precision) {m.get('heldout_ppl_full', float('nan')):.2f}"
+              f" ({m.get('heldout_scored', 'held-out windows')}); ppl x = ratio at that precision"
+              " ± its standard error over windows (stand-in modes: measure with the command)"
+              + (f"; routing kept as at full precision: {agree}" if agree else ""),
+              soft_wrap=True, highlight=False)  # fmt: skip
     for v in rep.verdicts:
         con.print("- " + v, soft_wrap=True, highlight=False)
     for s in rep.skipped:
@@ -439,6 +459,7 @@ def run_config(
                  routing)  # fmt: skip
     s.pop("predictions")
     s.pop("routing")
+    lps = s.pop("logprobs")
     d = s["decode"]
     out.update(
         config={"precision": precision, "policy": policy, "predictor": predictor,
@@ -449,7 +470,13 @@ def run_config(
         ppl=s["ppl"], store=s["store"], tokens=d["tokens"], threads=torch.get_num_threads(),
     )  # fmt: skip
     if compare:
-        out["ppl_ratio"] = s["ppl"] / out["all_resident_ppl"]
+        from moelab.offload.measure import paired_change
+
+        d, se = paired_change([-float(x.double().sum()) for x in lps],
+                              [-float(x.double().sum()) for x in ref_lp], [x.numel() for x in lps])  # fmt: skip
+        out["delta_loss"], out["delta_loss_se"] = d, se
+        out["ppl_ratio"] = math.exp(d)  # = ppl / all_resident_ppl, summed in float64
+        out["ppl_ratio_se"] = out["ppl_ratio"] * se
         out["identical_to_all_resident"] = s["identical"]
         out["agreement_with_all_resident"] = s["agreement"]
     return out

@@ -8,14 +8,20 @@ int4: asymmetric groups of `group` input columns, w ~= (q - 8) * scale + zero wi
 arXiv:2210.17323, Lin et al. 2024, arXiv:2306.00978), packed in the CPU kernel's own layout.
 Scales and zeros are bf16 (the kernels' dtype) and are rounded before the codes are chosen, so
 `dequantize` is exactly what the kernels multiply with. Activations enter the kernels as bf16
-and the outputs return as fp32 (on this CPU the fp32-activation paths are 3-6x slower); where a
+and the outputs return as fp32 (their bf16 rounding included; on this CPU the kernels' fp32-
+activation paths ran 20-50x slower at one decode row, slower than fp32 dense); where a
 kernel is missing, the weights are dequantised and multiplied in fp32 (`kernels_available()`).
+`exact_arithmetic()` switches to that fp32 path on purpose, to separate what the weights cost in
+quality from what the kernels' bf16 arithmetic costs (bench/bench_quant_quality.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +29,7 @@ from moelab.errors import ConfigError, OffloadError
 
 PRECISIONS = ("full", "int8", "int4")
 DEFAULT_GROUP = 64
+_EXACT = contextvars.ContextVar("moelab_quant_exact", default=False)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class QuantWeight:
     scales: torch.Tensor  # int8: bf16 [N]; int4: bf16 [K // group, N, 2] (scale, zero)
     shape: tuple[int, int]
     group: int = 0
+    exact: torch.Tensor | None = field(default=None, repr=False)  # fp32 copy, exact_arithmetic()
 
     @property
     def nbytes(self) -> int:
@@ -145,10 +153,27 @@ def dequantize(w: QuantWeight) -> torch.Tensor:
     raise OffloadError(f"QuantWeight kind {w.kind!r}: expected 'int8' or 'int4'")
 
 
+@contextlib.contextmanager
+def exact_arithmetic() -> Iterator[None]:
+    """Within this block `qmm` multiplies with the dequantised weights in x's dtype (fp32): the
+    quantised weights' own effect without the kernels' bf16 rounding. Each weight keeps its fp32
+    copy (`QuantWeight.exact`) from its first use on, so this measures; it saves no memory."""
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
 def qmm(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x [n, K] @ W.T -> [n, N] in x's dtype, with the weight-only kernel (bf16 activations)."""
+    """x [n, K] @ W.T -> [n, N] in x's dtype, with the weight-only kernel (bf16 activations and
+    outputs; see `exact_arithmetic` for the fp32 reference)."""
     if x.shape[-1] != w.shape[1]:
         raise OffloadError(f"qmm: x has {x.shape[-1]} columns, weight expects K={w.shape[1]}")
+    if _EXACT.get():
+        if w.exact is None:  # kept while the weight lives: a measurement, not a memory tier
+            w.exact = dequantize(w)
+        return x @ w.exact.to(x.dtype).t()
     avail = kernels_available()
     xb = x.to(torch.bfloat16)
     if w.kind == "int8" and avail["int8"]:
