@@ -558,7 +558,7 @@ def main_testbed(args) -> None:
     for mem in mems:
         b = results[f"{mem} best"]
         print(f"  {mem}: best ({b['config']['precision']} {b['config']['policy']} {b['config']['predictor']}) "
-              f"{b['ratio_vs_lru']:.2f}x LRU (target >= 1.5), ppl ratio {b['ppl_ratio_vs_full']:.4f}")  # fmt: skip
+              f"{b['ratio_vs_lru']:.2f}x LRU (target >= 1.5), ppl ratio {b['ppl_ratio_vs_full']:.4f}±{b['ppl_ratio_se']:.4f}")  # fmt: skip
         for name in ("lru+prefetch", "best-full-prefetch", *oracles):
             if f"{mem} {name}" in results:
                 x = results[f"{mem} {name}"]
