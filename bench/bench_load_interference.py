@@ -6,9 +6,12 @@ of four paths (the same O_DIRECT file, its own store and cache, nothing shared w
   idle            - no background thread (the reference);
   raw preadv      - os.preadv of one expert's bytes into one reused buffer (the I/O alone);
   store.read      - ExpertStore.read (pooled buffer, tensor views: what a load returns);
-  prefetcher      - Prefetcher.request + its worker (queue, read, cache insert): the live path.
-Interleaved repeats, medians of ms/token and the ratio to idle measured in the same repeat; a
-live prefetch pays only if the decode slows by less than the stall it hides.
+  prefetcher      - Prefetcher.request + its worker (queue, read, cache insert): the live path
+                    (requests in batches of 8, so that the requesting thread rarely wakes).
+Interleaved repeats, medians of ms/token, the ratio to idle measured in the same repeat, and the
+decode time lost per load done meanwhile (the planner's `measure_background` term measures
+store.read back to back); a live prefetch pays only if the decode slows by less than the stall
+it hides.
 
 Usage: .venv/bin/python bench/bench_load_interference.py --model runs/smol-testbed/smollm2-moe/moefy/model
          --trace runs/smol-testbed/smollm2-moe/trace/test [--period 2.5] [--repeats 3] [--threads 1]
@@ -37,7 +40,7 @@ from moelab.offload.prefetch import Prefetcher
 from moelab.offload.store import ALIGN, ExpertStore, layer_file
 
 
-def _raw_preadv(store_dir: Path, period: float, stop: threading.Event) -> None:
+def _raw_preadv(store_dir: Path, period: float, stop: threading.Event, n: list[int]) -> None:
     with ExpertStore(store_dir, tier="direct") as st:
         nbytes = -(-st.expert_nbytes(0) // ALIGN) * ALIGN
         fds = [os.open(store_dir / layer_file(i), os.O_RDONLY | os.O_DIRECT)
@@ -48,23 +51,27 @@ def _raw_preadv(store_dir: Path, period: float, stop: threading.Event) -> None:
         while not stop.is_set():
             os.preadv(fds[i % len(fds)], [memoryview(buf)], 0)
             i += 1
+            n[0] += 1
             time.sleep(period)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _store_read(store_dir: Path, period: float, stop: threading.Event) -> None:
+def _store_read(store_dir: Path, period: float, stop: threading.Event, n: list[int]) -> None:
     with ExpertStore(store_dir, tier="direct") as st:
         E, i = st.num_experts[0], 0
         while not stop.is_set():
             v = st.read(i % st.num_layers, (3 * i) % E)
             del v
             i += 1
+            n[0] += 1
             time.sleep(period)
 
 
-def _prefetcher(store_dir: Path, period: float, stop: threading.Event) -> None:
+def _prefetcher(store_dir: Path, period: float, stop: threading.Event, n: list[int]) -> None:
+    """Requests come in batches of BATCH every BATCH periods, so the requesting thread wakes
+    rarely (in a live run the decode thread itself requests, between layers)."""
     with ExpertStore(store_dir, tier="direct") as st:
         L, E = st.num_layers, st.num_experts[0]
         cache = ExpertCache(2, "lru", num_layers=L, num_experts=E,
@@ -72,12 +79,17 @@ def _prefetcher(store_dir: Path, period: float, stop: threading.Event) -> None:
         with Prefetcher(st, cache, None) as pf:
             i = 0
             while not stop.is_set():
-                pf.request(i % L, [(3 * i) % E], target_step=1 << 30)
-                i += 1
-                time.sleep(period)
+                for _ in range(BATCH):
+                    pf.request(i % L, [(3 * i) % E], target_step=1 << 30)
+                    i += 1
+                time.sleep(BATCH * period)
+                n[0] = pf.stats.loaded
 
 
-MODES: dict[str, Callable[[Path, float, threading.Event], None] | None] = {
+BATCH = 8
+
+
+MODES: dict[str, Callable[[Path, float, threading.Event, list[int]], None] | None] = {
     "idle": None,
     "raw preadv": _raw_preadv,
     "store.read": _store_read,
@@ -107,32 +119,43 @@ def main() -> None:
     teacher_forced(m, w[:8], om)  # warm-up
     ms: dict[str, list[float]] = {k: [] for k in MODES}
     ratio: dict[str, list[float]] = {k: [] for k in MODES}
+    per_load: dict[str, list[float]] = {k: [] for k in MODES}
+    loads: dict[str, list[int]] = {k: [] for k in MODES}
     for _ in range(args.repeats):
         for name, fn in MODES.items():
-            stop = threading.Event()
+            stop, n = threading.Event(), [0]
             th = None
             if fn is not None:
-                th = threading.Thread(target=fn, args=(store_dir, args.period / 1e3, stop))
+                th = threading.Thread(target=fn, args=(store_dir, args.period / 1e3, stop, n))
                 th.start()
                 time.sleep(0.2)  # the loader runs before the decode starts
+            n0 = n[0]
             t0 = time.perf_counter()
             teacher_forced(m, w, om)
             ms[name].append(1e3 * (time.perf_counter() - t0) / len(w))
+            loads[name].append(n[0] - n0)
             stop.set()
             if th is not None:
                 th.join()
         for name in MODES:
             ratio[name].append(ms[name][-1] / ms["idle"][-1])
+            if name != "idle":  # decode microseconds lost per load done meanwhile
+                lost = 1e3 * (ms[name][-1] - ms["idle"][-1]) * len(w)
+                per_load[name].append(lost / max(loads[name][-1], 1))
     om.close(), pf.close(), st.close()
     print(f"\n{ctx.shape.num_layers} MoE layers, {len(w)} decode tokens, {torch.get_num_threads()} "
           f"compute thread(s), one background load every {args.period} ms, "
           f"{args.repeats} interleaved repeats\n")  # fmt: skip
-    print("| background | decode ms/token | x idle (median, min-max) |")
-    print("|---|---|---|")
+    print(
+        "| background | decode ms/token | x idle (median, min-max) | loads per token | decode us lost per load |"
+    )
+    print("|---|---|---|---|---|")
     for name in MODES:
         r = ratio[name]
+        lost = f"{statistics.median(per_load[name]):.0f}" if per_load[name] else "-"
         print(f"| {name} | {statistics.median(ms[name]):.2f} | {statistics.median(r):.3f} "
-              f"({min(r):.3f}-{max(r):.3f}) |")  # fmt: skip
+              f"({min(r):.3f}-{max(r):.3f}) | {statistics.median(loads[name]) / len(w):.1f} | "
+              f"{lost} |")  # fmt: skip
 
 
 if __name__ == "__main__":
