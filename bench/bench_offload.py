@@ -506,9 +506,6 @@ def main_testbed(args) -> None:
             torch.set_num_threads(threads)
             s.pop("predictions")
             s.pop("routing")
-            lps = s.pop("logprobs")
-            s["window_nll"] = [-float(x.double().sum()) for x in lps]
-            s["window_tokens"] = [int(x.numel()) for x in lps]
             runs[v].append(s)
             print(f"  repeat {rep_i} {v:>26} ({r.precision} {r.policy} {r.predictor}): "
                   f"{s['decode']['tokens_per_s']:.2f} tok/s", flush=True)  # fmt: skip

@@ -27,44 +27,13 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from moelab.offload.measure import _all_resident, paired_change, window_losses
-from moelab.offload.plan import model_shape
+from moelab.offload.measure import paired_change, routing_agreement, window_losses
 from moelab.offload.plan_commands import Context, use_threads
-from moelab.offload.prefetch import Prefetcher
 from moelab.offload.quant import exact_arithmetic
-from moelab.offload.store import ExpertStore
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.no_grad()
-def full_sequence_losses(ctx: Context, store: Path, windows) -> tuple[np.ndarray, np.ndarray, list]:
-    """One forward per window with every expert from `store` -> summed NLL, tokens, routing."""
-    from moelab.offload.live import OffloadedModel
-
-    m = ctx.load()
-    with ExpertStore(store, tier="ram") as st:
-        cache = _all_resident(st, model_shape(m))
-        with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
-            nll, n, routing = [], [], []
-            for w in windows:
-                om.reset_stats()
-                om.new_sequence()
-                x = torch.as_tensor(w, dtype=torch.long)[None]
-                lp = torch.log_softmax(m(x).logits[0, :-1].float(), -1)
-                nll.append(-float(lp.gather(1, x[0, 1:, None]).double().sum()))
-                n.append(x.shape[1] - 1)
-                routing.append(om.recorded_expert_ids())
-    return np.asarray(nll), np.asarray(n, dtype=np.float64), routing
-
-
-def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Fraction of (token, layer) pairs routed to the same expert set in a and b."""
-    same = [(np.sort(x, -1) == np.sort(y, -1)).all(-1) for x, y in zip(a, b, strict=True)]
-    return float(np.concatenate(same).mean())
 
 
 def main() -> None:
@@ -85,14 +54,12 @@ def main() -> None:
     t0 = time.perf_counter()
     got: dict[tuple[str, str, str], tuple] = {}
     for arith in ("kernel", "exact"):
-        for path, score in (("teacher-forced", None), ("full-sequence", full_sequence_losses)):
+        for path in ("teacher-forced", "full-sequence"):
             for p in ["full", *precs]:
                 if arith == "exact" and p == "full":
-                    got[(arith, path, p)] = got[("kernel", path, p)]  # no kernel at full precision
-                    continue
+                    continue  # no kernel at full precision: the kernel rows are the reference
                 with exact_arithmetic() if arith == "exact" else contextlib.nullcontext():
-                    r = (window_losses(ctx.load, stores[p], wins) if score is None
-                         else score(ctx, stores[p], wins))  # fmt: skip
+                    r = window_losses(ctx.load, stores[p], wins, path == "full-sequence")
                 got[(arith, path, p)] = r
                 print(f"  scored {arith:6} {path:15} {p:5} ({time.perf_counter() - t0:.0f} s)",
                       flush=True)  # fmt: skip
@@ -112,13 +79,13 @@ def main() -> None:
             if arith == "exact" and p == "full":
                 continue
             tf, fs = got[(arith, "teacher-forced", p)], got[(arith, "full-sequence", p)]
-            paths = agreement(tf[2], fs[2])
+            paths = routing_agreement(tf[2], fs[2])
             for path, r in (("teacher-forced", tf), ("full-sequence", fs)):
                 base = got[("kernel", path, "full")]
                 d, se = paired_change(r[0], base[0], r[1])
                 row = {"precision": p, "arithmetic": arith, "scored_by": path,
                        "ppl_ratio": math.exp(d), "ppl_ratio_se": math.exp(d) * se,
-                       "routing_kept": agreement(r[2], base[2]), "paths_agree": paths}  # fmt: skip
+                       "routing_kept": routing_agreement(r[2], base[2]), "paths_agree": paths}  # fmt: skip
                 rows.append(row)
                 print(f"| {p} | {arith} | {path} | {row['ppl_ratio']:.4f}±{row['ppl_ratio_se']:.4f} | "
                       f"{row['routing_kept']:.3f} | {paths:.3f} |")  # fmt: skip

@@ -378,24 +378,46 @@ class Quality:
         return self.ppl_ratio * self.delta_loss_se
 
 
+def nll_sums(lps: Sequence[torch.Tensor]) -> tuple[list[float], list[int]]:
+    """Per-window summed negative log-likelihood (float64) and scored tokens of log-probabilities."""
+    return [-float(x.double().sum()) for x in lps], [int(x.numel()) for x in lps]
+
+
+def routing_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    """Fraction of (token, layer) pairs routed to the same expert set in a and b ([S, L, k] per
+    window, the same windows)."""
+    same = [(np.sort(x, -1) == np.sort(y, -1)).all(-1) for x, y in zip(a, b, strict=True)]
+    return float(np.concatenate(same).mean())
+
+
+@torch.no_grad()
 def window_losses(
-    load_model: Callable[[], torch.nn.Module], store: Path, windows: Sequence[np.ndarray]
+    load_model: Callable[[], torch.nn.Module],
+    store: Path,
+    windows: Sequence[np.ndarray],
+    full_sequence: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Teacher-forced decode of each window with every expert served from `store` (the arithmetic
-    of a live run, whatever is resident) -> per-window summed NLL, scored tokens, routing."""
+    of a live run, whatever is resident; full_sequence: one forward per window instead) ->
+    per-window summed NLL, scored tokens, routing."""
     from moelab.offload.live import OffloadedModel
 
     m = load_model()
     with ExpertStore(store, tier="ram") as st:
         cache = _all_resident(st, model_shape(m))
         with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
-            nll, n, routing = [], [], []
+            lps, routing = [], []
             for w in windows:
                 om.reset_stats()
-                _, lp = teacher_forced(m, w, om)
-                nll.append(-float(lp.double().sum()))
-                n.append(int(lp.numel()))
+                if full_sequence:
+                    om.new_sequence()
+                    x = torch.as_tensor(w, dtype=torch.long)[None]
+                    lp = torch.log_softmax(m(x).logits[0, :-1].float(), -1)
+                    lps.append(lp.gather(1, x[0, 1:, None])[:, 0])
+                else:
+                    lps.append(teacher_forced(m, w, om)[1])
                 routing.append(om.recorded_expert_ids())
+    nll, n = nll_sums(lps)
     return np.asarray(nll), np.asarray(n, dtype=np.float64), routing
 
 
@@ -428,11 +450,9 @@ def heldout_quality(
     for p, (nll, n_p, routing) in got.items():
         if not np.array_equal(n_p, n):
             raise OffloadError(f"heldout_quality: {p} scored other token counts than full")
-        same = [(np.sort(a, -1) == np.sort(b, -1)).all(-1) for a, b in zip(routing, base_routing,
-                                                                          strict=True)]  # fmt: skip
         d, se = paired_change(nll, base, n)
         out[p] = Quality(p, math.exp(float(nll.sum() / n.sum())), d, se,
-                         float(np.concatenate(same).mean()), len(windows), int(n.sum()))  # fmt: skip
+                         routing_agreement(routing, base_routing), len(windows), int(n.sum()))  # fmt: skip
     return out
 
 
@@ -493,7 +513,7 @@ def run_live(
             sub.close()
     lp = torch.cat(lps)
     s["ppl"] = float(torch.exp(-lp.mean()))
-    s["logprobs"] = lps  # per window: the true next tokens' log-probabilities
+    s["window_nll"], s["window_tokens"] = nll_sums(lps)  # per window, for paired comparisons
     s["predictions"] = preds
     s["routing"] = np.split(ids, np.cumsum([len(w) for w in windows])[:-1])
     if lead is not None and not all(

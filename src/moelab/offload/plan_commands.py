@@ -459,7 +459,6 @@ def run_config(
                  routing)  # fmt: skip
     s.pop("predictions")
     s.pop("routing")
-    lps = s.pop("logprobs")
     d = s["decode"]
     out.update(
         config={"precision": precision, "policy": policy, "predictor": predictor,
@@ -470,10 +469,9 @@ def run_config(
         ppl=s["ppl"], store=s["store"], tokens=d["tokens"], threads=torch.get_num_threads(),
     )  # fmt: skip
     if compare:
-        from moelab.offload.measure import paired_change
+        from moelab.offload.measure import nll_sums, paired_change
 
-        d, se = paired_change([-float(x.double().sum()) for x in lps],
-                              [-float(x.double().sum()) for x in ref_lp], [x.numel() for x in lps])  # fmt: skip
+        d, se = paired_change(s["window_nll"], nll_sums(ref_lp)[0], s["window_tokens"])
         out["delta_loss"], out["delta_loss_se"] = d, se
         out["ppl_ratio"] = math.exp(d)  # = ppl / all_resident_ppl, summed in float64
         out["ppl_ratio_se"] = out["ppl_ratio"] * se
