@@ -177,6 +177,20 @@ def test_exact_arithmetic_is_the_dequantised_model_on_both_evaluation_paths(tmp_
     assert not torch.equal(kern, dec) and torch.allclose(kern, dec, atol=0.1)  # the bf16 kernels
 
 
+def test_window_losses_and_live_runs_refuse_non_finite_experts(tmp_path):
+    from moelab.offload.measure import run_live, window_losses
+
+    m = tiny_model()
+    with torch.no_grad():
+        m.blocks[-1].ffn.experts.down_proj.fill_(float("nan"))  # the last layer: no router after it
+    d = ExpertStore.write(m, tmp_path / "int8", precision="int8")
+    toks = [torch.randint(0, 97, (8,), generator=torch.Generator().manual_seed(5)).numpy()]
+    with pytest.raises(OffloadError, match=r"window\(s\) \[0\] scored a non-finite"):
+        window_losses(tiny_model, d, toks)
+    with pytest.raises(OffloadError, match=r"live decode \(int8\).*window\(s\) \[0\]"):
+        run_live(tiny_model, {"int8": d}, toks, "int8", "lru", "none", 4, tier="ram")
+
+
 @needs_int4
 def test_standin_serves_misses_and_counts_add_up(tmp_path):
     from moelab.offload.measure import teacher_forced

@@ -378,9 +378,17 @@ class Quality:
         return self.ppl_ratio * self.delta_loss_se
 
 
-def nll_sums(lps: Sequence[torch.Tensor]) -> tuple[list[float], list[int]]:
-    """Per-window summed negative log-likelihood (float64) and scored tokens of log-probabilities."""
-    return [-float(x.double().sum()) for x in lps], [int(x.numel()) for x in lps]
+def nll_sums(lps: Sequence[torch.Tensor], where: str) -> tuple[list[float], list[int]]:
+    """Per-window summed negative log-likelihood (float64) and scored tokens of log-probabilities;
+    OffloadError naming `where` if a window's is not finite (no perplexity from it)."""
+    nll = [-float(x.double().sum()) for x in lps]
+    bad = [i for i, v in enumerate(nll) if not math.isfinite(v)]
+    if bad:
+        raise OffloadError(
+            f"{where}: held-out window(s) {bad} scored a non-finite log-likelihood (NaN or inf "
+            "weights?); no perplexity is reported from them"
+        )
+    return nll, [int(x.numel()) for x in lps]
 
 
 def routing_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
@@ -417,7 +425,7 @@ def window_losses(
                 else:
                     lps.append(teacher_forced(m, w, om)[1])
                 routing.append(om.recorded_expert_ids())
-    nll, n = nll_sums(lps)
+    nll, n = nll_sums(lps, f"experts of {store}")
     return np.asarray(nll), np.asarray(n, dtype=np.float64), routing
 
 
@@ -511,9 +519,8 @@ def run_live(
         st.close()
         if sub is not None:
             sub.close()
-    lp = torch.cat(lps)
-    s["ppl"] = float(torch.exp(-lp.mean()))
-    s["window_nll"], s["window_tokens"] = nll_sums(lps)  # per window, for paired comparisons
+    s["window_nll"], s["window_tokens"] = nll_sums(lps, f"live decode ({precision})")
+    s["ppl"] = float(torch.exp(-torch.cat(lps).mean()))
     s["predictions"] = preds
     s["routing"] = np.split(ids, np.cumsum([len(w) for w in windows])[:-1])
     if lead is not None and not all(

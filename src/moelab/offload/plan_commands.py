@@ -471,7 +471,9 @@ def run_config(
     if compare:
         from moelab.offload.measure import nll_sums, paired_change
 
-        d, se = paired_change(s["window_nll"], nll_sums(ref_lp)[0], s["window_tokens"])
+        d, se = paired_change(
+            s["window_nll"], nll_sums(ref_lp, "all-resident decode")[0], s["window_tokens"]
+        )
         out["delta_loss"], out["delta_loss_se"] = d, se
         out["ppl_ratio"] = math.exp(d)  # = ppl / all_resident_ppl, summed in float64
         out["ppl_ratio_se"] = out["ppl_ratio"] * se
