@@ -1,17 +1,21 @@
 """How much a background expert load slows the decode that it should hide behind (issue 17).
 
 The main thread decodes held-out tokens teacher-forced with every expert resident (no load is
-needed), while a background thread loads experts at a fixed cadence, one per `--period` ms, by one
-of four paths (the same O_DIRECT file, its own store and cache, nothing shared with the decode):
+needed), while experts are loaded meanwhile by one of these paths (the same O_DIRECT file, its own
+store and cache, nothing shared with the decode); the first three from a background thread at a
+fixed cadence, one per `--period` ms:
   idle            - no background thread (the reference);
   raw preadv      - os.preadv of one expert's bytes into one reused buffer (the I/O alone);
   store.read      - ExpertStore.read (pooled buffer, tensor views: what a load returns);
   prefetcher      - Prefetcher.request + its worker (queue, read, cache insert): the live path
-                    (requests in batches of 8, so that the requesting thread rarely wakes).
+                    (requests in batches of 8, so that the requesting thread rarely wakes);
+  per layer, thread / process loader - the decoding thread itself requests one load per MoE
+                    layer (the live oracle's cadence; --period does not apply), read by the
+                    Prefetcher's thread or by its helper process (moelab.offload.procreader):
+                    measure.LayerCadenceLoads, what the planner's `measure_background` runs.
 Interleaved repeats, medians of ms/token, the ratio to idle measured in the same repeat, and the
-decode time lost per load done meanwhile (the planner's `measure_background` term measures
-store.read back to back); a live prefetch pays only if the decode slows by less than the stall
-it hides.
+decode time lost per load done meanwhile; a live prefetch pays only if the decode slows by less
+than the stall it hides.
 
 Usage: .venv/bin/python bench/bench_load_interference.py --model runs/smol-testbed/smollm2-moe/moefy/model
          --trace runs/smol-testbed/smollm2-moe/trace/test [--period 2.5] [--repeats 3] [--threads 1]
@@ -33,7 +37,7 @@ import torch
 
 from moelab.offload.cache import ExpertCache
 from moelab.offload.live import OffloadedModel
-from moelab.offload.measure import _all_resident, teacher_forced
+from moelab.offload.measure import LayerCadenceLoads, _all_resident, teacher_forced
 from moelab.offload.plan import model_shape
 from moelab.offload.plan_commands import Context, use_threads
 from moelab.offload.prefetch import Prefetcher
@@ -76,7 +80,7 @@ def _prefetcher(store_dir: Path, period: float, stop: threading.Event, n: list[i
         L, E = st.num_layers, st.num_experts[0]
         cache = ExpertCache(2, "lru", num_layers=L, num_experts=E,
                             expert_bytes=st.expert_nbytes(0), top_k=2)  # fmt: skip
-        with Prefetcher(st, cache, None) as pf:
+        with Prefetcher(st, cache, None, loader="thread") as pf:
             i = 0
             while not stop.is_set():
                 for _ in range(BATCH):
@@ -89,11 +93,13 @@ def _prefetcher(store_dir: Path, period: float, stop: threading.Event, n: list[i
 BATCH = 8
 
 
-MODES: dict[str, Callable[[Path, float, threading.Event, list[int]], None] | None] = {
+MODES: dict[str, Callable[[Path, float, threading.Event, list[int]], None] | str | None] = {
     "idle": None,
     "raw preadv": _raw_preadv,
     "store.read": _store_read,
     "prefetcher": _prefetcher,
+    "per layer, thread loader": "thread",
+    "per layer, process loader": "process",
 }
 
 
@@ -124,8 +130,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, fn in MODES.items():
             stop, n = threading.Event(), [0]
-            th = None
-            if fn is not None:
+            th, per_layer = None, None
+            if isinstance(fn, str):
+                per_layer = LayerCadenceLoads(m, store_dir, "direct", fn)
+            elif fn is not None:
                 th = threading.Thread(target=fn, args=(store_dir, args.period / 1e3, stop, n))
                 th.start()
                 time.sleep(0.2)  # the loader runs before the decode starts
@@ -133,6 +141,8 @@ def main() -> None:
             t0 = time.perf_counter()
             teacher_forced(m, w, om)
             ms[name].append(1e3 * (time.perf_counter() - t0) / len(w))
+            if per_layer is not None:
+                n[0] = per_layer.close()
             loads[name].append(n[0] - n0)
             stop.set()
             if th is not None:

@@ -379,6 +379,9 @@ def main_testbed(args) -> None:
                     "any moelab/transformers model dir, e.g. the SmolLM2 testbed's moefy model")  # fmt: skip
     ap.add_argument("--precisions", default="", help="precisions the plan tries (default: all)")
     ap.add_argument("--policies", default="", help="policies the plan tries (default: all)")
+    ap.add_argument("--compare-loaders", action="store_true",
+                    help="also run every prefetching row with its reads done by a thread of the "
+                    "decoding process (rows '...@thread-loader'; default: the helper process)")  # fmt: skip
     extra, _ = ap.parse_known_args(sys.argv[1:])
     from moelab.offload.plan_commands import use_threads
 
@@ -484,9 +487,16 @@ def main_testbed(args) -> None:
                 )  # fmt: skip
         for name, r in pick.items():
             variants[f"{mem} {name}"] = (r, mem)
+        if extra.compare_loaders:  # the same prefetching rows with the reads done by a thread
+            for name, r in pick.items():
+                if r.predictor != "none":
+                    variants[f"{mem} {name}{THREAD_TWIN}"] = (r, mem)
         if threads < all_cores:  # the reference at every core: what one thread gives up, if any
             variants[f"{mem} lru@all-cores"] = (pick["lru"], mem)
     ref_cores = {v for v in variants if v.endswith("lru@all-cores")}
+    # rows the plan does not price: the all-cores reference, and the thread-loader twins (the
+    # plan's background term is the default loader's)
+    no_plan = ref_cores | {v for v in variants if v.endswith(THREAD_TWIN)}
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     planned: dict[str, list[float]] = {v: [] for v in variants}
     for rep_i in range(extra.repeats):
@@ -495,14 +505,15 @@ def main_testbed(args) -> None:
         mach = remeasure(ctx, stores, ev, extra.tier, m.get("predictor_seconds") or {})
         print(f"  repeat {rep_i} machine: {machine_line(asdict(mach))}", flush=True)
         for v, (r, mem) in variants.items():
-            planned[v].append(float("nan") if v in ref_cores else replan(ctx, mach, r, mem))
+            planned[v].append(float("nan") if v in no_plan else replan(ctx, mach, r, mem))
         # forward on even repeats, reversed on odd ones: a drift of the machine within a repeat
         # then favours no variant (a fixed order put the same rows late in every repeat)
         order = list(variants.items())
         for v, (r, _mem) in order if rep_i % 2 == 0 else order[::-1]:
             torch.set_num_threads(all_cores if v in ref_cores else threads)
             s = run_live(ctx.load, stores, ev.tokens, r.precision, r.policy, r.predictor, r.slots,
-                         extra.tier, counts, ref, routing)  # fmt: skip
+                         extra.tier, counts, ref, routing,
+                         "thread" if v.endswith(THREAD_TWIN) else "auto")  # fmt: skip
             torch.set_num_threads(threads)
             s.pop("predictions")
             s.pop("routing")
@@ -541,11 +552,11 @@ def main_testbed(args) -> None:
             "planned_per_repeat": planned[v], "planned_over_live_same_repeat": statistics.median(same_repeat),
             "ratio_vs_lru": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)],
             "ppl_ratio_vs_full": ppl, "ppl_ratio_se": ppl_se, "identical": ident, "runs": runs[v],
-            "threads": all_cores if v in ref_cores else threads,
+            "threads": all_cores if v in ref_cores else threads, "loader": runs[v][0]["loader"],
         }  # fmt: skip
-        planned_s = "-" if v in ref_cores else f"{r.tokens_per_s:.2f}"
-        over_s = "-" if v in ref_cores else f"{r.tokens_per_s / live:.2f}"
-        same_s = "-" if v in ref_cores else f"{statistics.median(same_repeat):.2f}"
+        planned_s = "-" if v in no_plan else f"{r.tokens_per_s:.2f}"
+        over_s = "-" if v in no_plan else f"{r.tokens_per_s / live:.2f}"
+        same_s = "-" if v in no_plan else f"{statistics.median(same_repeat):.2f}"
         print(f"| {mem} | {v.split(' ', 1)[1]} | {r.precision} | {r.policy} | {r.predictor} | {r.slots} | "
               f"{live:.2f} | {planned_s} | {over_s} | {same_s} | {med(v, 'hit_rate'):.3f} | "
               f"{med(v, 'bytes_per_token') / 1e6:.2f} | {med(v, 'standin_rate'):.3f} | {ppl:.4f}±{ppl_se:.4f} | {ident} | "
@@ -573,7 +584,7 @@ def main_testbed(args) -> None:
                     x["ratio_vs_lru_all_cores"] = statistics.median(rs)
                     print(f"  {mem}: {name} at {threads} thread(s) {statistics.median(rs):.2f}x LRU at all "
                           f"{all_cores} cores (spread {min(rs):.2f}-{max(rs):.2f})")  # fmt: skip
-        planned_rows = [x for k, x in results.items() if k.startswith(mem) and k not in ref_cores]
+        planned_rows = [x for k, x in results.items() if k.startswith(mem) and k not in no_plan]
         errs = [abs(x["planned_tokens_per_s"] / x["live_tokens_per_s"] - 1) for x in planned_rows]
         same = [abs(x["planned_over_live_same_repeat"] - 1) for x in planned_rows]
         print(
@@ -588,6 +599,9 @@ def main_testbed(args) -> None:
          "bounds": rep.bounds, "plan_rows": [r.to_dict() for r in rep.rows]},
         indent=1, default=float))  # fmt: skip
     print(f"wrote {extra.out / 'results.json'}")
+
+
+THREAD_TWIN = "@thread-loader"
 
 
 def decode_breakdown(run: dict) -> dict[str, float]:

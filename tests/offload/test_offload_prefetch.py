@@ -9,18 +9,28 @@ from moelab.offload.cache import ExpertCache
 from moelab.offload.prefetch import Prefetcher
 from moelab.offload.store import ExpertStore
 
+# (store tier, prefetch loader): the thread on a simulated tier, the helper process on a file tier
+LOADER_TIERS = [("ram", "thread"), ("fadvise", "process")]
 
-def make(d, **kw):
-    st = ExpertStore(d, tier="ram")
+
+def make(d, tier="ram", loader="thread", capacity=4, **kw):
+    st = ExpertStore(d, tier=tier)
     cache = ExpertCache(
-        4, "lru", num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
+        capacity, "lru", num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
     )
-    return st, cache, Prefetcher(st, cache, **kw)
+    pf = Prefetcher(st, cache, loader=loader, **kw)
+    assert pf.loader == loader
+    return st, cache, pf
 
 
-def test_background_load_then_prefetch_hit(model_and_store):
+@pytest.fixture(params=LOADER_TIERS, ids=[t[1] for t in LOADER_TIERS])
+def loader_tier(request):
+    return dict(zip(("tier", "loader"), request.param, strict=True))
+
+
+def test_background_load_then_prefetch_hit(model_and_store, loader_tier):
     m, _, d = model_and_store
-    st, cache, pf = make(d)
+    st, cache, pf = make(d, **loader_tier)
     with pf:
         assert pf.request(1, [3, 5]) == 2
         pf.drain()
@@ -34,9 +44,9 @@ def test_background_load_then_prefetch_hit(model_and_store):
     assert st.stats()["reads"] == 2
 
 
-def test_cancel_stale_requests(model_and_store):
+def test_cancel_stale_requests(model_and_store, loader_tier):
     _, _, d = model_and_store
-    st, cache, pf = make(d, start=False)
+    st, cache, pf = make(d, start=False, **loader_tier)
     with pf:
         pf.begin_step(3)
         pf.request(0, [1, 2])  # target (3, 0)
@@ -52,9 +62,9 @@ def test_cancel_stale_requests(model_and_store):
     assert pf.stats.cancelled == 3 and pf.stats.loaded == 1
 
 
-def test_demand_takes_over_queued_request(model_and_store):
+def test_demand_takes_over_queued_request(model_and_store, loader_tier):
     _, _, d = model_and_store
-    st, cache, pf = make(d, start=False)
+    st, cache, pf = make(d, start=False, **loader_tier)
     with pf:
         pf.request(0, [2])
         _, kind, _ = pf.fetch((0, 2))
@@ -65,9 +75,9 @@ def test_demand_takes_over_queued_request(model_and_store):
     assert cache.counters.demand_loads == 1 and cache.counters.prefetch_loads == 0
 
 
-def test_budget_and_bounded_queue(model_and_store):
+def test_budget_and_bounded_queue(model_and_store, loader_tier):
     _, _, d = model_and_store
-    _, _, pf = make(d, start=False, budget=3, max_queue=2)
+    _, _, pf = make(d, start=False, budget=3, max_queue=2, **loader_tier)
     with pf:
         pf.begin_step(0)
         assert pf.request(0, [0, 1, 2, 3]) == 2  # queue holds 2
@@ -82,13 +92,10 @@ def test_budget_and_bounded_queue(model_and_store):
         make(d, max_queue=0)
 
 
-def test_wasted_prefetch_counted(model_and_store):
+def test_wasted_prefetch_counted(model_and_store, loader_tier):
     _, _, d = model_and_store
-    st = ExpertStore(d, tier="ram")
-    cache = ExpertCache(
-        2, "lru", num_layers=2, num_experts=8, expert_bytes=st.expert_nbytes(0), top_k=2
-    )
-    with Prefetcher(st, cache) as pf:
+    _, cache, pf = make(d, capacity=2, **loader_tier)
+    with pf:
         pf.request(0, [1, 2])
         pf.drain()
         pf.fetch((0, 3))  # evicts one unused prefetched expert

@@ -415,6 +415,28 @@ def test_machine_fill_overhead_is_the_measured_difference(ctx):
                    seconds_per_fresh_read={"full": 1e-3}).fill_overhead("full") == 0.0  # fmt: skip
 
 
+@pytest.mark.parametrize("tier,loader", [("ram", "thread"), ("fadvise", "process")])
+def test_layer_cadence_loads_one_prefetch_per_moe_layer(ctx, tier, loader):
+    from moelab.offload.measure import LayerCadenceLoads, teacher_forced
+
+    _, ev = ctx.workload.split()
+    stores = ctx.stores(["full"])
+    m = ctx.load()
+    L = ctx.shape.num_layers
+    loads = LayerCadenceLoads(m, stores["full"], tier, loader)
+    assert loads.pf.loader == loader
+    teacher_forced(m, ev.tokens[0][:5], None)  # 5 steps x L layers routed
+    st = loads.pf.stats  # one warm-up load before the decode (the loader is up)
+    assert loads.i == 5 * L and st.requested == 5 * L + 1
+    loads.pf.drain()
+    n = loads.close()
+    assert 0 < n == st.loaded - 1 <= 5 * L
+    # each load is one of those asked, so a cached one was skipped rather than read again
+    assert n + st.skipped_resident + st.dropped_full == 5 * L
+    teacher_forced(m, ev.tokens[0][:2], None)  # hooks removed: nothing more is asked
+    assert loads.i == 5 * L
+
+
 def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx):
     import numpy as np
 
@@ -423,6 +445,8 @@ def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full"])
     assert measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 1) >= 0.0
+    assert measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "fadvise", 1,
+                              loader="process") >= 0.0  # fmt: skip
     with pytest.raises(ConfigError, match="repeats"):
         measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 0)
     # replay: every finished prefetch adds exactly background_overhead of foreground time

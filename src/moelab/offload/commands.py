@@ -282,6 +282,10 @@ def register(app: typer.Typer) -> None:
         prefetch_chunk: int | None = typer.Option(
             None, help="bytes per piece of a prefetch read (default 2 MiB; 0: whole reads)"
         ),
+        loader: str = typer.Option(
+            "auto",
+            help="who reads prefetches: auto | thread | process (a helper process; file tiers)",
+        ),
         tokenizer: Path | None = typer.Option(
             None, help="tokenizer file/dir (default: beside model)"
         ),
@@ -324,6 +328,7 @@ def register(app: typer.Typer) -> None:
             compare=compare,
             repeats=repeats,
             prefetch_chunk=prefetch_chunk,
+            loader=loader,
         )
         text = tok.decode(report.pop("output_ids")[len(ids) :])
         typer.echo(f"output: {text!r}")

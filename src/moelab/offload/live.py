@@ -415,6 +415,7 @@ def generate_offloaded(
     compare: bool = True,
     repeats: int = 1,
     prefetch_chunk: int | None = None,
+    loader: str = "auto",
 ) -> dict[str, Any]:
     """Load a model (callable), offload its experts, generate greedily and report; with
     `compare` also run the all-resident model and check token-for-token equality.
@@ -423,6 +424,7 @@ def generate_offloaded(
     `repeats` times; times are medians and `speed_vs_all_resident_repeats` keeps each repeat's
     ratio (see moelab.timing.RatioSummary). Counters (hits, bytes, stalls) are the first repeat's.
     prefetch_chunk: bytes per piece of a prefetch read (None: PREFETCH_CHUNK_BYTES; 0: whole).
+    loader: who reads prefetches (prefetch.LOADERS: a thread, or a helper process on file tiers).
     """
     from pathlib import Path
 
@@ -458,6 +460,7 @@ def generate_offloaded(
         pf = Prefetcher(
             st, cache, make_live_predictor(prefetch), budget=budget,
             chunk_bytes=PREFETCH_CHUNK_BYTES if prefetch_chunk is None else prefetch_chunk,
+            loader=loader,
         )  # fmt: skip
         om = OffloadedModel(model, st, cache, pf)
         try:
@@ -466,6 +469,7 @@ def generate_offloaded(
             off_times.append(time.perf_counter() - t0)
             if rep == 0:
                 report.update(om.stats())
+                report["loader"] = pf.loader
         finally:
             om.close()
             pf.close()

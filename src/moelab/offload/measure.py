@@ -27,6 +27,7 @@ from moelab.offload.prefetch import (
     make_live_predictor,
     oracle_lead,
 )
+from moelab.offload.sites import require_sites
 from moelab.offload.store import ExpertStore
 
 
@@ -36,8 +37,6 @@ def ensure_store(model: torch.nn.Module, root: Path, precision: str) -> Path:
     if (d / "manifest.json").exists():
         try:
             with ExpertStore(d, tier="ram") as st:
-                from moelab.offload.sites import require_sites
-
                 st.check_model(require_sites(model))
             return d
         except OffloadError:
@@ -264,19 +263,53 @@ def measure_misses(
     return out
 
 
+class LayerCadenceLoads:
+    """Prefetch loads at the live cadence, for measuring what they cost the decode: the decoding
+    thread itself, as each MoE layer routes, makes the live path's two prefetcher calls
+    (cancel_stale, then request of one expert) on a Prefetcher with its own store and cache, whose
+    reads `loader` does (a thread of this process or the helper process, prefetch.LOADERS)."""
+
+    def __init__(self, model: torch.nn.Module, store_dir: Path, tier: str, loader: str) -> None:
+        self.st = ExpertStore(store_dir, tier=tier)
+        L, E = self.st.num_layers, self.st.num_experts[0]
+        self.cache = ExpertCache(2, "lru", num_layers=L, num_experts=E,
+                                 expert_bytes=self.st.expert_nbytes(0), top_k=2)  # fmt: skip
+        self.pf = Prefetcher(self.st, self.cache, None, loader=loader)
+        self.pf.request(0, [0], target_step=1 << 30)  # the loader (a helper process) is up
+        self.pf.drain()
+        self._n0 = self.pf.stats.loaded
+        self.i, self.L, self.E = 0, L, E
+        self._hooks = [s.router.register_forward_hook(self._on_layer) for s in require_sites(model)]
+
+    def _on_layer(self, *_: object) -> None:
+        self.pf.cancel_stale(0, -1)
+        self.pf.request(self.i % self.L, [(3 * self.i) % self.E], target_step=1 << 30)
+        self.i += 1
+
+    def close(self) -> int:
+        """Remove the hooks, stop the loader -> prefetches finished."""
+        for h in self._hooks:
+            h.remove()
+        n = self.pf.stats.loaded - self._n0
+        self.pf.close()
+        self.st.close()
+        return n
+
+
 def measure_background(
     load_model: Callable[[], torch.nn.Module],
     store_dir: Path,
     tokens: np.ndarray,
     tier: str = "auto",
     repeats: int = 2,
+    loader: str = "auto",
 ) -> float:
-    """Foreground seconds one background expert load costs a live decode (the prefetch thread's
-    reads share the cores with compute): all-resident decodes of `tokens` through the live path,
-    alternately alone and while a thread reads experts from the store on `tier` back to back;
-    (busy - alone) decode seconds / reads done meanwhile, median over `repeats` pairs (>= 0)."""
-    import threading
-
+    """Foreground seconds one prefetch load costs a live decode (its reads and bookkeeping share
+    the cores with compute): all-resident decodes of `tokens` through the live path, alternately
+    alone and with one prefetch requested per MoE layer by `loader` from the store on `tier`
+    (LayerCadenceLoads); (busy - alone) decode seconds / loads done, median over `repeats` pairs
+    (>= 0). The cadence matters: a thread loader costs far more per load issued between layers
+    than per load read back to back (bench/RESULTS.md run 28)."""
     from moelab.offload.live import OffloadedModel
 
     if repeats < 1:
@@ -284,11 +317,13 @@ def measure_background(
     m = load_model()
     shape = model_shape(m)
     per = []
-    with ExpertStore(store_dir, tier=tier) as st, ExpertStore(store_dir, tier=tier) as bg:
+    with ExpertStore(store_dir, tier=tier) as st:
         cache = _all_resident(st, shape)
-        with Prefetcher(st, cache, None) as pf, OffloadedModel(m, st, cache, pf) as om:
+        with (
+            Prefetcher(st, cache, None, loader="thread") as pf,
+            OffloadedModel(m, st, cache, pf) as om,
+        ):
             teacher_forced(m, tokens[:8], om)  # warm-up
-            bg.read(0, 0)
 
             def decode() -> float:
                 om.reset_stats()
@@ -297,25 +332,14 @@ def measure_background(
 
             for _ in range(repeats):
                 alone = decode()
-                stop, n = threading.Event(), [0]
-
-                def reader(stop: threading.Event = stop, n: list[int] = n) -> None:
-                    rng = np.random.default_rng(0)
-                    while not stop.is_set():
-                        layer = int(rng.integers(bg.num_layers))
-                        bg.read(layer, int(rng.integers(bg.num_experts[layer])))
-                        n[0] += 1
-
-                th = threading.Thread(target=reader, daemon=True)
-                th.start()
-                n0 = n[0]
-                busy = decode()
-                reads = n[0] - n0
-                stop.set()
-                th.join()
-                if reads < 1:
-                    raise OffloadError("measure_background: no background read finished")
-                per.append((busy - alone) / reads)
+                loads = LayerCadenceLoads(m, store_dir, tier, loader)
+                try:
+                    busy = decode()
+                finally:
+                    n = loads.close()
+                if n < 1:
+                    raise OffloadError("measure_background: no background load finished")
+                per.append((busy - alone) / n)
     return max(0.0, float(np.median(per)))
 
 
@@ -477,13 +501,15 @@ def run_live(
     counts: np.ndarray | None = None,
     reference: Sequence[torch.Tensor] | None = None,
     routing: Sequence[np.ndarray] | None = None,
+    loader: str = "auto",
 ) -> dict[str, Any]:
     """Teacher-forced live decode of `windows` with the configuration; decode stats, held-out
     perplexity of the decoded tokens, the routing seen per window ("routing", [S, L, k] each) and
     (with `reference` greedy predictions) identity. `predictor` "oracle" prefetches `routing`
     (an earlier run's, e.g. all-resident): the next layer's true experts after each layer, the
     live counterpart of the replay's perfect one-layer-ahead predictor (oracle_plan);
-    "oracle:d=N" the true experts N layers ahead in decode order (RecordedRouting)."""
+    "oracle:d=N" the true experts N layers ahead in decode order (RecordedRouting). `loader`:
+    who reads prefetches (prefetch.LOADERS)."""
     from moelab.offload.live import OffloadedModel
     from moelab.offload.prefetch import RecordedRouting
 
@@ -500,7 +526,8 @@ def run_live(
     st = ExpertStore(stores[main], tier=tier)
     sub = ExpertStore(stores[low], tier="ram") if low else None
     cache = make_cache(policy, slots, shape, st.expert_nbytes(0), counts)
-    pf = Prefetcher(st, cache, None if lead is not None else make_live_predictor(predictor))
+    pred = None if lead is not None else make_live_predictor(predictor)
+    pf = Prefetcher(st, cache, pred, loader=loader)
     om = OffloadedModel(model, st, cache, pf, standin=sub)
     preds, lps = [], []
     try:
@@ -519,6 +546,7 @@ def run_live(
         st.close()
         if sub is not None:
             sub.close()
+    s["loader"] = pf.loader
     s["window_nll"], s["window_tokens"] = nll_sums(lps, f"live decode ({precision})")
     s["ppl"] = float(torch.exp(-torch.cat(lps).mean()))
     s["predictions"] = preds

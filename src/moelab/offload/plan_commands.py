@@ -176,10 +176,14 @@ def register_plan(offload: typer.Typer) -> None:
             0,
             help="torch compute threads (0 = every core; one leaves a core to the prefetch thread)",
         ),
+        loader: str = typer.Option(
+            "auto",
+            help="who reads prefetches: auto | thread | process (a helper process; file tiers)",
+        ),
     ) -> None:
         """Teacher-forced live decode of held-out windows with one configuration."""
         res = run_config(model, memory, precision, policy, predictor, trace, windows, tier, compare,
-                         threads=threads)  # fmt: skip
+                         threads=threads, loader=loader)  # fmt: skip
         typer.echo(json.dumps(res, indent=1, default=float))
 
 
@@ -402,9 +406,10 @@ def run_config(
     compare: bool = True,
     ctx: Context | None = None,
     threads: int | None = None,
+    loader: str = "auto",
 ) -> dict[str, Any]:
     """Live teacher-forced decode of `windows` evaluation windows with one configuration;
-    `threads` as for make_plan."""
+    `threads` as for make_plan, `loader` who reads prefetches (prefetch.LOADERS)."""
     import torch
 
     from moelab.offload.cache import usage_counts
@@ -456,13 +461,14 @@ def run_config(
             )
         routing = run_live(ctx.load, stores, wins, precision, "lru", "none", slots, tier)["routing"]
     s = run_live(ctx.load, stores, wins, precision, policy, predictor, slots, tier, counts, ref,
-                 routing)  # fmt: skip
+                 routing, loader)  # fmt: skip
     s.pop("predictions")
     s.pop("routing")
     d = s["decode"]
     out.update(
         config={"precision": precision, "policy": policy, "predictor": predictor,
-                "memory": memory, "memory_bytes": mem, "slots_per_layer": slots},
+                "memory": memory, "memory_bytes": mem, "slots_per_layer": slots,
+                "loader": s["loader"]},
         decode_tokens_per_s=d["tokens_per_s"], hit_rate=d["hit_rate"],
         timely_hit_rate=d["timely_hit_rate"], standin_rate=d.get("standin_rate", 0.0),
         bytes_per_token=d["bytes_per_token"], stall_ms_per_token=d["stall_ms_per_token"],

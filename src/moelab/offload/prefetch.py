@@ -25,6 +25,7 @@ import torch
 
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.cache import ExpertCache, Key
+from moelab.offload.procreader import ProcessReader, process_reader_available
 from moelab.offload.sites import ExpertSite
 
 Target = tuple[int, int]  # (token step, MoE layer)
@@ -32,6 +33,10 @@ Target = tuple[int, int]  # (token step, MoE layer)
 # the testbed's O_DIRECT tier: 2 MiB pieces read an 8.65 MB expert about 9% slower than one call,
 # 1 MiB about 14% slower; the planner measures the cost per piece and charges it).
 PREFETCH_CHUNK_BYTES = 2 << 20
+# Who does the prefetch reads: a thread of this process, or a helper process (procreader) where
+# the store is a Linux file tier; 'auto' takes the process where it exists. The thread's GIL
+# handovers cost the decode 40-150 us per load (bench/RESULTS.md run 27).
+LOADERS = ("auto", "thread", "process")
 Prediction = tuple[int, int, list[int]]  # (target step, target layer, experts best first)
 
 
@@ -50,6 +55,7 @@ class _InFlight:
         self.aborted = False
         self.value: Any = None
         self.error: BaseException | None = None
+        self.req = -1  # the process reader's request id
 
 
 @dataclass
@@ -84,7 +90,13 @@ class Prefetcher:
         budget: int | None = None,
         start: bool = True,
         chunk_bytes: int = PREFETCH_CHUNK_BYTES,
+        loader: str = "auto",
+        read_ahead: int = 2,
     ) -> None:
+        if loader not in LOADERS:
+            raise ConfigError(f"Prefetcher loader={loader!r}: expected one of {LOADERS}")
+        if read_ahead < 1:
+            raise ConfigError(f"Prefetcher read_ahead={read_ahead}: must be >= 1 request")
         if chunk_bytes < 0:
             raise ConfigError(
                 f"Prefetcher chunk_bytes={chunk_bytes}: must be >= 0 (0: whole reads)"
@@ -107,8 +119,25 @@ class Prefetcher:
         self._step = 0
         self._budget_left = budget
         self.log: list[tuple[int, int, int, int, list[int]]] | None = None  # set [] to record
-        self._thread = threading.Thread(target=self._worker, name="moelab-prefetch", daemon=True)
-        self._thread.start()
+        if loader == "process" and not process_reader_available(store):
+            raise ConfigError(
+                f"Prefetcher loader='process': store tier {getattr(store, 'tier', '?')!r} has no "
+                "process reader (a file tier, 'direct' or 'fadvise', on Linux); use 'thread'"
+            )
+        use_process = loader == "process" or (loader == "auto" and process_reader_available(store))
+        self.loader = "process" if use_process else "thread"
+        # process loader: requests go to the helper `read_ahead` at a time (so that it never idles
+        # between two of this thread's visits) and its finished reads enter the cache when this
+        # thread next requests, starts a layer or fetches
+        self.read_ahead = read_ahead
+        self._reader = ProcessReader(store) if use_process else None
+        self._sent: dict[int, tuple[Key, _InFlight]] = {}
+        self._thread: threading.Thread | None = None
+        if self._reader is None:
+            self._thread = threading.Thread(
+                target=self._worker, name="moelab-prefetch", daemon=True
+            )
+            self._thread.start()
 
     # ------------------------------------------------------------------ control
     def begin_step(self, step: int) -> None:
@@ -127,6 +156,7 @@ class Prefetcher:
         with self._cv:
             self._paused = False
             self._cv.notify_all()
+            self._pump()
 
     def close(self) -> None:
         """Cancel everything queued and stop the worker thread."""
@@ -137,7 +167,12 @@ class Prefetcher:
             self._q.clear()
             self._queued.clear()
             self._cv.notify_all()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._reader is not None:
+            self._reader.close()
+            self._inflight.clear()
+            self._sent.clear()
 
     def __enter__(self) -> Prefetcher:
         return self
@@ -164,7 +199,12 @@ class Prefetcher:
                 left = t_end - time.perf_counter()
                 if left <= 0:
                     raise OffloadError(f"Prefetcher.drain: still busy after {timeout} s")
-                self._cv.wait(timeout=left)
+                if self._reader is not None:
+                    if self._paused and not self._inflight:
+                        raise OffloadError("Prefetcher.drain: paused with requests queued")
+                    self._pump(wait=True)
+                else:
+                    self._cv.wait(timeout=left)
 
     # ------------------------------------------------------------------ requests
     def request(self, layer: int, experts: list[int], target_step: int | None = None) -> int:
@@ -202,6 +242,7 @@ class Prefetcher:
             self.stats.enqueued += n
             if n:
                 self._cv.notify_all()
+            self._pump()
         return n
 
     def cancel_stale(self, step: int, layer: int, needed: Sequence[Key] = ()) -> int:
@@ -222,6 +263,9 @@ class Prefetcher:
             for key, fl in self._inflight.items():
                 if fl.target <= (step, layer) and key not in keep:
                     fl.abort.set()
+                    if self._reader is not None:
+                        self._reader.abort(fl.req)
+            self._pump()
         return n
 
     def cancel_all(self) -> int:
@@ -265,6 +309,15 @@ class Prefetcher:
                     r.cancelled = True
                     self.stats.cancelled += 1
         if fl is not None:
+            if self._reader is not None:
+                with self._cv:
+                    while not fl.event.is_set():
+                        if self._closed:
+                            raise OffloadError(
+                                f"Prefetcher closed while expert {key[1]} at layer {key[0]} was "
+                                "being read"
+                            )
+                        self._pump(wait=True)
             fl.event.wait()
             if fl.error is not None:
                 raise OffloadError(
@@ -279,7 +332,44 @@ class Prefetcher:
         self.cache.insert(key, value, prefetched=False)
         return value, "miss", time.perf_counter() - t0
 
-    # ------------------------------------------------------------------ worker
+    # ------------------------------------------------------------------ loaders
+    def _finish(self, key: Key, fl: _InFlight) -> None:
+        """A load ended (fl.value, fl.aborted or fl.error set): count it, insert what came,
+        wake whoever waits. Called with self._cv held."""
+        if fl.aborted:
+            self.stats.aborted += 1
+        elif fl.error is None:
+            kept = self.cache.insert(key, fl.value, prefetched=True)
+            self.stats.loaded += 1
+            if not kept:
+                self.stats.not_kept += 1
+        self._inflight.pop(key, None)
+        fl.event.set()
+        self._cv.notify_all()
+
+    def _pump(self, wait: bool = False) -> None:
+        """Process loader (no-op for the thread): take in the helper's finished reads (with
+        `wait`, block for at least one), then keep `read_ahead` requests with it. With _cv held."""
+        rd = self._reader
+        if rd is None or self._closed:
+            return
+        for c in rd.poll(wait=wait and bool(self._sent)):
+            key, fl = self._sent.pop(c.req)
+            fl.value, fl.aborted, fl.error = c.value, c.aborted, c.error
+            self._finish(key, fl)
+        while len(self._sent) < self.read_ahead and self._q and not self._paused:
+            r = self._q.popleft()
+            if r.cancelled:
+                continue
+            self._queued.pop(r.key, None)
+            if r.key in self.cache:
+                self.stats.skipped_resident += 1
+                continue
+            fl = _InFlight(r.target)
+            fl.req = rd.submit(*r.key, chunk=self.chunk_bytes)
+            self._inflight[r.key] = fl
+            self._sent[fl.req] = (r.key, fl)
+
     def _worker(self) -> None:
         while True:
             with self._cv:
@@ -303,16 +393,7 @@ class Prefetcher:
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting demand path
                 fl.error = exc
             with self._cv:
-                if fl.aborted:
-                    self.stats.aborted += 1
-                elif fl.error is None:
-                    kept = self.cache.insert(r.key, fl.value, prefetched=True)
-                    self.stats.loaded += 1
-                    if not kept:
-                        self.stats.not_kept += 1
-                self._inflight.pop(r.key, None)
-                fl.event.set()
-                self._cv.notify_all()
+                self._finish(r.key, fl)
 
 
 # --------------------------------------------------------------------------- live predictors

@@ -296,8 +296,7 @@ class ExpertStore:
             raise ConfigError(f"ExpertStore.read: chunk={chunk} must be >= 0 bytes")
         if self.tier in ("direct", "fadvise"):
             direct = self.tier == "direct"
-            a0 = (r.start // ALIGN) * ALIGN if direct else r.start
-            a1 = -(-r.end // ALIGN) * ALIGN if direct else r.end
+            a0, a1 = self.file_span(layer, expert)
             if direct:
                 raw = self.buffers.take(a1 - a0 + ALIGN)
                 shift = (-raw.data_ptr()) % ALIGN
@@ -316,11 +315,7 @@ class ExpertStore:
                     return None
             if not direct:
                 os.posix_fadvise(self._fds[layer], r.start, r.nbytes, os.POSIX_FADV_DONTNEED)
-            if n < r.end - a0:
-                raise OffloadError(
-                    f"{self.path / layer_file(layer)}: short read for expert {expert} "
-                    f"({n} of {r.end - a0} bytes); file truncated?"
-                )
+            self.check_read(layer, expert, n)
             return buf, a0
         t0 = time.perf_counter()
         buf = self.buffers.take(r.nbytes)
@@ -351,10 +346,35 @@ class ExpertStore:
         r = self._check(layer, expert)
         got = self.read_bytes(layer, expert, chunk, abort)
         if got is None:
-            with self._lock:
-                self._aborted += 1
+            self.account(0, 0.0, aborted=True)
             return None
-        buf, base = got
+        out = self.assemble(layer, expert, *got)
+        self.account(r.nbytes, time.perf_counter() - t0)
+        return out
+
+    def file_span(self, layer: int, expert: int) -> tuple[int, int]:
+        """File offsets [a0, a1) a file-tier read of the expert covers (4 kB-aligned on 'direct',
+        as O_DIRECT needs)."""
+        r = self._check(layer, expert)
+        if self.tier == "direct":
+            return (r.start // ALIGN) * ALIGN, -(-r.end // ALIGN) * ALIGN
+        return r.start, r.end
+
+    def check_read(self, layer: int, expert: int, got: int) -> None:
+        """Raise OffloadError if a file-tier read of `got` bytes from file_span's start misses
+        some of the expert's bytes (a truncated file)."""
+        r = self._check(layer, expert)
+        need = r.end - self.file_span(layer, expert)[0]
+        if got < need:
+            raise OffloadError(
+                f"{self.path / layer_file(layer)}: short read for expert {expert} "
+                f"({got} of {need} bytes); file truncated?"
+            )
+
+    def assemble(self, layer: int, expert: int, buf: torch.Tensor, base: int) -> dict[str, Any]:
+        """The expert's weights as views of `buf`, raw bytes whose first is file offset `base`:
+        {name: tensor}, or {name: QuantWeight} for a quantised store."""
+        r = self._check(layer, expert)
         flat = {}
         for name, (b, e, shape, dtype) in r.tensors.items():
             t = buf[b - base : e - base].view(dtype).view(shape)
@@ -372,12 +392,17 @@ class ExpertStore:
                 )
                 for n in EXPERT_TENSORS
             }
-        dt = time.perf_counter() - t0
-        with self._lock:
-            self._bytes += r.nbytes
-            self._seconds += dt
-            self._reads += 1
         return out
+
+    def account(self, nbytes: int, seconds: float, aborted: bool = False) -> None:
+        """Count one read (or one stopped read) in stats(); reads done outside read() report here."""
+        with self._lock:
+            if aborted:
+                self._aborted += 1
+                return
+            self._bytes += nbytes
+            self._seconds += seconds
+            self._reads += 1
 
     def stats(self) -> dict[str, Any]:
         """Tier used, reads, bytes and measured bytes/s since open (or the last reset)."""
