@@ -83,8 +83,8 @@ def _prefetcher(store_dir: Path, period: float, stop: threading.Event, n: list[i
         with Prefetcher(st, cache, None, loader="thread") as pf:
             i = 0
             while not stop.is_set():
-                for _ in range(BATCH):
-                    pf.request(i % L, [(3 * i) % E], target_step=1 << 30)
+                for _ in range(BATCH):  # each layer cycles through its experts: all loads
+                    pf.request(i % L, [(i // L + 1) % E], target_step=1 << 30)
                     i += 1
                 time.sleep(BATCH * period)
                 n[0] = pf.stats.loaded

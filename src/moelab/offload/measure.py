@@ -271,7 +271,11 @@ class LayerCadenceLoads:
 
     def __init__(self, model: torch.nn.Module, store_dir: Path, tier: str, loader: str) -> None:
         self.st = ExpertStore(store_dir, tier=tier)
-        L, E = self.st.num_layers, self.st.num_experts[0]
+        L, E = self.st.num_layers, min(self.st.num_experts)
+        if E < 3:
+            raise ConfigError(
+                f"LayerCadenceLoads: {E} experts per layer; needs >= 3 (2 stay resident)"
+            )
         self.cache = ExpertCache(2, "lru", num_layers=L, num_experts=E,
                                  expert_bytes=self.st.expert_nbytes(0), top_k=2)  # fmt: skip
         self.pf = Prefetcher(self.st, self.cache, None, loader=loader)
@@ -282,8 +286,11 @@ class LayerCadenceLoads:
         self._hooks = [s.router.register_forward_hook(self._on_layer) for s in require_sites(model)]
 
     def _on_layer(self, *_: object) -> None:
+        # each layer's requests cycle through all its experts: more than the 2 slots it keeps,
+        # so every request is a load (a pattern that revisits a resident expert loads nothing)
         self.pf.cancel_stale(0, -1)
-        self.pf.request(self.i % self.L, [(3 * self.i) % self.E], target_step=1 << 30)
+        layer, visit = divmod(self.i, self.L)[::-1]
+        self.pf.request(layer, [(visit + 1) % self.E], target_step=1 << 30)
         self.i += 1
 
     def close(self) -> int:
