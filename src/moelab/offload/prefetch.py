@@ -357,7 +357,18 @@ class Prefetcher:
             key, fl = self._sent.pop(c.req)
             fl.value, fl.aborted, fl.error = c.value, c.aborted, c.error
             self._finish(key, fl)
-        while len(self._sent) < self.read_ahead and self._q and not self._paused:
+        while len(self._sent) < self.read_ahead and not self._paused:
+            got = self._start_next()
+            if got is None:
+                break
+            key, fl = got
+            fl.req = rd.submit(*key, chunk=self.chunk_bytes)
+            self._sent[fl.req] = (key, fl)
+
+    def _start_next(self) -> tuple[Key, _InFlight] | None:
+        """Take the next live request off the queue (cancelled ones dropped, resident ones
+        skipped) and mark it in flight; None once the queue is empty. With _cv held."""
+        while self._q:
             r = self._q.popleft()
             if r.cancelled:
                 continue
@@ -366,9 +377,9 @@ class Prefetcher:
                 self.stats.skipped_resident += 1
                 continue
             fl = _InFlight(r.target)
-            fl.req = rd.submit(*r.key, chunk=self.chunk_bytes)
             self._inflight[r.key] = fl
-            self._sent[fl.req] = (r.key, fl)
+            return r.key, fl
+        return None
 
     def _worker(self) -> None:
         while True:
@@ -377,23 +388,18 @@ class Prefetcher:
                     self._cv.wait()
                 if self._closed:
                     return
-                r = self._q.popleft()
-                if r.cancelled:
+                got = self._start_next()
+                if got is None:
                     continue
-                self._queued.pop(r.key, None)
-                if r.key in self.cache:
-                    self.stats.skipped_resident += 1
-                    continue
-                fl = _InFlight(r.target)
-                self._inflight[r.key] = fl
+                key, fl = got
             try:
-                value = self.store.read(*r.key, chunk=self.chunk_bytes, abort=fl.abort.is_set)
+                value = self.store.read(*key, chunk=self.chunk_bytes, abort=fl.abort.is_set)
                 fl.value = value
                 fl.aborted = value is None
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting demand path
                 fl.error = exc
             with self._cv:
-                self._finish(r.key, fl)
+                self._finish(key, fl)
 
 
 # --------------------------------------------------------------------------- live predictors
