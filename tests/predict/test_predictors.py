@@ -394,7 +394,8 @@ def test_wrapping_probe_names_the_next_tokens_first_layer(tmp_path):
 
 @pytest.mark.parametrize("name", ["probe-linear", "probe-shared", "probe-mlp"])
 def test_live_scores_equal_the_torch_map(name, synth):
-    """live_scores' numpy product (linear probes) equals the torch map it replaces."""
+    """live_scores' numpy product (linear probes) equals the torch map it replaces, and
+    live_logits is that map before the sigmoid (the live prefetch path ranks logits)."""
     _, gates, train, test = synth
     p = make_predictor(
         name, Horizon(layers_ahead=1), **FAST, **({"hidden": 8} if name == "probe-mlp" else {})
@@ -407,4 +408,8 @@ def test_live_scores_equal_the_torch_map(name, synth):
                 p.live_scores(layer, h[r, src]), p._group_scores(h[r : r + 1, src], src)[0],
                 rtol=1e-5, atol=1e-7,
             )  # fmt: skip
+            want = p.model.forward_group(torch.from_numpy(h[r : r + 1, src]).float(), src)
+            logits = p.live_logits(layer, h[r, src])
+            assert logits.dtype == np.float32 and logits.shape == (p.num_experts,)
+            np.testing.assert_allclose(logits, want.detach().numpy()[0], rtol=1e-5, atol=1e-6)
     assert (p._linear_maps() is None) == (name == "probe-mlp")

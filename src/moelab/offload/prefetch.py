@@ -651,13 +651,15 @@ class TracePredictorLive:
         self._hidden: np.ndarray | None = None
         self._L = self._k = 0
         # predictors that map the current router input alone (HiddenProbe on router_input) are
-        # asked through live_scores: the same scores without the per-call StepContext/Trace
+        # asked through live_logits: the same ranking without the per-call StepContext/Trace
         self._direct = (
             self.layers_ahead > 0
-            and hasattr(predictor, "live_scores")
+            and hasattr(predictor, "live_logits")
             and getattr(predictor, "point", None) == "router_input"
         )
         self._wrap = self._direct and bool(getattr(predictor, "wrap", False))
+        # the direct path ranks logits: score >= P  <=>  logit >= log(P / (1 - P))
+        self._min_logit = None if min_score is None else _logit(min_score)
 
     def bind(self, sites: list[ExpertSite]) -> None:
         """Remember the layer count and k; check they match the predictor."""
@@ -689,7 +691,11 @@ class TracePredictorLive:
                 if not self._wrap:
                     return []
                 t_layer, t_step = t_layer - self._L, step + 1  # the next token's first layers
-            scores = self.predictor.live_scores(t_layer, x[-1].detach().float().cpu().numpy())
+            xv = x[-1]
+            if xv.dtype != torch.float32 or xv.requires_grad or xv.device.type != "cpu":
+                xv = xv.detach().float().cpu()
+            scores = self.predictor.live_logits(t_layer, xv.numpy())
+            cut = self._min_logit
         else:
             T, n = int(expert_ids.shape[0]), len(self.token_ids)
             while len(self._rows) < n:
@@ -709,16 +715,26 @@ class TracePredictorLive:
                 hidden={"router_input": self._hidden.copy()},
             )
             scores = self.predictor.predict_step(ctx)
+            cut = self.min_score
         scores = np.asarray(scores, dtype=np.float32)
         if not np.isfinite(scores).all():
             return []
         m = self.top or self._k
         top = np.argsort(-scores, kind="stable")[:m]
-        if self.min_score is not None:
-            top = top[scores[top] >= self.min_score]
+        if cut is not None:
+            top = top[scores[top] >= cut]
             if not len(top):
                 return []
         return [(t_step, t_layer, [int(e) for e in top])]
+
+
+def _logit(p: float) -> float:
+    """log(p / (1 - p)), with p = 0 and 1 mapped to -inf and +inf."""
+    if p <= 0.0:
+        return float("-inf")
+    if p >= 1.0:
+        return float("inf")
+    return float(np.log(p / (1.0 - p)))
 
 
 LIVE_PREDICTORS = ("none", "gate", "gate2", "prev", "adaptive", "gate+prev", "gate2+prev")

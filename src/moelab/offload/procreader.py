@@ -80,7 +80,8 @@ class ProcessReader:
         self._busy: set[int] = set()
         self._cursor = 0
         self._alone = _storage_refs(torch.empty(1, dtype=torch.uint8))
-        self._pending: dict[int, tuple[int, int, int]] = {}  # req -> (layer, expert, slot)
+        # req -> (layer, expert, slot, first byte, end byte of its span in the layer file)
+        self._pending: dict[int, tuple[int, int, int, int, int]] = {}
         self._next = 0
         self._partial = b""
         config = {
@@ -151,7 +152,7 @@ class ProcessReader:
         step = -(-chunk // ALIGN) * ALIGN if chunk else 0
         os.write(self._in, REQUEST.pack(req, layer, slot, a0, a1 - a0, step))
         self._busy.add(slot)
-        self._pending[req] = (layer, expert, slot)
+        self._pending[req] = (layer, expert, slot, a0, a1)
         return req
 
     def abort(self, req: int) -> None:
@@ -185,7 +186,7 @@ class ProcessReader:
         self._partial = buf[n:]
         out = []
         for req, status, got, seconds in COMPLETION.iter_unpack(buf[:n]):
-            layer, expert, slot = self._pending.pop(req)
+            layer, expert, slot, a0, a1 = self._pending.pop(req)
             self._busy.discard(slot)
             c = Completion(req, layer, expert)
             if status == ABORTED:
@@ -200,7 +201,6 @@ class ProcessReader:
             elif status == DONE:
                 try:
                     self.store.check_read(layer, expert, got)
-                    a0, a1 = self.store.file_span(layer, expert)
                     buf_t = self._slots[slot][: a1 - a0]
                     c.value = self.store.assemble(layer, expert, buf_t, a0)
                     self.reads += 1

@@ -531,23 +531,34 @@ class HiddenProbe(NeuralPredictor):
         source layer: predict_step's answer without building a Trace, for the live prefetch
         path, where the generic step costs several times the map itself. With wrap, a target
         layer < d is the next token's and `hidden` is the current token's last-layer input."""
+        return 1.0 / (1.0 + np.exp(-self.live_logits(layer, hidden)))
+
+    def live_logits(self, layer: int, hidden: Any) -> np.ndarray:
+        """live_scores before the sigmoid ([E] float32): the same ranking in two numpy calls for
+        a linear probe (product, bias) instead of six. In a decode each numpy call finds its code
+        and data out of cache and costs 10-20 us (bench/RESULTS.md run 29), so the live path
+        ranks logits and compares them with logit(min_score)."""
         if self.model is None:
-            raise PredictorError(f"{self.label}: live_scores before fit() or load()")
+            raise PredictorError(f"{self.label}: live scores asked before fit() or load()")
         if not 0 <= layer < self.num_layers:
             raise PredictorError(
                 f"{self.describe()}: target layer {layer} outside 0..{self.num_layers - 1}"
             )
         src, _ = self._source(layer)
-        x = np.asarray(hidden, dtype=np.float32).reshape(-1)
+        x = hidden if isinstance(hidden, np.ndarray) and hidden.ndim == 1 else None
+        if x is None or x.dtype != np.float32:
+            x = np.asarray(hidden, dtype=np.float32).reshape(-1)
         maps = self._linear_maps()
         if maps is None:  # an MLP probe: torch's map (its GELU)
-            return self._group_scores(x.reshape(1, -1), src)[0]
+            return self._group_logits(x.reshape(1, -1), src)[0]
         w, b = maps[src]
         if x.shape[0] != w.shape[0]:
             raise PredictorError(
                 f"{self.describe()}: hidden vector of size {x.shape[0]}, expected {w.shape[0]}"
             )
-        return 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        z = x @ w
+        z += b
+        return z
 
     def _linear_maps(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
         """Per source layer (W [D, E], b [E]) of a linear probe as numpy arrays, or None for an
@@ -582,6 +593,13 @@ class HiddenProbe(NeuralPredictor):
         with _torch_threads(max(self.threads, 1), len(x)), torch.no_grad():
             xt = torch.as_tensor(x, dtype=torch.float32).to(self.device)
             return torch.sigmoid(self.model.forward_group(xt, src)).cpu().numpy()
+
+    def _group_logits(self, x: np.ndarray, src: int) -> np.ndarray:
+        """Logits [B, E] of source layer src's map on x [B, D] (_group_scores before the sigmoid)."""
+        assert self.model is not None
+        with _torch_threads(max(self.threads, 1), len(x)), torch.no_grad():
+            xt = torch.as_tensor(x, dtype=torch.float32).to(self.device)
+            return self.model.forward_group(xt, src).cpu().numpy()
 
     def _predict(self, trace: Trace, layer: int, avail: np.ndarray) -> np.ndarray:
         """Only the target layer's map, on the available rows (no other layer computed)."""
