@@ -1,5 +1,7 @@
 """Replay simulator: analytic timelines, agreement with the cache alone, Belady bound, plots."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -209,6 +211,21 @@ def test_right_prefetch_in_transfer_is_kept():
     assert r.stall_seconds == pytest.approx(0.008 + 0.007)  # waits 9 -> 16 ms
     with pytest.raises(ConfigError, match="chunk_bytes"):
         simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=-1)
+
+
+def test_prefetch_reads_beside_compute_take_prefetch_slowdown_times_longer():
+    """A prefetch runs beside the decode's compute (hw.prefetch_slowdown x a demand read); a
+    demand load runs alone, at the link's own speed."""
+    ids, h, _ = _wrong_guess_trace()
+    plan = {(0, 0): [(0, 1, [1])]}  # the right guess, issued at 8 ms when the demand load ends
+    slow = dataclasses.replace(h, prefetch_slowdown=1.5)
+    r = simulate(ids, 4, 1, "lru", slow, plan, chunk_bytes=2 << 20)
+    # demand (0,0) 0-8 ms as before; the prefetch takes 12 ms (8-20 ms): waits 9 -> 20 ms
+    assert (r.misses, r.late) == (1, 1)
+    assert r.stall_seconds == pytest.approx(0.008 + 0.011) and r.seconds == pytest.approx(0.021)
+    # no plan: two demand loads, untouched by the slowdown
+    d = simulate(ids, 4, 1, "lru", slow, None)
+    assert d.stall_seconds == pytest.approx(0.016) and d.misses == 2
 
 
 def test_stopped_prefetch_pays_its_share_of_the_background_cost():

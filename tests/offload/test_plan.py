@@ -444,9 +444,10 @@ def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx
 
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full"])
-    assert measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 1) >= 0.0
-    assert measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "fadvise", 1,
-                              loader="process") >= 0.0  # fmt: skip
+    for tier, loader in (("ram", "auto"), ("fadvise", "process")):
+        cost, read = measure_background(ctx.load, stores["full"], ev.tokens[0][:16], tier, 1,
+                                        loader=loader)  # fmt: skip
+        assert cost >= 0.0 and 0.0 < read < 1.0  # seconds of one (tiny) expert read
     with pytest.raises(ConfigError, match="repeats"):
         measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 0)
     # replay: every finished prefetch adds exactly background_overhead of foreground time
@@ -704,6 +705,7 @@ def test_live_predictor_cost_measured_and_charged(ctx, monkeypatch):
 
 def test_measure_machine_fills_every_term(ctx, rep):
     from moelab.offload.measure import measure_machine
+    from moelab.offload.plan import Machine
 
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full", "int8"])
@@ -714,7 +716,12 @@ def test_measure_machine_fills_every_term(ctx, rep):
                  m.seconds_per_miss, m.loading_layer_compute):  # fmt: skip
         assert set(term) == {"full", "int8"} and all(v > 0 for v in term.values())
     assert set(m.chunk_overhead) == {"full", "int8"} and min(m.chunk_overhead.values()) >= 0
-    assert m.background_overhead >= 0
+    assert m.background_overhead >= 0 and m.prefetch_slowdown >= 1.0
+    slow = Machine({"full": 2e-3}, {"full": 1e-3}, prefetch_slowdown=1.3)
+    assert slow.hardware("full", ctx.shape).prefetch_slowdown == 1.3
+    assert (
+        Machine({"full": 2e-3}, {"full": 1e-3}).hardware("full", ctx.shape).prefetch_slowdown == 1
+    )
     # measured predictors join the given ones; "none" costs nothing and is not listed
     assert set(m.predictor_seconds) == {"gate", "prev"}
     assert m.predictor_seconds["prev"] == 1e-4 and m.predictor_seconds["gate"] > 0

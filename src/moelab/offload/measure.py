@@ -282,6 +282,9 @@ class LayerCadenceLoads:
         self.pf.request(0, [0], target_step=1 << 30)  # the loader (a helper process) is up
         self.pf.drain()
         self._n0 = self.pf.stats.loaded
+        st0 = self.st.stats()
+        self._reads0, self._secs0 = st0["reads"], st0["seconds"]
+        self.read_seconds = float("nan")  # mean seconds of one of its reads, set by close()
         self.i, self.L, self.E = 0, L, E
         self._hooks = [s.router.register_forward_hook(self._on_layer) for s in require_sites(model)]
 
@@ -294,11 +297,16 @@ class LayerCadenceLoads:
         self.i += 1
 
     def close(self) -> int:
-        """Remove the hooks, stop the loader -> prefetches finished."""
+        """Remove the hooks, stop the loader -> prefetches finished (and set read_seconds: the
+        mean time one of its reads took, as the loader timed it)."""
         for h in self._hooks:
             h.remove()
         n = self.pf.stats.loaded - self._n0
         self.pf.close()
+        st = self.st.stats()
+        reads = st["reads"] - self._reads0
+        if reads > 0:
+            self.read_seconds = (st["seconds"] - self._secs0) / reads
         self.st.close()
         return n
 
@@ -310,20 +318,21 @@ def measure_background(
     tier: str = "auto",
     repeats: int = 2,
     loader: str = "auto",
-) -> float:
-    """Foreground seconds one prefetch load costs a live decode (its reads and bookkeeping share
-    the cores with compute): all-resident decodes of `tokens` through the live path, alternately
-    alone and with one prefetch requested per MoE layer by `loader` from the store on `tier`
-    (LayerCadenceLoads); (busy - alone) decode seconds / loads done, median over `repeats` pairs
-    (>= 0). The cadence matters: a thread loader costs far more per load issued between layers
-    than per load read back to back (bench/RESULTS.md run 28)."""
+) -> tuple[float, float]:
+    """What prefetch loads cost beside a live decode -> (foreground seconds one load costs the
+    decode, seconds one of those reads takes): all-resident decodes of `tokens` through the
+    live path, alternately alone and with one prefetch requested per MoE layer by `loader` from
+    the store on `tier` (LayerCadenceLoads); (busy - alone) decode seconds / loads done (>= 0)
+    and the loads' mean read time, medians over `repeats` pairs. The cadence matters: a thread
+    loader costs far more per load issued between layers than per load read back to back
+    (bench/RESULTS.md run 28); and a read beside compute takes longer than one alone (run 29)."""
     from moelab.offload.live import OffloadedModel
 
     if repeats < 1:
         raise ConfigError(f"measure_background: repeats={repeats} must be >= 1")
     m = load_model()
     shape = model_shape(m)
-    per = []
+    per, reads = [], []
     with ExpertStore(store_dir, tier=tier) as st:
         cache = _all_resident(st, shape)
         with (
@@ -344,10 +353,11 @@ def measure_background(
                     busy = decode()
                 finally:
                     n = loads.close()
-                if n < 1:
+                if n < 1 or not math.isfinite(loads.read_seconds):
                     raise OffloadError("measure_background: no background load finished")
                 per.append((busy - alone) / n)
-    return max(0.0, float(np.median(per)))
+                reads.append(loads.read_seconds)
+    return max(0.0, float(np.median(per))), float(np.median(reads))
 
 
 def measure_machine(
@@ -377,11 +387,17 @@ def measure_machine(
     miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
     loading = {p: v["layer_seconds"] for p, v in mm.items()}
     main = stores.get("full") or next(iter(stores.values()))
-    bg = measure_background(load_model, main, tokens[:48], tier)  # shared cores
+    bg, bg_read = measure_background(load_model, main, tokens[:48], tier)  # shared cores
+    main_p = next(p for p, d in stores.items() if d == main)
+    # the replay moves a demand load in the live miss time (Machine.load_seconds); a prefetch
+    # read beside compute took bg_read. Below 1 the ratio is the two measurements' noise (the
+    # replay would move prefetches faster than demand loads, which also wait for their views)
+    base = miss.get(main_p, secs[main_p])
+    slowdown = max(1.0, bg_read / base) if base > 0 else 1.0
     preds = dict(predictor_seconds or {})
     if predictors:
         preds.update(measure_predictors(load_model, main, tokens[:24], list(predictors), tier))
-    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, preds, loading)
+    return Machine(secs, comp, used, False, miss, fresh, bg, chunk, preds, loading, slowdown)
 
 
 @dataclass

@@ -419,6 +419,9 @@ class Machine:
     # cannot hold every expert: such a decode computes about 1.2x slower than an all-resident
     # one on this machine (bench/RESULTS.md, run 17)
     loading_layer_compute: dict[str, float] = field(default_factory=dict)
+    # one prefetch read beside a decode's compute (measure_background) over load_seconds, the
+    # demand load's time: the replay's link moves prefetches this much slower
+    prefetch_slowdown: float = 1.0
 
     def compute_seconds(self, precision: str, loads: bool = True) -> float:
         """Seconds per MoE layer per decode token: the loading decode's time when `loads` and it
@@ -460,6 +463,7 @@ class Machine:
             expert_bytes=nb, description="measured" if not self.given else "given",
             fill_overhead=self.fill_overhead(main), background_overhead=self.background_overhead,
             chunk_overhead=self.chunk_overhead.get(main, 0.0),
+            prefetch_slowdown=self.prefetch_slowdown,
         )  # fmt: skip
 
 

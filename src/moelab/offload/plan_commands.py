@@ -346,6 +346,8 @@ def machine_line(m: dict[str, Any]) -> str:
         out += f" (all resident), {ms(m['loading_layer_compute'])} (outside stalls while loading)"
     if m.get("background_overhead"):
         out += f"; one background load costs compute {1e3 * m['background_overhead']:.2f} ms"
+    if m.get("prefetch_slowdown", 1.0) != 1.0:
+        out += f"; a prefetch read beside compute takes {m['prefetch_slowdown']:.2f}x a demand miss"
     if any(m.get("chunk_overhead", {}).values()):
         out += f"; each further chunk of a stoppable prefetch read {ms(m['chunk_overhead'])}"
     if m.get("predictor_seconds"):

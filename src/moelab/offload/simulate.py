@@ -53,6 +53,9 @@ class Hardware:
     fill_overhead: float = 0.0  # extra seconds of a load into a free cache slot (fresh memory)
     background_overhead: float = 0.0  # foreground seconds each finished prefetch load costs
     chunk_overhead: float = 0.0  # extra seconds per chunk of a chunked (abortable) prefetch read
+    # a prefetch read runs beside the compute (which streams weights through the same memory): it
+    # takes this times a demand read, which runs while the decode waits (measure_background)
+    prefetch_slowdown: float = 1.0
 
     def transfer(self, nbytes: int) -> float:
         """Seconds to move nbytes over the link."""
@@ -262,7 +265,7 @@ class _Link:
         start = max(t, last)
         pieces = self.pieces(nbytes)
         dur = (
-            self.hw.transfer(nbytes)
+            self.hw.transfer(nbytes) * self.hw.prefetch_slowdown
             + (self.hw.fill_overhead if fill else 0.0)
             + (pieces - 1) * self.hw.chunk_overhead
         )
