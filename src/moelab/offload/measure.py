@@ -282,8 +282,7 @@ class LayerCadenceLoads:
         self.pf.request(0, [0], target_step=1 << 30)  # the loader (a helper process) is up
         self.pf.drain()
         self._n0 = self.pf.stats.loaded
-        st0 = self.st.stats()
-        self._reads0, self._secs0 = st0["reads"], st0["seconds"]
+        self.st.reset_stats()  # its own store: only the cadence loads' reads count from here
         self.read_seconds = float("nan")  # mean seconds of one of its reads, set by close()
         self.i, self.L, self.E = 0, L, E
         self._hooks = [s.router.register_forward_hook(self._on_layer) for s in require_sites(model)]
@@ -304,9 +303,8 @@ class LayerCadenceLoads:
         n = self.pf.stats.loaded - self._n0
         self.pf.close()
         st = self.st.stats()
-        reads = st["reads"] - self._reads0
-        if reads > 0:
-            self.read_seconds = (st["seconds"] - self._secs0) / reads
+        if st["reads"] > 0:
+            self.read_seconds = st["seconds"] / st["reads"]
         self.st.close()
         return n
 
@@ -386,9 +384,9 @@ def measure_machine(
     mm = measure_misses(load_model, stores, tokens[:48], tier)
     miss = {p: v["seconds_per_miss"] for p, v in mm.items()}
     loading = {p: v["layer_seconds"] for p, v in mm.items()}
-    main = stores.get("full") or next(iter(stores.values()))
+    main_p = "full" if "full" in stores else next(iter(stores))
+    main = stores[main_p]
     bg, bg_read = measure_background(load_model, main, tokens[:48], tier)  # shared cores
-    main_p = next(p for p, d in stores.items() if d == main)
     # the replay moves a demand load in the live miss time (Machine.load_seconds); a prefetch
     # read beside compute took bg_read. Below 1 the ratio is the two measurements' noise (the
     # replay would move prefetches faster than demand loads, which also wait for their views)

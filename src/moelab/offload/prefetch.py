@@ -659,7 +659,11 @@ class TracePredictorLive:
         )
         self._wrap = self._direct and bool(getattr(predictor, "wrap", False))
         # the direct path ranks logits: score >= P  <=>  logit >= log(P / (1 - P))
-        self._min_logit = None if min_score is None else _logit(min_score)
+        self._min_logit = None
+        if min_score is not None:
+            from scipy.special import logit
+
+            self._min_logit = float(logit(min_score))
 
     def bind(self, sites: list[ExpertSite]) -> None:
         """Remember the layer count and k; check they match the predictor."""
@@ -726,15 +730,6 @@ class TracePredictorLive:
             if not len(top):
                 return []
         return [(t_step, t_layer, [int(e) for e in top])]
-
-
-def _logit(p: float) -> float:
-    """log(p / (1 - p)), with p = 0 and 1 mapped to -inf and +inf."""
-    if p <= 0.0:
-        return float("-inf")
-    if p >= 1.0:
-        return float("inf")
-    return float(np.log(p / (1.0 - p)))
 
 
 LIVE_PREDICTORS = ("none", "gate", "gate2", "prev", "adaptive", "gate+prev", "gate2+prev")

@@ -545,12 +545,12 @@ class HiddenProbe(NeuralPredictor):
                 f"{self.describe()}: target layer {layer} outside 0..{self.num_layers - 1}"
             )
         src, _ = self._source(layer)
-        x = hidden if isinstance(hidden, np.ndarray) and hidden.ndim == 1 else None
-        if x is None or x.dtype != np.float32:
-            x = np.asarray(hidden, dtype=np.float32).reshape(-1)
+        x = np.asarray(hidden, dtype=np.float32)  # no copy for a float32 array
+        if x.ndim != 1:
+            x = x.reshape(-1)
         maps = self._linear_maps()
         if maps is None:  # an MLP probe: torch's map (its GELU)
-            return self._group_logits(x.reshape(1, -1), src)[0]
+            return self._group_map(x.reshape(1, -1), src, probabilities=False)[0]
         w, b = maps[src]
         if x.shape[0] != w.shape[0]:
             raise PredictorError(
@@ -589,17 +589,15 @@ class HiddenProbe(NeuralPredictor):
 
     def _group_scores(self, x: np.ndarray, src: int) -> np.ndarray:
         """Sigmoid scores [B, E] of source layer src's map on x [B, D]."""
-        assert self.model is not None
-        with _torch_threads(max(self.threads, 1), len(x)), torch.no_grad():
-            xt = torch.as_tensor(x, dtype=torch.float32).to(self.device)
-            return torch.sigmoid(self.model.forward_group(xt, src)).cpu().numpy()
+        return self._group_map(x, src, probabilities=True)
 
-    def _group_logits(self, x: np.ndarray, src: int) -> np.ndarray:
-        """Logits [B, E] of source layer src's map on x [B, D] (_group_scores before the sigmoid)."""
+    def _group_map(self, x: np.ndarray, src: int, probabilities: bool) -> np.ndarray:
+        """Source layer src's map on x [B, D] -> [B, E]: sigmoid scores, or the logits."""
         assert self.model is not None
         with _torch_threads(max(self.threads, 1), len(x)), torch.no_grad():
             xt = torch.as_tensor(x, dtype=torch.float32).to(self.device)
-            return self.model.forward_group(xt, src).cpu().numpy()
+            out = self.model.forward_group(xt, src)
+            return (torch.sigmoid(out) if probabilities else out).cpu().numpy()
 
     def _predict(self, trace: Trace, layer: int, avail: np.ndarray) -> np.ndarray:
         """Only the target layer's map, on the available rows (no other layer computed)."""
