@@ -330,6 +330,29 @@ def test_wrapping_probe_live_asks_for_the_next_tokens_first_layer():
     assert [(a, b) for a, b, _ in mid] == [(2, 1)]
 
 
+def test_probe_live_names_nothing_from_a_non_finite_router_input():
+    """A NaN router input gives NaN logits: the live probe names no expert rather than a
+    ranking of NaNs (which torch.topk would order first)."""
+
+    from moelab.offload.prefetch import TracePredictorLive
+    from moelab.predict import Horizon, make_predictor
+
+    tr, h, _ = _router_probe_trace(seed=3)
+    L, E, k = tr.meta.num_layers, tr.meta.num_experts, tr.meta.top_k
+    p = make_predictor("probe-linear", Horizon(layers_ahead=1), epochs=2).fit(tr)
+
+    class Site:
+        top_k, num_experts = k, E
+
+    live = TracePredictorLive(p)
+    live.bind([Site()] * L)
+    live.set_tokens([1])
+    x = torch.from_numpy(h[0:1, 0].copy())
+    assert len(live.on_layer(0, 0, x, torch.zeros(1, k))[0][2]) == k
+    x[0, 3] = float("nan")
+    assert live.on_layer(0, 0, x, torch.zeros(1, k)) == []
+
+
 def test_probe_live_with_min_score_names_only_likely_experts(tmp_path):
     """`min_score` keeps the top-k experts scored at least that (none: no prediction); the
     spec DIR:min=P builds it, and a P that is no number is refused."""

@@ -165,3 +165,56 @@ def test_needed_prefetch_in_transfer_is_kept_and_aborted_one_reloads(model_and_s
     assert pf.stats.aborted == 1 and (0, 7) in cache
     with pytest.raises(ConfigError, match="chunk_bytes"):
         Prefetcher(st, cache, chunk_bytes=-1)
+
+
+class _Scripted:
+    """A live predictor that returns fixed predictions per (step, layer)."""
+
+    name = "scripted"
+
+    def __init__(self, out):
+        self.out = out
+
+    def bind(self, sites):
+        pass
+
+    def on_layer(self, step, layer, x, expert_ids):
+        return self.out.get((step, layer), [])
+
+
+def test_later_prediction_for_a_layer_drops_the_earlier_guesses_it_does_not_name(
+    model_and_store, loader_tier
+):
+    """A guess for (step 1, layer 1) made at (0, 0) is revised by the one made at (1, 0): the
+    expert only the earlier one named is dropped, the one both name stays queued, and the
+    other target's request from (0, 0) is untouched."""
+    _, _, d = model_and_store
+    st, cache, pf = make(d, start=False, **loader_tier)
+    pf.predictor = _Scripted({(0, 0): [(1, 1, [4, 5]), (1, 0, [6])], (1, 0): [(1, 1, [5, 7])]})
+    with pf:
+        pf.on_layer(0, 0, None, None)  # guesses for step 1: layer 1 [4, 5], layer 0 [6]
+        assert pf.queued == [(1, 4), (1, 5), (0, 6)]
+        pf.on_layer(1, 0, None, None)  # the better guess for (1, 1): 5 and 7
+        assert pf.queued == [(1, 5), (0, 6), (1, 7)]
+        assert pf.stats.revised == 1 and pf.stats.cancelled == 0
+        pf.resume()
+        pf.drain()
+    assert (1, 4) not in cache and all(k in cache for k in [(1, 5), (0, 6), (1, 7)])
+    assert st.stats()["reads"] == 3
+
+
+def test_later_prediction_stops_an_earlier_guess_in_transfer(model_and_store):
+    _, _, d = model_and_store
+    st, cache, pf = _slow(d)
+    pf.predictor = _Scripted({(0, 0): [(1, 1, [5])], (0, 1): [(1, 1, [6])]})
+    with pf:
+        pf.on_layer(0, 0, None, None)
+        _wait_in_flight(pf, (1, 5))
+        t0 = time.perf_counter()
+        pf.on_layer(0, 1, None, None)  # supersedes the read in transfer: stopped
+        pf.drain()
+        took = time.perf_counter() - t0
+    full = st.expert_nbytes(0) / 1e5
+    assert took < 1.5 * full  # expert 6's read, not 5's remainder first
+    assert pf.stats.revised == 1 and pf.stats.aborted == 1 and pf.stats.loaded == 1
+    assert (1, 5) not in cache and (1, 6) in cache

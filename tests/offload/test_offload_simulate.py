@@ -213,6 +213,32 @@ def test_right_prefetch_in_transfer_is_kept():
         simulate(ids, 4, 1, "lru", h, plan, chunk_bytes=-1)
 
 
+def test_later_prediction_for_the_same_layer_supersedes_an_earlier_one():
+    """A two-layer guess (layer 2's expert 5, asked after layer 0) is corrected after layer 1
+    by a one-layer guess (expert 2): the wrong read stops at its chunk boundary and the right
+    one takes the link at once. 8 ms per expert, 1 ms per layer, 2 MiB pieces."""
+    ids = np.array([[[0], [1], [2]]], dtype=np.int16)
+    nb = 8 << 20
+    h = Hardware("t", bandwidth=nb / 8e-3, latency=0.0, layer_compute=1e-3, expert_bytes=nb)
+    plan = {(0, 0): [(0, 2, [5])], (0, 1): [(0, 2, [2])]}
+    kw = dict(warm=[(1, 1)], chunk_bytes=2 << 20)
+    # demand (0,0) 0-8 ms; the guess (2,5) starts at 8; layer 1 (resident) at 9 corrects it:
+    # it stops at 10 and (2,2) runs 10-18 -> layer 2 (from 10 ms) waits 8 ms: 8 + 8 stalled
+    r = simulate(ids, 8, 4, "lru", h, plan, revise=True, **kw)
+    assert (r.misses, r.timely, r.late, r.aborted) == (1, 1, 1, 1)
+    assert r.stall_seconds == pytest.approx(0.016) and r.seconds == pytest.approx(0.019)
+    assert r.bytes_loaded == 2 * nb
+    # without: (2,5) keeps the link to its target layer (stopped at 12 ms), (2,2) is loaded on
+    # demand 12-20: 8 + 10 stalled
+    n = simulate(ids, 8, 4, "lru", h, plan, revise=False, **kw)
+    assert (n.misses, n.timely, n.late, n.aborted) == (2, 1, 0, 1)
+    assert n.stall_seconds == pytest.approx(0.018) and n.seconds == pytest.approx(0.021)
+    # a prediction issued at the same point never supersedes its sibling
+    both = {(0, 0): [(0, 2, [5]), (0, 2, [2])]}
+    s = simulate(ids, 8, 4, "lru", h, both, revise=True, **kw)
+    assert s.to_dict() == simulate(ids, 8, 4, "lru", h, both, revise=False, **kw).to_dict()
+
+
 def test_prefetch_reads_beside_compute_take_prefetch_slowdown_times_longer():
     """A prefetch runs beside the decode's compute (hw.prefetch_slowdown x a demand read); a
     demand load runs alone, at the link's own speed."""

@@ -412,4 +412,18 @@ def test_live_scores_equal_the_torch_map(name, synth):
             logits = p.live_logits(layer, h[r, src])
             assert logits.dtype == np.float32 and logits.shape == (p.num_experts,)
             np.testing.assert_allclose(logits, want.detach().numpy()[0], rtol=1e-5, atol=1e-6)
+        # the live path's torch map: the same logits for a batch of router inputs, also from
+        # a bf16 input (converted), and a wrong width refused
+        x = torch.from_numpy(h[:4, src]).float()
+        t = p.live_logits_torch(layer, x)
+        assert t.dtype == torch.float32 and t.shape == (4, p.num_experts)
+        want = p.model.forward_group(x, src).detach()
+        torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-6)
+        t16 = p.live_logits_torch(layer, x.bfloat16())
+        want16 = p.model.forward_group(x.bfloat16().float(), src).detach()
+        torch.testing.assert_close(t16, want16, rtol=1e-5, atol=1e-6)
+        with pytest.raises(PredictorError, match="expected \\[n, "):
+            p.live_logits_torch(layer, x[:, :-1])
+        with pytest.raises(PredictorError, match="outside"):
+            p.live_logits_torch(p.num_layers, x)
     assert (p._linear_maps() is None) == (name == "probe-mlp")

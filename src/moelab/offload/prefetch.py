@@ -13,6 +13,7 @@ instead of a whole expert and never enters the cache.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -45,11 +46,12 @@ class _Request:
     key: Key
     target: Target
     cancelled: bool = False
+    issued: Target = (-1, -1)  # (step, layer) whose prediction asked for it
 
 
 class _InFlight:
-    def __init__(self, target: Target) -> None:
-        self.target = target
+    def __init__(self, target: Target, issued: Target = (-1, -1)) -> None:
+        self.target, self.issued = target, issued
         self.event = threading.Event()
         self.abort = threading.Event()  # set: stop the read after its current chunk
         self.aborted = False
@@ -72,6 +74,7 @@ class PrefetchStats:
     not_kept: int = 0  # loaded but the cache had no evictable slot
     late_waits: int = 0  # demand waited for an in-flight prefetch
     aborted: int = 0  # in transfer when its target layer started without needing it: stopped
+    revised: int = 0  # superseded by a later prediction for the same target: dropped or stopped
 
     def to_dict(self) -> dict[str, int]:
         """Plain dict."""
@@ -207,8 +210,15 @@ class Prefetcher:
                     self._cv.wait(timeout=left)
 
     # ------------------------------------------------------------------ requests
-    def request(self, layer: int, experts: list[int], target_step: int | None = None) -> int:
-        """Queue loads of `experts` (best first) of `layer` for `target_step`; returns #enqueued."""
+    def request(
+        self,
+        layer: int,
+        experts: list[int],
+        target_step: int | None = None,
+        issued: Target = (-1, -1),
+    ) -> int:
+        """Queue loads of `experts` (best first) of `layer` for `target_step`, asked by the
+        prediction made at (step, layer) `issued`; returns #enqueued."""
         n = 0
         with self._cv:
             if self._closed:
@@ -224,7 +234,7 @@ class Prefetcher:
                     continue
                 if key in self._queued:
                     old = self._queued[key]
-                    old.target = min(old.target, target)
+                    old.target, old.issued = min(old.target, target), max(old.issued, issued)
                     self.stats.skipped_resident += 1
                     continue
                 if self._budget_left is not None and self._budget_left <= 0:
@@ -233,7 +243,7 @@ class Prefetcher:
                 if sum(not r.cancelled for r in self._q) >= self.max_queue:
                     self.stats.dropped_full += 1
                     continue
-                r = _Request(key, target)
+                r = _Request(key, target, issued=issued)
                 self._q.append(r)
                 self._queued[key] = r
                 if self._budget_left is not None:
@@ -268,6 +278,31 @@ class Prefetcher:
             self._pump()
         return n
 
+    def revise(self, target: Target, named: Sequence[Key], issued: Target) -> int:
+        """A prediction made at `issued` for `target` (step, layer) supersedes those made before
+        it for the same target: their requests for experts it does not name are dropped (queued)
+        or stopped after the current chunk (in transfer). A two-layer guess, corrected by the
+        next layer's better one, so gets its head start without keeping its mistakes on the
+        link. Returns how many were dropped or stopped."""
+        keep = {(int(a), int(b)) for a, b in named}
+        n = 0
+        with self._cv:
+            for r in self._q:
+                if (not r.cancelled and r.target == target and r.issued < issued
+                        and r.key not in keep):  # fmt: skip
+                    r.cancelled = True
+                    self._queued.pop(r.key, None)
+                    n += 1
+            for key, fl in self._inflight.items():
+                if fl.target == target and fl.issued < issued and key not in keep:
+                    if not fl.abort.is_set():
+                        fl.abort.set()
+                        if self._reader is not None and fl.req >= 0:
+                            self._reader.abort(fl.req)
+                        n += 1
+            self.stats.revised += n
+        return n
+
     def cancel_all(self) -> int:
         """Cancel every queued request."""
         with self._cv:
@@ -287,7 +322,8 @@ class Prefetcher:
             if self.log is not None:
                 self.log.append((step, layer, t_step, t_layer, list(experts)))
             self.cache.hint(t_step, t_layer, experts)  # predictor-aware eviction
-            self.request(t_layer, experts, target_step=t_step)
+            self.revise((t_step, t_layer), [(t_layer, e) for e in experts], (step, layer))
+            self.request(t_layer, experts, target_step=t_step, issued=(step, layer))
 
     # ------------------------------------------------------------------ demand path
     def fetch(self, key: Key) -> tuple[Any, str, float]:
@@ -376,7 +412,7 @@ class Prefetcher:
             if r.key in self.cache:
                 self.stats.skipped_resident += 1
                 continue
-            fl = _InFlight(r.target)
+            fl = _InFlight(r.target, r.issued)
             self._inflight[r.key] = fl
             return r.key, fl
         return None
@@ -651,10 +687,10 @@ class TracePredictorLive:
         self._hidden: np.ndarray | None = None
         self._L = self._k = 0
         # predictors that map the current router input alone (HiddenProbe on router_input) are
-        # asked through live_logits: the same ranking without the per-call StepContext/Trace
+        # asked through live_logits_torch: the same ranking without the per-call StepContext
         self._direct = (
             self.layers_ahead > 0
-            and hasattr(predictor, "live_logits")
+            and hasattr(predictor, "live_logits_torch")
             and getattr(predictor, "point", None) == "router_input"
         )
         self._wrap = self._direct and bool(getattr(predictor, "wrap", False))
@@ -695,38 +731,41 @@ class TracePredictorLive:
                 if not self._wrap:
                     return []
                 t_layer, t_step = t_layer - self._L, step + 1  # the next token's first layers
-            xv = x[-1]
-            if xv.dtype != torch.float32 or xv.requires_grad or xv.device.type != "cpu":
-                xv = xv.detach().float().cpu()
-            scores = self.predictor.live_logits(t_layer, xv.numpy())
-            cut = self._min_logit
-        else:
-            T, n = int(expert_ids.shape[0]), len(self.token_ids)
-            while len(self._rows) < n:
-                self._rows.append(np.full((self._L, self._k), -1, dtype=np.int16))
-            ids = expert_ids.detach().cpu().numpy().astype(np.int16)
-            for i in range(T):
-                self._rows[n - T + i][layer] = ids[i]
-            if self._hidden is None or self._hidden.shape[1] != x.shape[-1]:
-                self._hidden = np.zeros((self._L, x.shape[-1]), dtype=np.float32)
-            self._hidden[layer] = x[-1].detach().float().cpu().numpy()
-            if t_layer >= self._L:
+            z = self.predictor.live_logits_torch(t_layer, x[-1:] if x.shape[0] > 1 else x)
+            v, i = torch.topk(z[0], min(self.top or self._k, z.shape[-1]))
+            vals, top = v.tolist(), i.tolist()
+            if not all(map(math.isfinite, vals)):
                 return []
-            ctx = StepContext(
-                token_ids=np.asarray(self.token_ids, dtype=np.int64),
-                experts=np.stack(self._rows[:n]),
-                layer=t_layer,
-                hidden={"router_input": self._hidden.copy()},
-            )
-            scores = self.predictor.predict_step(ctx)
-            cut = self.min_score
+            if self._min_logit is not None:
+                top = [e for e, s in zip(top, vals, strict=True) if s >= self._min_logit]
+                if not top:
+                    return []
+            return [(t_step, t_layer, top)]
+        T, n = int(expert_ids.shape[0]), len(self.token_ids)
+        while len(self._rows) < n:
+            self._rows.append(np.full((self._L, self._k), -1, dtype=np.int16))
+        ids = expert_ids.detach().cpu().numpy().astype(np.int16)
+        for i in range(T):
+            self._rows[n - T + i][layer] = ids[i]
+        if self._hidden is None or self._hidden.shape[1] != x.shape[-1]:
+            self._hidden = np.zeros((self._L, x.shape[-1]), dtype=np.float32)
+        self._hidden[layer] = x[-1].detach().float().cpu().numpy()
+        if t_layer >= self._L:
+            return []
+        ctx = StepContext(
+            token_ids=np.asarray(self.token_ids, dtype=np.int64),
+            experts=np.stack(self._rows[:n]),
+            layer=t_layer,
+            hidden={"router_input": self._hidden.copy()},
+        )
+        scores = self.predictor.predict_step(ctx)
         scores = np.asarray(scores, dtype=np.float32)
         if not np.isfinite(scores).all():
             return []
         m = self.top or self._k
         top = np.argsort(-scores, kind="stable")[:m]
-        if cut is not None:
-            top = top[scores[top] >= cut]
+        if self.min_score is not None:
+            top = top[scores[top] >= self.min_score]
             if not len(top):
                 return []
         return [(t_step, t_layer, [int(e) for e in top])]

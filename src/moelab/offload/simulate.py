@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,7 @@ class _Transfer:
     end: float
     target: tuple[int, int]
     pieces: int = 1
+    issued_at: tuple[int, int] = (-1, -1)  # (step, layer) whose prediction queued it
 
 
 class _Link:
@@ -258,7 +259,13 @@ class _Link:
         return key in self.pending_keys or key in self.inflight
 
     def prefetch(
-        self, key: Key, t: float, nbytes: int, target: tuple[int, int], fill: bool = False
+        self,
+        key: Key,
+        t: float,
+        nbytes: int,
+        target: tuple[int, int],
+        fill: bool = False,
+        issued_at: tuple[int, int] = (-1, -1),
     ) -> None:
         """Queue a transfer; `fill`: it lands in a free cache slot (pays hw.fill_overhead)."""
         last = self.pending[-1].end if self.pending else self.busy_until
@@ -269,7 +276,7 @@ class _Link:
             + (self.hw.fill_overhead if fill else 0.0)
             + (pieces - 1) * self.hw.chunk_overhead
         )
-        tr = _Transfer(key, t, start, start + dur, target, pieces)
+        tr = _Transfer(key, t, start, start + dur, target, pieces, issued_at)
         self.pending.append(tr)
         self.pending_keys[key] = tr
 
@@ -302,9 +309,16 @@ class _Link:
         their share of hw.background_overhead); stopped ones never enter the cache."""
         if not self.chunk_bytes:
             return 0, 0.0
-        keep, out = set(needed), []
+        keep = set(needed)
+        out = self._stop(lambda key, tr: tr.target <= target and key not in keep, t)
+        return len(out), sum(out) * self.hw.background_overhead
+
+    def _stop(self, pick: Callable[[Key, _Transfer], bool], t: float) -> list[float]:
+        """Stop the transfers in flight at t that `pick` selects at the end of their current
+        chunk; the queue moves up -> the fraction of each that was read."""
+        out = []
         for key, tr in list(self.inflight.items()):
-            if tr.target <= target and key not in keep and tr.end > t:
+            if pick(key, tr) and tr.end > t:
                 piece = (tr.end - tr.start) / tr.pieces
                 stop = min(tr.end, tr.start + (math.floor((t - tr.start) / piece) + 1) * piece)
                 del self.inflight[key]
@@ -312,7 +326,25 @@ class _Link:
                 self.busy_until = max([stop, *(o.end for o in self.inflight.values())])
         if out:
             self._rechain(self.busy_until)
-        return len(out), sum(out) * self.hw.background_overhead
+        return out
+
+    def revise(
+        self, target: tuple[int, int], keep: set[Key], now: tuple[int, int], t: float
+    ) -> tuple[int, int, float]:
+        """A newer prediction for `target` (issued at `now`) supersedes earlier ones: transfers
+        for that target queued before `now` whose key it no longer names are dropped (queued) or
+        stopped at the chunk in progress (in transfer). -> (dropped, stopped, foreground seconds
+        the stopped parts cost)."""
+        old = [tr for tr in self.pending if tr.target == target and tr.issued_at < now
+               and tr.key not in keep]  # fmt: skip
+        for tr in old:
+            self.drop(tr.key)
+        if not self.chunk_bytes:
+            return len(old), 0, 0.0
+        out = self._stop(
+            lambda key, tr: tr.target == target and tr.issued_at < now and key not in keep, t
+        )
+        return len(old), len(out), sum(out) * self.hw.background_overhead
 
     def stale(self, target: tuple[int, int]) -> list[Key]:
         """Queued transfers whose target is at or before `target` (not started)."""
@@ -436,6 +468,7 @@ def simulate(
     record_steps: bool = False,
     chunk_bytes: int | None = None,
     time_policy: bool = False,
+    revise: bool = True,
 ) -> SimResult:
     """Replay routing expert_ids [N, L, k] (steps: row groups, default one per row) -> SimResult.
 
@@ -451,6 +484,8 @@ def simulate(
     unstoppable reads).
     time_policy measures the wall time of the cache's calls (policy bookkeeping, victim choice)
     into SimResult.policy_seconds; the modelled times do not include it.
+    revise: as the live Prefetcher, a prediction for a (row, layer) drops or stops the earlier
+    predictions' transfers for it that it does not name (counted in cancelled / aborted).
     """
     expert_ids = np.asarray(expert_ids)
     if expert_ids.ndim != 3:
@@ -563,6 +598,13 @@ def simulate(
             for t_row, t_layer, experts in plan.get((si, layer), []):
                 if per_layer:  # as the live prefetcher: no more than a layer's slots
                     experts = list(experts)[: cache.slots]
+                if revise:
+                    nd, ns, shared = link.revise(
+                        (t_row, t_layer), {(t_layer, int(e)) for e in experts}, (si, layer), t
+                    )
+                    res.cancelled += nd
+                    res.aborted += ns
+                    t += shared
                 for e in experts:
                     key = (t_layer, int(e))
                     if key in cache or link.busy(key):
@@ -572,7 +614,9 @@ def simulate(
                         continue
                     if len(link.pending) >= max_queue:
                         continue
-                    link.prefetch(key, t, nb, (t_row, t_layer), cache.has_room(key, True))
+                    link.prefetch(
+                        key, t, nb, (t_row, t_layer), cache.has_room(key, True), (si, layer)
+                    )
                     if left is not None:
                         left -= 1
             t += tc

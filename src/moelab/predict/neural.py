@@ -534,10 +534,11 @@ class HiddenProbe(NeuralPredictor):
         return 1.0 / (1.0 + np.exp(-self.live_logits(layer, hidden)))
 
     def live_logits(self, layer: int, hidden: Any) -> np.ndarray:
-        """live_scores before the sigmoid ([E] float32): the same ranking in two numpy calls for
-        a linear probe (product, bias) instead of six. In a decode each numpy call finds its code
-        and data out of cache and costs 10-20 us (bench/RESULTS.md run 29), so the live path
-        ranks logits and compares them with logit(min_score)."""
+        """live_scores before the sigmoid ([E] float32) for one numpy vector: two numpy calls
+        for a linear probe (product, bias). The live prefetch path ranks live_logits_torch
+        instead (the same logits, from the router input tensor as it is): in a decode each
+        numpy call finds its code and data out of cache and costs 10-20 us (bench/RESULTS.md
+        runs 29-30)."""
         if self.model is None:
             raise PredictorError(f"{self.label}: live scores asked before fit() or load()")
         if not 0 <= layer < self.num_layers:
@@ -560,11 +561,50 @@ class HiddenProbe(NeuralPredictor):
         z += b
         return z
 
+    def live_logits_torch(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """live_logits for router inputs x [n, D] as a torch tensor ([n, E] float32), on the
+        live path: a linear probe is one F.linear and an MLP its forward, the ops the model
+        itself runs each layer. In a decode those stay warm in cache where numpy's do not: a
+        live probe step took 70-90 us through torch against 135-180 us through numpy
+        (bench/RESULTS.md run 30)."""
+        if self.model is None:
+            raise PredictorError(f"{self.label}: live scores asked before fit() or load()")
+        if not 0 <= layer < self.num_layers:
+            raise PredictorError(
+                f"{self.describe()}: target layer {layer} outside 0..{self.num_layers - 1}"
+            )
+        src, _ = self._source(layer)
+        d = self.arch["d_model"]
+        if x.ndim != 2 or x.shape[-1] != d:
+            raise PredictorError(
+                f"{self.describe()}: router inputs of shape {tuple(x.shape)}, expected [n, {d}]"
+            )
+        maps = self._torch_maps(x.device)
+        if x.dtype != torch.float32:
+            x = x.float()
+        with torch.no_grad():
+            if maps is None:  # an MLP probe: its own forward, on the model's device
+                dev = next(self.model.parameters()).device
+                return self.model.forward_group(x.to(dev), src).to(x.device)
+            w, b = maps[src]
+            return nn.functional.linear(x, w, b)
+
+    def _torch_maps(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """_linear_maps as torch (W [E, D], b [E]) on `device` (cached per device), or None."""
+        cache = getattr(self, "_t_maps", None)
+        if cache is not None and cache[0] == (id(self.model), device):
+            return cache[1]
+        maps = self._linear_maps()
+        out = None
+        if maps is not None:
+            out = [(torch.from_numpy(np.ascontiguousarray(w.T)).to(device),
+                    torch.from_numpy(np.ascontiguousarray(b)).to(device)) for w, b in maps]  # fmt: skip
+        self._t_maps = ((id(self.model), device), out)
+        return out
+
     def _linear_maps(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
         """Per source layer (W [D, E], b [E]) of a linear probe as numpy arrays, or None for an
-        MLP. In a live decode one call maps a single vector, where numpy's product costs a few
-        microseconds against torch's ~100 (dispatch, threads and GIL hand-offs with the busy
-        prefetch thread)."""
+        MLP (live_logits' product; live_logits_torch's maps are made from these)."""
         if self.hidden != 0:
             return None
         key = id(self.model)
