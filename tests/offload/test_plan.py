@@ -429,10 +429,14 @@ def test_layer_cadence_loads_one_prefetch_per_moe_layer(ctx, tier, loader):
     st = loads.pf.stats  # one warm-up load before the decode (the loader is up)
     assert loads.i == 5 * L and st.requested == 5 * L + 1
     loads.pf.drain()
-    n = loads.close()
-    assert 0 < n == st.loaded - 1 <= 5 * L
+    loaded, skipped = st.loaded, st.skipped_resident + st.dropped_full
+    n = loads.close(alone=L + 1)
+    assert 0 < n == loaded - 1 <= 5 * L
     # each load is one of those asked, so a cached one was skipped rather than read again
-    assert n + st.skipped_resident + st.dropped_full == 5 * L
+    assert n + skipped == 5 * L
+    # the reference: L + 1 reads one at a time after the decode, none of them a resident expert
+    assert st.loaded == loaded + L + 1 and st.skipped_resident + st.dropped_full == skipped
+    assert 0 < loads.alone_seconds < 1.0 and 0 < loads.read_seconds < 1.0
     teacher_forced(m, ev.tokens[0][:2], None)  # hooks removed: nothing more is asked
     assert loads.i == 5 * L
 
@@ -445,9 +449,10 @@ def test_background_load_overhead_measured_and_charged_per_finished_prefetch(ctx
     _, ev = ctx.workload.split()
     stores = ctx.stores(["full"])
     for tier, loader in (("ram", "auto"), ("fadvise", "process")):
-        cost, read = measure_background(ctx.load, stores["full"], ev.tokens[0][:16], tier, 1,
-                                        loader=loader)  # fmt: skip
+        cost, read, beside = measure_background(ctx.load, stores["full"], ev.tokens[0][:16],
+                                                tier, 1, loader=loader)  # fmt: skip
         assert cost >= 0.0 and 0.0 < read < 1.0  # seconds of one (tiny) expert read
+        assert math.isfinite(beside) and beside > 0  # over a read alone of the same repeat
     with pytest.raises(ConfigError, match="repeats"):
         measure_background(ctx.load, stores["full"], ev.tokens[0][:16], "ram", 0)
     # replay: every finished prefetch adds exactly background_overhead of foreground time

@@ -284,27 +284,46 @@ class LayerCadenceLoads:
         self._n0 = self.pf.stats.loaded
         self.st.reset_stats()  # its own store: only the cadence loads' reads count from here
         self.read_seconds = float("nan")  # mean seconds of one of its reads, set by close()
+        self.alone_seconds = float("nan")  # the same of reads with nothing else running
         self.i, self.L, self.E = 0, L, E
+        self._visits = [0] * L
         self._hooks = [s.router.register_forward_hook(self._on_layer) for s in require_sites(model)]
 
     def _on_layer(self, *_: object) -> None:
         # each layer's requests cycle through all its experts: more than the 2 slots it keeps,
         # so every request is a load (a pattern that revisits a resident expert loads nothing)
         self.pf.cancel_stale(0, -1)
-        layer, visit = divmod(self.i, self.L)[::-1]
-        self.pf.request(layer, [(visit + 1) % self.E], target_step=1 << 30)
+        self._request(self.i % self.L)
         self.i += 1
 
-    def close(self) -> int:
-        """Remove the hooks, stop the loader -> prefetches finished (and set read_seconds: the
-        mean time one of its reads took, as the loader timed it)."""
+    def _request(self, layer: int) -> None:
+        self._visits[layer] += 1
+        self.pf.request(layer, [self._visits[layer] % self.E], target_step=1 << 30)
+
+    def close(self, alone: int = 0) -> int:
+        """Remove the hooks, stop the loader -> prefetches finished. Sets read_seconds, the mean
+        time one of its reads took as the loader timed it, and with `alone` > 0 alone_seconds:
+        the same for `alone` further reads through the same loader one at a time with nothing
+        else running, the reference measured at the same moment (a shared tier's speed drifts
+        by 2x within minutes here, bench/RESULTS.md run 30)."""
         for h in self._hooks:
             h.remove()
+        self.pf.drain()
         n = self.pf.stats.loaded - self._n0
-        self.pf.close()
         st = self.st.stats()
         if st["reads"] > 0:
             self.read_seconds = st["seconds"] / st["reads"]
+        if alone > 0:
+            self.st.reset_stats()
+            for j in range(alone):  # after a drain nothing is in flight: any expert not resident
+                layer = j % self.L
+                e = next(e for e in range(self.E) if (layer, e) not in self.cache)
+                self.pf.request(layer, [e], target_step=1 << 30)
+                self.pf.drain()
+            st = self.st.stats()
+            if st["reads"] > 0:
+                self.alone_seconds = st["seconds"] / st["reads"]
+        self.pf.close()
         self.st.close()
         return n
 
@@ -314,23 +333,26 @@ def measure_background(
     store_dir: Path,
     tokens: np.ndarray,
     tier: str = "auto",
-    repeats: int = 2,
+    repeats: int = 3,
     loader: str = "auto",
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """What prefetch loads cost beside a live decode -> (foreground seconds one load costs the
-    decode, seconds one of those reads takes): all-resident decodes of `tokens` through the
-    live path, alternately alone and with one prefetch requested per MoE layer by `loader` from
-    the store on `tier` (LayerCadenceLoads); (busy - alone) decode seconds / loads done (>= 0)
-    and the loads' mean read time, medians over `repeats` pairs. The cadence matters: a thread
-    loader costs far more per load issued between layers than per load read back to back
-    (bench/RESULTS.md run 28); and a read beside compute takes longer than one alone (run 29)."""
+    decode, seconds one of those reads takes, how many times a read alone that is): all-resident
+    decodes of `tokens` through the live path, alternately alone and with one prefetch
+    requested per MoE layer by `loader` from the store on `tier` (LayerCadenceLoads), each pair
+    followed by reads through the same loader with nothing else running; (busy - alone) decode
+    seconds / loads done (>= 0), the loads' mean read time and its ratio to the reads alone of
+    the same repeat, medians over `repeats`. The cadence matters: a thread loader costs far
+    more per load issued between layers than per load read back to back (bench/RESULTS.md run
+    28); a read beside compute takes longer than one alone (run 29); and the ratio is paired
+    within a repeat because the tier's own speed drifts (run 30)."""
     from moelab.offload.live import OffloadedModel
 
     if repeats < 1:
         raise ConfigError(f"measure_background: repeats={repeats} must be >= 1")
     m = load_model()
     shape = model_shape(m)
-    per, reads = [], []
+    per, reads, ratios = [], [], []
     with ExpertStore(store_dir, tier=tier) as st:
         cache = _all_resident(st, shape)
         with (
@@ -350,12 +372,16 @@ def measure_background(
                 try:
                     busy = decode()
                 finally:
-                    n = loads.close()
+                    n = loads.close(alone=2 * shape.num_layers)
                 if n < 1 or not math.isfinite(loads.read_seconds):
                     raise OffloadError("measure_background: no background load finished")
                 per.append((busy - alone) / n)
                 reads.append(loads.read_seconds)
-    return max(0.0, float(np.median(per))), float(np.median(reads))
+                if math.isfinite(loads.alone_seconds) and loads.alone_seconds > 0:
+                    ratios.append(loads.read_seconds / loads.alone_seconds)
+    if not ratios:
+        raise OffloadError("measure_background: no read alone finished (the reference)")
+    return max(0.0, float(np.median(per))), float(np.median(reads)), float(np.median(ratios))
 
 
 def measure_machine(
@@ -386,12 +412,11 @@ def measure_machine(
     loading = {p: v["layer_seconds"] for p, v in mm.items()}
     main_p = "full" if "full" in stores else next(iter(stores))
     main = stores[main_p]
-    bg, bg_read = measure_background(load_model, main, tokens[:48], tier)  # shared cores
+    bg, _, beside = measure_background(load_model, main, tokens[:48], tier)  # shared cores
     # the replay moves a demand load in the live miss time (Machine.load_seconds); a prefetch
-    # read beside compute took bg_read. Below 1 the ratio is the two measurements' noise (the
-    # replay would move prefetches faster than demand loads, which also wait for their views)
-    base = miss.get(main_p, secs[main_p])
-    slowdown = max(1.0, bg_read / base) if base > 0 else 1.0
+    # read beside compute took `beside` times a read alone of the same moment. Below 1 the
+    # ratio is noise (the replay would move prefetches faster than demand loads)
+    slowdown = max(1.0, beside)
     preds = dict(predictor_seconds or {})
     if predictors:
         preds.update(measure_predictors(load_model, main, tokens[:24], list(predictors), tier))

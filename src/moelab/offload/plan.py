@@ -419,8 +419,9 @@ class Machine:
     # cannot hold every expert: such a decode computes about 1.2x slower than an all-resident
     # one on this machine (bench/RESULTS.md, run 17)
     loading_layer_compute: dict[str, float] = field(default_factory=dict)
-    # one prefetch read beside a decode's compute (measure_background) over load_seconds, the
-    # demand load's time: the replay's link moves prefetches this much slower
+    # one prefetch read beside a decode's compute over one read alone through the same loader,
+    # paired within a repeat (measure_background): the replay's link moves prefetches this much
+    # slower than demand loads (load_seconds)
     prefetch_slowdown: float = 1.0
 
     def compute_seconds(self, precision: str, loads: bool = True) -> float:
