@@ -347,7 +347,10 @@ def machine_line(m: dict[str, Any]) -> str:
     if m.get("background_overhead"):
         out += f"; one background load costs compute {1e3 * m['background_overhead']:.2f} ms"
     if m.get("prefetch_slowdown", 1.0) != 1.0:
-        out += f"; a prefetch read beside compute takes {m['prefetch_slowdown']:.2f}x a demand miss"
+        out += (
+            f"; a prefetch read beside compute takes {m['prefetch_slowdown']:.2f}x one alone"
+            " (the replay's prefetches move that much slower than demand loads)"
+        )
     if any(m.get("chunk_overhead", {}).values()):
         out += f"; each further chunk of a stoppable prefetch read {ms(m['chunk_overhead'])}"
     if m.get("predictor_seconds"):
