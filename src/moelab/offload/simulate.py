@@ -596,15 +596,15 @@ def simulate(
             res.stall_seconds += (ready - t) if count else 0.0
             t = ready
             for t_row, t_layer, experts in plan.get((si, layer), []):
-                if per_layer:  # as the live prefetcher: no more than a layer's slots
-                    experts = list(experts)[: cache.slots]
-                if revise:
+                if revise:  # as the live Prefetcher.on_layer: before the request's slot limit
                     nd, ns, shared = link.revise(
                         (t_row, t_layer), {(t_layer, int(e)) for e in experts}, (si, layer), t
                     )
                     res.cancelled += nd
                     res.aborted += ns
                     t += shared
+                if per_layer:  # as the live prefetcher: no more than a layer's slots
+                    experts = list(experts)[: cache.slots]
                 for e in experts:
                     key = (t_layer, int(e))
                     if key in cache or link.busy(key):
