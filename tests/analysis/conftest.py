@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from analysis_sets import random_sets
 
 from moelab.trace.schema import Trace, TraceMeta
 
@@ -42,14 +43,6 @@ def make_trace(
         weights=np.asarray(weights, np.float32),
         logits=logits,
     )
-
-
-def random_sets(
-    rng: np.random.Generator, n: int, num_layers: int, num_experts: int, k: int
-) -> np.ndarray:
-    """[n, L, k] uniform random top-k sets (distinct experts per row)."""
-    g = rng.random((n, num_layers, num_experts))
-    return np.argsort(g, axis=-1)[..., :k].astype(np.int16)
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from analysis_sets import random_sets
 
-from conftest import random_sets
 from moelab.analysis import predictability, projections, saturation, specialization
 from moelab.analysis._common import set_index
 from moelab.errors import AnalysisError

@@ -7,8 +7,8 @@ from math import comb
 
 import numpy as np
 import pytest
+from analysis_sets import random_sets
 
-from conftest import random_sets
 from moelab.analysis import coactivation, transitions
 from moelab.analysis._common import all_sets, set_index, set_members
 from moelab.errors import AnalysisError

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
+from offload_models import tiny_model
 
-from conftest import tiny_model
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.cache import ExpertCache
 from moelab.offload.live import OffloadedModel

@@ -5,8 +5,8 @@ import time
 
 import pytest
 import torch
+from offload_models import tiny_model
 
-from conftest import tiny_model
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.sites import find_expert_sites
 from moelab.offload.store import ExpertStore, layer_file, supports_o_direct

@@ -7,8 +7,8 @@ import signal
 
 import pytest
 import torch
+from offload_models import tiny_model
 
-from conftest import tiny_model
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.cache import ExpertCache
 from moelab.offload.live import OffloadedModel

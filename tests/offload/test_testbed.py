@@ -5,8 +5,8 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from offload_models import tiny_model
 
-from conftest import tiny_model  # at import time (a later conftest shadows the name)
 from moelab.errors import ConfigError, OffloadError
 from moelab.offload.testbed import (
     TESTBED_SHAPE,
