@@ -388,3 +388,28 @@ def test_probe_live_with_min_score_names_only_likely_experts(tmp_path):
         make_live_predictor(f"{tmp_path / 'probe'}:min=high")
     with pytest.raises(ConfigError, match="min_score=1.5"):
         TracePredictorLive(p, min_score=1.5)
+
+
+def test_revised_two_layer_guesses_keep_the_output_exact(tmp_path):
+    """On a 3-layer model the gate's two-layer guess for layer 2 (asked after layer 0) is
+    revised by its one-layer guess (after layer 1) wherever they differ: a teacher-forced
+    decode of random tokens through the offloaded model gives bitwise the all-resident
+    log-probabilities, and the revisions are counted."""
+    import numpy as np
+
+    from moelab.offload.measure import teacher_forced
+
+    m = tiny_model(seed=3, layers=3)
+    ref = copy.deepcopy(m)
+    d = tmp_path / "store"
+    ExpertStore.write(m, d)
+    toks = np.random.default_rng(4).integers(0, 97, 40)
+    want = teacher_forced(ref, toks)
+    st = ExpertStore(d, tier="throttle", bandwidth=5e6)  # ~5 ms an expert: guesses wait queued
+    cache = ExpertCache(2, "lru", num_layers=3, num_experts=8,
+                        expert_bytes=st.expert_nbytes(0), top_k=2)  # fmt: skip
+    pf = Prefetcher(st, cache, GateLookahead((1, 2)), chunk_bytes=4096)
+    with OffloadedModel(m, st, cache, pf) as om:
+        got = teacher_forced(m, toks, om)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert pf.stats.revised > 0 and pf.stats.loaded > 0
