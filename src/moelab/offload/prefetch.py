@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -261,20 +261,13 @@ class Prefetcher:
         reads stop after the current chunk); tells the cache its position (position- and
         predictor-aware policies). Returns the queued requests cancelled."""
         self.cache.at(step, layer)
-        n = 0
+        at = (step, layer)
         keep = {(int(a), int(b)) for a, b in needed}
         with self._cv:
-            for r in self._q:
-                if not r.cancelled and r.target <= (step, layer):
-                    r.cancelled = True
-                    self._queued.pop(r.key, None)
-                    n += 1
+            n, _ = self._withdraw(
+                lambda r: r.target <= at, lambda key, fl: fl.target <= at and key not in keep
+            )
             self.stats.cancelled += n
-            for key, fl in self._inflight.items():
-                if fl.target <= (step, layer) and key not in keep:
-                    fl.abort.set()
-                    if self._reader is not None:
-                        self._reader.abort(fl.req)
             self._pump()
         return n
 
@@ -285,23 +278,35 @@ class Prefetcher:
         next layer's better one, so gets its head start without keeping its mistakes on the
         link. Returns how many were dropped or stopped."""
         keep = {(int(a), int(b)) for a, b in named}
-        n = 0
         with self._cv:
-            for r in self._q:
-                if (not r.cancelled and r.target == target and r.issued < issued
-                        and r.key not in keep):  # fmt: skip
-                    r.cancelled = True
-                    self._queued.pop(r.key, None)
-                    n += 1
-            for key, fl in self._inflight.items():
-                if fl.target == target and fl.issued < issued and key not in keep:
-                    if not fl.abort.is_set():
-                        fl.abort.set()
-                        if self._reader is not None and fl.req >= 0:
-                            self._reader.abort(fl.req)
-                        n += 1
-            self.stats.revised += n
-        return n
+            dropped, stopped = self._withdraw(
+                lambda r: r.target == target and r.issued < issued and r.key not in keep,
+                lambda key, fl: fl.target == target and fl.issued < issued and key not in keep,
+            )
+            self.stats.revised += dropped + stopped
+        return dropped + stopped
+
+    def _withdraw(
+        self,
+        queued: Callable[[_Request], bool],
+        in_flight: Callable[[Key, _InFlight], bool],
+    ) -> tuple[int, int]:
+        """Cancel the live queued requests `queued` picks and stop (after their current chunk)
+        the reads in transfer `in_flight` picks -> (cancelled, newly stopped). With _cv held."""
+        n = 0
+        for r in self._q:
+            if not r.cancelled and queued(r):
+                r.cancelled = True
+                self._queued.pop(r.key, None)
+                n += 1
+        stopped = 0
+        for key, fl in self._inflight.items():
+            if in_flight(key, fl):
+                stopped += not fl.abort.is_set()
+                fl.abort.set()
+                if self._reader is not None:
+                    self._reader.abort(fl.req)
+        return n, stopped
 
     def cancel_all(self) -> int:
         """Cancel every queued request."""

@@ -539,13 +539,7 @@ class HiddenProbe(NeuralPredictor):
         instead (the same logits, from the router input tensor as it is): in a decode each
         numpy call finds its code and data out of cache and costs 10-20 us (bench/RESULTS.md
         runs 29-30)."""
-        if self.model is None:
-            raise PredictorError(f"{self.label}: live scores asked before fit() or load()")
-        if not 0 <= layer < self.num_layers:
-            raise PredictorError(
-                f"{self.describe()}: target layer {layer} outside 0..{self.num_layers - 1}"
-            )
-        src, _ = self._source(layer)
+        src = self._live_source(layer)
         x = np.asarray(hidden, dtype=np.float32)  # no copy for a float32 array
         if x.ndim != 1:
             x = x.reshape(-1)
@@ -567,13 +561,7 @@ class HiddenProbe(NeuralPredictor):
         itself runs each layer. In a decode those stay warm in cache where numpy's do not: a
         live probe step took 70-90 us through torch against 135-180 us through numpy
         (bench/RESULTS.md run 30)."""
-        if self.model is None:
-            raise PredictorError(f"{self.label}: live scores asked before fit() or load()")
-        if not 0 <= layer < self.num_layers:
-            raise PredictorError(
-                f"{self.describe()}: target layer {layer} outside 0..{self.num_layers - 1}"
-            )
-        src, _ = self._source(layer)
+        src = self._live_source(layer)
         d = self.arch["d_model"]
         if x.ndim != 2 or x.shape[-1] != d:
             raise PredictorError(
@@ -588,6 +576,17 @@ class HiddenProbe(NeuralPredictor):
                 return self.model.forward_group(x.to(dev), src).to(x.device)
             w, b = maps[src]
             return nn.functional.linear(x, w, b)
+
+    def _live_source(self, layer: int) -> int:
+        """Source layer of target `layer` for a live call; PredictorError before fit() or for a
+        layer outside the model."""
+        if self.model is None:
+            raise PredictorError(f"{self.label}: live scores asked before fit() or load()")
+        if not 0 <= layer < self.num_layers:
+            raise PredictorError(
+                f"{self.describe()}: target layer {layer} outside 0..{self.num_layers - 1}"
+            )
+        return self._source(layer)[0]
 
     def _torch_maps(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """_linear_maps as torch (W [E, D], b [E]) on `device` (cached per device), or None."""
